@@ -1,0 +1,129 @@
+//! Command-line interface: flags map onto config keys (see `config`).
+
+use crate::config::{ConfigBuilder, RunConfig};
+use anyhow::Result;
+use clap::Parser;
+use serde_json::{json, Value};
+
+/// Pre-train LLaMA models with AdamW (AdamMini and BSFA to come) on Candle.
+///
+/// Training is the default command: `bsfa-train` alone trains the `tiny` model on the
+/// built-in corpus. Config layers: preset < --config < flags < --set.
+#[derive(Debug, Parser)]
+#[command(name = "bsfa-train", version)]
+pub struct Cli {
+    /// Model preset (tiny, llama72m, llama134m) or a path to a JSON config.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// A run config JSON file (same keys as --set) merged over the preset.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Override any config key by dotted path, e.g. model.hidden_size=128 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Training data: builtin or text:PATH.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Validation data (default: a held-out tail of the training data).
+    #[arg(long)]
+    pub val_data: Option<String>,
+    /// Tokenizer: bytes, PATH/tokenizer.json, or a hub name such as gpt2.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Global batch in sequences per optimizer step.
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    /// Sequences per forward/backward pass (gradient accumulation splits the batch).
+    #[arg(long)]
+    pub micro_batch_size: Option<u64>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq_len: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Final learning rate as a fraction of the peak (cosine floor).
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Optimizer: adamw.
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Micro-batches per evaluation.
+    #[arg(long)]
+    pub eval_batches: Option<u64>,
+    /// Write a metrics line every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// Seed for initialisation and batch sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<u64>,
+    /// Output folder (default: runs/<model>).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Print parameter counts and a memory estimate, then exit without training.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl Cli {
+    /// Resolves preset, config file, flags and `--set` into a validated run config.
+    pub fn resolve(&self) -> Result<RunConfig> {
+        let mut builder = ConfigBuilder::new(&self.model)?;
+        if let Some(path) = &self.config {
+            builder.merge_file(path)?;
+        }
+        let flags: [(&str, Option<Value>); 18] = [
+            ("data.train", self.data.as_ref().map(|v| json!(v))),
+            ("data.val", self.val_data.as_ref().map(|v| json!(v))),
+            ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
+            ("train.steps", self.steps.map(|v| json!(v))),
+            ("train.batch_size", self.batch_size.map(|v| json!(v))),
+            (
+                "train.micro_batch_size",
+                self.micro_batch_size.map(|v| json!(v)),
+            ),
+            ("train.seq_len", self.seq_len.map(|v| json!(v))),
+            ("optimizer.lr", self.lr.map(|v| json!(v))),
+            (
+                "optimizer.warmup_steps",
+                self.warmup_steps.map(|v| json!(v)),
+            ),
+            (
+                "optimizer.min_lr_ratio",
+                self.min_lr_ratio.map(|v| json!(v)),
+            ),
+            ("optimizer.grad_clip", self.grad_clip.map(|v| json!(v))),
+            ("optimizer.name", self.optimizer.as_ref().map(|v| json!(v))),
+            ("train.eval_every", self.eval_every.map(|v| json!(v))),
+            ("train.eval_batches", self.eval_batches.map(|v| json!(v))),
+            ("train.log_every", self.log_every.map(|v| json!(v))),
+            ("train.seed", self.seed.map(|v| json!(v))),
+            ("train.threads", self.threads.map(|v| json!(v))),
+            ("train.out", self.out.as_ref().map(|v| json!(v))),
+        ];
+        for (key, value) in flags {
+            if let Some(value) = value {
+                builder.set_value(key, value)?;
+            }
+        }
+        for assignment in &self.set {
+            builder.apply_set(assignment)?;
+        }
+        builder.build()
+    }
+}

@@ -1,0 +1,79 @@
+//! Tokenizers: raw bytes, or any Hugging Face `tokenizer.json` (local or from the hub).
+
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Turns text into token ids.
+pub enum Tokenizer {
+    /// One id per UTF-8 byte (256 ids).
+    Bytes,
+    /// A Hugging Face tokenizer, with the name it was loaded from.
+    HuggingFace {
+        source: String,
+        inner: Box<tokenizers::Tokenizer>,
+    },
+}
+
+impl Tokenizer {
+    /// Loads `bytes`, a path to a `tokenizer.json`, or a hub repository name (e.g. `gpt2`).
+    pub fn load(spec: &str) -> Result<Self> {
+        if spec == "bytes" {
+            return Ok(Self::Bytes);
+        }
+        let path = Path::new(spec);
+        let file = if path.exists() {
+            if path.is_dir() {
+                path.join("tokenizer.json")
+            } else {
+                path.to_path_buf()
+            }
+        } else if spec.ends_with(".json") {
+            anyhow::bail!(
+                "tokenizer file '{spec}' does not exist; pass an existing tokenizer.json, a hub \
+                 name such as gpt2, or 'bytes'"
+            );
+        } else {
+            download(spec)?
+        };
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer '{}': {e}", file.display()))?;
+        Ok(Self::HuggingFace {
+            source: spec.to_string(),
+            inner: Box::new(inner),
+        })
+    }
+
+    /// Number of distinct ids this tokenizer can emit (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Bytes => 256,
+            Self::HuggingFace { inner, .. } => inner.get_vocab_size(true),
+        }
+    }
+
+    /// Encodes `text` without adding special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Self::HuggingFace { source, inner } => Ok(inner
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("tokenizer '{source}' failed: {e}"))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+}
+
+/// Fetches `tokenizer.json` of a hub repository into the local Hugging Face cache.
+fn download(repo: &str) -> Result<std::path::PathBuf> {
+    let api = hf_hub::api::sync::Api::new().context("cannot set up the Hugging Face hub client")?;
+    api.model(repo.to_string())
+        .get("tokenizer.json")
+        .with_context(|| {
+            format!(
+                "cannot download tokenizer.json of '{repo}' from the Hugging Face hub (no \
+                 network, or no such repository); download it on a machine with access and \
+                 pass its path with --tokenizer PATH/tokenizer.json, or use --tokenizer bytes"
+            )
+        })
+}

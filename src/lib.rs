@@ -1,0 +1,14 @@
+//! bsfa-train: LLaMA pre-training on Candle, built around the Bulk-Space-Filtration-
+//! Accelerator (BSFA).
+//!
+//! Layout: `config` (typed run config), `cli` (flags), `model` (LLaMA and its
+//! differentiable ops), `optim` (optimizers, clipping, schedule), `data` (tokenizers,
+//! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress).
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod train;

@@ -1,0 +1,129 @@
+//! Models and their trainable parameters.
+
+pub mod llama;
+pub mod ops;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::Serialize;
+
+pub use llama::Llama;
+
+/// Which part of the network a parameter belongs to (used for reporting, weight decay
+/// and, later, per-block optimizer rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamGroup {
+    Embeddings,
+    Attention,
+    Mlp,
+    Norms,
+    Head,
+}
+
+/// One trainable tensor with its Hugging Face name.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub group: ParamGroup,
+    pub var: Var,
+}
+
+impl Param {
+    /// Matrices get weight decay, vectors (norm weights) do not, as in nanoGPT and the paper.
+    pub fn decays(&self) -> bool {
+        self.var.rank() >= 2
+    }
+}
+
+/// Creates parameters in a fixed order from a seeded generator, so a run is reproducible
+/// (candle's own CPU `randn` draws from an unseeded thread RNG).
+pub struct ParamInit {
+    rng: ChaCha8Rng,
+    dtype: DType,
+    device: Device,
+    params: Vec<Param>,
+}
+
+impl ParamInit {
+    /// A fresh initialiser; `seed` fixes every value it draws.
+    pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            dtype,
+            device: device.clone(),
+            params: Vec::new(),
+        }
+    }
+
+    /// A `rows x cols` matrix drawn from `N(0, std^2)`.
+    pub fn normal(
+        &mut self,
+        name: &str,
+        group: ParamGroup,
+        rows: usize,
+        cols: usize,
+        std: f64,
+    ) -> Result<Tensor> {
+        let normal = Normal::new(0.0f64, std).map_err(candle_core::Error::wrap)?;
+        let values: Vec<f64> = (0..rows * cols)
+            .map(|_| normal.sample(&mut self.rng))
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &self.device)?.to_dtype(self.dtype)?;
+        self.register(name, group, t)
+    }
+
+    /// A vector of ones (RMSNorm weights).
+    pub fn ones(&mut self, name: &str, group: ParamGroup, len: usize) -> Result<Tensor> {
+        let t = Tensor::ones(len, self.dtype, &self.device)?;
+        self.register(name, group, t)
+    }
+
+    fn register(&mut self, name: &str, group: ParamGroup, t: Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(&t)?;
+        let tensor = var.as_tensor().clone();
+        self.params.push(Param {
+            name: name.to_string(),
+            group,
+            var,
+        });
+        Ok(tensor)
+    }
+
+    /// The parameters created so far, in creation order.
+    pub fn into_params(self) -> Vec<Param> {
+        self.params
+    }
+}
+
+/// Parameter counts per group.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub total: usize,
+    pub embeddings: usize,
+    pub attention: usize,
+    pub mlp: usize,
+    pub norms: usize,
+    pub head: usize,
+}
+
+impl ParamCounts {
+    /// Counts `params` by group.
+    pub fn of(params: &[Param]) -> Self {
+        let mut c = Self::default();
+        for p in params {
+            let n = p.var.elem_count();
+            c.total += n;
+            match p.group {
+                ParamGroup::Embeddings => c.embeddings += n,
+                ParamGroup::Attention => c.attention += n,
+                ParamGroup::Mlp => c.mlp += n,
+                ParamGroup::Norms => c.norms += n,
+                ParamGroup::Head => c.head += n,
+            }
+        }
+        c
+    }
+}

@@ -1,0 +1,246 @@
+//! The binary as a user meets it: flags, outputs, and clear errors on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bsfa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bsfa-train"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, no panic, and a message containing `needle`.
+fn fails_with(args: &[&str], needle: &str) -> String {
+    let o = bsfa(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+    err
+}
+
+const FAST: &[&str] = &[
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.num_hidden_layers=1",
+    "--set",
+    "model.intermediate_size=64",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--eval-batches",
+    "1",
+];
+
+fn fast(extra: &[&str]) -> Vec<String> {
+    FAST.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
+fn run_fast(extra: &[&str]) -> Output {
+    let args = fast(extra);
+    bsfa(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn trains_and_prints_a_json_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = run_fast(&["--steps", "3", "--out", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    let summary: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "steps",
+        "params",
+        "final_train_loss",
+        "final_val_loss",
+        "tokens_per_s",
+        "wall_s",
+        "out",
+    ] {
+        assert!(summary.get(key).is_some(), "summary lacks {key}: {last}");
+    }
+    assert_eq!(summary["steps"], 3);
+    assert_eq!(summary["out"], out);
+    // stdout carries only JSON.
+    for line in stdout.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("stdout line is JSON");
+    }
+    assert!(Path::new(out).join("metrics.jsonl").exists());
+    assert!(Path::new(out).join("config.json").exists());
+}
+
+#[test]
+fn dry_run_reports_parameter_groups_of_the_presets() {
+    for (model, lo, hi) in [
+        ("llama72m", 72e6 * 0.98, 72e6 * 1.02),
+        ("llama134m", 134e6 * 0.98, 134e6 * 1.02),
+    ] {
+        let o = bsfa(&["--model", model, "--dry-run"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value =
+            serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap();
+        let p = &report["params"];
+        let total = p["total"].as_f64().unwrap();
+        assert!(total > lo && total < hi, "{model}: {total} parameters");
+        let groups: f64 = ["embeddings", "attention", "mlp", "norms", "head"]
+            .iter()
+            .map(|g| p[g].as_f64().unwrap())
+            .sum();
+        assert_eq!(groups, total);
+        assert!(report["memory_bytes"]["total_estimate"].as_f64().unwrap() > total * 16.0);
+    }
+}
+
+#[test]
+fn bad_config_input_is_a_clear_error() {
+    let err = fails_with(
+        &["--set", "model.hiden_size=3", "--dry-run"],
+        "unknown config key",
+    );
+    assert!(
+        err.contains("model.hidden_size"),
+        "valid keys are listed: {err}"
+    );
+    fails_with(
+        &["--set", "model.hidden_size=big", "--dry-run"],
+        "malformed value",
+    );
+    fails_with(&["--set", "model.hidden_size", "--dry-run"], "key=value");
+    fails_with(
+        &["--set", "model.num_attention_heads=3", "--dry-run"],
+        "must divide model.hidden_size",
+    );
+    fails_with(
+        &["--set", "model.num_hidden_layers=0", "--dry-run"],
+        "positive integer",
+    );
+    fails_with(
+        &["--set", "model.hidden_size=-8", "--dry-run"],
+        "non-negative integer",
+    );
+    fails_with(&["--steps", "-3", "--dry-run"], "-3");
+    fails_with(
+        &["--batch-size", "0", "--dry-run"],
+        "train.batch_size must be a positive",
+    );
+    fails_with(&["--model", "gpt5", "--dry-run"], "unknown --model");
+    fails_with(
+        &["--config", "/nonexistent/run.json", "--dry-run"],
+        "cannot read config file",
+    );
+}
+
+#[test]
+fn missing_or_empty_data_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    fails_with(
+        &["--data", "text:/nonexistent/corpus.txt", "--out", out],
+        "cannot read data file '/nonexistent/corpus.txt'",
+    );
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let spec = format!("text:{}", empty.display());
+    fails_with(&["--data", &spec, "--out", out], "is empty");
+    fails_with(
+        &["--data", "wikipedia", "--out", out],
+        "unknown data source",
+    );
+}
+
+#[test]
+fn hugging_face_tokenizer_trains_and_vocab_must_fit() {
+    use std::collections::HashMap;
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+
+    let dir = tempfile::tempdir().unwrap();
+    // A word-level tokenizer over 300 words: larger than the byte vocabulary.
+    let words: Vec<String> = (0..299).map(|i| format!("w{i}")).collect();
+    let mut vocab: HashMap<String, u32> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i as u32))
+        .collect();
+    vocab.insert("[UNK]".into(), 299);
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .unwrap();
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let tok_path = dir.path().join("tokenizer.json");
+    tok.save(&tok_path, false).unwrap();
+    let text: String = (0..4000).map(|i| format!("w{} ", (i * 7) % 299)).collect();
+    let data = dir.path().join("words.txt");
+    std::fs::write(&data, text).unwrap();
+    let data = format!("text:{}", data.display());
+    let tok_path = tok_path.to_str().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+
+    fails_with(
+        &["--data", &data, "--tokenizer", tok_path, "--out", out],
+        "smaller than the tokenizer's vocabulary (300)",
+    );
+    let o = run_fast(&[
+        "--data",
+        &data,
+        "--tokenizer",
+        tok_path,
+        "--set",
+        "model.vocab_size=320",
+        "--steps",
+        "2",
+        "--out",
+        out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fails_with(
+        &["--tokenizer", "/nonexistent/tokenizer.json", "--out", out],
+        "does not exist",
+    );
+}
+
+#[test]
+fn nan_loss_stops_with_the_step_and_keeps_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = fast(&[
+        "--lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--steps",
+        "20",
+        "--log-every",
+        "1",
+        "--out",
+        out,
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails_with(&args, "training diverged at step");
+    assert!(err.contains("Lower the learning rate"), "{err}");
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert!(
+        !metrics.is_empty(),
+        "metrics before the divergence are kept"
+    );
+    for line in metrics.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+}
