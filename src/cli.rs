@@ -2,7 +2,7 @@
 
 use crate::config::{ConfigBuilder, RunConfig};
 use anyhow::Result;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 /// Pre-train LLaMA models with AdamW (AdamMini and BSFA to come) on Candle.
@@ -10,8 +10,37 @@ use serde_json::{json, Value};
 /// Training is the default command: `bsfa-train` alone trains the `tiny` model on the
 /// built-in corpus. Config layers: preset < --config < flags < --set.
 #[derive(Debug, Parser)]
-#[command(name = "bsfa-train", version)]
+#[command(name = "bsfa-train", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands besides training.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Time training steps of a model on random tokens and print one JSON line.
+    Bench(BenchArgs),
+}
+
+/// `bench` takes the training flags plus how many steps to time.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Untimed steps first (allocator and caches warm up).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed steps; the report gives their medians.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+}
+
+/// The flags shared by training and `bench`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Model preset (tiny, llama72m, llama134m) or a path to a JSON config.
     #[arg(long, default_value = "tiny")]
     pub model: String,
@@ -80,7 +109,7 @@ pub struct Cli {
     pub dry_run: bool,
 }
 
-impl Cli {
+impl RunArgs {
     /// Resolves preset, config file, flags and `--set` into a validated run config.
     pub fn resolve(&self) -> Result<RunConfig> {
         let mut builder = ConfigBuilder::new(&self.model)?;

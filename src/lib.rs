@@ -1,10 +1,11 @@
 //! bsfa-train: LLaMA pre-training on Candle, built around the Bulk-Space-Filtration-
 //! Accelerator (BSFA).
 //!
-//! Layout: `config` (typed run config), `cli` (flags), `model` (LLaMA and its
+//! Layout: `bench` (step timing), `config` (typed run config), `cli` (flags), `model` (LLaMA and its
 //! differentiable ops), `optim` (optimizers, clipping, schedule), `data` (tokenizers,
 //! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

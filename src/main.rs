@@ -1,8 +1,8 @@
 use anyhow::Result;
-use bsfa_train::cli::Cli;
+use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
 use bsfa_train::model::{llama, Llama, ParamCounts};
-use bsfa_train::{optim, train};
+use bsfa_train::{bench, optim, train};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
@@ -25,7 +25,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let config = cli.resolve()?;
+    let args = match &cli.command {
+        Some(Command::Bench(bench)) => &bench.run,
+        None => &cli.run,
+    };
+    let config = args.resolve()?;
     let threads = config
         .train
         .threads
@@ -33,7 +37,12 @@ fn run(cli: &Cli) -> Result<()> {
     // Candle sizes its thread pool from this variable when it first computes, so it must be
     // set before any tensor work.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    if cli.dry_run {
+    if let Some(Command::Bench(b)) = &cli.command {
+        let report = bench::run(&config, threads, b.warmup, b.iters)?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    if args.dry_run {
         return dry_run(&config);
     }
     let summary = train::run(&config)?;

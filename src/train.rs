@@ -86,8 +86,9 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
             opt_cfg.lr,
             opt_cfg.min_lr_ratio,
         );
-        let (loss, mut grads) =
-            accumulate_gradients(&model, &params, &mut batcher, config, &device)?;
+        let Accumulated {
+            loss, mut grads, ..
+        } = accumulate_gradients(&model, &params, &mut batcher, config, &device)?;
         if !loss.is_finite() {
             return Err(diverged(format!("loss is {loss}"), step, lr, &metrics));
         }
@@ -144,30 +145,51 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
     })
 }
 
-/// Runs forward and backward over the micro-batches of one optimizer step and returns the
-/// batch's mean loss with the summed gradients (in parameter order). Each micro-batch loss
-/// is weighted by its share of the batch, so the split does not change the result. A
-/// non-finite loss is returned at once, without gradients, for the caller to report.
+/// The outcome of forward and backward over one optimizer step's micro-batches.
+pub struct Accumulated {
+    /// The batch's mean loss (non-finite: the step was abandoned and `grads` is empty).
+    pub loss: f64,
+    /// Summed gradients, in parameter order.
+    pub grads: Vec<Tensor>,
+    /// Wall time in forward passes.
+    pub forward_s: f64,
+    /// Wall time in backward passes (and summing micro-batch gradients).
+    pub backward_s: f64,
+}
+
+/// Runs forward and backward over the micro-batches of one optimizer step. Each
+/// micro-batch loss is weighted by its share of the batch, so the split does not change the
+/// result. A non-finite loss is returned at once, without gradients, for the caller to
+/// report.
 pub fn accumulate_gradients(
     model: &Llama,
     params: &[Param],
     batcher: &mut Batcher,
     config: &RunConfig,
     device: &Device,
-) -> Result<(f64, Vec<Tensor>)> {
+) -> Result<Accumulated> {
     let train = &config.train;
     let micro = train.micro_batch();
     let weight = micro as f64 / train.batch_size as f64;
-    let mut total_loss = 0.0;
+    let mut out = Accumulated {
+        loss: 0.0,
+        grads: Vec::new(),
+        forward_s: 0.0,
+        backward_s: 0.0,
+    };
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     for _ in 0..train.batch_size / micro {
         let (inputs, targets) = batcher.next_batch(micro, train.seq_len, device)?;
+        let started = Instant::now();
         let loss = model.loss(&inputs, &targets)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        out.forward_s += started.elapsed().as_secs_f64();
         if !value.is_finite() {
-            return Ok((value, Vec::new()));
+            out.loss = value;
+            return Ok(out);
         }
-        total_loss += value * weight;
+        out.loss += value * weight;
+        let started = Instant::now();
         let mut store = (loss * weight)?.backward()?;
         for (slot, param) in grads.iter_mut().zip(params) {
             let g = store.remove(param.var.as_tensor()).with_context(|| {
@@ -181,9 +203,10 @@ pub fn accumulate_gradients(
                 None => g,
             });
         }
+        out.backward_s += started.elapsed().as_secs_f64();
     }
-    let grads = grads.into_iter().flatten().collect();
-    Ok((total_loss, grads))
+    out.grads = grads.into_iter().flatten().collect();
+    Ok(out)
 }
 
 /// Mean validation loss over `eval_batches` micro-batches drawn from a fixed seed, so every

@@ -244,3 +244,23 @@ fn nan_loss_stops_with_the_step_and_keeps_metrics() {
         serde_json::from_str::<serde_json::Value>(line).unwrap();
     }
 }
+
+#[test]
+fn bench_prints_one_json_line_with_the_phase_split() {
+    let args = fast(&["--iters", "2", "--warmup", "1"]);
+    let mut all = vec!["bench"];
+    all.extend(args.iter().map(String::as_str));
+    let o = bsfa(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ms = report["ms_per_step"].as_f64().unwrap();
+    let parts: f64 = ["forward_ms", "backward_ms", "optimizer_ms"]
+        .iter()
+        .map(|k| report[k].as_f64().unwrap())
+        .sum();
+    assert!(ms > 0.0 && parts > 0.0 && parts <= ms * 1.01, "{report}");
+    let tps = report["tokens_per_s"].as_f64().unwrap();
+    assert!((tps - 2.0 * 16.0 / (ms / 1e3)).abs() / tps < 1e-9);
+    assert!(report["peak_rss_mib"].as_f64().unwrap() > 0.0);
+}

@@ -1,0 +1,117 @@
+//! `bsfa-train bench`: times training steps on random tokens and reports one JSON line.
+//!
+//! The step is the training loop's own (`train::accumulate_gradients`, clipping, the
+//! optimizer), so what is measured is what trains.
+
+use crate::config::RunConfig;
+use crate::data::Batcher;
+use crate::model::{Llama, ParamCounts};
+use crate::optim;
+use crate::train::{accumulate_gradients, Accumulated};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+/// What `bench` prints: medians over the timed steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub params: usize,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub seq_len: usize,
+    pub threads: usize,
+    pub optimizer: String,
+    pub timed_steps: usize,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// Peak resident memory of the process (Linux `VmHWM`), if known.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Runs `warmup` untimed and `iters` timed training steps of `config`'s model.
+pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> Result<BenchReport> {
+    if iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let device = Device::Cpu;
+    let train = &config.train;
+    let (model, params) = Llama::new(&config.model, DType::F32, &device, train.seed)?;
+    let mut optimizer = optim::build(&config.optimizer, &params)?;
+    // Random tokens: enough for every window to differ, no data loading in the timing.
+    let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
+    let vocab = config.model.vocab_size as u32;
+    let tokens: Vec<u32> = (0..train.batch_size * (train.seq_len + 1) * 4)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let mut batcher = Batcher::new(&tokens, train.seed);
+    let lr = config.optimizer.lr;
+    let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
+    for step in 0..warmup + iters {
+        let started = Instant::now();
+        let Accumulated {
+            mut grads,
+            forward_s,
+            backward_s,
+            ..
+        } = accumulate_gradients(&model, &params, &mut batcher, config, &device)?;
+        let opt_started = Instant::now();
+        optim::clip_grad_norm(&mut grads, config.optimizer.grad_clip)?;
+        optimizer.step(&params, &grads, lr)?;
+        let now = Instant::now();
+        if step >= warmup {
+            total.push((now - started).as_secs_f64());
+            forward.push(forward_s);
+            backward.push(backward_s);
+            update.push((now - opt_started).as_secs_f64());
+        }
+    }
+    let step_s = median(&mut total);
+    Ok(BenchReport {
+        params: ParamCounts::of(&params).total,
+        batch_size: train.batch_size,
+        micro_batch_size: train.micro_batch(),
+        seq_len: train.seq_len,
+        threads,
+        optimizer: config.optimizer.name.clone(),
+        timed_steps: iters,
+        ms_per_step: step_s * 1e3,
+        tokens_per_s: (train.batch_size * train.seq_len) as f64 / step_s,
+        forward_ms: median(&mut forward) * 1e3,
+        backward_ms: median(&mut backward) * 1e3,
+        optimizer_ms: median(&mut update) * 1e3,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size from `/proc/self/status` (None where that file does not exist).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}
