@@ -7,7 +7,7 @@ use crate::config::RunConfig;
 use crate::data::Batcher;
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
-use crate::train::{accumulate_gradients, Accumulated};
+use crate::train::train_step;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
@@ -54,21 +54,20 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     for step in 0..warmup + iters {
         let started = Instant::now();
-        let Accumulated {
-            mut grads,
-            forward_s,
-            backward_s,
-            ..
-        } = accumulate_gradients(&model, &params, &mut batcher, config, &device)?;
-        let opt_started = Instant::now();
-        optim::clip_grad_norm(&mut grads, config.optimizer.grad_clip)?;
-        optimizer.step(&params, &grads, lr)?;
-        let now = Instant::now();
+        let outcome = train_step(
+            &model,
+            &params,
+            optimizer.as_mut(),
+            &mut batcher,
+            config,
+            lr,
+        )?;
+        let step_s = started.elapsed().as_secs_f64();
         if step >= warmup {
-            total.push((now - started).as_secs_f64());
-            forward.push(forward_s);
-            backward.push(backward_s);
-            update.push((now - opt_started).as_secs_f64());
+            total.push(step_s);
+            forward.push(outcome.forward_s);
+            backward.push(outcome.backward_s);
+            update.push(outcome.optimizer_s);
         }
     }
     let step_s = median(&mut total);

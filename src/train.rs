@@ -86,18 +86,22 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
             opt_cfg.lr,
             opt_cfg.min_lr_ratio,
         );
-        let Accumulated {
-            loss, mut grads, ..
-        } = accumulate_gradients(&model, &params, &mut batcher, config, &device)?;
+        let outcome = train_step(
+            &model,
+            &params,
+            optimizer.as_mut(),
+            &mut batcher,
+            config,
+            lr,
+        )?;
+        let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
         if !loss.is_finite() {
             return Err(diverged(format!("loss is {loss}"), step, lr, &metrics));
         }
-        let grad_norm = optim::clip_grad_norm(&mut grads, opt_cfg.grad_clip)?;
         if !grad_norm.is_finite() {
             let cause = format!("gradient norm is {grad_norm}");
             return Err(diverged(cause, step, lr, &metrics));
         }
-        optimizer.step(&params, &grads, lr)?;
         let step_s = started.elapsed().as_secs_f64();
         train_time += step_s;
         losses.push(loss);
@@ -142,6 +146,54 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
         wall_s: wall.elapsed().as_secs_f64(),
         out: out.display().to_string(),
         losses,
+    })
+}
+
+/// What one optimizer step measured.
+pub struct StepOutcome {
+    /// The batch's mean loss (non-finite: nothing was updated).
+    pub loss: f64,
+    /// Global gradient norm before clipping (non-finite: nothing was updated).
+    pub grad_norm: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    /// Clipping and the optimizer update.
+    pub optimizer_s: f64,
+}
+
+/// One optimizer step: forward and backward over the micro-batches, clipping, update. It
+/// runs inside candle's CPU thread pool, so the many short parallel sections of a step
+/// (candle's and our kernels') find their worker threads awake. A non-finite loss or
+/// gradient norm is returned without updating anything.
+pub fn train_step(
+    model: &Llama,
+    params: &[Param],
+    optimizer: &mut dyn optim::Optimizer,
+    batcher: &mut Batcher,
+    config: &RunConfig,
+    lr: f64,
+) -> Result<StepOutcome> {
+    let device = model.device().clone();
+    device.with_context(|| {
+        let acc = accumulate_gradients(model, params, batcher, config, &device)?;
+        let mut outcome = StepOutcome {
+            loss: acc.loss,
+            grad_norm: f64::NAN,
+            forward_s: acc.forward_s,
+            backward_s: acc.backward_s,
+            optimizer_s: 0.0,
+        };
+        if !acc.loss.is_finite() {
+            return Ok(outcome);
+        }
+        let started = Instant::now();
+        let mut grads = acc.grads;
+        outcome.grad_norm = optim::clip_grad_norm(&mut grads, config.optimizer.grad_clip)?;
+        if outcome.grad_norm.is_finite() {
+            optimizer.step(params, &grads, lr)?;
+        }
+        outcome.optimizer_s = started.elapsed().as_secs_f64();
+        Ok(outcome)
     })
 }
 
@@ -192,12 +244,17 @@ pub fn accumulate_gradients(
         let started = Instant::now();
         let mut store = (loss * weight)?.backward()?;
         for (slot, param) in grads.iter_mut().zip(params) {
-            let g = store.remove(param.var.as_tensor()).with_context(|| {
-                format!(
-                    "parameter '{}' received no gradient: the graph is cut somewhere",
-                    param.name
-                )
-            })?;
+            // Detached: a gradient computed from tracked tensors would otherwise keep this
+            // step's whole graph alive through the optimizer state, step after step.
+            let g = store
+                .remove(param.var.as_tensor())
+                .with_context(|| {
+                    format!(
+                        "parameter '{}' received no gradient: the graph is cut somewhere",
+                        param.name
+                    )
+                })?
+                .detach();
             *slot = Some(match slot.take() {
                 Some(acc) => (acc + g)?,
                 None => g,

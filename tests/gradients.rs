@@ -1,7 +1,8 @@
 //! Every gradient is checked against central finite differences in f64.
 //!
 //! candle-nn's fused ops have no backward and silently cut the graph; these tests make
-//! sure every op we use and every parameter of the model really trains.
+//! sure every op we use (our fused CPU kernels, which `ops` picks on the CPU, and the
+//! `reference` compositions) and every parameter of the model really trains.
 
 use bsfa_train::config::ModelConfig;
 use bsfa_train::model::{ops, Llama};
@@ -90,7 +91,7 @@ fn rms_norm_backward_matches_finite_differences() {
 }
 
 #[test]
-fn softmax_backward_matches_finite_differences() {
+fn reference_softmax_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let x = Var::from_tensor(&random(&[2, 2, 5, 5], 3.0, &mut rng)).unwrap();
     let mask = ops::causal_mask(5, DType::F64, &Device::Cpu).unwrap();
@@ -99,16 +100,53 @@ fn softmax_backward_matches_finite_differences() {
         std::slice::from_ref(&x),
         || {
             let masked = x.as_tensor().broadcast_add(&mask).unwrap();
-            weighted_sum(&ops::softmax_last_dim(&masked).unwrap(), &r)
+            weighted_sum(&ops::reference::softmax_last_dim(&masked).unwrap(), &r)
         },
-        "masked softmax",
+        "reference masked softmax",
     );
-    // The forward pass is a softmax: rows sum to one and masked entries are zero.
-    let p = ops::softmax_last_dim(&x.as_tensor().broadcast_add(&mask).unwrap()).unwrap();
-    let rows: Vec<f64> = values(&p.sum_keepdim(3).unwrap());
-    assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-12));
-    let p: Vec<Vec<f64>> = p.get(0).unwrap().get(0).unwrap().to_vec2().unwrap();
-    assert_eq!(p[0][1], 0.0);
+}
+
+/// Fused and reference attention (grouped heads: 4 query heads share 2 key/value heads).
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (batch, seq, heads, kv_heads, dim) = (2, 5, 4, 2, 4);
+    let (cos, sin) = ops::rope_tables(dim, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    let (cos, sin) = (
+        cos.narrow(0, 0, seq).unwrap(),
+        sin.narrow(0, 0, seq).unwrap(),
+    );
+    let q = Var::from_tensor(&random(&[batch, seq, heads * dim], 1.5, &mut rng)).unwrap();
+    let k = Var::from_tensor(&random(&[batch, seq, kv_heads * dim], 1.5, &mut rng)).unwrap();
+    let v = Var::from_tensor(&random(&[batch, seq, kv_heads * dim], 1.5, &mut rng)).unwrap();
+    let r = random(&[batch, seq, heads * dim], 1.0, &mut rng);
+    let inputs = [q.clone(), k.clone(), v.clone()];
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    check_all_coordinates(
+        &inputs,
+        || {
+            let y = ops::causal_attention(qt, kt, vt, (&cos, &sin), heads, kv_heads).unwrap();
+            weighted_sum(&y, &r)
+        },
+        "fused attention",
+    );
+    check_all_coordinates(
+        &inputs,
+        || {
+            let y = ops::reference::causal_attention(qt, kt, vt, (&cos, &sin), heads, kv_heads)
+                .unwrap();
+            weighted_sum(&y, &r)
+        },
+        "reference attention",
+    );
+    // Causality: the first position's output depends on the first key and value alone.
+    let y0 = |v: &Tensor| {
+        let y = ops::causal_attention(qt, kt, v, (&cos, &sin), heads, kv_heads).unwrap();
+        values(&y.narrow(1, 0, 1).unwrap())
+    };
+    let later = vt.narrow(1, 1, seq - 1).unwrap();
+    let changed = Tensor::cat(&[&vt.narrow(1, 0, 1).unwrap(), &(later * 3.0).unwrap()], 1).unwrap();
+    assert_eq!(y0(vt), y0(&changed));
 }
 
 #[test]
@@ -117,17 +155,35 @@ fn rope_backward_matches_finite_differences() {
     let (cos, sin) = ops::rope_tables(8, 16, 10000.0, DType::F64, &Device::Cpu).unwrap();
     let cos = cos.narrow(0, 0, 4).unwrap();
     let sin = sin.narrow(0, 0, 4).unwrap();
-    let x = Var::from_tensor(&random(&[1, 2, 4, 8], 1.0, &mut rng)).unwrap();
-    let r = random(&[1, 2, 4, 8], 1.0, &mut rng);
+    // batch 1, seq 4, two heads of 8.
+    let x = Var::from_tensor(&random(&[1, 4, 16], 1.0, &mut rng)).unwrap();
+    let r = random(&[1, 4, 16], 1.0, &mut rng);
     check_all_coordinates(
         std::slice::from_ref(&x),
-        || weighted_sum(&ops::rope(x.as_tensor(), &cos, &sin).unwrap(), &r),
-        "rope",
+        || weighted_sum(&ops::rope(x.as_tensor(), &cos, &sin, 0.7).unwrap(), &r),
+        "fused rope",
+    );
+    check_all_coordinates(
+        std::slice::from_ref(&x),
+        || {
+            weighted_sum(
+                &ops::reference::rope(x.as_tensor(), &cos, &sin).unwrap(),
+                &r,
+            )
+        },
+        "reference rope",
     );
     // Rotary embedding is a rotation: it keeps the norm of every position's vector.
-    let y = ops::rope(x.as_tensor(), &cos, &sin).unwrap();
-    let nx = values(&x.as_tensor().sqr().unwrap().sum_keepdim(3).unwrap());
-    let ny = values(&y.sqr().unwrap().sum_keepdim(3).unwrap());
+    let y = ops::rope(x.as_tensor(), &cos, &sin, 1.0).unwrap();
+    let per_head = |t: &Tensor| {
+        t.reshape((1, 4, 2, 8))
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_keepdim(3)
+    };
+    let nx = values(&per_head(x.as_tensor()).unwrap());
+    let ny = values(&per_head(&y).unwrap());
     for (a, b) in nx.iter().zip(&ny) {
         assert!((a - b).abs() < 1e-12);
     }
@@ -140,8 +196,8 @@ fn cross_entropy_backward_matches_finite_differences() {
     let targets = Tensor::new(&[0u32, 3, 6, 2, 2, 5], &Device::Cpu).unwrap();
     check_all_coordinates(
         std::slice::from_ref(&logits),
-        || ops::cross_entropy(logits.as_tensor(), &targets).unwrap(),
-        "cross_entropy",
+        || ops::reference::cross_entropy(logits.as_tensor(), &targets).unwrap(),
+        "reference cross_entropy",
     );
     // Against the definition: mean of -log softmax at the target.
     let l: Vec<Vec<f64>> = logits.as_tensor().to_vec2().unwrap();
@@ -152,8 +208,127 @@ fn cross_entropy_backward_matches_finite_differences() {
         .map(|(row, t)| row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[t])
         .sum::<f64>()
         / 6.0;
-    let got = scalar(&ops::cross_entropy(logits.as_tensor(), &targets).unwrap());
+    let got = scalar(&ops::reference::cross_entropy(logits.as_tensor(), &targets).unwrap());
     assert!((got - expected).abs() < 1e-12);
+}
+
+#[test]
+fn linear_cross_entropy_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let x = Var::from_tensor(&random(&[6, 4], 1.5, &mut rng)).unwrap();
+    let w = Var::from_tensor(&random(&[7, 4], 1.5, &mut rng)).unwrap();
+    let targets = Tensor::new(&[0u32, 3, 6, 2, 2, 5], &Device::Cpu).unwrap();
+    let (xt, wt) = (x.as_tensor(), w.as_tensor());
+    check_all_coordinates(
+        &[x.clone(), w.clone()],
+        || ops::linear_cross_entropy(xt, wt, &targets).unwrap(),
+        "fused linear_cross_entropy",
+    );
+    let logits = ops::reference::linear(xt, wt).unwrap();
+    let reference = scalar(&ops::reference::cross_entropy(&logits, &targets).unwrap());
+    let fused = scalar(&ops::linear_cross_entropy(xt, wt, &targets).unwrap());
+    assert!((fused - reference).abs() < 1e-12, "{fused} vs {reference}");
+}
+
+#[test]
+fn linear_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let x = Var::from_tensor(&random(&[2, 3, 6], 1.0, &mut rng)).unwrap();
+    let w = Var::from_tensor(&random(&[5, 6], 1.0, &mut rng)).unwrap();
+    let r = random(&[2, 3, 5], 1.0, &mut rng);
+    check_all_coordinates(
+        &[x.clone(), w.clone()],
+        || weighted_sum(&ops::linear(x.as_tensor(), w.as_tensor()).unwrap(), &r),
+        "fused linear",
+    );
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let gate = Var::from_tensor(&random(&[3, 10], 4.0, &mut rng)).unwrap();
+    let up = Var::from_tensor(&random(&[3, 10], 2.0, &mut rng)).unwrap();
+    let r = random(&[3, 10], 1.0, &mut rng);
+    check_all_coordinates(
+        &[gate.clone(), up.clone()],
+        || weighted_sum(&ops::swiglu(gate.as_tensor(), up.as_tensor()).unwrap(), &r),
+        "fused swiglu",
+    );
+}
+
+/// The fused kernels compute what the reference compositions compute, in f32 too.
+#[test]
+fn fused_forward_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let a = values(&a.to_dtype(DType::F64).unwrap());
+        let b = values(&b.to_dtype(DType::F64).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{what}: {x} vs {y}"
+            );
+        }
+    };
+    for dtype in [DType::F32, DType::F64] {
+        let t = |shape: &[usize], scale: f64, rng: &mut ChaCha8Rng| {
+            random(shape, scale, rng).to_dtype(dtype).unwrap()
+        };
+        let (cos, sin) = ops::rope_tables(8, 16, 10000.0, dtype, &Device::Cpu).unwrap();
+        let (q, k, v) = (
+            t(&[2, 16, 32], 2.0, &mut rng),
+            t(&[2, 16, 16], 2.0, &mut rng),
+            t(&[2, 16, 16], 2.0, &mut rng),
+        );
+        let reference = ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), 4, 2).unwrap();
+        let fused = ops::causal_attention(&q, &k, &v, (&cos, &sin), 4, 2).unwrap();
+        close(&fused, &reference, "causal_attention");
+
+        let (x, w) = (t(&[3, 5, 24], 1.0, &mut rng), t(&[7, 24], 1.0, &mut rng));
+        let reference = ops::reference::linear(&x, &w).unwrap();
+        close(&ops::linear(&x, &w).unwrap(), &reference, "linear");
+
+        let x = t(&[4, 5, 32], 2.0, &mut rng);
+        let w = t(&[32], 1.0, &mut rng);
+        let reference = ops::reference::rms_norm(&x, &w, 1e-5).unwrap();
+        close(
+            &ops::rms_norm(&x, &w, 1e-5).unwrap(),
+            &reference,
+            "rms_norm",
+        );
+
+        let (cos, sin) = ops::rope_tables(8, 6, 10000.0, dtype, &Device::Cpu).unwrap();
+        let x = t(&[2, 6, 24], 1.0, &mut rng);
+        let reference = (ops::reference::rope(&x, &cos, &sin).unwrap() * 0.5).unwrap();
+        close(&ops::rope(&x, &cos, &sin, 0.5).unwrap(), &reference, "rope");
+
+        let (x, w) = (t(&[9, 16], 2.0, &mut rng), t(&[50, 16], 2.0, &mut rng));
+        let targets: Vec<u32> = (0..9).map(|_| rng.random_range(0..50)).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let logits = ops::reference::linear(&x, &w).unwrap();
+        let reference = ops::reference::cross_entropy(&logits, &targets).unwrap();
+        close(
+            &ops::linear_cross_entropy(&x, &w, &targets).unwrap(),
+            &reference,
+            "linear_cross_entropy",
+        );
+
+        let (g, u) = (t(&[7, 9], 4.0, &mut rng), t(&[7, 9], 1.0, &mut rng));
+        let reference = (g.silu().unwrap() * &u).unwrap();
+        close(&ops::swiglu(&g, &u).unwrap(), &reference, "swiglu");
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_targets_outside_the_vocabulary() {
+    let x = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((5, 3), DType::F32, &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+    let err = ops::linear_cross_entropy(&x, &w, &targets)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("target id 5"), "{err}");
 }
 
 fn tiny_config(tie: bool) -> ModelConfig {
@@ -184,6 +359,10 @@ fn check_model(tie: bool) {
     let ids = Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap();
     let targets = Tensor::from_vec(targets, (2, 6), &Device::Cpu).unwrap();
     let loss = || scalar(&model.loss(&ids, &targets).unwrap());
+    // The fused loss is the cross-entropy of the model's logits.
+    let logits = model.forward(&ids).unwrap().reshape(((), 19)).unwrap();
+    let reference = ops::reference::cross_entropy(&logits, &targets.flatten_all().unwrap());
+    assert!((loss() - scalar(&reference.unwrap())).abs() < 1e-12);
     let grads = model.loss(&ids, &targets).unwrap().backward().unwrap();
     let expected_params = if tie { 2 + 9 * 2 } else { 3 + 9 * 2 };
     assert_eq!(params.len(), expected_params);

@@ -2,9 +2,7 @@
 //!
 //! Parameter names match Hugging Face `LlamaForCausalLM`, so weights map 1:1.
 
-use super::ops::{
-    causal_mask, cross_entropy, linear, rms_norm, rope, rope_tables, softmax_last_dim,
-};
+use super::ops::{causal_attention, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu};
 use super::{Param, ParamGroup, ParamInit};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
@@ -158,8 +156,25 @@ impl Llama {
         Ok((model, init.into_params()))
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
     /// Logits (`batch x seq x vocab`) for token ids (`batch x seq`, u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        linear(&self.hidden_states(input_ids)?, &self.lm_head)
+    }
+
+    /// Mean next-token cross-entropy of `input_ids` against `targets` (both `batch x seq`).
+    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids)?;
+        let hidden = hidden.reshape(((), self.config.hidden_size))?;
+        linear_cross_entropy(&hidden, &self.lm_head, &targets.flatten_all()?)
+    }
+
+    /// The final normalised hidden states (`batch x seq x hidden`).
+    fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -174,23 +189,14 @@ impl Llama {
             .reshape((batch, seq, h))?;
         let cos = self.cos.narrow(0, 0, seq)?;
         let sin = self.sin.narrow(0, 0, seq)?;
-        let mask = causal_mask(seq, x.dtype(), x.device())?;
         let eps = self.config.rms_norm_eps;
         for block in &self.layers {
             let normed = rms_norm(&x, &block.input_layernorm, eps)?;
-            x = (x + self.attention(&block.self_attn, &normed, &cos, &sin, &mask)?)?;
+            x = (x + self.attention(&block.self_attn, &normed, &cos, &sin)?)?;
             let normed = rms_norm(&x, &block.post_attention_layernorm, eps)?;
             x = (x + self.mlp(&block.mlp, &normed)?)?;
         }
-        let x = rms_norm(&x, &self.norm, eps)?;
-        linear(&x, &self.lm_head)
-    }
-
-    /// Mean next-token cross-entropy of `input_ids` against `targets` (both `batch x seq`).
-    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(input_ids)?;
-        let vocab = self.config.vocab_size;
-        cross_entropy(&logits.reshape(((), vocab))?, &targets.flatten_all()?)
+        rms_norm(&x, &self.norm, eps)
     }
 
     fn attention(
@@ -199,49 +205,20 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
     ) -> Result<Tensor> {
-        let (batch, seq, hidden) = x.dims3()?;
+        let q = linear(x, &attn.q_proj)?;
+        let k = linear(x, &attn.k_proj)?;
+        let v = linear(x, &attn.v_proj)?;
         let heads = self.config.num_attention_heads;
-        let kv_heads = self.config.kv_heads();
-        let head_dim = self.config.head_dim();
-        let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((batch, seq, n, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split_heads(linear(x, &attn.q_proj)?, heads)?;
-        let k = split_heads(linear(x, &attn.k_proj)?, kv_heads)?;
-        let v = split_heads(linear(x, &attn.v_proj)?, kv_heads)?;
-        // Scaling q before the product touches seq*head_dim values instead of seq*seq.
-        let q = (rope(&q, cos, sin)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let k = repeat_kv(rope(&k, cos, sin)?, heads / kv_heads)?;
-        let v = repeat_kv(v, heads / kv_heads)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
+        let out = causal_attention(&q, &k, &v, (cos, sin), heads, self.config.kv_heads())?;
         linear(&out, &attn.o_proj)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate = linear(x, &mlp.gate_proj)?.silu()?;
+        let gate = linear(x, &mlp.gate_proj)?;
         let up = linear(x, &mlp.up_proj)?;
-        linear(&(gate * up)?, &mlp.down_proj)
+        linear(&swiglu(&gate, &up)?, &mlp.down_proj)
     }
-}
-
-/// Repeats each key/value head `n_rep` times so grouped heads line up with query heads.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv_heads, seq, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv_heads, n_rep, seq, d))?
-        .reshape((b, kv_heads * n_rep, seq, d))
 }
 
 /// Rough bytes of activations kept for the backward pass of one micro-batch: per layer and

@@ -1,5 +1,6 @@
 //! Models and their trainable parameters.
 
+pub mod fused;
 pub mod llama;
 pub mod ops;
 

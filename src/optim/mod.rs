@@ -11,7 +11,7 @@ use std::collections::HashMap;
 pub use adamw::AdamW;
 
 /// What every optimizer (AdamW, and the later AdamMini and BSFA wrapper) offers the loop.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// Updates `params` in place from `grads` (same order, same shapes) at learning rate `lr`.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()>;
 
