@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+mod cpu;
 pub mod data;
 pub mod metrics;
 pub mod model;

@@ -6,50 +6,13 @@
 //! composed primitives elsewhere. Every op is checked against finite differences and
 //! against its composed twin in the tests.
 
+use crate::cpu::{float_dispatch, last_dim, owned, slice, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, WithDType,
 };
-use num_traits::{Float, NumAssign};
+use num_traits::Float;
 use rayon::prelude::*;
-
-/// Element types the kernels are written for.
-trait Elem: WithDType + Float + NumAssign + Send + Sync {}
-impl Elem for f32 {}
-impl Elem for f64 {}
-
-/// The contiguous slice of `storage` described by `layout`.
-fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg("fused op input must be contiguous".into()))?;
-    Ok(&storage.as_slice::<T>()?[start..end])
-}
-
-/// Runs `$body` with `$t` bound to the storage's float type.
-macro_rules! float_dispatch {
-    ($storage:expr, $name:expr, |$t:ident| $body:expr) => {
-        match $storage {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                $body
-            }
-            other => bail!("{} supports f32 and f64, got {:?}", $name, other.dtype()),
-        }
-    };
-}
-
-fn last_dim(layout: &Layout) -> usize {
-    layout.dims().last().copied().unwrap_or(1)
-}
-
-fn owned<T: WithDType>(values: Vec<T>, shape: &Shape) -> (CpuStorage, Shape) {
-    (T::to_cpu_storage_owned(values), shape.clone())
-}
 
 // ---------------------------------------------------------------------------------------
 // RMSNorm.
@@ -179,9 +142,11 @@ impl CustomOp2 for RmsNormGradWeight {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Elem>(x: &[T], dy: &[T], n: usize, eps: f64) -> Vec<T> {
-            let rows = x.len() / n;
-            let chunk = rows.div_ceil(rayon::current_num_threads()).max(1) * n;
-            x.par_chunks(chunk)
+            // Fixed-size chunks summed in order: the result is bitwise the same for any
+            // thread count and scheduling (rayon's `reduce` tree is not).
+            let chunk = 64 * n;
+            let partials: Vec<Vec<T>> = x
+                .par_chunks(chunk)
                 .zip(dy.par_chunks(chunk))
                 .map(|(x, dy)| {
                     let mut acc = vec![T::zero(); n];
@@ -193,13 +158,12 @@ impl CustomOp2 for RmsNormGradWeight {
                     }
                     acc
                 })
-                .reduce(
-                    || vec![T::zero(); n],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                )
+                .collect();
+            let mut total = vec![T::zero(); n];
+            for partial in partials {
+                total.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+            }
+            total
         }
         let n = last_dim(xl);
         let shape = Shape::from(n);
@@ -913,7 +877,7 @@ impl CustomOp2 for LinearCrossEntropy {
         ) -> (T, Vec<T>) {
             let rows = targets.len();
             let mut probs = x_times_w_t(x, w, rows, hidden, vocab);
-            let total = probs
+            let row_losses: Vec<T> = probs
                 .par_chunks_mut(vocab)
                 .zip(targets.par_iter())
                 .map(|(row, &t)| {
@@ -928,7 +892,9 @@ impl CustomOp2 for LinearCrossEntropy {
                     row.iter_mut().for_each(|v| *v *= inv);
                     max + sum.ln() - target_logit
                 })
-                .reduce(T::zero, |a, b| a + b);
+                .collect();
+            // Summed in row order, so the loss does not depend on thread scheduling.
+            let total = row_losses.into_iter().fold(T::zero(), |a, b| a + b);
             let rows_t = T::from(rows).expect("row count fits the float type");
             (total / rows_t, probs)
         }

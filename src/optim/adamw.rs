@@ -1,6 +1,7 @@
 //! AdamW (Loshchilov & Hutter), with PyTorch's update rule and our own, inspectable state.
 
-use super::Optimizer;
+use super::fused::AdamWUpdate;
+use super::{fusable, Optimizer};
 use crate::config::OptimizerConfig;
 use crate::model::Param;
 use anyhow::{bail, Context, Result};
@@ -14,61 +15,93 @@ pub struct AdamW {
     eps: f64,
     weight_decay: f64,
     step: u64,
-    /// First moments, one per parameter, in parameter order.
-    exp_avg: Vec<Tensor>,
-    /// Second moments, one per parameter, in parameter order.
-    exp_avg_sq: Vec<Tensor>,
+    /// Per parameter, in parameter order: `2 x numel`, first moments then second moments
+    /// (one tensor, so the fused kernel updates both in one pass).
+    moments: Vec<Tensor>,
     names: Vec<String>,
+    shapes: Vec<candle_core::Shape>,
 }
 
 impl AdamW {
     /// Zero state for `params`.
     pub fn new(config: &OptimizerConfig, params: &[Param]) -> Result<Self> {
-        let zeros =
-            || -> Result<Vec<Tensor>> { params.iter().map(|p| Ok(p.var.zeros_like()?)).collect() };
+        let moments = params
+            .iter()
+            .map(|p| Tensor::zeros((2, p.var.elem_count()), p.var.dtype(), p.var.device()))
+            .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             beta1: config.beta1,
             beta2: config.beta2,
             eps: config.eps,
             weight_decay: config.weight_decay,
             step: 0,
-            exp_avg: zeros()?,
-            exp_avg_sq: zeros()?,
+            moments,
             names: params.iter().map(|p| p.name.clone()).collect(),
+            shapes: params.iter().map(|p| p.var.shape().clone()).collect(),
         })
+    }
+
+    /// The update with candle tensor ops, for devices without the fused kernel; returns
+    /// the new parameter and moments.
+    fn update_with_tensor_ops(
+        &self,
+        theta: &Tensor,
+        grad: &Tensor,
+        moments: &Tensor,
+        h: &AdamWUpdate,
+    ) -> Result<(Tensor, Tensor)> {
+        let grad = grad.flatten_all()?;
+        let m = ((moments.get(0)? * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
+        let v = ((moments.get(1)? * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
+        let denom = ((v.sqrt()? / h.bias2_sqrt)? + self.eps)?;
+        let update = (m.div(&denom)? * (h.lr / h.bias1))?;
+        let theta = ((theta.flatten_all()? * (1.0 - h.decay))? - update)?;
+        Ok((theta, Tensor::stack(&[m, v], 0)?))
     }
 }
 
 impl Optimizer for AdamW {
     /// PyTorch's AdamW: `p *= 1 - lr*wd`; `m = b1 m + (1-b1) g`; `v = b2 v + (1-b2) g^2`;
-    /// `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+    /// `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per
+    /// parameter on the CPU.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()> {
-        if params.len() != self.exp_avg.len() || grads.len() != params.len() {
+        if params.len() != self.moments.len() || grads.len() != params.len() {
             bail!(
                 "AdamW was built for {} parameters but got {} parameters and {} gradients",
-                self.exp_avg.len(),
+                self.moments.len(),
                 params.len(),
                 grads.len()
             );
         }
         self.step += 1;
         let t = self.step as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.exp_avg[i] * self.beta1)? + (grad * (1.0 - self.beta1))?)?;
-            let v = ((&self.exp_avg_sq[i] * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + self.eps)?;
-            let update = (m.div(&denom)? * (lr / bias1))?;
-            let theta = param.var.as_tensor();
-            let decayed = if param.decays() && self.weight_decay > 0.0 {
-                (theta * (1.0 - lr * self.weight_decay))?
-            } else {
-                theta.clone()
+            let h = AdamWUpdate {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                decay: if param.decays() {
+                    lr * self.weight_decay
+                } else {
+                    0.0
+                },
+                bias1: 1.0 - self.beta1.powi(t),
+                bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt(),
             };
-            param.var.set(&(decayed - update)?)?;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
+            let theta = param.var.as_tensor();
+            let (new_theta, moments) = if fusable(theta) {
+                let packed = theta.contiguous()?.apply_op3_no_bwd(
+                    &grad.contiguous()?,
+                    &self.moments[i],
+                    &h,
+                )?;
+                (packed.get(0)?, packed.narrow(0, 1, 2)?)
+            } else {
+                self.update_with_tensor_ops(theta, grad, &self.moments[i], &h)?
+            };
+            param.var.set(&new_theta.reshape(theta.shape())?)?;
+            self.moments[i] = moments;
         }
         Ok(())
     }
@@ -79,32 +112,36 @@ impl Optimizer for AdamW {
 
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.names.len());
-        for (i, name) in self.names.iter().enumerate() {
-            out.push((format!("{name}.exp_avg"), self.exp_avg[i].clone()));
-            out.push((format!("{name}.exp_avg_sq"), self.exp_avg_sq[i].clone()));
+        for ((name, moments), shape) in self.names.iter().zip(&self.moments).zip(&self.shapes) {
+            for (k, slot) in ["exp_avg", "exp_avg_sq"].iter().enumerate() {
+                // Views of the packed moments, in the parameter's shape (as PyTorch names them).
+                let t = moments.get(k).and_then(|t| t.reshape(shape));
+                if let Ok(t) = t {
+                    out.push((format!("{name}.{slot}"), t));
+                }
+            }
         }
         out
     }
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         for (i, name) in self.names.iter().enumerate() {
-            for (slot, target) in [
-                ("exp_avg", &mut self.exp_avg[i]),
-                ("exp_avg_sq", &mut self.exp_avg_sq[i]),
-            ] {
+            let mut halves = Vec::with_capacity(2);
+            for slot in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{name}.{slot}");
                 let t = state
                     .get(&key)
                     .with_context(|| format!("optimizer state lacks '{key}'"))?;
-                if t.shape() != target.shape() {
+                if t.shape() != &self.shapes[i] {
                     bail!(
                         "optimizer state '{key}' has shape {:?}, the model needs {:?}",
                         t.shape(),
-                        target.shape()
+                        self.shapes[i]
                     );
                 }
-                *target = t.to_dtype(target.dtype())?;
+                halves.push(t.flatten_all()?.to_dtype(self.moments[i].dtype())?);
             }
+            self.moments[i] = Tensor::stack(&halves, 0)?;
         }
         self.step = steps_taken;
         Ok(())
@@ -175,6 +212,47 @@ mod tests {
         assert_eq!(opt.steps_taken(), 2);
     }
 
+    /// The tensor-op path (other devices) computes what the fused CPU kernel computes.
+    #[test]
+    fn tensor_op_path_matches_fused_kernel() {
+        let config = OptimizerConfig::default();
+        let params = vec![param("w", &[0.3, -1.2, 2.0, 0.1, -0.4, 0.9], &[2, 3])];
+        let opt = AdamW::new(&config, &params).unwrap();
+        let theta = params[0].var.as_tensor();
+        let grad =
+            Tensor::from_slice(&[0.5, -0.1, 0.2, -2.0, 1.0, 0.03], (2, 3), &Device::Cpu).unwrap();
+        let moments = Tensor::from_slice(
+            &[
+                0.1, 0.0, -0.2, 0.3, 0.05, -0.01, 0.2, 0.1, 0.4, 0.3, 0.02, 0.05,
+            ],
+            (2, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let h = AdamWUpdate {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 0.001,
+            bias1: 0.271,
+            bias2_sqrt: 0.38,
+        };
+        let (theta_ref, moments_ref) = opt
+            .update_with_tensor_ops(theta, &grad, &moments, &h)
+            .unwrap();
+        let packed = theta.apply_op3_no_bwd(&grad, &moments, &h).unwrap();
+        let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let fused = flat(&packed);
+        let expected: Vec<f64> = flat(&theta_ref)
+            .into_iter()
+            .chain(flat(&moments_ref))
+            .collect();
+        for (a, b) in fused.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-14, "{fused:?} vs {expected:?}");
+        }
+    }
+
     #[test]
     fn state_round_trips() {
         let config = OptimizerConfig::default();
@@ -187,13 +265,16 @@ mod tests {
         let mut fresh = AdamW::new(&config, &params).unwrap();
         fresh.load_state(opt.steps_taken(), &state).unwrap();
         assert_eq!(fresh.steps_taken(), 1);
-        let a: Vec<f64> = fresh.exp_avg_sq[0]
+        let a: Vec<f64> = fresh.moments[0].flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f64> = opt.moments[0].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        // After one step the second moments are (1 - beta2) g^2.
+        let v: Vec<f64> = state["w.exp_avg_sq"]
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        let b: Vec<f64> = opt.exp_avg_sq[0].flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(a, b);
+        assert!((v[0] - 0.05 * 0.09).abs() < 1e-15 && (v[1] - 0.05 * 0.01).abs() < 1e-15);
         assert_eq!(opt.state_bytes(), 4 * 8);
     }
 }

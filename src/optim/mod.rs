@@ -1,11 +1,12 @@
 //! Optimizers, gradient clipping and the learning-rate schedule.
 
 pub mod adamw;
+mod fused;
 pub mod schedule;
 
 use crate::model::Param;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
 pub use adamw::AdamW;
@@ -44,15 +45,21 @@ pub fn build(
     }
 }
 
+/// True where the fused CPU optimizer kernels apply.
+fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0.0f64;
     for g in grads {
-        sum += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let squares = if fusable(g) {
+            g.contiguous()?.apply_op1_no_bwd(&fused::SumSquares)?
+        } else {
+            g.sqr()?.sum_all()?
+        };
+        sum += squares.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }

@@ -1,0 +1,48 @@
+//! Helpers shared by our fused CPU kernels (`model::fused`, `optim::fused`).
+
+use candle_core::{CpuStorage, Error, Layout, Result, Shape, WithDType};
+use num_traits::{Float, NumAssign};
+
+/// Element types the kernels are written for.
+pub(crate) trait Elem: WithDType + Float + NumAssign + Send + Sync {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+/// The contiguous slice of `storage` described by `layout`.
+pub(crate) fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::Msg("fused op input must be contiguous".into()))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// Runs `$body` with `$t` bound to the storage's float type.
+macro_rules! float_dispatch {
+    ($storage:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => candle_core::bail!(
+                "{} supports f32 and f64, got {:?}",
+                $name,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+
+pub(crate) fn last_dim(layout: &Layout) -> usize {
+    layout.dims().last().copied().unwrap_or(1)
+}
+
+pub(crate) fn owned<T: WithDType>(values: Vec<T>, shape: &Shape) -> (CpuStorage, Shape) {
+    (T::to_cpu_storage_owned(values), shape.clone())
+}
+
+pub(crate) use float_dispatch;
