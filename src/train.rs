@@ -187,10 +187,10 @@ pub fn train_step(
             return Ok(outcome);
         }
         let started = Instant::now();
-        let mut grads = acc.grads;
-        outcome.grad_norm = optim::clip_grad_norm(&mut grads, config.optimizer.grad_clip)?;
-        if outcome.grad_norm.is_finite() {
-            optimizer.step(params, &grads, lr)?;
+        let (norm, clip) = optim::clip_coefficient(&acc.grads, config.optimizer.grad_clip)?;
+        outcome.grad_norm = norm;
+        if norm.is_finite() {
+            optimizer.step(params, &acc.grads, lr, clip)?;
         }
         outcome.optimizer_s = started.elapsed().as_secs_f64();
         Ok(outcome)

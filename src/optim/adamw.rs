@@ -50,7 +50,7 @@ impl AdamW {
         moments: &Tensor,
         h: &AdamWUpdate,
     ) -> Result<(Tensor, Tensor)> {
-        let grad = grad.flatten_all()?;
+        let grad = (grad.flatten_all()? * h.grad_scale)?;
         let m = ((moments.get(0)? * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
         let v = ((moments.get(1)? * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?;
         let denom = ((v.sqrt()? / h.bias2_sqrt)? + self.eps)?;
@@ -64,7 +64,7 @@ impl Optimizer for AdamW {
     /// PyTorch's AdamW: `p *= 1 - lr*wd`; `m = b1 m + (1-b1) g`; `v = b2 v + (1-b2) g^2`;
     /// `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per
     /// parameter on the CPU.
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()> {
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if params.len() != self.moments.len() || grads.len() != params.len() {
             bail!(
                 "AdamW was built for {} parameters but got {} parameters and {} gradients",
@@ -78,6 +78,7 @@ impl Optimizer for AdamW {
         for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
             let h = AdamWUpdate {
                 lr,
+                grad_scale,
                 beta1: self.beta1,
                 beta2: self.beta2,
                 eps: self.eps,
@@ -188,7 +189,7 @@ mod tests {
                 Tensor::from_slice(&[c], 1, &Device::Cpu).unwrap(),
             ]
         };
-        opt.step(&params, &grads(0.5, -1.0, 2.0), 0.1).unwrap();
+        opt.step(&params, &grads(0.5, -1.0, 2.0), 0.1, 1.0).unwrap();
         // Step 1: m = 0.1 g, v = 0.05 g^2; m_hat = g, v_hat = g^2, so the update is
         // lr * g/(|g| + eps) = lr * sign(g) (up to eps), after decay p *= 1 - lr*wd = 0.99.
         let w = values(&params[0]);
@@ -200,7 +201,9 @@ mod tests {
         let n = values(&params[1]);
         assert!((n[0] - (0.5 - 0.1 * 2.0 / (2.0 + 1e-8))).abs() < 1e-12);
 
-        opt.step(&params, &grads(-0.5, 0.0, 1.0), 0.05).unwrap();
+        // Halving gradients through the clip scale is the same as halving them.
+        opt.step(&params, &grads(-1.0, 0.0, 2.0), 0.05, 0.5)
+            .unwrap();
         // Step 2 for w[0]: m = 0.9*0.05 + 0.1*(-0.5) = -0.005; v = 0.95*0.0125 + 0.05*0.25
         // = 0.024375; m_hat = m/0.19, v_hat = v/0.0975.
         let m = -0.005f64;
@@ -231,6 +234,7 @@ mod tests {
         .unwrap();
         let h = AdamWUpdate {
             lr: 0.01,
+            grad_scale: 0.7,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -259,7 +263,7 @@ mod tests {
         let params = vec![param("w", &[1.0, 2.0], &[2, 1])];
         let mut opt = AdamW::new(&config, &params).unwrap();
         let g = vec![Tensor::from_slice(&[0.3, -0.1], (2, 1), &Device::Cpu).unwrap()];
-        opt.step(&params, &g, 0.01).unwrap();
+        opt.step(&params, &g, 0.01, 1.0).unwrap();
         let state: HashMap<_, _> = opt.state().into_iter().collect();
         assert_eq!(state.len(), 2);
         let mut fresh = AdamW::new(&config, &params).unwrap();

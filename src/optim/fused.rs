@@ -32,10 +32,12 @@ impl CustomOp1 for SumSquares {
     }
 }
 
-/// One AdamW update of a parameter `p` with gradient `g` and moments `mv` (`2 x n`: first
+/// One AdamW update of a parameter `p` with gradient `g * grad_scale` and moments `mv` (`2 x n`: first
 /// moments, then second moments). The output packs `[p', m', v']` as `3 x n`.
 pub struct AdamWUpdate {
     pub lr: f64,
+    /// Multiplies the gradient first (gradient clipping).
+    pub grad_scale: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -68,8 +70,12 @@ impl CustomOp3 for AdamWUpdate {
             let (keep, step) = (c(1.0 - h.decay), c(h.lr / h.bias1));
             let inv_bias2 = c(1.0 / h.bias2_sqrt);
             let (one_b1, one_b2) = (T::one() - b1, T::one() - b2);
-            let mut out = vec![T::zero(); 3 * n];
-            let (p_out, rest) = out.split_at_mut(n);
+            let scale = c(h.grad_scale);
+            // Every element of the output is written below, so it is not zero-filled first
+            // (a pass over 3x the parameters).
+            let mut out: Vec<T> = Vec::with_capacity(3 * n);
+            let spare = &mut out.spare_capacity_mut()[..3 * n];
+            let (p_out, rest) = spare.split_at_mut(n);
             let (m_out, v_out) = rest.split_at_mut(n);
             let (m, v) = mv.split_at(n);
             const CHUNK: usize = 1 << 14;
@@ -81,13 +87,16 @@ impl CustomOp3 for AdamWUpdate {
                     let r = i * CHUNK..(i * CHUNK + po.len());
                     let (p, g, m, v) = (&p[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
                     for j in 0..po.len() {
-                        let m_new = b1 * m[j] + one_b1 * g[j];
-                        let v_new = b2 * v[j] + one_b2 * g[j] * g[j];
-                        mo[j] = m_new;
-                        vo[j] = v_new;
-                        po[j] = p[j] * keep - step * m_new / (v_new.sqrt() * inv_bias2 + eps);
+                        let g = g[j] * scale;
+                        let m_new = b1 * m[j] + one_b1 * g;
+                        let v_new = b2 * v[j] + one_b2 * g * g;
+                        mo[j].write(m_new);
+                        vo[j].write(v_new);
+                        po[j].write(p[j] * keep - step * m_new / (v_new.sqrt() * inv_bias2 + eps));
                     }
                 });
+            // SAFETY: the three chunked loops above wrote all 3n elements.
+            unsafe { out.set_len(3 * n) };
             out
         }
         let n = pl.shape().elem_count();

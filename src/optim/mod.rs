@@ -13,8 +13,10 @@ pub use adamw::AdamW;
 
 /// What every optimizer (AdamW, and the later AdamMini and BSFA wrapper) offers the loop.
 pub trait Optimizer: Send {
-    /// Updates `params` in place from `grads` (same order, same shapes) at learning rate `lr`.
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) -> Result<()>;
+    /// Updates `params` in place from `grads * grad_scale` (same order, same shapes) at
+    /// learning rate `lr`. The scale carries gradient clipping (see [`clip_coefficient`]) into
+    /// the update, sparing a pass over every gradient.
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()>;
 
     /// Optimizer steps taken so far.
     fn steps_taken(&self) -> u64;
@@ -64,18 +66,17 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(sum.sqrt())
 }
 
-/// Scales `grads` so their global norm is at most `max_norm` (0 disables), with PyTorch's
-/// rule `coef = max_norm / (norm + 1e-6)` applied only when `coef < 1`. Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global gradient norm and the factor that clips it to `max_norm` (0 disables), with
+/// PyTorch's rule: `coef = max_norm / (norm + 1e-6)`, applied only when `coef < 1`.
+pub fn clip_coefficient(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     let norm = global_norm(grads)?;
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
-        }
-    }
-    Ok(norm)
+    let coef = max_norm / (norm + 1e-6);
+    Ok((
+        norm,
+        if max_norm > 0.0 && coef < 1.0 {
+            coef
+        } else {
+            1.0
+        },
+    ))
 }
