@@ -106,51 +106,58 @@ fn reference_softmax_backward_matches_finite_differences() {
     );
 }
 
-/// Fused and reference attention (grouped heads: 4 query heads share 2 key/value heads).
+/// Fused and reference attention, projections included (grouped heads: 4 query heads
+/// share 2 key/value heads).
 #[test]
 fn attention_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let (batch, seq, heads, kv_heads, dim) = (2, 5, 4, 2, 4);
+    let (batch, seq, hidden, heads, kv_heads, dim) = (2, 5, 6, 4, 2, 4);
     let (cos, sin) = ops::rope_tables(dim, 8, 10000.0, DType::F64, &Device::Cpu).unwrap();
     let (cos, sin) = (
         cos.narrow(0, 0, seq).unwrap(),
         sin.narrow(0, 0, seq).unwrap(),
     );
-    let q = Var::from_tensor(&random(&[batch, seq, heads * dim], 1.5, &mut rng)).unwrap();
-    let k = Var::from_tensor(&random(&[batch, seq, kv_heads * dim], 1.5, &mut rng)).unwrap();
-    let v = Var::from_tensor(&random(&[batch, seq, kv_heads * dim], 1.5, &mut rng)).unwrap();
+    let mut var = |shape: &[usize]| Var::from_tensor(&random(shape, 1.0, &mut rng)).unwrap();
+    let x = var(&[batch, seq, hidden]);
+    let wq = var(&[heads * dim, hidden]);
+    let wk = var(&[kv_heads * dim, hidden]);
+    let wv = var(&[kv_heads * dim, hidden]);
     let r = random(&[batch, seq, heads * dim], 1.0, &mut rng);
-    let inputs = [q.clone(), k.clone(), v.clone()];
-    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    let inputs = [x.clone(), wq.clone(), wk.clone(), wv.clone()];
+    let w = (wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
+    let fused = |x: &Tensor| ops::attention(x, w, (&cos, &sin), heads, kv_heads).unwrap();
+    let reference = |x: &Tensor| {
+        let (q, k, v) = (
+            ops::reference::linear(x, w.0).unwrap(),
+            ops::reference::linear(x, w.1).unwrap(),
+            ops::reference::linear(x, w.2).unwrap(),
+        );
+        ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), heads, kv_heads).unwrap()
+    };
     check_all_coordinates(
         &inputs,
-        || {
-            let y = ops::causal_attention(qt, kt, vt, (&cos, &sin), heads, kv_heads).unwrap();
-            weighted_sum(&y, &r)
-        },
+        || weighted_sum(&fused(x.as_tensor()), &r),
         "fused attention",
     );
     check_all_coordinates(
         &inputs,
-        || {
-            let y = ops::reference::causal_attention(qt, kt, vt, (&cos, &sin), heads, kv_heads)
-                .unwrap();
-            weighted_sum(&y, &r)
-        },
+        || weighted_sum(&reference(x.as_tensor()), &r),
         "reference attention",
     );
-    // Causality: the first position's output depends on the first key and value alone.
-    let y0 = |v: &Tensor| {
-        let y = ops::causal_attention(qt, kt, v, (&cos, &sin), heads, kv_heads).unwrap();
-        values(&y.narrow(1, 0, 1).unwrap())
-    };
-    let later = vt.narrow(1, 1, seq - 1).unwrap();
-    let changed = Tensor::cat(&[&vt.narrow(1, 0, 1).unwrap(), &(later * 3.0).unwrap()], 1).unwrap();
-    assert_eq!(y0(vt), y0(&changed));
+    // Causality: the first position's output depends on the first position's input alone.
+    let first = |x: &Tensor| values(&fused(x).narrow(1, 0, 1).unwrap());
+    let xt = x.as_tensor();
+    let later = (xt.narrow(1, 1, seq - 1).unwrap() * 3.0).unwrap();
+    let changed = Tensor::cat(&[&xt.narrow(1, 0, 1).unwrap(), &later], 1).unwrap();
+    assert_eq!(first(xt), first(&changed));
+    assert_ne!(
+        values(&fused(xt).narrow(1, 1, 1).unwrap()),
+        values(&fused(&changed).narrow(1, 1, 1).unwrap())
+    );
 }
 
 #[test]
-fn rope_backward_matches_finite_differences() {
+fn reference_rope_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (cos, sin) = ops::rope_tables(8, 16, 10000.0, DType::F64, &Device::Cpu).unwrap();
     let cos = cos.narrow(0, 0, 4).unwrap();
@@ -158,11 +165,6 @@ fn rope_backward_matches_finite_differences() {
     // batch 1, seq 4, two heads of 8.
     let x = Var::from_tensor(&random(&[1, 4, 16], 1.0, &mut rng)).unwrap();
     let r = random(&[1, 4, 16], 1.0, &mut rng);
-    check_all_coordinates(
-        std::slice::from_ref(&x),
-        || weighted_sum(&ops::rope(x.as_tensor(), &cos, &sin, 0.7).unwrap(), &r),
-        "fused rope",
-    );
     check_all_coordinates(
         std::slice::from_ref(&x),
         || {
@@ -173,8 +175,9 @@ fn rope_backward_matches_finite_differences() {
         },
         "reference rope",
     );
-    // Rotary embedding is a rotation: it keeps the norm of every position's vector.
-    let y = ops::rope(x.as_tensor(), &cos, &sin, 1.0).unwrap();
+    // Rotary embedding is a rotation: it keeps the norm of every head's vector, and
+    // position 0 is not rotated at all.
+    let y = ops::reference::rope(x.as_tensor(), &cos, &sin).unwrap();
     let per_head = |t: &Tensor| {
         t.reshape((1, 4, 2, 8))
             .unwrap()
@@ -187,6 +190,8 @@ fn rope_backward_matches_finite_differences() {
     for (a, b) in nx.iter().zip(&ny) {
         assert!((a - b).abs() < 1e-12);
     }
+    let at0 = |t: &Tensor| values(&t.narrow(1, 0, 1).unwrap());
+    assert_eq!(at0(x.as_tensor()), at0(&y));
 }
 
 #[test]
@@ -246,12 +251,14 @@ fn linear_backward_matches_finite_differences() {
 #[test]
 fn swiglu_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let gate = Var::from_tensor(&random(&[3, 10], 4.0, &mut rng)).unwrap();
-    let up = Var::from_tensor(&random(&[3, 10], 2.0, &mut rng)).unwrap();
-    let r = random(&[3, 10], 1.0, &mut rng);
+    let x = Var::from_tensor(&random(&[2, 3, 5], 2.0, &mut rng)).unwrap();
+    let wg = Var::from_tensor(&random(&[7, 5], 1.0, &mut rng)).unwrap();
+    let wu = Var::from_tensor(&random(&[7, 5], 1.0, &mut rng)).unwrap();
+    let r = random(&[2, 3, 7], 1.0, &mut rng);
+    let (xt, gt, ut) = (x.as_tensor(), wg.as_tensor(), wu.as_tensor());
     check_all_coordinates(
-        &[gate.clone(), up.clone()],
-        || weighted_sum(&ops::swiglu(gate.as_tensor(), up.as_tensor()).unwrap(), &r),
+        &[x.clone(), wg.clone(), wu.clone()],
+        || weighted_sum(&ops::swiglu(xt, gt, ut).unwrap(), &r),
         "fused swiglu",
     );
 }
@@ -276,14 +283,18 @@ fn fused_forward_matches_reference() {
             random(shape, scale, rng).to_dtype(dtype).unwrap()
         };
         let (cos, sin) = ops::rope_tables(8, 16, 10000.0, dtype, &Device::Cpu).unwrap();
-        let (q, k, v) = (
-            t(&[2, 16, 32], 2.0, &mut rng),
-            t(&[2, 16, 16], 2.0, &mut rng),
-            t(&[2, 16, 16], 2.0, &mut rng),
+        let x = t(&[2, 16, 12], 2.0, &mut rng);
+        let (wq, wk, wv) = (
+            t(&[32, 12], 1.0, &mut rng),
+            t(&[16, 12], 1.0, &mut rng),
+            t(&[16, 12], 1.0, &mut rng),
         );
-        let reference = ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), 4, 2).unwrap();
-        let fused = ops::causal_attention(&q, &k, &v, (&cos, &sin), 4, 2).unwrap();
-        close(&fused, &reference, "causal_attention");
+        let qkv = |w: &Tensor| ops::reference::linear(&x, w).unwrap();
+        let reference =
+            ops::reference::causal_attention(&qkv(&wq), &qkv(&wk), &qkv(&wv), (&cos, &sin), 4, 2)
+                .unwrap();
+        let fused = ops::attention(&x, (&wq, &wk, &wv), (&cos, &sin), 4, 2).unwrap();
+        close(&fused, &reference, "attention");
 
         let (x, w) = (t(&[3, 5, 24], 1.0, &mut rng), t(&[7, 24], 1.0, &mut rng));
         let reference = ops::reference::linear(&x, &w).unwrap();
@@ -298,11 +309,6 @@ fn fused_forward_matches_reference() {
             "rms_norm",
         );
 
-        let (cos, sin) = ops::rope_tables(8, 6, 10000.0, dtype, &Device::Cpu).unwrap();
-        let x = t(&[2, 6, 24], 1.0, &mut rng);
-        let reference = (ops::reference::rope(&x, &cos, &sin).unwrap() * 0.5).unwrap();
-        close(&ops::rope(&x, &cos, &sin, 0.5).unwrap(), &reference, "rope");
-
         let (x, w) = (t(&[9, 16], 2.0, &mut rng), t(&[50, 16], 2.0, &mut rng));
         let targets: Vec<u32> = (0..9).map(|_| rng.random_range(0..50)).collect();
         let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
@@ -314,9 +320,11 @@ fn fused_forward_matches_reference() {
             "linear_cross_entropy",
         );
 
-        let (g, u) = (t(&[7, 9], 4.0, &mut rng), t(&[7, 9], 1.0, &mut rng));
-        let reference = (g.silu().unwrap() * &u).unwrap();
-        close(&ops::swiglu(&g, &u).unwrap(), &reference, "swiglu");
+        let x = t(&[3, 4, 9], 2.0, &mut rng);
+        let (wg, wu) = (t(&[11, 9], 1.0, &mut rng), t(&[11, 9], 1.0, &mut rng));
+        let gate = ops::reference::linear(&x, &wg).unwrap().silu().unwrap();
+        let reference = (gate * ops::reference::linear(&x, &wu).unwrap()).unwrap();
+        close(&ops::swiglu(&x, &wg, &wu).unwrap(), &reference, "swiglu");
     }
 }
 

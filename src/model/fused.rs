@@ -9,7 +9,8 @@
 use crate::cpu::{float_dispatch, last_dim, owned, slice, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -175,202 +176,89 @@ impl CustomOp2 for RmsNormGradWeight {
 }
 
 // ---------------------------------------------------------------------------------------
-// Rotary position embedding (Hugging Face "rotate half" layout), with an output scale.
+// SwiGLU gate on the packed output of the gate and up projections.
 
-/// `scale * (x * cos + rotate_half(x) * sin)` per head, for `x` of shape
-/// `batch x seq x (heads * head_dim)` (the layout a linear projection produces, so no
-/// transpose is needed) and tables of shape `seq x head_dim`.
-pub struct Rope {
-    pub scale: f64,
-}
-
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        cs: &CpuStorage,
-        cl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem>(
-            x: &[T],
-            cos: &[T],
-            sin: &[T],
-            seq: usize,
-            width: usize,
-            dim: usize,
-            scale: f64,
-        ) -> Vec<T> {
-            let half = dim / 2;
-            let scale = T::from(scale).expect("scale fits the float type");
-            let mut y = vec![T::zero(); x.len()];
-            // One chunk per (batch, position): every head there shares one table row.
-            y.par_chunks_mut(width)
-                .zip(x.par_chunks(width))
-                .enumerate()
-                .for_each(|(row, (y, x))| {
-                    let t = row % seq;
-                    let (c, s) = (&cos[t * dim..(t + 1) * dim], &sin[t * dim..(t + 1) * dim]);
-                    for (y, x) in y.chunks_mut(dim).zip(x.chunks(dim)) {
-                        for i in 0..half {
-                            y[i] = scale * (x[i] * c[i] - x[i + half] * s[i]);
-                            y[i + half] = scale * (x[i + half] * c[i + half] + x[i] * s[i + half]);
-                        }
-                    }
-                });
-            y
-        }
-        let (seq, width) = match xl.dims() {
-            [_, seq, width] => (*seq, *width),
-            dims => bail!("rope: expected x of shape (batch, seq, heads*head_dim), got {dims:?}"),
-        };
-        let dim = last_dim(cl);
-        if cl.dims() != [seq, dim] || sl.dims() != cl.dims() || dim == 0 || width % dim != 0 {
-            bail!("rope: tables {:?} do not fit x {:?}", cl.dims(), xl.dims());
-        }
-        float_dispatch!(xs, self.name(), |T| Ok(owned(
-            run::<T>(
-                slice(xs, xl)?,
-                slice(cs, cl)?,
-                slice(ss, sl)?,
-                seq,
-                width,
-                dim,
-                self.scale
-            ),
-            xl.shape()
-        )))
-    }
-
-    /// The rotation is orthogonal: its transpose is the same rotation by `-sin`.
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let neg_sin = sin.neg()?;
-        let dx = dy
-            .contiguous()?
-            .apply_op3_no_bwd(cos, &neg_sin, &Rope { scale: self.scale })?;
-        Ok((Some(dx), None, None))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// SwiGLU gate: silu(gate) * up.
-
-/// `silu(gate) * up`, elementwise.
+/// `silu(gate) * up` for `gu` of shape `... x (2 * inter)`, each row holding the gate
+/// projection then the up projection (one linear layer computes both).
 pub struct Swiglu;
 
 fn sigmoid<T: Elem>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
 }
 
-impl CustomOp2 for Swiglu {
+impl CustomOp1 for Swiglu {
     fn name(&self) -> &'static str {
         "swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-            let mut y = vec![T::zero(); g.len()];
-            y.par_chunks_mut(4096)
-                .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-                .for_each(|(y, (g, u))| {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Elem>(gu: &[T], inter: usize) -> Vec<T> {
+            let mut y = vec![T::zero(); gu.len() / 2];
+            y.par_chunks_mut(inter)
+                .zip(gu.par_chunks(2 * inter))
+                .for_each(|(y, gu)| {
+                    let (g, u) = gu.split_at(inter);
                     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
                         *y = g * sigmoid(g) * u;
                     }
                 });
             y
         }
-        if gl.shape() != ul.shape() {
-            bail!(
-                "swiglu: gate {:?} and up {:?} differ in shape",
-                gl.dims(),
-                ul.dims()
-            );
+        let width = last_dim(l);
+        if !width.is_multiple_of(2) {
+            bail!("swiglu: packed width {width} is odd");
         }
-        float_dispatch!(gs, self.name(), |T| Ok(owned(
-            run::<T>(slice(gs, gl)?, slice(us, ul)?),
-            gl.shape()
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().expect("has a last dim") = width / 2;
+        let shape = Shape::from(dims);
+        float_dispatch!(s, self.name(), |T| Ok(owned(
+            run::<T>(slice(s, l)?, width / 2),
+            &shape
         )))
     }
 
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dgate = gate.apply_op3_no_bwd(up, &dy, &SwigluGrad { wrt_gate: true })?;
-        let dup = gate.apply_op3_no_bwd(up, &dy, &SwigluGrad { wrt_gate: false })?;
-        Ok((Some(dgate), Some(dup)))
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            gu.detach()
+                .apply_op2_no_bwd(&dy.contiguous()?, &SwigluGrad)?,
+        ))
     }
 }
 
-/// `d/dgate = dy * up * s * (1 + g * (1 - s))` or `d/dup = dy * g * s`, with `s = sigmoid(g)`.
-struct SwigluGrad {
-    wrt_gate: bool,
-}
+/// Packed `[d/dgate | d/dup]` per row: `dy * up * s * (1 + g * (1 - s))` and `dy * g * s`,
+/// with `s = sigmoid(g)`.
+struct SwigluGrad;
 
-impl CustomOp3 for SwigluGrad {
+impl CustomOp2 for SwigluGrad {
     fn name(&self) -> &'static str {
         "swiglu-grad"
     }
 
     fn cpu_fwd(
         &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
+        gus: &CpuStorage,
+        gul: &Layout,
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem>(g: &[T], u: &[T], dy: &[T], wrt_gate: bool) -> Vec<T> {
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(4096)
-                .zip(
-                    g.par_chunks(4096)
-                        .zip(u.par_chunks(4096).zip(dy.par_chunks(4096))),
-                )
-                .for_each(|(out, (g, (u, dy)))| {
-                    for (((o, &g), &u), &d) in out.iter_mut().zip(g).zip(u).zip(dy) {
-                        let s = sigmoid(g);
-                        *o = if wrt_gate {
-                            d * u * s * (T::one() + g * (T::one() - s))
-                        } else {
-                            d * g * s
-                        };
+        fn run<T: Elem>(gu: &[T], dy: &[T], inter: usize) -> Vec<T> {
+            let mut d = vec![T::zero(); gu.len()];
+            d.par_chunks_mut(2 * inter)
+                .zip(gu.par_chunks(2 * inter).zip(dy.par_chunks(inter)))
+                .for_each(|(d, (gu, dy))| {
+                    let (g, u) = gu.split_at(inter);
+                    let (dg, du) = d.split_at_mut(inter);
+                    for j in 0..inter {
+                        let s = sigmoid(g[j]);
+                        dg[j] = dy[j] * u[j] * s * (T::one() + g[j] * (T::one() - s));
+                        du[j] = dy[j] * g[j] * s;
                     }
                 });
-            out
+            d
         }
-        float_dispatch!(gs, self.name(), |T| Ok(owned(
-            run::<T>(
-                slice(gs, gl)?,
-                slice(us, ul)?,
-                slice(dys, dyl)?,
-                self.wrt_gate
-            ),
-            gl.shape()
+        float_dispatch!(gus, self.name(), |T| Ok(owned(
+            run::<T>(slice(gus, gul)?, slice(dys, dyl)?, last_dim(dyl)),
+            gul.shape()
         )))
     }
 }
@@ -475,7 +363,7 @@ impl CustomOp2 for Linear {
 }
 
 // ---------------------------------------------------------------------------------------
-// Causal self-attention.
+// Causal self-attention with rotary embeddings, on the packed q|k|v projection.
 
 /// A pointer that tasks on other threads may write through; each task writes only its
 /// own disjoint (batch, head) region.
@@ -497,7 +385,6 @@ impl<T> SharedMut<T> {
 ///
 /// # Safety
 /// Every pointer must address the whole strided matrix it describes.
-#[allow(clippy::too_many_arguments)]
 unsafe fn small_gemm<T: Elem + 'static>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
@@ -547,7 +434,48 @@ fn causal_softmax_rows<T: Elem>(scores: &mut [T], seq: usize) {
     }
 }
 
-/// Sizes shared by the attention kernels.
+/// Where a block of columns sits in a row-major buffer: row stride and first column.
+#[derive(Clone, Copy)]
+struct Columns {
+    stride: usize,
+    offset: usize,
+}
+
+/// Rotary embedding (Hugging Face rotate-half layout) of `width` columns of every row of
+/// `src`, written to `width` columns of `dst`: each `dim`-channel head of a row is rotated
+/// by the table row of its position (`row % seq`) and multiplied by `scale`. With
+/// `inverse`, the rotation by `-sin` (the transpose, for the backward pass).
+#[allow(clippy::too_many_arguments)]
+fn rotate<T: Elem>(
+    (src, from): (&[T], Columns),
+    (dst, to): (&mut [T], Columns),
+    width: usize,
+    seq: usize,
+    (cos, sin): (&[T], &[T]),
+    dim: usize,
+    scale: T,
+    inverse: bool,
+) {
+    let half = dim / 2;
+    let sign = if inverse { -T::one() } else { T::one() };
+    dst.par_chunks_mut(to.stride)
+        .enumerate()
+        .for_each(|(row, dst_row)| {
+            let t = row % seq;
+            let (c, s) = (&cos[t * dim..(t + 1) * dim], &sin[t * dim..(t + 1) * dim]);
+            let x = &src[row * from.stride + from.offset..][..width];
+            let y = &mut dst_row[to.offset..to.offset + width];
+            for (y, x) in y.chunks_mut(dim).zip(x.chunks(dim)) {
+                for i in 0..half {
+                    y[i] = scale * (x[i] * c[i] - sign * x[i + half] * s[i]);
+                    y[i + half] = scale * (x[i + half] * c[i + half] + sign * x[i] * s[i + half]);
+                }
+            }
+        });
+}
+
+/// Sizes shared by the attention kernels. The packed projection has rows of
+/// `[q (heads*dim) | k (kv_heads*dim) | v (kv_heads*dim)]`.
 #[derive(Clone, Copy)]
 struct AttentionDims {
     batch: usize,
@@ -558,32 +486,6 @@ struct AttentionDims {
 }
 
 impl AttentionDims {
-    fn of(ql: &Layout, kl: &Layout, vl: &Layout, heads: usize, kv_heads: usize) -> Result<Self> {
-        let (batch, seq, width) = match ql.dims() {
-            [b, s, w] => (*b, *s, *w),
-            dims => bail!("attention: q must be (batch, seq, heads*head_dim), got {dims:?}"),
-        };
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || width % heads != 0 {
-            bail!("attention: {heads} heads and {kv_heads} kv heads do not fit width {width}");
-        }
-        let dim = width / heads;
-        let kv_dims = [batch, seq, kv_heads * dim];
-        if kl.dims() != kv_dims || vl.dims() != kv_dims {
-            bail!(
-                "attention: k {:?} and v {:?} must be {kv_dims:?}",
-                kl.dims(),
-                vl.dims()
-            );
-        }
-        Ok(Self {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            dim,
-        })
-    }
-
     fn q_width(&self) -> usize {
         self.heads * self.dim
     }
@@ -592,233 +494,328 @@ impl AttentionDims {
         self.kv_heads * self.dim
     }
 
-    /// Offsets of the first row of query head `h` and of its key/value head, in batch `b`.
-    fn offsets(&self, b: usize, h: usize) -> (usize, usize) {
+    fn packed_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+
+    /// Offsets of the first row of query head `h` (in a `rows x q_width` buffer), of its
+    /// key head (in `rows x kv_width`) and of its value head (in the packed buffer).
+    fn offsets(&self, b: usize, h: usize) -> (usize, usize, usize) {
         let kv_head = h / (self.heads / self.kv_heads);
         (
             b * self.seq * self.q_width() + h * self.dim,
             b * self.seq * self.kv_width() + kv_head * self.dim,
+            b * self.seq * self.packed_width()
+                + self.q_width()
+                + self.kv_width()
+                + kv_head * self.dim,
         )
     }
 }
 
-/// Causal softmax attention `softmax(q k^T) v` for `q` of shape `batch x seq x (heads*dim)`
-/// and `k`, `v` of shape `batch x seq x (kv_heads*dim)` (grouped-query attention when
-/// `kv_heads < heads`). The caller scales `q`. Reads and writes the projections' layout
-/// directly, so no head transposes are materialised; the backward recomputes the
-/// probabilities instead of keeping `batch x heads x seq x seq` of them alive.
-pub struct CausalAttention {
-    pub heads: usize,
-    pub kv_heads: usize,
+/// Causal softmax self-attention over the packed projection `qkv` (`batch x seq x
+/// (heads + 2*kv_heads)*dim`), with rotary embeddings on q and k and `q` scaled by
+/// `1/sqrt(dim)`; grouped-query attention when `kv_heads < heads`. Returns `batch x seq x
+/// heads*dim`, ready for the output projection. Heads are read in place (no transposes), and
+/// the backward recomputes the probabilities instead of keeping `batch x heads x seq x seq`
+/// of them alive.
+pub struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    /// Rotary tables, `seq x dim`, contiguous.
+    cos: Tensor,
+    sin: Tensor,
 }
 
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
+impl Attention {
+    /// The op for `heads` query and `kv_heads` key/value heads, with rotary tables cut to
+    /// the sequence length.
+    pub fn new(cos: &Tensor, sin: &Tensor, heads: usize, kv_heads: usize) -> Result<Self> {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            bail!("attention: {heads} heads cannot share {kv_heads} key/value heads");
+        }
+        Ok(Self {
+            heads,
+            kv_heads,
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })
     }
 
-    fn cpu_fwd(
+    fn dims(&self, l: &Layout) -> Result<AttentionDims> {
+        let (batch, seq, width) = match l.dims() {
+            [b, s, w] => (*b, *s, *w),
+            dims => bail!("attention: qkv must be (batch, seq, width), got {dims:?}"),
+        };
+        let (table_seq, dim) = self.cos.dims2()?;
+        let d = AttentionDims {
+            batch,
+            seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            dim,
+        };
+        if table_seq != seq || width != d.packed_width() || dim % 2 != 0 {
+            bail!(
+                "attention: qkv {:?} does not fit {} heads, {} kv heads and tables {:?}",
+                l.dims(),
+                self.heads,
+                self.kv_heads,
+                self.cos.dims()
+            );
+        }
+        Ok(d)
+    }
+
+    /// Rotated (and, for q, scaled) queries and keys, contiguous `rows x q_width` and
+    /// `rows x kv_width`.
+    fn rotated_qk<T: Elem>(
         &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem + 'static>(q: &[T], k: &[T], v: &[T], d: AttentionDims) -> Vec<T> {
-            let (seq, qw, kvw) = (d.seq, d.q_width(), d.kv_width());
-            let mut out = vec![T::zero(); q.len()];
+        qkv: &[T],
+        d: AttentionDims,
+        tables: (&[T], &[T]),
+    ) -> (Vec<T>, Vec<T>) {
+        let rows = d.batch * d.seq;
+        let (qw, kvw, w) = (d.q_width(), d.kv_width(), d.packed_width());
+        let scale = T::from(1.0 / (d.dim as f64).sqrt()).expect("scale fits the float type");
+        let mut q = vec![T::zero(); rows * qw];
+        let mut k = vec![T::zero(); rows * kvw];
+        let packed = |offset| Columns { stride: w, offset };
+        let dense = |stride| Columns { stride, offset: 0 };
+        rotate(
+            (qkv, packed(0)),
+            (&mut q, dense(qw)),
+            qw,
+            d.seq,
+            tables,
+            d.dim,
+            scale,
+            false,
+        );
+        rotate(
+            (qkv, packed(qw)),
+            (&mut k, dense(kvw)),
+            kvw,
+            d.seq,
+            tables,
+            d.dim,
+            T::one(),
+            false,
+        );
+        (q, k)
+    }
+}
+
+/// Borrow the CPU slice of a tensor held by an op (rotary tables, output gradients).
+fn with_cpu_slice<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        candle_core::Storage::Cpu(s) => f(slice::<T>(s, layout)?),
+        _ => bail!("fused attention: every input must be on the CPU"),
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Elem + 'static>(op: &Attention, qkv: &[T], d: AttentionDims) -> Result<Vec<T>> {
+            let (seq, qw, kvw, w) = (d.seq, d.q_width(), d.kv_width(), d.packed_width());
+            let (q, k) = with_cpu_slice(&op.cos, |cos| {
+                with_cpu_slice(&op.sin, |sin| Ok(op.rotated_qk(qkv, d, (cos, sin))))
+            })?;
+            let mut out = vec![T::zero(); d.batch * seq * qw];
             let out_ptr = SharedMut(out.as_mut_ptr());
             (0..d.batch * d.heads).into_par_iter().for_each_init(
                 || vec![T::zero(); seq * seq],
                 |probs, task| {
-                    let (qo, ko) = d.offsets(task / d.heads, task % d.heads);
-                    // SAFETY: offsets and strides stay inside q, k, v and out; this task
-                    // alone writes the rows of head `task` in out.
+                    let (qo, ko, vo) = d.offsets(task / d.heads, task % d.heads);
+                    // SAFETY: offsets and strides stay inside q, k, qkv and out; this task
+                    // alone writes the rows of its head in out.
                     unsafe {
-                        small_gemm(
-                            (seq, seq, d.dim),
-                            probs.as_mut_ptr(),
-                            seq,
-                            false,
-                            (q[qo..].as_ptr(), qw, 1),
-                            (k[ko..].as_ptr(), 1, kvw),
-                        );
+                        let q = (q[qo..].as_ptr(), qw, 1);
+                        let k_t = (k[ko..].as_ptr(), 1, kvw);
+                        small_gemm((seq, seq, d.dim), probs.as_mut_ptr(), seq, false, q, k_t);
                         causal_softmax_rows(probs, seq);
-                        small_gemm(
-                            (seq, d.dim, seq),
-                            out_ptr.get().add(qo),
-                            qw,
-                            false,
-                            (probs.as_ptr(), seq, 1),
-                            (v[ko..].as_ptr(), kvw, 1),
-                        );
+                        let p = (probs.as_ptr(), seq, 1);
+                        let v = (qkv[vo..].as_ptr(), w, 1);
+                        small_gemm((seq, d.dim, seq), out_ptr.get().add(qo), qw, false, p, v);
                     }
                 },
             );
-            out
+            Ok(out)
         }
-        let d = AttentionDims::of(ql, kl, vl, self.heads, self.kv_heads)?;
-        float_dispatch!(qs, self.name(), |T| Ok(owned(
-            run::<T>(slice(qs, ql)?, slice(ks, kl)?, slice(vs, vl)?, d),
-            ql.shape()
+        let d = self.dims(l)?;
+        let mut shape = l.dims().to_vec();
+        shape[2] = d.q_width();
+        let shape = Shape::from(shape);
+        float_dispatch!(s, self.name(), |T| Ok(owned(
+            run::<T>(self, slice(s, l)?, d)?,
+            &shape
         )))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _out: &Tensor,
-        d_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = CausalAttentionGrad {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, d_out: &Tensor) -> Result<Option<Tensor>> {
+        let grad = AttentionGrad {
+            forward: Self {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                cos: self.cos.clone(),
+                sin: self.sin.clone(),
+            },
             d_out: d_out.contiguous()?,
         };
-        let packed = q
-            .detach()
-            .apply_op3_no_bwd(&k.detach(), &v.detach(), &grad)?;
-        let (nq, nkv) = (q.elem_count(), k.elem_count());
-        let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
-        let dk = packed.narrow(0, nq, nkv)?.reshape(k.shape())?;
-        let dv = packed.narrow(0, nq + nkv, nkv)?.reshape(v.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok(Some(qkv.detach().apply_op1_no_bwd(&grad)?))
     }
 }
 
-/// The attention backward pass; its output packs `[dq | dk | dv]` into one flat tensor.
-struct CausalAttentionGrad {
-    heads: usize,
-    kv_heads: usize,
+/// The attention backward pass: the gradient of the packed `qkv`.
+struct AttentionGrad {
+    forward: Attention,
     d_out: Tensor,
 }
 
-impl CustomOp3 for CausalAttentionGrad {
+impl CustomOp1 for AttentionGrad {
     fn name(&self) -> &'static str {
-        "causal-attention-grad"
+        "attention-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         /// Per key/value head: recompute `P`, then `dV += P^T dO`, `dP = dO V^T`,
-        /// `dS = P * (dP - rowsum(P * dP))`, `dQ = dS K`, `dK += dS^T Q` over its query heads.
+        /// `dS = P * (dP - rowsum(P * dP))`, `dQ = dS K`, `dK += dS^T Q` over its query
+        /// heads; finally undo the rotation (and scale) on dQ and dK.
         fn run<T: Elem + 'static>(
-            q: &[T],
-            k: &[T],
-            v: &[T],
-            d_out: &[T],
+            op: &AttentionGrad,
+            qkv: &[T],
             d: AttentionDims,
-        ) -> Vec<T> {
-            let (seq, qw, kvw) = (d.seq, d.q_width(), d.kv_width());
-            let (nq, nkv) = (q.len(), k.len());
-            let mut grads = vec![T::zero(); nq + 2 * nkv];
-            let ptr = SharedMut(grads.as_mut_ptr());
-            let group = d.heads / d.kv_heads;
-            (0..d.batch * d.kv_heads).into_par_iter().for_each_init(
-                || (vec![T::zero(); seq * seq], vec![T::zero(); seq * seq]),
-                |(p, dp), task| {
-                    let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
-                    for h in kv_head * group..(kv_head + 1) * group {
-                        let (qo, ko) = d.offsets(b, h);
-                        // SAFETY: offsets and strides stay inside the inputs and `grads`;
-                        // this task alone writes dq rows of its query heads and the dk, dv
-                        // rows of its key/value head.
-                        unsafe {
-                            let (dq, dk, dv) = (
-                                ptr.get().add(qo),
-                                ptr.get().add(nq + ko),
-                                ptr.get().add(nq + nkv + ko),
-                            );
-                            small_gemm(
-                                (seq, seq, d.dim),
-                                p.as_mut_ptr(),
-                                seq,
-                                false,
-                                (q[qo..].as_ptr(), qw, 1),
-                                (k[ko..].as_ptr(), 1, kvw),
-                            );
-                            causal_softmax_rows(p, seq);
-                            small_gemm(
-                                (seq, d.dim, seq),
-                                dv,
-                                kvw,
-                                true,
-                                (p.as_ptr(), 1, seq),
-                                (d_out[qo..].as_ptr(), qw, 1),
-                            );
-                            small_gemm(
-                                (seq, seq, d.dim),
-                                dp.as_mut_ptr(),
-                                seq,
-                                false,
-                                (d_out[qo..].as_ptr(), qw, 1),
-                                (v[ko..].as_ptr(), 1, kvw),
-                            );
-                            for (p, dp) in p.chunks(seq).zip(dp.chunks_mut(seq)) {
-                                let dot = p
-                                    .iter()
-                                    .zip(dp.iter())
-                                    .fold(T::zero(), |a, (&p, &g)| a + p * g);
-                                for (&p, g) in p.iter().zip(dp.iter_mut()) {
-                                    *g = p * (*g - dot);
+        ) -> Result<Vec<T>> {
+            let (seq, qw, kvw, w) = (d.seq, d.q_width(), d.kv_width(), d.packed_width());
+            let rows = d.batch * seq;
+            let fwd = &op.forward;
+            with_cpu_slice(&fwd.cos, |cos| {
+                with_cpu_slice(&fwd.sin, |sin| {
+                    with_cpu_slice(&op.d_out, |d_out| {
+                        let (q, k) = fwd.rotated_qk(qkv, d, (cos, sin));
+                        let mut dq = vec![T::zero(); rows * qw];
+                        let mut dk = vec![T::zero(); rows * kvw];
+                        let mut grad = vec![T::zero(); rows * w];
+                        let (dq_ptr, dk_ptr) =
+                            (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()));
+                        let grad_ptr = SharedMut(grad.as_mut_ptr());
+                        let group = d.heads / d.kv_heads;
+                        (0..d.batch * d.kv_heads).into_par_iter().for_each_init(
+                            || (vec![T::zero(); seq * seq], vec![T::zero(); seq * seq]),
+                            |(p, dp), task| {
+                                let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
+                                for h in kv_head * group..(kv_head + 1) * group {
+                                    let (qo, ko, vo) = d.offsets(b, h);
+                                    // SAFETY: offsets and strides stay inside every buffer;
+                                    // this task alone writes the dq rows of its query heads
+                                    // and the dk, dv rows of its key/value head.
+                                    unsafe {
+                                        let q_rows = (q[qo..].as_ptr(), qw, 1);
+                                        let k_t = (k[ko..].as_ptr(), 1, kvw);
+                                        let k_rows = (k[ko..].as_ptr(), kvw, 1);
+                                        let v_t = (qkv[vo..].as_ptr(), 1, w);
+                                        let d_out = (d_out[qo..].as_ptr(), qw, 1);
+                                        small_gemm(
+                                            (seq, seq, d.dim),
+                                            p.as_mut_ptr(),
+                                            seq,
+                                            false,
+                                            q_rows,
+                                            k_t,
+                                        );
+                                        causal_softmax_rows(p, seq);
+                                        let p_t = (p.as_ptr(), 1, seq);
+                                        small_gemm(
+                                            (seq, d.dim, seq),
+                                            grad_ptr.get().add(vo),
+                                            w,
+                                            true,
+                                            p_t,
+                                            d_out,
+                                        );
+                                        small_gemm(
+                                            (seq, seq, d.dim),
+                                            dp.as_mut_ptr(),
+                                            seq,
+                                            false,
+                                            d_out,
+                                            v_t,
+                                        );
+                                        for (p, dp) in p.chunks(seq).zip(dp.chunks_mut(seq)) {
+                                            let dot = p
+                                                .iter()
+                                                .zip(dp.iter())
+                                                .fold(T::zero(), |a, (&p, &g)| a + p * g);
+                                            for (&p, g) in p.iter().zip(dp.iter_mut()) {
+                                                *g = p * (*g - dot);
+                                            }
+                                        }
+                                        let ds = (dp.as_ptr(), seq, 1);
+                                        let ds_t = (dp.as_ptr(), 1, seq);
+                                        small_gemm(
+                                            (seq, d.dim, seq),
+                                            dq_ptr.get().add(qo),
+                                            qw,
+                                            false,
+                                            ds,
+                                            k_rows,
+                                        );
+                                        small_gemm(
+                                            (seq, d.dim, seq),
+                                            dk_ptr.get().add(ko),
+                                            kvw,
+                                            true,
+                                            ds_t,
+                                            q_rows,
+                                        );
+                                    }
                                 }
-                            }
-                            small_gemm(
-                                (seq, d.dim, seq),
-                                dq,
-                                qw,
-                                false,
-                                (dp.as_ptr(), seq, 1),
-                                (k[ko..].as_ptr(), kvw, 1),
-                            );
-                            small_gemm(
-                                (seq, d.dim, seq),
-                                dk,
-                                kvw,
-                                true,
-                                (dp.as_ptr(), 1, seq),
-                                (q[qo..].as_ptr(), qw, 1),
-                            );
-                        }
-                    }
-                },
-            );
-            grads
+                            },
+                        );
+                        let scale = T::from(1.0 / (d.dim as f64).sqrt())
+                            .expect("scale fits the float type");
+                        let dense = |stride| Columns { stride, offset: 0 };
+                        let packed = |offset| Columns { stride: w, offset };
+                        rotate(
+                            (&dq, dense(qw)),
+                            (&mut grad, packed(0)),
+                            qw,
+                            seq,
+                            (cos, sin),
+                            d.dim,
+                            scale,
+                            true,
+                        );
+                        rotate(
+                            (&dk, dense(kvw)),
+                            (&mut grad, packed(qw)),
+                            kvw,
+                            seq,
+                            (cos, sin),
+                            d.dim,
+                            T::one(),
+                            true,
+                        );
+                        Ok(grad)
+                    })
+                })
+            })
         }
-        let d = AttentionDims::of(ql, kl, vl, self.heads, self.kv_heads)?;
-        let (guard, dl) = self.d_out.storage_and_layout();
-        let ds = match &*guard {
-            candle_core::Storage::Cpu(s) => s,
-            _ => bail!("causal-attention-grad: the output gradient must be on the CPU"),
-        };
-        if dl.dims() != ql.dims() {
+        let d = self.forward.dims(l)?;
+        if self.d_out.dims() != [d.batch, d.seq, d.q_width()] {
             bail!(
-                "causal-attention-grad: output gradient {:?} must match q {:?}",
-                dl.dims(),
-                ql.dims()
+                "attention-grad: output gradient {:?} does not fit",
+                self.d_out.dims()
             );
         }
-        let shape = Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count());
-        float_dispatch!(qs, self.name(), |T| Ok(owned(
-            run::<T>(
-                slice(qs, ql)?,
-                slice(ks, kl)?,
-                slice(vs, vl)?,
-                slice(ds, dl)?,
-                d
-            ),
-            &shape
+        float_dispatch!(s, self.name(), |T| Ok(owned(
+            run::<T>(self, slice(s, l)?, d)?,
+            l.shape()
         )))
     }
 }

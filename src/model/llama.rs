@@ -2,7 +2,7 @@
 //!
 //! Parameter names match Hugging Face `LlamaForCausalLM`, so weights map 1:1.
 
-use super::ops::{causal_attention, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu};
+use super::ops::{attention, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu};
 use super::{Param, ParamGroup, ParamInit};
 use crate::config::ModelConfig;
 use candle_core::{DType, Device, Result, Tensor};
@@ -206,18 +206,18 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Tensor> {
-        let q = linear(x, &attn.q_proj)?;
-        let k = linear(x, &attn.k_proj)?;
-        let v = linear(x, &attn.v_proj)?;
-        let heads = self.config.num_attention_heads;
-        let out = causal_attention(&q, &k, &v, (cos, sin), heads, self.config.kv_heads())?;
+        let out = attention(
+            x,
+            (&attn.q_proj, &attn.k_proj, &attn.v_proj),
+            (cos, sin),
+            self.config.num_attention_heads,
+            self.config.kv_heads(),
+        )?;
         linear(&out, &attn.o_proj)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate = linear(x, &mlp.gate_proj)?;
-        let up = linear(x, &mlp.up_proj)?;
-        linear(&swiglu(&gate, &up)?, &mlp.down_proj)
+        linear(&swiglu(x, &mlp.gate_proj, &mlp.up_proj)?, &mlp.down_proj)
     }
 }
 

@@ -7,7 +7,7 @@
 //! checked against finite differences and against each other in the tests.
 
 use super::fused;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// True where the fused CPU kernels apply.
 fn fusable(x: &Tensor) -> bool {
@@ -45,54 +45,40 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<
     }
 }
 
-/// `silu(gate) * up`, the SwiGLU gate.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fusable(gate) {
-        gate.contiguous()?
-            .apply_op2(&up.contiguous()?, fused::Swiglu)
-    } else {
-        gate.silu()? * up
-    }
-}
-
-/// Rotary embeddings times `scale` for `x` of shape `batch x seq x (heads * head_dim)`, with
-/// `cos`/`sin` already cut to `seq x head_dim`: per head, `scale * (x * cos +
-/// rotate_half(x) * sin)`. The scale lets attention fold `1/sqrt(head_dim)` into the query.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+/// The SwiGLU hidden layer `silu(x @ w_gate^T) * (x @ w_up^T)`. Fused, both projections
+/// are one matmul whose packed output feeds one elementwise kernel.
+pub fn swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
     if fusable(x) {
-        x.contiguous()?.apply_op3(
-            &cos.contiguous()?,
-            &sin.contiguous()?,
-            fused::Rope { scale },
-        )
+        let packed = linear(x, &Tensor::cat(&[w_gate, w_up], 0)?)?;
+        packed.apply_op1(fused::Swiglu)
     } else {
-        reference::rope(x, cos, sin)? * scale
+        reference::linear(x, w_gate)?.silu()? * reference::linear(x, w_up)?
     }
 }
 
-/// Causal self-attention with rotary embeddings: `q` is `batch x seq x (heads*head_dim)`,
-/// `k` and `v` are `batch x seq x (kv_heads*head_dim)`; returns `batch x seq x
-/// (heads*head_dim)`, ready for the output projection.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// Causal self-attention of `x` (`batch x seq x hidden`) with query, key and value
+/// projections `wq` (`heads*head_dim x hidden`), `wk`, `wv` (`kv_heads*head_dim x hidden`),
+/// rotary embeddings from `cos`/`sin` (cut to `seq x head_dim`) and queries scaled by
+/// `1/sqrt(head_dim)`. Returns `batch x seq x heads*head_dim`, ready for the output
+/// projection. Fused, the three projections are one matmul and attention reads their packed
+/// output in place.
+pub fn attention(
+    x: &Tensor,
+    (wq, wk, wv): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    let head_dim = cos.dim(D::Minus1)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    if fusable(q) {
-        let q = rope(q, cos, sin, scale)?;
-        let k = rope(k, cos, sin, 1.0)?;
-        q.apply_op3(
-            &k,
-            &v.contiguous()?,
-            fused::CausalAttention { heads, kv_heads },
-        )
+    if fusable(x) {
+        let qkv = linear(x, &Tensor::cat(&[wq, wk, wv], 0)?)?;
+        qkv.apply_op1(fused::Attention::new(cos, sin, heads, kv_heads)?)
     } else {
-        reference::causal_attention(q, k, v, (cos, sin), heads, kv_heads)
+        let (q, k, v) = (
+            reference::linear(x, wq)?,
+            reference::linear(x, wk)?,
+            reference::linear(x, wv)?,
+        );
+        reference::causal_attention(&q, &k, &v, (cos, sin), heads, kv_heads)
     }
 }
 
