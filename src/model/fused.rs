@@ -434,6 +434,128 @@ fn causal_softmax_rows<T: Elem>(scores: &mut [T], seq: usize) {
     }
 }
 
+/// Query rows are processed in blocks of this many: a block multiplies only against the
+/// keys at or before its last row, skipping most of the masked upper triangle.
+const ROW_BLOCK: usize = 64;
+
+/// Row blocks `(first, end)` of a `seq`-long sequence.
+fn row_blocks(seq: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..seq)
+        .step_by(ROW_BLOCK)
+        .map(move |first| (first, (first + ROW_BLOCK).min(seq)))
+}
+
+/// A row-major matrix operand: pointer to its first element and row stride.
+type Rows<T> = (*const T, usize);
+/// A row-major matrix destination: pointer to its first element and row stride.
+type RowsMut<T> = (*mut T, usize);
+
+/// `probs = causal_softmax(q k^T)` for one head, row block by row block.
+///
+/// # Safety
+/// `q` and `k` must address `seq` rows of `dim` elements at their strides.
+unsafe fn head_probs<T: Elem + 'static>(
+    probs: &mut [T],
+    (seq, dim): (usize, usize),
+    q: Rows<T>,
+    k: Rows<T>,
+) {
+    for (i0, i1) in row_blocks(seq) {
+        let q_block = (q.0.add(i0 * q.1), q.1, 1);
+        let k_t = (k.0, 1, k.1);
+        small_gemm(
+            (i1 - i0, i1, dim),
+            probs.as_mut_ptr().add(i0 * seq),
+            seq,
+            false,
+            q_block,
+            k_t,
+        );
+    }
+    causal_softmax_rows(probs, seq);
+}
+
+/// One head's forward pass: `out = causal_softmax(q k^T) v`.
+///
+/// # Safety
+/// Every pointer must address `seq` rows of `dim` elements at its stride.
+unsafe fn head_forward<T: Elem + 'static>(
+    probs: &mut [T],
+    (seq, dim): (usize, usize),
+    (q, k, v): (Rows<T>, Rows<T>, Rows<T>),
+    out: RowsMut<T>,
+) {
+    head_probs(probs, (seq, dim), q, k);
+    for (i0, i1) in row_blocks(seq) {
+        let p = (probs.as_ptr().add(i0 * seq), seq, 1);
+        small_gemm(
+            (i1 - i0, dim, i1),
+            out.0.add(i0 * out.1),
+            out.1,
+            false,
+            p,
+            (v.0, v.1, 1),
+        );
+    }
+}
+
+/// One head's backward pass: recompute `P`, then per row block `dV += P^T dO`,
+/// `dP = dO V^T`, `dS = P * (dP - rowsum(P * dP))`, `dQ = dS K`, `dK += dS^T Q`.
+///
+/// # Safety
+/// Every pointer must address `seq` rows of `dim` elements at its stride.
+unsafe fn head_backward<T: Elem + 'static>(
+    (p, dp): (&mut [T], &mut [T]),
+    (seq, dim): (usize, usize),
+    (q, k, v, d_out): (Rows<T>, Rows<T>, Rows<T>, Rows<T>),
+    (dq, dk, dv): (RowsMut<T>, RowsMut<T>, RowsMut<T>),
+) {
+    head_probs(p, (seq, dim), q, k);
+    for (i0, i1) in row_blocks(seq) {
+        let m = i1 - i0;
+        let p_t = (p.as_ptr().add(i0 * seq), 1, seq);
+        let d_out_block = (d_out.0.add(i0 * d_out.1), d_out.1, 1);
+        small_gemm((i1, dim, m), dv.0, dv.1, true, p_t, d_out_block);
+        let v_t = (v.0, 1, v.1);
+        small_gemm(
+            (m, i1, dim),
+            dp.as_mut_ptr().add(i0 * seq),
+            seq,
+            false,
+            d_out_block,
+            v_t,
+        );
+        for i in i0..i1 {
+            let (p, dp) = (&p[i * seq..i * seq + i1], &mut dp[i * seq..i * seq + i1]);
+            let dot = p
+                .iter()
+                .zip(dp.iter())
+                .fold(T::zero(), |a, (&p, &g)| a + p * g);
+            for (&p, g) in p.iter().zip(dp.iter_mut()) {
+                *g = p * (*g - dot);
+            }
+        }
+        let ds = (dp.as_ptr().add(i0 * seq), seq, 1);
+        small_gemm(
+            (m, dim, i1),
+            dq.0.add(i0 * dq.1),
+            dq.1,
+            false,
+            ds,
+            (k.0, k.1, 1),
+        );
+        let ds_t = (dp.as_ptr().add(i0 * seq), 1, seq);
+        small_gemm(
+            (i1, dim, m),
+            dk.0,
+            dk.1,
+            true,
+            ds_t,
+            (q.0.add(i0 * q.1), q.1, 1),
+        );
+    }
+}
+
 /// Where a block of columns sits in a row-major buffer: row stride and first column.
 #[derive(Clone, Copy)]
 struct Columns {
@@ -635,13 +757,10 @@ impl CustomOp1 for Attention {
                     // SAFETY: offsets and strides stay inside q, k, qkv and out; this task
                     // alone writes the rows of its head in out.
                     unsafe {
-                        let q = (q[qo..].as_ptr(), qw, 1);
-                        let k_t = (k[ko..].as_ptr(), 1, kvw);
-                        small_gemm((seq, seq, d.dim), probs.as_mut_ptr(), seq, false, q, k_t);
-                        causal_softmax_rows(probs, seq);
-                        let p = (probs.as_ptr(), seq, 1);
-                        let v = (qkv[vo..].as_ptr(), w, 1);
-                        small_gemm((seq, d.dim, seq), out_ptr.get().add(qo), qw, false, p, v);
+                        let q = (q[qo..].as_ptr(), qw);
+                        let k = (k[ko..].as_ptr(), kvw);
+                        let v = (qkv[vo..].as_ptr(), w);
+                        head_forward(probs, (seq, d.dim), (q, k, v), (out_ptr.get().add(qo), qw));
                     }
                 },
             );
@@ -715,64 +834,18 @@ impl CustomOp1 for AttentionGrad {
                                     // this task alone writes the dq rows of its query heads
                                     // and the dk, dv rows of its key/value head.
                                     unsafe {
-                                        let q_rows = (q[qo..].as_ptr(), qw, 1);
-                                        let k_t = (k[ko..].as_ptr(), 1, kvw);
-                                        let k_rows = (k[ko..].as_ptr(), kvw, 1);
-                                        let v_t = (qkv[vo..].as_ptr(), 1, w);
-                                        let d_out = (d_out[qo..].as_ptr(), qw, 1);
-                                        small_gemm(
-                                            (seq, seq, d.dim),
-                                            p.as_mut_ptr(),
-                                            seq,
-                                            false,
-                                            q_rows,
-                                            k_t,
+                                        let inputs = (
+                                            (q[qo..].as_ptr(), qw),
+                                            (k[ko..].as_ptr(), kvw),
+                                            (qkv[vo..].as_ptr(), w),
+                                            (d_out[qo..].as_ptr(), qw),
                                         );
-                                        causal_softmax_rows(p, seq);
-                                        let p_t = (p.as_ptr(), 1, seq);
-                                        small_gemm(
-                                            (seq, d.dim, seq),
-                                            grad_ptr.get().add(vo),
-                                            w,
-                                            true,
-                                            p_t,
-                                            d_out,
+                                        let grads = (
+                                            (dq_ptr.get().add(qo), qw),
+                                            (dk_ptr.get().add(ko), kvw),
+                                            (grad_ptr.get().add(vo), w),
                                         );
-                                        small_gemm(
-                                            (seq, seq, d.dim),
-                                            dp.as_mut_ptr(),
-                                            seq,
-                                            false,
-                                            d_out,
-                                            v_t,
-                                        );
-                                        for (p, dp) in p.chunks(seq).zip(dp.chunks_mut(seq)) {
-                                            let dot = p
-                                                .iter()
-                                                .zip(dp.iter())
-                                                .fold(T::zero(), |a, (&p, &g)| a + p * g);
-                                            for (&p, g) in p.iter().zip(dp.iter_mut()) {
-                                                *g = p * (*g - dot);
-                                            }
-                                        }
-                                        let ds = (dp.as_ptr(), seq, 1);
-                                        let ds_t = (dp.as_ptr(), 1, seq);
-                                        small_gemm(
-                                            (seq, d.dim, seq),
-                                            dq_ptr.get().add(qo),
-                                            qw,
-                                            false,
-                                            ds,
-                                            k_rows,
-                                        );
-                                        small_gemm(
-                                            (seq, d.dim, seq),
-                                            dk_ptr.get().add(ko),
-                                            kvw,
-                                            true,
-                                            ds_t,
-                                            q_rows,
-                                        );
+                                        head_backward((p, dp), (seq, d.dim), inputs, grads);
                                     }
                                 }
                             },
