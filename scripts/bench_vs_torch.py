@@ -10,6 +10,10 @@ its peak RSS is its own. Needs `torch` and `transformers` (not used by CI):
     python3 scripts/bench_vs_torch.py                    # reference shape
     python3 scripts/bench_vs_torch.py --shape llama72m   # the paper's 72M preset, batch 4
     python3 scripts/bench_vs_torch.py --compile          # also torch.compile
+
+A small shared machine drifts by 10-20% between runs, so the contenders run interleaved for
+--rounds rounds and the table shows each one's median over the rounds (ratios of medians),
+then every round's ratios.
 """
 import argparse
 import json
@@ -125,6 +129,7 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.add_argument("--bin", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "bsfa-train"))
     p.add_argument("--variant", choices=["eager", "sdpa", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,17 +137,24 @@ def main():
     if args.variant:
         torch_variant(args, shape)
         return
-    results = {"bsfa-train": ours(args, shape)}
-    for variant in ["eager", "sdpa"] + (["compile"] if args.compile else []):
-        results[f"torch-{variant}"] = run_child(args, variant)
-    base = results["bsfa-train"]["tokens_per_s"]
-    print(f"shape {args.shape} {shape} threads {args.threads}")
+    names = ["bsfa-train"] + [f"torch-{v}" for v in ["eager", "sdpa"] + (["compile"] if args.compile else [])]
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({name: ours(args, shape) if name == "bsfa-train" else run_child(args, name[len("torch-"):])
+                       for name in names})
+    fields = ["tokens_per_s", "ms_per_step", "forward_ms", "backward_ms", "optimizer_ms", "peak_rss_mib"]
+    med = {name: {f: statistics.median(r[name][f] for r in rounds) for f in fields} for name in names}
+    base = med["bsfa-train"]["tokens_per_s"]
+    print(f"shape {args.shape} {shape} threads {args.threads}, median of {args.rounds} interleaved rounds")
     print(f"{'':14} {'tokens/s':>10} {'ms/step':>9} {'fwd':>7} {'bwd':>7} {'opt':>6} {'peak MiB':>9} {'ours/them':>9}")
-    for name, r in results.items():
+    for name, r in med.items():
         print(f"{name:14} {r['tokens_per_s']:10.0f} {r['ms_per_step']:9.1f} {r['forward_ms']:7.1f} "
               f"{r['backward_ms']:7.1f} {r['optimizer_ms']:6.1f} {r['peak_rss_mib']:9.0f} "
               f"{base / r['tokens_per_s']:9.2f}")
-    print(json.dumps(results))
+    for i, r in enumerate(rounds):
+        ratios = ", ".join(f"{n} {r['bsfa-train']['tokens_per_s'] / r[n]['tokens_per_s']:.2f}" for n in names[1:])
+        print(f"round {i + 1}: ours/{ratios}")
+    print(json.dumps({"median": med, "rounds": rounds}))
 
 
 if __name__ == "__main__":
