@@ -111,18 +111,22 @@ impl Optimizer for AdamW {
         self.step
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.names.len());
         for ((name, moments), shape) in self.names.iter().zip(&self.moments).zip(&self.shapes) {
             for (k, slot) in ["exp_avg", "exp_avg_sq"].iter().enumerate() {
                 // Views of the packed moments, in the parameter's shape (as PyTorch names them).
-                let t = moments.get(k).and_then(|t| t.reshape(shape));
-                if let Ok(t) = t {
-                    out.push((format!("{name}.{slot}"), t));
-                }
+                out.push((format!("{name}.{slot}"), moments.get(k)?.reshape(shape)?));
             }
         }
-        out
+        Ok(out)
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.moments
+            .iter()
+            .map(|m| m.elem_count() * m.dtype().size_in_bytes())
+            .sum()
     }
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
@@ -264,7 +268,7 @@ mod tests {
         let mut opt = AdamW::new(&config, &params).unwrap();
         let g = vec![Tensor::from_slice(&[0.3, -0.1], (2, 1), &Device::Cpu).unwrap()];
         opt.step(&params, &g, 0.01, 1.0).unwrap();
-        let state: HashMap<_, _> = opt.state().into_iter().collect();
+        let state: HashMap<_, _> = opt.state().unwrap().into_iter().collect();
         assert_eq!(state.len(), 2);
         let mut fresh = AdamW::new(&config, &params).unwrap();
         fresh.load_state(opt.steps_taken(), &state).unwrap();

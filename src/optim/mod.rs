@@ -22,18 +22,13 @@ pub trait Optimizer: Send {
     fn steps_taken(&self) -> u64;
 
     /// Every state tensor, by a stable name (`<param name>.<slot>`), for checkpoints.
-    fn state(&self) -> Vec<(String, Tensor)>;
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
 
     /// Restores what [`Optimizer::state`] returned, together with the step count.
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()>;
 
     /// Bytes held by the optimizer state.
-    fn state_bytes(&self) -> usize {
-        self.state()
-            .iter()
-            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
-    }
+    fn state_bytes(&self) -> usize;
 }
 
 /// Builds the optimizer named in the config.
