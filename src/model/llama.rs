@@ -221,10 +221,12 @@ impl Llama {
     }
 }
 
-/// Rough bytes of activations kept for the backward pass of one micro-batch: per layer and
-/// token about 30 hidden-sized, 4 intermediate-sized and 4 seq-sized-per-head tensors
-/// (norms, projections, rotary temporaries, scores, softmax, SwiGLU), plus about 4 vocab-sized
-/// tensors per token for the logits and the loss. An estimate, not a measurement.
+/// Rough bytes of activations kept for the backward pass of one micro-batch, for the fused
+/// CPU path: per layer and token about 12 hidden-sized tensors (residual stream, norms,
+/// packed q|k|v, attention output, projections) and 3 intermediate-sized ones (packed
+/// gate|up, SwiGLU output); attention probabilities are recomputed, not kept; plus two
+/// vocab-sized rows per token (softmax probabilities of the output head and their gradient).
+/// An estimate, not a measurement: `bench` reports the measured peak.
 pub fn activation_bytes(
     config: &ModelConfig,
     micro_batch: usize,
@@ -232,9 +234,7 @@ pub fn activation_bytes(
     elem_bytes: usize,
 ) -> usize {
     let tokens = micro_batch * seq;
-    let per_layer = 30 * config.hidden_size
-        + 4 * config.intermediate_size
-        + 4 * config.num_attention_heads * seq;
-    let floats = tokens * (per_layer * config.num_hidden_layers + 4 * config.vocab_size);
+    let per_layer = 12 * config.hidden_size + 3 * config.intermediate_size;
+    let floats = tokens * (per_layer * config.num_hidden_layers + 2 * config.vocab_size);
     floats * elem_bytes
 }
