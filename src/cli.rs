@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-/// Pre-train LLaMA models with AdamW (AdamMini and BSFA to come) on Candle.
+/// Pre-train LLaMA models with AdamW or Adam-mini (the BSFA wrapper to come) on Candle.
 ///
 /// Training is the default command: `bsfa-train` alone trains the `tiny` model on the
 /// built-in corpus. Config layers: preset < --config < flags < --set.
@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// Global gradient-norm clip (0 disables).
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// Optimizer: adamw.
+    /// Optimizer: adamw or adam-mini.
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Evaluate every N steps (and at the end).

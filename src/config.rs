@@ -141,7 +141,7 @@ fn divisors_near(n: usize, around: usize) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
-    /// Which optimizer: `adamw`.
+    /// Which optimizer: `adamw` or `adam-mini`.
     pub name: String,
     /// Peak learning rate, reached at the end of warmup.
     pub lr: f64,
@@ -176,10 +176,11 @@ impl Default for OptimizerConfig {
 
 impl OptimizerConfig {
     fn validate(&self) -> Result<()> {
-        if self.name != "adamw" {
+        if !crate::optim::OPTIMIZERS.contains(&self.name.as_str()) {
             bail!(
-                "optimizer.name '{}' is unknown; available: adamw",
-                self.name
+                "optimizer.name '{}' is unknown; available: {}",
+                self.name,
+                crate::optim::OPTIMIZERS.join(", ")
             );
         }
         if !positive(self.lr) {

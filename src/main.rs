@@ -64,13 +64,22 @@ fn run(cli: &Cli) -> Result<()> {
 fn dry_run(config: &RunConfig) -> Result<()> {
     let (_, params) = Llama::new(&config.model, DType::F32, &Device::Cpu, config.train.seed)?;
     let counts = ParamCounts::of(&params);
-    let optimizer = optim::build(&config.optimizer, &params)?;
+    // State of every optimizer on this model, so their memory can be compared.
+    let mut state_by_optimizer = serde_json::Map::new();
+    for name in optim::OPTIMIZERS {
+        let mut opt_config = config.optimizer.clone();
+        opt_config.name = name.to_string();
+        let optimizer = optim::build(&opt_config, &params, &config.model)?;
+        state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
+    }
+    let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
+        .as_u64()
+        .map_or(0, |b| b as usize);
     let elem = DType::F32.size_in_bytes();
     let weights = counts.total * elem;
     // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
     let accumulating = config.train.micro_batch() < config.train.batch_size;
     let grads = counts.total * elem * if accumulating { 2 } else { 1 };
-    let optimizer_state = optimizer.state_bytes();
     let activations = llama::activation_bytes(
         &config.model,
         config.train.micro_batch(),
@@ -105,6 +114,16 @@ fn dry_run(config: &RunConfig) -> Result<()> {
         config.train.micro_batch(),
         config.train.seq_len
     );
+    let by_optimizer: Vec<String> = state_by_optimizer
+        .iter()
+        .map(|(name, b)| {
+            format!(
+                "{name} {:.0} MiB",
+                mib(b.as_u64().map_or(0, |b| b as usize))
+            )
+        })
+        .collect();
+    eprintln!("optimizer state: {}", by_optimizer.join(", "));
     let report = json!({
         "dry_run": true,
         "params": counts,
@@ -112,6 +131,7 @@ fn dry_run(config: &RunConfig) -> Result<()> {
             "weights": weights,
             "grads": grads,
             "optimizer_state": optimizer_state,
+            "optimizer_state_by_optimizer": state_by_optimizer,
             "activations_estimate": activations,
             "total_estimate": total,
         },

@@ -100,6 +100,11 @@ fn dry_run_reports_parameter_groups_of_the_presets() {
             .sum();
         assert_eq!(groups, total);
         assert!(report["memory_bytes"]["total_estimate"].as_f64().unwrap() > total * 16.0);
+        // AdamW keeps two floats per parameter; Adam-mini one and a few per-block means.
+        let state = &report["memory_bytes"]["optimizer_state_by_optimizer"];
+        assert_eq!(state["adamw"].as_f64().unwrap(), total * 8.0);
+        let mini = state["adam-mini"].as_f64().unwrap();
+        assert!(mini > total * 4.0 && mini < total * 4.02, "{model}: {mini}");
     }
 }
 

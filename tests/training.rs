@@ -62,6 +62,37 @@ fn loss_drops_on_builtin_data() {
 }
 
 #[test]
+fn adam_mini_trains_like_adamw() {
+    let run = |optimizer: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("optimizer.name=\"{optimizer}\"");
+        let config = small_config(
+            dir.path(),
+            &["train.steps=60", "optimizer.warmup_steps=5", &name],
+        );
+        train::run(&config).unwrap()
+    };
+    let (adamw, mini) = (run("adamw"), run("adam-mini"));
+    assert_ne!(
+        adamw.losses[1..],
+        mini.losses[1..],
+        "a different optimizer takes other steps"
+    );
+    assert_eq!(
+        adamw.losses[0], mini.losses[0],
+        "same model, same first batch"
+    );
+    let last5 = |l: &[f64]| l[55..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last5(&mini.losses) < mini.losses[0] - 2.0,
+        "{:?}",
+        mini.losses
+    );
+    // On this easy data Adam-mini lands within 10% of AdamW's loss.
+    assert!((last5(&mini.losses) / last5(&adamw.losses) - 1.0).abs() < 0.1);
+}
+
+#[test]
 fn same_seed_same_losses_other_seed_other_losses() {
     let run = |seed: u64| {
         let dir = tempfile::tempdir().unwrap();

@@ -32,9 +32,11 @@ impl CustomOp1 for SumSquares {
     }
 }
 
-/// One AdamW update of a parameter `p` with gradient `g * grad_scale` and moments `mv` (`2 x n`: first
-/// moments, then second moments). The output packs `[p', m', v']` as `3 x n`.
-pub struct AdamWUpdate {
+/// One Adam update of a parameter `p` with gradient `g * grad_scale`, where each block of
+/// `block` consecutive elements shares one second moment: `block = 1` is AdamW, larger
+/// blocks are Adam-mini. `moments` packs `[m (n) | v (n / block)]`; the output packs
+/// `[p' (n) | m' (n) | v' (n / block)]`.
+pub struct AdamUpdate {
     pub lr: f64,
     /// Multiplies the gradient first (gradient clipping).
     pub grad_scale: f64,
@@ -47,11 +49,13 @@ pub struct AdamWUpdate {
     pub bias1: f64,
     /// `sqrt(1 - beta2^t)`.
     pub bias2_sqrt: f64,
+    /// Elements sharing one second moment.
+    pub block: usize,
 }
 
-impl CustomOp3 for AdamWUpdate {
+impl CustomOp3 for AdamUpdate {
     fn name(&self) -> &'static str {
-        "adamw-update"
+        "adam-update"
     }
 
     fn cpu_fwd(
@@ -63,49 +67,65 @@ impl CustomOp3 for AdamWUpdate {
         ms: &CpuStorage,
         ml: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem>(p: &[T], g: &[T], mv: &[T], h: &AdamWUpdate) -> Vec<T> {
-            let n = p.len();
+        fn run<T: Elem>(p: &[T], g: &[T], moments: &[T], h: &AdamUpdate) -> Vec<T> {
+            let (n, block) = (p.len(), h.block);
+            let blocks = n / block;
             let c = |x: f64| T::from(x).expect("hyper-parameter fits the float type");
             let (b1, b2, eps) = (c(h.beta1), c(h.beta2), c(h.eps));
             let (keep, step) = (c(1.0 - h.decay), c(h.lr / h.bias1));
-            let inv_bias2 = c(1.0 / h.bias2_sqrt);
+            let (inv_bias2, scale) = (c(1.0 / h.bias2_sqrt), c(h.grad_scale));
             let (one_b1, one_b2) = (T::one() - b1, T::one() - b2);
-            let scale = c(h.grad_scale);
+            let inv_block = c(1.0 / block as f64);
             // Every element of the output is written below, so it is not zero-filled first
-            // (a pass over 3x the parameters).
-            let mut out: Vec<T> = Vec::with_capacity(3 * n);
-            let spare = &mut out.spare_capacity_mut()[..3 * n];
+            // (a pass over 2-3x the parameters).
+            let mut out: Vec<T> = Vec::with_capacity(2 * n + blocks);
+            let spare = &mut out.spare_capacity_mut()[..2 * n + blocks];
             let (p_out, rest) = spare.split_at_mut(n);
             let (m_out, v_out) = rest.split_at_mut(n);
-            let (m, v) = mv.split_at(n);
-            const CHUNK: usize = 1 << 14;
+            let (m, v) = moments.split_at(n);
+            // Whole blocks per task, at least ~16k elements, so blocks of one element
+            // (AdamW) do not become one task each.
+            let per_task = (1usize << 14).div_ceil(block).max(1);
             p_out
-                .par_chunks_mut(CHUNK)
-                .zip(m_out.par_chunks_mut(CHUNK).zip(v_out.par_chunks_mut(CHUNK)))
+                .par_chunks_mut(per_task * block)
+                .zip(m_out.par_chunks_mut(per_task * block))
+                .zip(v_out.par_chunks_mut(per_task))
                 .enumerate()
-                .for_each(|(i, (po, (mo, vo)))| {
-                    let r = i * CHUNK..(i * CHUNK + po.len());
-                    let (p, g, m, v) = (&p[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
-                    for j in 0..po.len() {
-                        let g = g[j] * scale;
-                        let m_new = b1 * m[j] + one_b1 * g;
-                        let v_new = b2 * v[j] + one_b2 * g * g;
-                        mo[j].write(m_new);
-                        vo[j].write(v_new);
-                        po[j].write(p[j] * keep - step * m_new / (v_new.sqrt() * inv_bias2 + eps));
+                .for_each(|(task, ((po, mo), vo))| {
+                    let start = task * per_task * block;
+                    for (b, vo) in vo.iter_mut().enumerate() {
+                        let r = start + b * block..start + (b + 1) * block;
+                        let (p, g, m) = (&p[r.clone()], &g[r.clone()], &m[r.clone()]);
+                        let local = b * block..(b + 1) * block;
+                        let (po, mo) = (&mut po[local.clone()], &mut mo[local]);
+                        let mean_sq = g
+                            .iter()
+                            .fold(T::zero(), |a, &g| a + g * scale * (g * scale));
+                        let v_new = b2 * v[task * per_task + b] + one_b2 * mean_sq * inv_block;
+                        vo.write(v_new);
+                        let denom = v_new.sqrt() * inv_bias2 + eps;
+                        for j in 0..block {
+                            let m_new = b1 * m[j] + one_b1 * g[j] * scale;
+                            mo[j].write(m_new);
+                            po[j].write(p[j] * keep - step * m_new / denom);
+                        }
                     }
                 });
-            // SAFETY: the three chunked loops above wrote all 3n elements.
-            unsafe { out.set_len(3 * n) };
+            // SAFETY: the loop above wrote every block's v and each of its elements' p, m.
+            unsafe { out.set_len(2 * n + blocks) };
             out
         }
         let n = pl.shape().elem_count();
-        if gl.shape().elem_count() != n || ml.shape().elem_count() != 2 * n {
-            bail!("adamw-update: parameter, gradient and moments sizes differ");
+        let block = self.block;
+        if block == 0 || !n.is_multiple_of(block) {
+            bail!("adam-update: {n} elements do not split into blocks of {block}");
+        }
+        if gl.shape().elem_count() != n || ml.shape().elem_count() != n + n / block {
+            bail!("adam-update: parameter, gradient and moments sizes differ");
         }
         float_dispatch!(ps, self.name(), |T| Ok(owned(
             run::<T>(slice(ps, pl)?, slice(gs, gl)?, slice(ms, ml)?, self),
-            &Shape::from((3, n))
+            &Shape::from(2 * n + n / block)
         )))
     }
 }

@@ -1,6 +1,6 @@
 //! Optimizers, gradient clipping and the learning-rate schedule.
 
-pub mod adamw;
+pub mod adam;
 mod fused;
 pub mod schedule;
 
@@ -9,9 +9,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
-pub use adamw::AdamW;
+pub use adam::Adam;
 
-/// What every optimizer (AdamW, and the later AdamMini and BSFA wrapper) offers the loop.
+/// What every optimizer (AdamW, Adam-mini, and the later BSFA wrapper) offers the loop.
 pub trait Optimizer: Send {
     /// Updates `params` in place from `grads * grad_scale` (same order, same shapes) at
     /// learning rate `lr`. The scale carries gradient clipping (see [`clip_coefficient`]) into
@@ -35,12 +35,20 @@ pub trait Optimizer: Send {
 pub fn build(
     config: &crate::config::OptimizerConfig,
     params: &[Param],
+    model: &crate::config::ModelConfig,
 ) -> Result<Box<dyn Optimizer>> {
     match config.name.as_str() {
-        "adamw" => Ok(Box::new(AdamW::new(config, params)?)),
-        other => bail!("unknown optimizer '{other}'; available: adamw"),
+        "adamw" => Ok(Box::new(Adam::adamw(config, params)?)),
+        "adam-mini" => Ok(Box::new(Adam::adam_mini(config, params, model)?)),
+        other => bail!(
+            "unknown optimizer '{other}'; available: {}",
+            OPTIMIZERS.join(", ")
+        ),
     }
 }
+
+/// The optimizer names `optimizer.name` accepts.
+pub const OPTIMIZERS: &[&str] = &["adamw", "adam-mini"];
 
 /// True where the fused CPU optimizer kernels apply.
 fn fusable(t: &Tensor) -> bool {
