@@ -42,7 +42,7 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
     let device = Device::Cpu;
     let train = &config.train;
     let (model, params) = Llama::new(&config.model, DType::F32, &device, train.seed)?;
-    let mut optimizer = optim::build(&config.optimizer, &params, &config.model)?;
+    let mut optimizer = optim::build(config, &params)?;
     // Random tokens: enough for every window to differ, no data loading in the timing.
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
     let vocab = config.model.vocab_size as u32;

@@ -86,6 +86,9 @@ pub struct RunArgs {
     /// Optimizer: adamw or adam-mini.
     #[arg(long)]
     pub optimizer: Option<String>,
+    /// Wrap the optimizer in BSFA (settings under the `bsfa.*` keys).
+    #[arg(long)]
+    pub bsfa: bool,
     /// Evaluate every N steps (and at the end).
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -116,7 +119,7 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 18] = [
+        let flags: [(&str, Option<Value>); 19] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
@@ -138,6 +141,7 @@ impl RunArgs {
             ),
             ("optimizer.grad_clip", self.grad_clip.map(|v| json!(v))),
             ("optimizer.name", self.optimizer.as_ref().map(|v| json!(v))),
+            ("bsfa.enabled", self.bsfa.then(|| json!(true))),
             ("train.eval_every", self.eval_every.map(|v| json!(v))),
             ("train.eval_batches", self.eval_batches.map(|v| json!(v))),
             ("train.log_every", self.log_every.map(|v| json!(v))),

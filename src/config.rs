@@ -307,12 +307,76 @@ impl Default for DataConfig {
     }
 }
 
+/// The BSFA wrapper (`--bsfa`); defaults from the paper's LLaMA-72M setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BsfaConfig {
+    /// Wrap the optimizer in BSFA.
+    pub enabled: bool,
+    /// Scale of the update inside the estimated dominant subspace.
+    pub alpha: f64,
+    /// Scale of the update in the bulk (the orthogonal complement).
+    pub gamma: f64,
+    /// Dominant directions per block (k).
+    pub rank: usize,
+    /// Updates kept per block for the PCA (l, more than `rank`).
+    pub history: usize,
+    /// Steps between re-estimations of the directions (T).
+    pub interval: usize,
+    /// Parameter groups BSFA applies to: any of `norm,attn,mlp` (embeddings and the output
+    /// head never, as in the paper).
+    pub blocks: String,
+}
+
+impl Default for BsfaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            alpha: 0.5,
+            gamma: 2.0,
+            rank: 30,
+            history: 40,
+            interval: 10,
+            blocks: "norm,attn,mlp".into(),
+        }
+    }
+}
+
+impl BsfaConfig {
+    /// The parameter groups named in `blocks`.
+    pub fn groups(&self) -> Result<Vec<crate::model::ParamGroup>> {
+        crate::optim::bsfa::parse_groups(&self.blocks)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.rank == 0 || self.rank >= self.history {
+            bail!(
+                "bsfa.rank ({}) must be at least 1 and below bsfa.history ({})",
+                self.rank,
+                self.history
+            );
+        }
+        if self.interval == 0 {
+            bail!("bsfa.interval must be a positive integer, got 0");
+        }
+        if !non_negative(self.alpha) || !non_negative(self.gamma) {
+            bail!(
+                "bsfa.alpha ({}) and bsfa.gamma ({}) must be >= 0",
+                self.alpha,
+                self.gamma
+            );
+        }
+        self.groups().map(|_| ())
+    }
+}
+
 /// The fully resolved configuration of a run (written to `OUT/config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub model: ModelConfig,
     pub optimizer: OptimizerConfig,
+    pub bsfa: BsfaConfig,
     pub train: TrainConfig,
     pub data: DataConfig,
 }
@@ -322,6 +386,7 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.optimizer.validate()?;
+        self.bsfa.validate()?;
         self.train.validate()?;
         if !positive(self.data.val_fraction) || self.data.val_fraction >= 1.0 {
             bail!(

@@ -67,14 +67,19 @@ fn dry_run(config: &RunConfig) -> Result<()> {
     // State of every optimizer on this model, so their memory can be compared.
     let mut state_by_optimizer = serde_json::Map::new();
     for name in optim::OPTIMIZERS {
-        let mut opt_config = config.optimizer.clone();
-        opt_config.name = name.to_string();
-        let optimizer = optim::build(&opt_config, &params, &config.model)?;
+        let mut other = config.clone();
+        other.optimizer.name = name.to_string();
+        other.bsfa.enabled = false;
+        let optimizer = optim::build(&other, &params)?;
         state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
     }
+    // BSFA adds its full history and directions once warmed up.
+    let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, &params)?;
+    state_by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
     let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
         .as_u64()
-        .map_or(0, |b| b as usize);
+        .map_or(0, |b| b as usize)
+        + if config.bsfa.enabled { bsfa_state } else { 0 };
     let elem = DType::F32.size_in_bytes();
     let weights = counts.total * elem;
     // Gradients, plus an accumulation buffer when the batch is split into micro-batches.

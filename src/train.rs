@@ -58,7 +58,7 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
 
     let (model, params) = Llama::new(&config.model, DType::F32, &device, train_cfg.seed)?;
     let param_count = ParamCounts::of(&params).total;
-    let mut optimizer = optim::build(&config.optimizer, &params, &config.model)?;
+    let mut optimizer = optim::build(config, &params)?;
     let mut metrics = MetricsLog::create(&out.join("metrics.jsonl"))?;
     let mut batcher = Batcher::new(&data.train, train_cfg.seed);
     let progress = Progress::new(train_cfg.steps);

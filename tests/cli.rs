@@ -105,6 +105,12 @@ fn dry_run_reports_parameter_groups_of_the_presets() {
         assert_eq!(state["adamw"].as_f64().unwrap(), total * 8.0);
         let mini = state["adam-mini"].as_f64().unwrap();
         assert!(mini > total * 4.0 && mini < total * 4.02, "{model}: {mini}");
+        // BSFA keeps history + rank (40 + 30) vectors of every norm, attention and MLP block.
+        let covered = ["attention", "mlp", "norms"]
+            .iter()
+            .map(|g| p[g].as_f64().unwrap())
+            .sum::<f64>();
+        assert_eq!(state["bsfa_extra"].as_f64().unwrap(), covered * 70.0 * 4.0);
     }
 }
 
@@ -141,6 +147,26 @@ fn bad_config_input_is_a_clear_error() {
         "train.batch_size must be a positive",
     );
     fails_with(&["--model", "gpt5", "--dry-run"], "unknown --model");
+    fails_with(
+        &["--bsfa", "--set", "bsfa.rank=40", "--dry-run"],
+        "below bsfa.history",
+    );
+    fails_with(
+        &["--bsfa", "--set", "bsfa.rank=0", "--dry-run"],
+        "bsfa.rank",
+    );
+    fails_with(
+        &["--bsfa", "--set", "bsfa.interval=0", "--dry-run"],
+        "bsfa.interval",
+    );
+    fails_with(
+        &["--bsfa", "--set", "bsfa.gamma=-1", "--dry-run"],
+        "bsfa.gamma",
+    );
+    fails_with(
+        &["--bsfa", "--set", "bsfa.blocks=norm,ffn", "--dry-run"],
+        "unknown block group 'ffn'",
+    );
     fails_with(
         &["--config", "/nonexistent/run.json", "--dry-run"],
         "cannot read config file",
@@ -248,6 +274,33 @@ fn nan_loss_stops_with_the_step_and_keeps_metrics() {
     for line in metrics.lines() {
         serde_json::from_str::<serde_json::Value>(line).unwrap();
     }
+}
+
+#[test]
+fn bsfa_flag_trains_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = run_fast(&[
+        "--bsfa",
+        "--optimizer",
+        "adam-mini",
+        "--set",
+        "bsfa.rank=2",
+        "--set",
+        "bsfa.history=3",
+        "--set",
+        "bsfa.interval=2",
+        "--steps",
+        "6",
+        "--out",
+        out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["bsfa"]["enabled"], true);
+    assert_eq!(config["optimizer"]["name"], "adam-mini");
 }
 
 #[test]

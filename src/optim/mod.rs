@@ -1,6 +1,7 @@
 //! Optimizers, gradient clipping and the learning-rate schedule.
 
 pub mod adam;
+pub mod bsfa;
 mod fused;
 pub mod schedule;
 
@@ -31,19 +32,21 @@ pub trait Optimizer: Send {
     fn state_bytes(&self) -> usize;
 }
 
-/// Builds the optimizer named in the config.
-pub fn build(
-    config: &crate::config::OptimizerConfig,
-    params: &[Param],
-    model: &crate::config::ModelConfig,
-) -> Result<Box<dyn Optimizer>> {
-    match config.name.as_str() {
-        "adamw" => Ok(Box::new(Adam::adamw(config, params)?)),
-        "adam-mini" => Ok(Box::new(Adam::adam_mini(config, params, model)?)),
+/// Builds the optimizer the config names, wrapped in BSFA when `bsfa.enabled`.
+pub fn build(config: &crate::config::RunConfig, params: &[Param]) -> Result<Box<dyn Optimizer>> {
+    let opt = &config.optimizer;
+    let base: Box<dyn Optimizer> = match opt.name.as_str() {
+        "adamw" => Box::new(Adam::adamw(opt, params)?),
+        "adam-mini" => Box::new(Adam::adam_mini(opt, params, &config.model)?),
         other => bail!(
             "unknown optimizer '{other}'; available: {}",
             OPTIMIZERS.join(", ")
         ),
+    };
+    if config.bsfa.enabled {
+        Ok(Box::new(bsfa::Bsfa::new(base, &config.bsfa, params)?))
+    } else {
+        Ok(base)
     }
 }
 

@@ -1,0 +1,200 @@
+//! BSFA checked against its mathematics: the projector's action, Proposition 1, and
+//! the identity case; then against training.
+
+use bsfa_train::config::{ConfigBuilder, RunConfig};
+use bsfa_train::optim::bsfa::{project, top_directions};
+use bsfa_train::train;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+    for (x, y) in values(a).iter().zip(values(b)) {
+        assert!((x - y).abs() < tol, "{what}: {x} vs {y}");
+    }
+}
+
+/// The projector maps its estimated directions to alpha times themselves and their
+/// orthogonal complement to gamma times.
+#[test]
+fn projector_scales_directions_by_alpha_and_the_rest_by_gamma() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let history = random(&[12, 50], &mut rng);
+    let u = top_directions(&history, 4).unwrap();
+    assert_eq!(u.dims(), [4, 50]);
+    let gram = u.matmul(&u.t().unwrap()).unwrap();
+    let identity = Tensor::eye(4, candle_core::DType::F64, &Device::Cpu).unwrap();
+    assert_close(&gram, &identity, 1e-10, "directions are orthonormal");
+    let (alpha, gamma) = (0.5, 3.0);
+    for i in 0..4 {
+        let ui = u.get(i).unwrap();
+        let expected = (&ui * alpha).unwrap();
+        assert_close(
+            &project(&ui, &u, alpha, gamma).unwrap(),
+            &expected,
+            1e-10,
+            "alpha u",
+        );
+    }
+    let w = random(&[50], &mut rng);
+    let inside = u
+        .t()
+        .unwrap()
+        .matmul(&u.matmul(&w.unsqueeze(1).unwrap()).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let perp = (&w - inside).unwrap();
+    let expected = (&perp * gamma).unwrap();
+    assert_close(
+        &project(&perp, &u, alpha, gamma).unwrap(),
+        &expected,
+        1e-10,
+        "gamma w_perp",
+    );
+    // The directions are the top principal components: the first explains more variance of
+    // the centred history than any other unit vector we try.
+    let centred = history
+        .broadcast_sub(&history.mean_keepdim(0).unwrap())
+        .unwrap();
+    let variance = |d: &Tensor| {
+        let p = centred.matmul(&d.unsqueeze(1).unwrap()).unwrap();
+        p.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let top = variance(&u.get(0).unwrap());
+    for _ in 0..20 {
+        let d = random(&[50], &mut rng);
+        let norm = d.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        let d = d.broadcast_div(&norm).unwrap();
+        assert!(variance(&d) <= top + 1e-9);
+    }
+}
+
+/// Proposition 1: gradient descent on a quadratic whose top-k curvatures satisfy
+/// eta*lambda_k > 1, 0 < eta*lambda_tail < 1 and eta*(lambda_k + lambda_tail) > 2; PCA of a
+/// window of its updates recovers the top-k eigenspace.
+#[test]
+fn pca_of_gradient_descent_recovers_the_top_hessian_eigenspace() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (d, k, eta) = (20, 3, 0.5);
+    // A random orthonormal eigenbasis: top directions from a random matrix's PCA.
+    let basis = top_directions(&random(&[d + 1, d], &mut rng), d).unwrap();
+    assert_eq!(basis.dims(), [d, d]);
+    let mut lambdas = vec![1.0; d];
+    lambdas[..k].copy_from_slice(&[3.9, 3.7, 3.5]);
+    let h = basis
+        .t()
+        .unwrap()
+        .broadcast_mul(&Tensor::new(lambdas.as_slice(), &Device::Cpu).unwrap())
+        .unwrap()
+        .matmul(&basis)
+        .unwrap();
+    let mut theta = random(&[d, 1], &mut rng);
+    let mut updates = Vec::new();
+    for _ in 0..40 {
+        let update = (h.matmul(&theta).unwrap() * -eta).unwrap();
+        theta = (&theta + &update).unwrap();
+        updates.push(update.squeeze(1).unwrap());
+    }
+    let window = Tensor::stack(&updates[30..], 0).unwrap();
+    let u = top_directions(&window, k).unwrap();
+    // Squared cosines of the principal angles sum to k when the subspaces coincide.
+    let top = basis.narrow(0, 0, k).unwrap();
+    let overlap = u.matmul(&top.t().unwrap()).unwrap();
+    let captured = overlap
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        (captured - k as f64).abs() < 1e-6,
+        "captured {captured} of {k}"
+    );
+    // The bulk is orthogonal to what was found.
+    let bulk = basis.narrow(0, k, d - k).unwrap();
+    let leak = u.matmul(&bulk.t().unwrap()).unwrap();
+    let leak = leak
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(leak < 1e-6, "leak {leak}");
+}
+
+fn small_config(out: &std::path::Path, sets: &[&str]) -> RunConfig {
+    let mut b = ConfigBuilder::new("tiny").unwrap();
+    for s in [
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.intermediate_size=172",
+        "train.batch_size=8",
+        "train.seq_len=64",
+        "train.eval_batches=2",
+        "train.eval_every=0",
+        "train.steps=40",
+        "optimizer.warmup_steps=5",
+        "bsfa.rank=4",
+        "bsfa.history=8",
+        "bsfa.interval=5",
+    ]
+    .iter()
+    .chain(sets)
+    {
+        b.apply_set(s).unwrap();
+    }
+    b.apply_set(&format!("train.out=\"{}\"", out.display()))
+        .unwrap();
+    b.build().unwrap()
+}
+
+fn losses(sets: &[&str]) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    train::run(&small_config(dir.path(), sets)).unwrap().losses
+}
+
+/// With alpha = gamma = 1 the projector is the identity: BSFA reproduces its base optimizer
+/// bit for bit, through several re-estimations.
+#[test]
+fn alpha_gamma_one_reproduces_the_base_optimizer() {
+    for base in ["adamw", "adam-mini"] {
+        let name = format!("optimizer.name=\"{base}\"");
+        let plain = losses(&[&name]);
+        let wrapped = losses(&[&name, "bsfa.enabled=true", "bsfa.alpha=1", "bsfa.gamma=1"]);
+        assert_eq!(plain, wrapped, "{base}");
+    }
+}
+
+/// With the paper's alpha and a bulk boost, BSFA changes the run and still trains.
+#[test]
+fn bsfa_changes_the_steps_and_trains() {
+    let plain = losses(&["optimizer.name=\"adam-mini\""]);
+    let bsfa = losses(&[
+        "optimizer.name=\"adam-mini\"",
+        "bsfa.enabled=true",
+        "bsfa.gamma=2",
+    ]);
+    // Identical until the first estimate (after `interval` steps), different after.
+    assert_eq!(plain[..6], bsfa[..6]);
+    assert_ne!(plain[6..], bsfa[6..]);
+    let last5 = |l: &[f64]| l[35..].iter().sum::<f64>() / 5.0;
+    assert!(last5(&bsfa) < bsfa[0] - 2.0, "{bsfa:?}");
+}
