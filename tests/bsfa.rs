@@ -1,10 +1,12 @@
 //! BSFA checked against its mathematics: the projector's action, Proposition 1, and
 //! the identity case; then against training.
 
-use bsfa_train::config::{ConfigBuilder, RunConfig};
+mod common;
+
 use bsfa_train::optim::bsfa::{project, top_directions};
 use bsfa_train::train;
 use candle_core::{Device, Tensor};
+use common::small_config;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -140,35 +142,18 @@ fn pca_of_gradient_descent_recovers_the_top_hessian_eigenspace() {
     assert!(leak < 1e-6, "leak {leak}");
 }
 
-fn small_config(out: &std::path::Path, sets: &[&str]) -> RunConfig {
-    let mut b = ConfigBuilder::new("tiny").unwrap();
-    for s in [
-        "model.hidden_size=64",
-        "model.num_hidden_layers=2",
-        "model.intermediate_size=172",
-        "train.batch_size=8",
-        "train.seq_len=64",
-        "train.eval_batches=2",
-        "train.eval_every=0",
+/// Train losses of a 40-step run of the small config with a small BSFA setting and `sets`.
+fn losses(sets: &[&str]) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let base = [
         "train.steps=40",
         "optimizer.warmup_steps=5",
         "bsfa.rank=4",
         "bsfa.history=8",
         "bsfa.interval=5",
-    ]
-    .iter()
-    .chain(sets)
-    {
-        b.apply_set(s).unwrap();
-    }
-    b.apply_set(&format!("train.out=\"{}\"", out.display()))
-        .unwrap();
-    b.build().unwrap()
-}
-
-fn losses(sets: &[&str]) -> Vec<f64> {
-    let dir = tempfile::tempdir().unwrap();
-    train::run(&small_config(dir.path(), sets)).unwrap().losses
+    ];
+    let all: Vec<&str> = base.iter().chain(sets).copied().collect();
+    train::run(&small_config(dir.path(), &all)).unwrap().losses
 }
 
 /// With alpha = gamma = 1 the projector is the identity: BSFA reproduces its base optimizer
