@@ -26,6 +26,19 @@ fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
     }
 }
 
+/// Sum of squared inner products between the rows of `a` and of `b` (orthonormal rows):
+/// the sum of squared cosines of the principal angles between the two subspaces.
+fn squared_overlap(a: &Tensor, b: &Tensor) -> f64 {
+    let products = a.matmul(&b.t().unwrap()).unwrap();
+    products
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// The projector maps its estimated directions to alpha times themselves and their
 /// orthogonal complement to gamma times.
 #[test]
@@ -117,28 +130,14 @@ fn pca_of_gradient_descent_recovers_the_top_hessian_eigenspace() {
     let u = top_directions(&window, k).unwrap();
     // Squared cosines of the principal angles sum to k when the subspaces coincide.
     let top = basis.narrow(0, 0, k).unwrap();
-    let overlap = u.matmul(&top.t().unwrap()).unwrap();
-    let captured = overlap
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let captured = squared_overlap(&u, &top);
     assert!(
         (captured - k as f64).abs() < 1e-6,
         "captured {captured} of {k}"
     );
     // The bulk is orthogonal to what was found.
     let bulk = basis.narrow(0, k, d - k).unwrap();
-    let leak = u.matmul(&bulk.t().unwrap()).unwrap();
-    let leak = leak
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let leak = squared_overlap(&u, &bulk);
     assert!(leak < 1e-6, "leak {leak}");
 }
 

@@ -69,9 +69,8 @@ impl Bsfa {
 pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
     let (m, _) = history.dims2()?;
     let dtype = history.dtype();
-    let centred = history
-        .to_dtype(DType::F64)?
-        .broadcast_sub(&history.to_dtype(DType::F64)?.mean_keepdim(0)?)?;
+    let history64 = history.to_dtype(DType::F64)?;
+    let centred = history64.broadcast_sub(&history64.mean_keepdim(0)?)?;
     let gram: Vec<f64> = centred.matmul(&centred.t()?)?.flatten_all()?.to_vec1()?;
     let eigen = nalgebra::DMatrix::from_row_slice(m, m, &gram).symmetric_eigen();
     let mut order: Vec<usize> = (0..m).collect();
