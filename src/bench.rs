@@ -4,7 +4,7 @@
 //! optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
-use crate::data::Batcher;
+use crate::data::{Batcher, TokenSegments};
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
 use crate::train::train_step;
@@ -46,9 +46,11 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
     // Random tokens: enough for every window to differ, no data loading in the timing.
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
     let vocab = config.model.vocab_size as u32;
-    let tokens: Vec<u32> = (0..train.batch_size * (train.seq_len + 1) * 4)
-        .map(|_| rng.random_range(0..vocab))
-        .collect();
+    let tokens = TokenSegments::Memory(
+        (0..train.batch_size * (train.seq_len + 1) * 4)
+            .map(|_| rng.random_range(0..vocab))
+            .collect(),
+    );
     let mut batcher = Batcher::new(&tokens, train.seed);
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);

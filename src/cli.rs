@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-/// Pre-train LLaMA models with AdamW or Adam-mini (the BSFA wrapper to come) on Candle.
+/// Pre-train LLaMA models with AdamW, Adam-mini and the BSFA wrapper on Candle.
 ///
 /// Training is the default command: `bsfa-train` alone trains the `tiny` model on the
 /// built-in corpus. Config layers: preset < --config < flags < --set.
@@ -22,7 +22,45 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Time training steps of a model on random tokens and print one JSON line.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
+    /// Mean loss of a checkpoint's model on a data source; prints `{"val_loss", "tokens"}`.
+    Eval(EvalArgs),
+    /// Write a checkpoint as a Hugging Face LlamaForCausalLM folder.
+    Export(ExportArgs),
+}
+
+/// `eval`: which checkpoint, on which data, how much.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint folder (OUT/checkpoints/step-N).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Data: shards:DIR (its _val_ shards), shards:FILE.bin, text:PATH or builtin.
+    #[arg(long)]
+    pub data: String,
+    /// Tokens per window (default: the run's seq_len).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Windows per forward pass (default: the run's micro-batch size).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Batches to evaluate (default: every window of the data).
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `export`: which checkpoint, and where to.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint folder (OUT/checkpoints/step-N).
+    #[arg(long)]
+    pub checkpoint: String,
+    /// New folder for the Hugging Face files.
+    #[arg(long)]
+    pub out: String,
 }
 
 /// `bench` takes the training flags plus how many steps to time.
@@ -107,6 +145,16 @@ pub struct RunArgs {
     /// Output folder (default: runs/<model>).
     #[arg(long)]
     pub out: Option<String>,
+    /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C/SIGTERM).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Complete checkpoints to keep (older ones are deleted).
+    #[arg(long)]
+    pub keep_checkpoints: Option<u64>,
+    /// Continue from a checkpoint: `auto` (the newest in OUT/checkpoints, or a fresh start
+    /// when there is none) or a checkpoint folder.
+    #[arg(long, value_name = "auto|PATH")]
+    pub resume: Option<String>,
     /// Print parameter counts and a memory estimate, then exit without training.
     #[arg(long)]
     pub dry_run: bool,
@@ -119,7 +167,7 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 19] = [
+        let flags: [(&str, Option<Value>); 21] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
@@ -148,6 +196,14 @@ impl RunArgs {
             ("train.seed", self.seed.map(|v| json!(v))),
             ("train.threads", self.threads.map(|v| json!(v))),
             ("train.out", self.out.as_ref().map(|v| json!(v))),
+            (
+                "train.checkpoint_every",
+                self.checkpoint_every.map(|v| json!(v)),
+            ),
+            (
+                "train.keep_checkpoints",
+                self.keep_checkpoints.map(|v| json!(v)),
+            ),
         ];
         for (key, value) in flags {
             if let Some(value) = value {

@@ -232,6 +232,10 @@ pub struct TrainConfig {
     pub threads: Option<usize>,
     /// Output folder; empty means `runs/<preset>`.
     pub out: String,
+    /// Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM).
+    pub checkpoint_every: usize,
+    /// Complete checkpoints kept; older ones are deleted (the newest never is).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainConfig {
@@ -247,6 +251,8 @@ impl Default for TrainConfig {
             seed: 1337,
             threads: None,
             out: String::new(),
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
         }
     }
 }
@@ -266,6 +272,7 @@ impl TrainConfig {
             ("eval_batches", self.eval_batches),
             ("log_every", self.log_every),
             ("threads", self.threads.unwrap_or(1)),
+            ("keep_checkpoints", self.keep_checkpoints),
         ] {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");

@@ -3,13 +3,19 @@
 //!
 //! Layout: `bench` (step timing), `config` (typed run config), `cli` (flags), `model` (LLaMA and its
 //! differentiable ops), `optim` (optimizers, clipping, schedule), `data` (tokenizers,
-//! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress).
+//! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress), `checkpoint`
+//! (safetensors checkpoints and resume), `interrupt` (Ctrl-C/SIGTERM handling), `eval` and
+//! `export` (the subcommands of those names).
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 mod cpu;
 pub mod data;
+pub mod eval;
+pub mod export;
+pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -2,10 +2,11 @@ use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
 use bsfa_train::model::{llama, Llama, ParamCounts};
-use bsfa_train::{bench, optim, train};
+use bsfa_train::{bench, eval, export, interrupt, optim, train};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
+use std::path::Path;
 use std::process::ExitCode;
 
 // Training allocates and frees large tensors every step; the system allocator hands them
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -34,30 +35,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> Result<()> {
+/// Runs the command; returns the exit status (non-zero only for a run a signal stopped).
+fn run(cli: &Cli) -> Result<u8> {
     let args = match &cli.command {
         Some(Command::Bench(bench)) => &bench.run,
+        Some(Command::Eval(e)) => {
+            set_threads(e.threads);
+            let options = eval::EvalOptions {
+                seq_len: e.seq_len,
+                batch_size: e.batch_size,
+                batches: e.eval_batches,
+            };
+            let report = eval::run(Path::new(&e.checkpoint), &e.data, &options)?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(0);
+        }
+        Some(Command::Export(e)) => {
+            let report = export::run(Path::new(&e.checkpoint), Path::new(&e.out))?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(0);
+        }
         None => &cli.run,
     };
     let config = args.resolve()?;
-    let threads = config
-        .train
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // Candle sizes its thread pool from this variable when it first computes, so it must be
-    // set before any tensor work.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let threads = set_threads(config.train.threads);
     if let Some(Command::Bench(b)) = &cli.command {
         let report = bench::run(&config, threads, b.warmup, b.iters)?;
         println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+        return Ok(0);
     }
     if args.dry_run {
-        return dry_run(&config);
+        dry_run(&config)?;
+        return Ok(0);
     }
-    let summary = train::run(&config)?;
+    interrupt::install()?;
+    let summary = train::run(&config, args.resume.as_deref())?;
     println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    // Shells report a run stopped by a signal as 128 + the signal number.
+    Ok(summary.signal.map_or(0, |s| (128 + s) as u8))
+}
+
+/// Sizes the compute thread pool (default: every core) and returns the thread count.
+fn set_threads(threads: Option<usize>) -> usize {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Candle sizes its thread pool from this variable when it first computes, so it must be
+    // set before any tensor work.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    threads
 }
 
 /// Prints parameter counts and a training-memory estimate without training.

@@ -25,6 +25,42 @@ impl MetricsLog {
         })
     }
 
+    /// Reopens the log of a resumed run at `path`, dropping the records of steps after
+    /// `step` (written after the checkpoint the run resumes from), so that no step appears
+    /// twice. The kept lines are rewritten atomically before appending resumes.
+    pub fn resume(path: &Path, step: usize) -> Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read '{}'", path.display())),
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                // A torn last line (a crash mid-write) is not valid JSON: dropped.
+                serde_json::from_str::<Value>(line).is_ok_and(|record| {
+                    record
+                        .get("step")
+                        .and_then(Value::as_u64)
+                        .is_none_or(|s| s <= step as u64)
+                })
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let temp = path.with_extension("jsonl.tmp");
+        std::fs::write(&temp, kept)
+            .and_then(|_| std::fs::rename(&temp, path))
+            .with_context(|| format!("cannot rewrite '{}'", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open '{}'", path.display()))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Writes `record` as one line.
     pub fn write(&mut self, record: &Value) -> Result<()> {
         writeln!(self.file, "{record}")
@@ -43,11 +79,13 @@ pub struct Progress {
     bar: ProgressBar,
     interactive: bool,
     total: u64,
+    /// The step this process started at (non-zero after a resume), for the ETA.
+    first: u64,
 }
 
 impl Progress {
-    /// A progress display for `total` steps.
-    pub fn new(total: usize) -> Self {
+    /// A progress display for `total` steps, of which `done` are already done (a resume).
+    pub fn new(total: usize, done: usize) -> Self {
         let interactive = std::io::stderr().is_terminal();
         let bar = if interactive {
             ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
@@ -60,11 +98,14 @@ impl Progress {
             )
             .expect("static template is valid"),
         );
+        bar.set_position(done as u64);
+        bar.reset_eta();
         bar.enable_steady_tick(Duration::from_millis(250));
         Self {
             bar,
             interactive,
             total: total as u64,
+            first: done as u64,
         }
     }
 
@@ -78,7 +119,8 @@ impl Progress {
         } else if print {
             // A hidden bar keeps no rate, so the ETA comes from the mean step time so far.
             let elapsed = self.bar.elapsed().as_secs_f64();
-            let eta = elapsed / step.max(1) as f64 * (self.total - step as u64) as f64;
+            let ran = (step as u64).saturating_sub(self.first).max(1);
+            let eta = elapsed / ran as f64 * (self.total - step as u64) as f64;
             eprintln!("step {step}/{} {msg} | ETA {eta:.0}s", self.total);
         }
     }

@@ -1,8 +1,10 @@
 //! The training loop, top to bottom: data, model, optimizer, then step after step of
 //! accumulate gradients -> clip -> update -> log -> evaluate.
 
+use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::RunConfig;
 use crate::data::{self, Batcher, Tokenizer};
+use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::{Llama, Param, ParamCounts};
 use crate::optim::{self, schedule::lr_at};
@@ -16,15 +18,27 @@ use std::time::Instant;
 /// The one-line JSON summary a run prints last on stdout.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// Optimizer steps completed (counting those before a resume).
     pub steps: usize,
     pub params: usize,
+    pub tokens_seen: u64,
     pub final_train_loss: f64,
     pub final_val_loss: f64,
     pub final_val_ppl: f64,
+    /// Mean over this process's steps.
     pub tokens_per_s: f64,
     pub wall_s: f64,
     pub out: String,
-    /// Train loss of every optimizer step, for tests and scripts (not printed).
+    /// The newest checkpoint written, if any.
+    pub checkpoint: Option<String>,
+    /// The step the run resumed from, if it did.
+    pub resumed_from: Option<usize>,
+    /// `SIGINT` or `SIGTERM` when a signal stopped the run early (after a checkpoint).
+    pub interrupted_by: Option<String>,
+    /// The signal number behind `interrupted_by`, for the exit status.
+    #[serde(skip)]
+    pub signal: Option<i32>,
+    /// Train loss of every optimizer step this process ran, for tests and scripts.
     #[serde(skip)]
     pub losses: Vec<f64>,
 }
@@ -32,20 +46,26 @@ pub struct Summary {
 /// Seed offset for evaluation windows, so they never coincide with training draws.
 const EVAL_SEED_OFFSET: u64 = 0x5EED_0FE7_A100;
 
-/// Trains as `config` says, writing `config.json` and `metrics.jsonl` into its out folder.
-pub fn run(config: &RunConfig) -> Result<Summary> {
+/// Trains as `config` says, writing `config.json`, `metrics.jsonl` and `checkpoints/` into
+/// its out folder. `resume` is `--resume`: `auto` or a checkpoint folder.
+pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
     let wall = Instant::now();
     let device = Device::Cpu;
     let train_cfg = &config.train;
     let out = PathBuf::from(&train_cfg.out);
+    let checkpoints = out.join("checkpoints");
+    // Read and check the checkpoint before anything in the out folder is touched.
+    let resumed = match resume {
+        Some(spec) => checkpoint::resolve_resume(spec, &checkpoints)?
+            .map(|dir| Checkpoint::open(&dir, true))
+            .transpose()?,
+        None => None,
+    };
+    if let Some(ck) = &resumed {
+        check_resumable(config, ck)?;
+    }
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(config)?,
-    )
-    .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
-
     let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
     check_vocab(config, &tokenizer)?;
     let data = data::load(
@@ -54,14 +74,52 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
         config.data.val_fraction,
         &tokenizer,
         train_cfg.seq_len,
+        config.model.vocab_size,
     )?;
 
     let (model, params) = Llama::new(&config.model, DType::F32, &device, train_cfg.seed)?;
     let param_count = ParamCounts::of(&params).total;
     let mut optimizer = optim::build(config, &params)?;
-    let mut metrics = MetricsLog::create(&out.join("metrics.jsonl"))?;
     let mut batcher = Batcher::new(&data.train, train_cfg.seed);
-    let progress = Progress::new(train_cfg.steps);
+    let progress = Progress::new(
+        train_cfg.steps,
+        resumed.as_ref().map_or(0, |ck| ck.state.step),
+    );
+    let metrics_path = out.join("metrics.jsonl");
+    let (start, mut metrics) = match &resumed {
+        Some(ck) => {
+            ck.load_model(&params)?;
+            ck.load_optimizer(optimizer.as_mut())?;
+            batcher.seek(ck.state.data_position);
+            progress.println(&format!(
+                "resuming from '{}' at step {}",
+                ck.dir.display(),
+                ck.state.step
+            ));
+            (
+                ck.state.step,
+                MetricsLog::resume(&metrics_path, ck.state.step)?,
+            )
+        }
+        None => {
+            if resume.is_some() {
+                progress.println(&format!(
+                    "no checkpoint in '{}': starting fresh",
+                    checkpoints.display()
+                ));
+            }
+            set_aside_old_checkpoints(&checkpoints, &progress)?;
+            (0, MetricsLog::create(&metrics_path)?)
+        }
+    };
+    // Keep the checkpoint's trainer state, not its tensors (a copy of the whole model and
+    // optimizer state).
+    let resumed = resumed.map(|ck| (ck.dir, ck.state));
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(config)?,
+    )
+    .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
     progress.println(&format!(
         "training {} parameters on {} train / {} val tokens, {} steps of {} x {} tokens",
         param_count,
@@ -74,10 +132,26 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
 
     let opt_cfg = &config.optimizer;
     let tokens_per_step = train_cfg.batch_size * train_cfg.seq_len;
-    let mut losses = Vec::with_capacity(train_cfg.steps);
+    let mut losses = Vec::with_capacity(train_cfg.steps - start);
     let mut train_time = 0.0f64;
     let mut val_loss = f64::NAN;
-    for step in 0..train_cfg.steps {
+    let mut summary = Summary {
+        steps: start,
+        params: param_count,
+        tokens_seen: resumed.as_ref().map_or(0, |(_, state)| state.tokens_seen),
+        final_train_loss: f64::NAN,
+        final_val_loss: f64::NAN,
+        final_val_ppl: f64::NAN,
+        tokens_per_s: f64::NAN,
+        wall_s: 0.0,
+        out: out.display().to_string(),
+        checkpoint: resumed.as_ref().map(|(dir, _)| dir.display().to_string()),
+        resumed_from: resumed.as_ref().map(|(_, state)| state.step),
+        interrupted_by: None,
+        signal: None,
+        losses: Vec::new(),
+    };
+    for step in start..train_cfg.steps {
         let started = Instant::now();
         let lr = lr_at(
             step,
@@ -105,10 +179,11 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
         let step_s = started.elapsed().as_secs_f64();
         train_time += step_s;
         losses.push(loss);
+        summary.tokens_seen += tokens_per_step as u64;
 
         let done = step + 1;
         let tokens_per_s = tokens_per_step as f64 / step_s;
-        let log_now = done % train_cfg.log_every == 0 || done == train_cfg.steps || step == 0;
+        let log_now = done % train_cfg.log_every == 0 || done == train_cfg.steps || step == start;
         progress.step(done, loss, tokens_per_s, log_now);
         if log_now {
             metrics.write(&json!({
@@ -134,19 +209,125 @@ pub fn run(config: &RunConfig) -> Result<Summary> {
                 val_loss.exp()
             ));
         }
+        summary.steps = done;
+        let signal = interrupt::requested();
+        let periodic = train_cfg.checkpoint_every > 0 && done % train_cfg.checkpoint_every == 0;
+        if periodic || done == train_cfg.steps || signal.is_some() {
+            let state = TrainerState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step: done,
+                tokens_seen: summary.tokens_seen,
+                data_position: batcher.position(),
+                config: config.clone(),
+            };
+            let saving = Instant::now();
+            let dir = checkpoint::save(&checkpoints, &state, &params, optimizer.as_ref())?;
+            checkpoint::prune(&checkpoints, train_cfg.keep_checkpoints)?;
+            progress.println(&format!(
+                "checkpoint '{}' written in {:.1}s",
+                dir.display(),
+                saving.elapsed().as_secs_f64()
+            ));
+            summary.checkpoint = Some(dir.display().to_string());
+        }
+        if let Some(signal) = signal {
+            progress.finish();
+            eprintln!(
+                "stopped by {} after step {done} of {}; checkpoint saved. Resume with the same \
+                 command plus --resume auto",
+                interrupt::signal_name(signal),
+                train_cfg.steps
+            );
+            summary.interrupted_by = Some(interrupt::signal_name(signal).to_string());
+            summary.signal = Some(signal);
+            break;
+        }
     }
     progress.finish();
-    Ok(Summary {
-        steps: train_cfg.steps,
-        params: param_count,
-        final_train_loss: losses.last().copied().unwrap_or(f64::NAN),
-        final_val_loss: val_loss,
-        final_val_ppl: val_loss.exp(),
-        tokens_per_s: (tokens_per_step * train_cfg.steps) as f64 / train_time,
-        wall_s: wall.elapsed().as_secs_f64(),
-        out: out.display().to_string(),
-        losses,
-    })
+    if start == train_cfg.steps {
+        eprintln!("the checkpoint is at step {start}, the run's last: nothing to do (raise --steps to go on)");
+    }
+    summary.final_train_loss = losses.last().copied().unwrap_or(f64::NAN);
+    summary.final_val_loss = val_loss;
+    summary.final_val_ppl = val_loss.exp();
+    summary.tokens_per_s = (tokens_per_step * losses.len()) as f64 / train_time;
+    summary.wall_s = wall.elapsed().as_secs_f64();
+    summary.losses = losses;
+    Ok(summary)
+}
+
+/// A checkpoint can continue this run only with the same model and optimizer; other
+/// changed settings (more steps, another log interval) are allowed and listed.
+fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
+    let requested = serde_json::to_value(config)?;
+    let saved = serde_json::to_value(&ck.state.config)?;
+    let trainer = ck.dir.join(checkpoint::TRAINER_FILE);
+    let model = checkpoint::differing_keys(&saved["model"], &requested["model"], "model");
+    if !model.is_empty() {
+        let listed: Vec<String> = model
+            .iter()
+            .map(|k| {
+                let path = k.split('.').fold(&saved, |v, part| &v[part]);
+                let now = k.split('.').fold(&requested, |v, part| &v[part]);
+                format!("{k} (checkpoint {path}, requested {now})")
+            })
+            .collect();
+        bail!(
+            "the checkpoint '{}' holds a different model: {}. Resume with the checkpoint's \
+             settings (see '{}') or start a new run in another --out",
+            ck.dir.display(),
+            listed.join(", "),
+            trainer.display()
+        );
+    }
+    let (was, now) = (
+        checkpoint::optimizer_kind(&ck.state.config),
+        checkpoint::optimizer_kind(config),
+    );
+    if was != now {
+        bail!(
+            "the checkpoint '{}' was trained with optimizer '{was}', this run asks for '{now}'; \
+             resume with the same --optimizer/--bsfa or start a new run in another --out",
+            ck.dir.display()
+        );
+    }
+    if ck.state.step > config.train.steps {
+        bail!(
+            "the checkpoint '{}' is at step {}, beyond --steps {}; raise --steps",
+            ck.dir.display(),
+            ck.state.step,
+            config.train.steps
+        );
+    }
+    let changed = checkpoint::differing_keys(&saved, &requested, "");
+    if !changed.is_empty() {
+        eprintln!(
+            "note: resuming with changed settings: {}",
+            changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A fresh run must not mix its checkpoints with an earlier run's in the same folder: those
+/// are moved to `checkpoints.previous/` (replacing an older set there), never deleted outright.
+fn set_aside_old_checkpoints(checkpoints: &std::path::Path, progress: &Progress) -> Result<()> {
+    if checkpoint::list(checkpoints)?.is_empty() {
+        return Ok(());
+    }
+    let previous = checkpoints.with_extension("previous");
+    if previous.exists() {
+        std::fs::remove_dir_all(&previous)
+            .with_context(|| format!("cannot delete '{}'", previous.display()))?;
+    }
+    std::fs::rename(checkpoints, &previous)
+        .with_context(|| format!("cannot move '{}'", checkpoints.display()))?;
+    progress.println(&format!(
+        "note: starting fresh; the earlier run's checkpoints were moved to '{}' (use --resume \
+         auto to continue a run instead)",
+        previous.display()
+    ));
+    Ok(())
 }
 
 /// What one optimizer step measured.
@@ -268,7 +449,12 @@ pub fn accumulate_gradients(
 
 /// Mean validation loss over `eval_batches` micro-batches drawn from a fixed seed, so every
 /// evaluation of a run sees the same windows.
-pub fn evaluate(model: &Llama, val: &[u32], config: &RunConfig, device: &Device) -> Result<f64> {
+pub fn evaluate(
+    model: &Llama,
+    val: &data::TokenSegments,
+    config: &RunConfig,
+    device: &Device,
+) -> Result<f64> {
     let train = &config.train;
     let mut batcher = Batcher::new(val, train.seed.wrapping_add(EVAL_SEED_OFFSET));
     let mut sum = 0.0;

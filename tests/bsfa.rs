@@ -152,7 +152,9 @@ fn losses(sets: &[&str]) -> Vec<f64> {
         "bsfa.interval=5",
     ];
     let all: Vec<&str> = base.iter().chain(sets).copied().collect();
-    train::run(&small_config(dir.path(), &all)).unwrap().losses
+    train::run(&small_config(dir.path(), &all), None)
+        .unwrap()
+        .losses
 }
 
 /// With alpha = gamma = 1 the projector is the identity: BSFA reproduces its base optimizer

@@ -241,6 +241,21 @@ fn hugging_face_tokenizer_trains_and_vocab_must_fit() {
         out,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The export carries the run's tokenizer.json along.
+    let export = dir.path().join("hf");
+    let ckpt = format!("{out}/checkpoints/step-00000002");
+    let o = bsfa(&[
+        "export",
+        "--checkpoint",
+        &ckpt,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(export.join("tokenizer.json")).unwrap(),
+        std::fs::read(tok_path).unwrap()
+    );
     fails_with(
         &["--tokenizer", "/nonexistent/tokenizer.json", "--out", out],
         "does not exist",
@@ -321,4 +336,36 @@ fn bench_prints_one_json_line_with_the_phase_split() {
     let tps = report["tokens_per_s"].as_f64().unwrap();
     assert!((tps - 2.0 * 16.0 / (ms / 1e3)).abs() / tps < 1e-9);
     assert!(report["peak_rss_mib"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn trains_from_token_shards_with_their_val_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let text = bsfa_train::data::builtin::corpus();
+    let ids: Vec<u32> = text.bytes().take(60_000).map(u32::from).collect();
+    for (name, part) in [
+        ("d_train_000000.bin", &ids[..25_000]),
+        ("d_train_000001.bin", &ids[25_000..50_000]),
+    ] {
+        bsfa_train::data::shards::write(&shards.join(name), part, 256).unwrap();
+    }
+    let spec = format!("shards:{}", shards.display());
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    fails_with(&["--data", &spec, "--out", out], "no '*_val_*.bin' shards");
+    let val = shards.join("d_val_000000.bin");
+    bsfa_train::data::shards::write(&val, &ids[50_000..], 256).unwrap();
+    let o = run_fast(&["--data", &spec, "--steps", "3", "--out", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("on 50000 train / 10000 val tokens"),
+        "{}",
+        stderr(&o)
+    );
+    // A damaged shard stops the run before training, naming the file.
+    let bytes = std::fs::read(&val).unwrap();
+    std::fs::write(&val, &bytes[..bytes.len() - 7]).unwrap();
+    fails_with(&["--data", &spec, "--out", out], "d_val_000000.bin");
 }

@@ -10,7 +10,7 @@ use common::small_config;
 fn loss_drops_on_builtin_data() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path(), &["train.steps=60", "optimizer.warmup_steps=5"]);
-    let s = train::run(&config).unwrap();
+    let s = train::run(&config, None).unwrap();
     let first = s.losses[0];
     let last5: f64 = s.losses[55..].iter().sum::<f64>() / 5.0;
     // A byte model starts near ln(256) = 5.55; the built-in text is very regular.
@@ -50,7 +50,7 @@ fn adam_mini_trains_like_adamw() {
             dir.path(),
             &["train.steps=60", "optimizer.warmup_steps=5", &name],
         );
-        train::run(&config).unwrap()
+        train::run(&config, None).unwrap()
     };
     let (adamw, mini) = (run("adamw"), run("adam-mini"));
     assert_ne!(
@@ -77,7 +77,7 @@ fn same_seed_same_losses_other_seed_other_losses() {
     let run = |seed: u64| {
         let dir = tempfile::tempdir().unwrap();
         let seed = format!("train.seed={seed}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &seed]))
+        train::run(&small_config(dir.path(), &["train.steps=4", &seed]), None)
             .unwrap()
             .losses
     };
@@ -95,7 +95,7 @@ fn micro_batch_split_does_not_change_the_run() {
     let run = |micro: usize| {
         let dir = tempfile::tempdir().unwrap();
         let micro = format!("train.micro_batch_size={micro}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &micro]))
+        train::run(&small_config(dir.path(), &["train.steps=4", &micro]), None)
             .unwrap()
             .losses
     };

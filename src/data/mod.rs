@@ -1,52 +1,118 @@
 //! Token sources and batch sampling.
 
 pub mod builtin;
+pub mod shards;
 pub mod tokenizer;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 pub use tokenizer::Tokenizer;
 
 /// Training and validation token streams.
 pub struct TokenData {
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+    pub train: TokenSegments,
+    pub val: TokenSegments,
 }
 
-/// Reads and tokenizes the train (and optional validation) source; without a validation
-/// source the last `val_fraction` of the training tokens is held out.
+/// Opens the train and validation sources. Shards (`shards:DIR`) validate against the
+/// `_val_` shards of the same folder unless `val_spec` names others; text sources without
+/// a validation source hold out their last `val_fraction` of tokens.
 pub fn load(
     train_spec: &str,
     val_spec: Option<&str>,
     val_fraction: f64,
     tokenizer: &Tokenizer,
     seq_len: usize,
+    vocab_size: usize,
 ) -> Result<TokenData> {
-    let mut train = read_tokens(train_spec, tokenizer)?;
-    let val = match val_spec {
-        Some(spec) => read_tokens(spec, tokenizer)?,
-        None => {
-            let held_out = ((train.len() as f64) * val_fraction) as usize;
-            train.split_off(train.len() - held_out)
+    let open = |spec: &str, split| TokenSegments::open(spec, tokenizer, split, vocab_size);
+    let mut train = open(train_spec, "train")?;
+    let val = match (val_spec, &mut train) {
+        (Some(spec), _) => open(spec, "val")?,
+        (None, TokenSegments::Shards(_)) => open(train_spec, "val")?,
+        (None, TokenSegments::Memory(tokens)) => {
+            let held_out = ((tokens.len() as f64) * val_fraction) as usize;
+            TokenSegments::Memory(tokens.split_off(tokens.len() - held_out))
         }
     };
     for (what, tokens, spec) in [
         ("training", &train, train_spec),
         ("validation", &val, val_spec.unwrap_or(train_spec)),
     ] {
-        if tokens.len() <= seq_len {
+        if tokens.windows(seq_len) == 0 {
             bail!(
-                "the {what} data from '{spec}' has {} tokens, fewer than one sequence of \
-                 seq_len + 1 = {}; provide more text or lower --seq-len",
+                "the {what} data from '{spec}' has {} tokens, with no segment as long as one \
+                 sequence of seq_len + 1 = {}; provide more text or lower --seq-len",
                 tokens.len(),
                 seq_len + 1
             );
         }
     }
     Ok(TokenData { train, val })
+}
+
+/// A token stream in independent segments: one per shard file, or one for a text source.
+/// Windows never cross a segment boundary.
+pub enum TokenSegments {
+    Memory(Vec<u32>),
+    Shards(Vec<shards::Shard>),
+}
+
+impl TokenSegments {
+    /// Opens `builtin`, `text:PATH` (tokenized whole) or `shards:PATH` (a `.bin` file, or the
+    /// `_<split>_` shards of a folder, checked against `vocab_size`).
+    pub fn open(spec: &str, tokenizer: &Tokenizer, split: &str, vocab_size: usize) -> Result<Self> {
+        if let Some(path) = spec.strip_prefix("shards:") {
+            let opened = shards::files(std::path::Path::new(path), split)?
+                .iter()
+                .map(|f| shards::Shard::open(f))
+                .collect::<Result<Vec<_>>>()?;
+            for shard in &opened {
+                shard.check_vocab(vocab_size)?;
+            }
+            Ok(Self::Shards(opened))
+        } else {
+            Ok(Self::Memory(read_tokens(spec, tokenizer)?))
+        }
+    }
+
+    /// Tokens per segment.
+    pub fn segment_lens(&self) -> Vec<usize> {
+        match self {
+            Self::Memory(tokens) => vec![tokens.len()],
+            Self::Shards(shards) => shards.iter().map(|s| s.len()).collect(),
+        }
+    }
+
+    /// Total tokens.
+    pub fn len(&self) -> usize {
+        self.segment_lens().iter().sum()
+    }
+
+    /// True when there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Distinct start positions of `seq_len + 1`-token windows, over all segments.
+    pub fn windows(&self, seq_len: usize) -> usize {
+        self.segment_lens()
+            .iter()
+            .map(|&n| n.saturating_sub(seq_len))
+            .sum()
+    }
+
+    /// Appends tokens `start .. start + len` of segment `segment` to `out`.
+    pub fn read(&self, segment: usize, start: usize, len: usize, out: &mut Vec<u32>) {
+        match self {
+            Self::Memory(tokens) => out.extend_from_slice(&tokens[start..start + len]),
+            Self::Shards(shards) => shards[segment].read(start, len, out),
+        }
+    }
 }
 
 fn read_tokens(spec: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
@@ -59,7 +125,7 @@ fn read_tokens(spec: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
         String::from_utf8(bytes)
             .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
     } else {
-        bail!("unknown data source '{spec}'; use 'builtin' or 'text:PATH'");
+        bail!("unknown data source '{spec}'; use 'builtin', 'text:PATH' or 'shards:PATH'");
     };
     if text.trim().is_empty() {
         bail!("data source '{spec}' is empty");
@@ -67,19 +133,45 @@ fn read_tokens(spec: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     tokenizer.encode(&text)
 }
 
-/// Draws random windows of `seq_len + 1` tokens from a stream, deterministically from a seed.
+/// Where a [`Batcher`] stands in its random stream: the seed and how many 32-bit words its
+/// ChaCha8 generator has produced. Restoring it replays the exact same windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerPosition {
+    pub seed: u64,
+    pub word_pos: u128,
+}
+
+/// Draws random windows of `seq_len + 1` tokens, uniformly over every window of every
+/// segment, deterministically from a seed.
 pub struct Batcher<'a> {
-    tokens: &'a [u32],
+    tokens: &'a TokenSegments,
+    seed: u64,
     rng: ChaCha8Rng,
 }
 
 impl<'a> Batcher<'a> {
-    /// A sampler over `tokens`, which must hold more than one window.
-    pub fn new(tokens: &'a [u32], seed: u64) -> Self {
+    /// A sampler over `tokens`, which must hold at least one window.
+    pub fn new(tokens: &'a TokenSegments, seed: u64) -> Self {
         Self {
             tokens,
+            seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }
+    }
+
+    /// The current position, for checkpoints.
+    pub fn position(&self) -> SamplerPosition {
+        SamplerPosition {
+            seed: self.seed,
+            word_pos: self.rng.get_word_pos(),
+        }
+    }
+
+    /// Moves to `position`, so the next batch is the one drawn after it was taken.
+    pub fn seek(&mut self, position: SamplerPosition) {
+        self.seed = position.seed;
+        self.rng = ChaCha8Rng::seed_from_u64(position.seed);
+        self.rng.set_word_pos(position.word_pos);
     }
 
     /// Inputs and next-token targets, each `batch x seq_len` (u32).
@@ -89,13 +181,22 @@ impl<'a> Batcher<'a> {
         seq_len: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let last_start = self.tokens.len() - seq_len - 1;
+        let lens = self.tokens.segment_lens();
+        let total = self.tokens.windows(seq_len);
+        let mut window = Vec::with_capacity(seq_len + 1);
         let mut inputs = Vec::with_capacity(batch * seq_len);
         let mut targets = Vec::with_capacity(batch * seq_len);
         for _ in 0..batch {
-            let start = self.rng.random_range(0..=last_start);
-            inputs.extend_from_slice(&self.tokens[start..start + seq_len]);
-            targets.extend_from_slice(&self.tokens[start + 1..start + seq_len + 1]);
+            let mut start = self.rng.random_range(0..total);
+            let mut segment = 0;
+            while start >= lens[segment].saturating_sub(seq_len) {
+                start -= lens[segment].saturating_sub(seq_len);
+                segment += 1;
+            }
+            window.clear();
+            self.tokens.read(segment, start, seq_len + 1, &mut window);
+            inputs.extend_from_slice(&window[..seq_len]);
+            targets.extend_from_slice(&window[1..]);
         }
         Ok((
             Tensor::from_vec(inputs, (batch, seq_len), device)?,
@@ -109,8 +210,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_are_inputs_shifted_by_one() {
-        let tokens: Vec<u32> = (0..100).collect();
+    fn targets_are_inputs_shifted_by_one_and_seek_replays() {
+        let tokens = TokenSegments::Memory((0..100).collect());
         let mut b = Batcher::new(&tokens, 7);
         let (x, y) = b.next_batch(3, 10, &Device::Cpu).unwrap();
         let x: Vec<Vec<u32>> = x.to_vec2().unwrap();
@@ -123,17 +224,66 @@ mod tests {
         let mut again = Batcher::new(&tokens, 7);
         let (x2, _) = again.next_batch(3, 10, &Device::Cpu).unwrap();
         assert_eq!(x, x2.to_vec2::<u32>().unwrap());
+
+        // A sampler restored from a position draws what the original draws next.
+        let position = b.position();
+        let (next, _) = b.next_batch(4, 10, &Device::Cpu).unwrap();
+        let mut restored = Batcher::new(&tokens, 0);
+        restored.seek(position);
+        let (replayed, _) = restored.next_batch(4, 10, &Device::Cpu).unwrap();
+        assert_eq!(
+            next.to_vec2::<u32>().unwrap(),
+            replayed.to_vec2::<u32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn windows_stay_inside_one_shard_and_cover_all_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        // Shard k holds ids 1000k .. 1000k + n_k; a window crossing shards would mix them.
+        for (k, n) in [(0u32, 20u32), (1, 5), (2, 40)] {
+            let ids: Vec<u32> = (1000 * k..1000 * k + n).collect();
+            let path = dir.path().join(format!("d_train_{k:06}.bin"));
+            shards::write(&path, &ids, 4096).unwrap();
+        }
+        let spec = format!("shards:{}", dir.path().display());
+        let tokens = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 4096).unwrap();
+        // Shard 1 (5 tokens) is too short for a window of 9.
+        assert_eq!(tokens.windows(8), 12 + 32);
+        let mut b = Batcher::new(&tokens, 3);
+        let (x, y) = b.next_batch(200, 8, &Device::Cpu).unwrap();
+        let mut seen = [false; 3];
+        for (xr, yr) in x
+            .to_vec2::<u32>()
+            .unwrap()
+            .iter()
+            .zip(y.to_vec2::<u32>().unwrap())
+        {
+            let shard = xr[0] / 1000;
+            seen[shard as usize] = true;
+            assert!(yr.iter().all(|id| id / 1000 == shard), "{xr:?} {yr:?}");
+            assert_eq!(yr[7], xr[7] + 1);
+        }
+        assert_eq!(seen, [true, false, true]);
+        let err = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 1000)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("d_train_000001.bin") || err.contains("d_train_000002.bin"),
+            "{err}"
+        );
     }
 
     #[test]
     fn held_out_tail_and_short_data() {
-        let data = load("builtin", None, 0.1, &Tokenizer::Bytes, 64).unwrap();
+        let data = load("builtin", None, 0.1, &Tokenizer::Bytes, 64, 256).unwrap();
         let total = data.train.len() + data.val.len();
         assert!(data.val.len().abs_diff(total / 10) <= 1);
-        let err = load("builtin", None, 0.1, &Tokenizer::Bytes, 5_000_000)
+        let err = load("builtin", None, 0.1, &Tokenizer::Bytes, 5_000_000, 256)
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("fewer than one sequence"), "{err}");
+        assert!(err.contains("no segment as long as one sequence"), "{err}");
     }
 }

@@ -36,6 +36,8 @@ pub struct Bsfa {
     /// Per parameter, in parameter order: `None` where BSFA does not apply.
     blocks: Vec<Option<BlockState>>,
     names: Vec<String>,
+    /// Elements per parameter, to check restored state against.
+    numels: Vec<usize>,
     steps: u64,
 }
 
@@ -57,6 +59,7 @@ impl Bsfa {
             config: config.clone(),
             blocks,
             names: params.iter().map(|p| p.name.clone()).collect(),
+            numels: params.iter().map(|p| p.var.elem_count()).collect(),
             steps: 0,
         })
     }
@@ -170,15 +173,34 @@ impl Optimizer for Bsfa {
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         self.base.load_state(steps_taken, state)?;
-        for (name, block) in self.names.iter().zip(&mut self.blocks) {
+        for ((name, block), numel) in self.names.iter().zip(&mut self.blocks).zip(&self.numels) {
             let Some(block) = block else { continue };
+            // Rows of a state matrix: at most `max_rows`, each one flattened parameter.
+            let checked = |slot: &str, max_rows: usize| -> Result<Option<Tensor>> {
+                let key = format!("{name}.{slot}");
+                let Some(t) = state.get(&key) else {
+                    return Ok(None);
+                };
+                match t.dims() {
+                    &[rows, cols] if rows <= max_rows && cols == *numel => Ok(Some(t.clone())),
+                    dims => bail!(
+                        "optimizer state '{key}' has shape {dims:?}, expected at most \
+                         {max_rows} rows of {numel} (bsfa.{} changed?)",
+                        if slot == "bsfa_history" {
+                            "history"
+                        } else {
+                            "rank"
+                        }
+                    ),
+                }
+            };
             block.history.clear();
-            if let Some(history) = state.get(&format!("{name}.bsfa_history")) {
+            if let Some(history) = checked("bsfa_history", self.config.history)? {
                 for i in 0..history.dim(0)? {
                     block.history.push_back(history.get(i)?);
                 }
             }
-            block.directions = state.get(&format!("{name}.bsfa_directions")).cloned();
+            block.directions = checked("bsfa_directions", self.config.rank)?;
         }
         self.steps = steps_taken;
         Ok(())

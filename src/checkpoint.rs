@@ -1,0 +1,368 @@
+//! Checkpoints: `OUT/checkpoints/step-<8-digit step>/` holds
+//!
+//! - `model.safetensors`: the weights under their Hugging Face names;
+//! - `optimizer.safetensors`: every optimizer state tensor (`<param>.<slot>`, BSFA history and
+//!   directions included), with the optimizer name and step count in its metadata;
+//! - `trainer.json`: [`TrainerState`] (step, tokens seen, sampler position, resolved config,
+//!   format version).
+//!
+//! A checkpoint is written into a hidden temporary folder, every file and the folder are
+//! fsynced, and only then is the folder renamed to its final name. A crash at any moment
+//! therefore leaves either a complete `step-*` folder or a temporary one that readers ignore.
+
+use crate::config::RunConfig;
+use crate::data::SamplerPosition;
+use crate::model::Param;
+use crate::optim::Optimizer;
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+/// Version of the checkpoint layout this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Weights file inside a checkpoint folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Optimizer state file inside a checkpoint folder.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Trainer state file inside a checkpoint folder.
+pub const TRAINER_FILE: &str = "trainer.json";
+
+const STEP_PREFIX: &str = "step-";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Everything besides tensors that a run needs to continue exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Training tokens consumed so far.
+    pub tokens_seen: u64,
+    /// Where the training batch sampler stands (its RNG state).
+    pub data_position: SamplerPosition,
+    /// The resolved config of the run that wrote the checkpoint.
+    pub config: RunConfig,
+}
+
+/// The folder name of the checkpoint after `step` steps.
+pub fn step_dir_name(step: usize) -> String {
+    format!("{STEP_PREFIX}{step:08}")
+}
+
+/// Writes a checkpoint under `root` atomically and returns its folder. An existing checkpoint
+/// of the same step is replaced only once the new one is complete.
+pub fn save(
+    root: &Path,
+    state: &TrainerState,
+    params: &[Param],
+    optimizer: &dyn Optimizer,
+) -> Result<PathBuf> {
+    fs::create_dir_all(root)
+        .with_context(|| format!("cannot create checkpoint folder '{}'", root.display()))?;
+    let name = step_dir_name(state.step);
+    let temp = root.join(format!("{TEMP_PREFIX}{name}"));
+    if temp.exists() {
+        fs::remove_dir_all(&temp)
+            .with_context(|| format!("cannot remove stale '{}'", temp.display()))?;
+    }
+    fs::create_dir(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
+
+    let weights: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    // `format: pt` is what `transformers` expects of a safetensors weights file.
+    write_safetensors(&temp.join(MODEL_FILE), &weights, &[("format", "pt")])?;
+    failpoint("checkpoint-write", state.step);
+    let steps = optimizer.steps_taken().to_string();
+    write_safetensors(
+        &temp.join(OPTIMIZER_FILE),
+        &optimizer.state()?,
+        &[
+            ("optimizer", &optimizer_kind(&state.config)),
+            ("steps", &steps),
+        ],
+    )?;
+    let json = serde_json::to_vec_pretty(state)?;
+    write_synced(&temp.join(TRAINER_FILE), &json)?;
+    sync_dir(&temp)?;
+
+    let target = root.join(&name);
+    if target.exists() {
+        // Same step written twice (e.g. interrupted right after resuming): swap it in.
+        let old = root.join(format!("{TEMP_PREFIX}old-{name}"));
+        fs::rename(&target, &old)?;
+        fs::rename(&temp, &target)?;
+        fs::remove_dir_all(&old)?;
+    } else {
+        fs::rename(&temp, &target)
+            .with_context(|| format!("cannot rename checkpoint into '{}'", target.display()))?;
+    }
+    sync_dir(root)?;
+    Ok(target)
+}
+
+/// The complete checkpoints under `root`, oldest first, as `(step, folder)`. Temporary
+/// folders of interrupted writes are not listed.
+pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in fs::read_dir(root).with_context(|| format!("cannot list '{}'", root.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STEP_PREFIX))
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(TRAINER_FILE).is_file() {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Deletes all but the newest `keep` complete checkpoints, and leftovers of interrupted
+/// writes. Never deletes the newest complete one.
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    let complete = list(root)?;
+    let excess = complete.len().saturating_sub(keep.max(1));
+    for (_, dir) in &complete[..excess] {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot delete '{}'", dir.display()))?;
+    }
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint read from disk and checked: its trainer state and its tensors.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+    model: HashMap<String, Tensor>,
+    optimizer: Option<(HashMap<String, Tensor>, u64)>,
+}
+
+impl Checkpoint {
+    /// Reads the checkpoint folder `dir` (and its optimizer state when `with_optimizer`).
+    /// Every error names the file and what is wrong with it.
+    pub fn open(dir: &Path, with_optimizer: bool) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "checkpoint '{}' does not exist (expected a folder such as \
+                 OUT/checkpoints/step-00001000)",
+                dir.display()
+            );
+        }
+        let trainer = dir.join(TRAINER_FILE);
+        let text = fs::read_to_string(&trainer).with_context(|| {
+            format!(
+                "cannot read '{}': the folder is not a complete checkpoint",
+                trainer.display()
+            )
+        })?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("'{}' is not valid JSON", trainer.display()))?;
+        let version = raw.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(u64::from(FORMAT_VERSION)) {
+            bail!(
+                "'{}' has checkpoint format version {}, this build reads version \
+                 {FORMAT_VERSION}; use the bsfa-train version that wrote it",
+                trainer.display(),
+                version.map_or("(missing)".to_string(), |v| v.to_string())
+            );
+        }
+        let state: TrainerState = serde_json::from_value(raw)
+            .with_context(|| format!("'{}' is not a valid trainer state", trainer.display()))?;
+        let (model, _) = read_safetensors(&dir.join(MODEL_FILE))?;
+        let optimizer = if with_optimizer {
+            let path = dir.join(OPTIMIZER_FILE);
+            let (tensors, meta) = read_safetensors(&path)?;
+            let steps = meta
+                .get("steps")
+                .and_then(|s| s.parse::<u64>().ok())
+                .with_context(|| format!("'{}' lacks its step count", path.display()))?;
+            Some((tensors, steps))
+        } else {
+            None
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+            model,
+            optimizer,
+        })
+    }
+
+    /// Copies the checkpoint's weights into `params`, checking names and shapes.
+    pub fn load_model(&self, params: &[Param]) -> Result<()> {
+        let file = self.dir.join(MODEL_FILE);
+        for p in params {
+            let t = self
+                .model
+                .get(&p.name)
+                .with_context(|| format!("'{}' has no tensor '{}'", file.display(), p.name))?;
+            if t.shape() != p.var.shape() {
+                bail!(
+                    "tensor '{}' in '{}' has shape {:?}, the model needs {:?}",
+                    p.name,
+                    file.display(),
+                    t.dims(),
+                    p.var.dims()
+                );
+            }
+            p.var.set(&t.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Restores `optimizer` from the checkpoint's optimizer state.
+    pub fn load_optimizer(&self, optimizer: &mut dyn Optimizer) -> Result<()> {
+        let file = self.dir.join(OPTIMIZER_FILE);
+        let (tensors, steps) = self
+            .optimizer
+            .as_ref()
+            .context("the checkpoint was opened without its optimizer state")?;
+        optimizer
+            .load_state(*steps, tensors)
+            .with_context(|| format!("cannot restore the optimizer from '{}'", file.display()))
+    }
+}
+
+/// Where `--resume` points: `auto` is the newest complete checkpoint under `root` (None when
+/// there is none); anything else is a checkpoint folder.
+pub fn resolve_resume(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
+    if spec == "auto" {
+        return Ok(list(root)?.pop().map(|(_, dir)| dir));
+    }
+    let path = PathBuf::from(spec);
+    if !path.exists() {
+        bail!(
+            "--resume '{spec}' does not exist; pass a checkpoint folder (OUT/checkpoints/step-N) \
+             or 'auto'"
+        );
+    }
+    Ok(Some(path))
+}
+
+/// The config keys (dotted) whose values differ between two configs.
+pub fn differing_keys(a: &serde_json::Value, b: &serde_json::Value, prefix: &str) -> Vec<String> {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let null = serde_json::Value::Null;
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    differing_keys(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &path)
+                })
+                .collect()
+        }
+        _ if a == b => Vec::new(),
+        _ => vec![prefix.to_string()],
+    }
+}
+
+/// The optimizer a config builds, as recorded in checkpoints (e.g. `adam-mini+bsfa`).
+pub fn optimizer_kind(config: &RunConfig) -> String {
+    if config.bsfa.enabled {
+        format!("{}+bsfa", config.optimizer.name)
+    } else {
+        config.optimizer.name.clone()
+    }
+}
+
+/// Writes named tensors with string metadata, then fsyncs the file.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &[(&str, &str)],
+) -> Result<()> {
+    let metadata: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(contiguous, Some(metadata), path)
+        .with_context(|| format!("cannot write '{}'", path.display()))?;
+    // The writer goes through a private (0600) temp file; checkpoints and exports are for
+    // sharing, like every other output.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644))?;
+    }
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync '{}'", path.display()))
+}
+
+/// Reads every tensor of a safetensors file (on the CPU) and its metadata.
+pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    let corrupt = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "'{}' is corrupted or truncated ({e}); resume from an earlier checkpoint",
+            path.display()
+        )
+    };
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in parsed.tensors() {
+        let t = view
+            .load(&Device::Cpu)
+            .map_err(|e| corrupt(&format!("tensor '{name}': {e}")))?;
+        tensors.insert(name, t);
+    }
+    Ok((tensors, header.metadata().clone().unwrap_or_default()))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f =
+        File::create(path).with_context(|| format!("cannot create '{}'", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write '{}'", path.display()))
+}
+
+/// Makes a folder's entries (new files, renames) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot sync folder '{}'", dir.display()))
+}
+
+/// Test hook: `BSFA_TRAIN_FAILPOINT=<name>:<step>` aborts the process at the named point of
+/// that step, as a `kill -9` landing there would. Lets tests crash a checkpoint half-written.
+fn failpoint(name: &str, step: usize) {
+    if let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") {
+        if spec == format!("{name}:{step}") {
+            eprintln!("failpoint {spec}: aborting");
+            std::process::abort();
+        }
+    }
+}

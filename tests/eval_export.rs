@@ -1,0 +1,185 @@
+//! `eval` reads llm.c-style windows and averages per token; `export` writes a Hugging Face
+//! folder whose config and tensor names are those of `LlamaForCausalLM`.
+
+mod common;
+
+use bsfa_train::checkpoint::{read_safetensors, Checkpoint};
+use bsfa_train::data::{builtin, shards};
+use bsfa_train::model::Llama;
+use bsfa_train::train;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bsfa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bsfa-train"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn last_json(o: &Output) -> Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// A checkpoint of a few steps of training.
+fn trained(dir: &Path) -> std::path::PathBuf {
+    let config = common::small_config(&dir.join("run"), &["train.steps=3"]);
+    train::run(&config, None).unwrap();
+    dir.join("run/checkpoints/step-00000003")
+}
+
+#[test]
+fn eval_averages_the_loss_over_non_overlapping_windows_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path());
+    let text: String = builtin::corpus().chars().take(1000).collect();
+    let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+    let shard_dir = dir.path().join("shards");
+    std::fs::create_dir(&shard_dir).unwrap();
+    let shard = shard_dir.join("bytes_val_000000.bin");
+    shards::write(&shard, &ids, 256).unwrap();
+    let text_file = dir.path().join("val.txt");
+    std::fs::write(&text_file, &text).unwrap();
+
+    // By definition: window i is ids[i*32 .. i*32 + 33], all in one batch.
+    let seq = 32;
+    let windows = (ids.len() - 1) / seq;
+    let ck = Checkpoint::open(&ckpt, false).unwrap();
+    let (model, params) = Llama::new(&ck.state.config.model, DType::F32, &Device::Cpu, 0).unwrap();
+    ck.load_model(&params).unwrap();
+    let rows = |offset: usize| -> Vec<u32> {
+        (0..windows)
+            .flat_map(|i| ids[i * seq + offset..i * seq + offset + seq].to_vec())
+            .collect()
+    };
+    let inputs = Tensor::from_vec(rows(0), (windows, seq), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(rows(1), (windows, seq), &Device::Cpu).unwrap();
+    let expected = model
+        .loss(&inputs, &targets)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+
+    let ckpt = ckpt.to_str().unwrap();
+    // Batches of 5 leave a smaller last batch: the mean must still be per token.
+    for data in [
+        format!("shards:{}", shard_dir.display()),
+        format!("shards:{}", shard.display()),
+        format!("text:{}", text_file.display()),
+    ] {
+        let report = last_json(&bsfa(&[
+            "eval",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            &data,
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "5",
+        ]));
+        let loss = report["val_loss"].as_f64().unwrap();
+        assert!(
+            (loss - expected).abs() < 1e-5,
+            "{data}: {loss} vs {expected}"
+        );
+        assert_eq!(report["tokens"], (windows * seq) as u64);
+    }
+    let report = last_json(&bsfa(&[
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        &format!("shards:{}", shard.display()),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "5",
+        "--eval-batches",
+        "2",
+    ]));
+    assert_eq!(report["tokens"], 2 * 5 * 32);
+
+    // A shard whose ids exceed the model's vocabulary is named.
+    let wide = shard_dir.join("wide_val_000000.bin");
+    shards::write(&wide, &[1, 2, 300, 4], 1000).unwrap();
+    let o = bsfa(&[
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        &format!("shards:{}", wide.display()),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("wide_val_000000.bin") && err.contains("id 300"),
+        "{err}"
+    );
+}
+
+#[test]
+fn export_writes_a_llama_for_causal_lm_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path());
+    let out = dir.path().join("hf");
+    let o = bsfa(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let report = last_json(&o);
+    assert_eq!(report["step"], 3);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open(&ckpt, false).unwrap();
+    let model = &ck.state.config.model;
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["hidden_size"], model.hidden_size);
+    assert_eq!(config["intermediate_size"], model.intermediate_size);
+    assert_eq!(config["num_hidden_layers"], model.num_hidden_layers);
+    assert_eq!(config["num_key_value_heads"], model.kv_heads());
+    assert_eq!(config["vocab_size"], model.vocab_size);
+    assert_eq!(config["hidden_act"], "silu");
+
+    // Same tensors, same values, under the names transformers expects.
+    let (exported, meta) = read_safetensors(&out.join("model.safetensors")).unwrap();
+    assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+    let (original, _) = read_safetensors(&ckpt.join("model.safetensors")).unwrap();
+    assert_eq!(exported.len(), original.len());
+    for (name, t) in &original {
+        let diff = (t - &exported[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+    }
+    assert!(exported.contains_key("model.layers.1.self_attn.q_proj.weight"));
+    assert!(exported.contains_key("lm_head.weight"));
+    assert!(
+        !out.join("tokenizer.json").exists(),
+        "bytes runs have no tokenizer.json"
+    );
+
+    // Never over an existing export.
+    let o = bsfa(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("already exists"),
+        "{err}"
+    );
+}
