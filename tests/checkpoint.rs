@@ -103,7 +103,26 @@ fn kill_9_at_random_moments_then_resume_logs_the_uninterrupted_losses() {
     eprintln!("kill times drawn with BSFA_KILL_SEED={seed}");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    for optimizer in OPTIMIZERS {
+    // The three optimizers on the built-in data, and the BSFA one on token shards.
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let ids: Vec<u32> = bsfa_train::data::builtin::corpus()
+        .bytes()
+        .take(200_000)
+        .map(u32::from)
+        .collect();
+    for (name, part) in [
+        ("b_train_000000.bin", &ids[..90_000]),
+        ("b_train_000001.bin", &ids[90_000..180_000]),
+        ("b_val_000000.bin", &ids[180_000..]),
+    ] {
+        bsfa_train::data::shards::write(&shards.join(name), part, 256).unwrap();
+    }
+    let on_shards = format!("shards:{}", shards.display());
+    let mut cases: Vec<Vec<&str>> = OPTIMIZERS.iter().map(|o| o.to_vec()).collect();
+    cases.push([OPTIMIZERS[2], &["--data", on_shards.as_str()]].concat());
+    for optimizer in &cases {
+        let optimizer = optimizer.as_slice();
         let reference = dir.path().join("reference");
         let started = Instant::now();
         ok(run(&args(&reference, STEPS, optimizer)));
