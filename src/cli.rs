@@ -27,6 +27,35 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write a checkpoint as a Hugging Face LlamaForCausalLM folder.
     Export(ExportArgs),
+    /// Tokenize a text source into llm.c token shards (train/val) with a meta.json.
+    Prepare(PrepareArgs),
+}
+
+/// `prepare`: source, tokenizer, destination and shard sizes.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Source: text:PATH (a file or a folder of .txt), parquet:DIR (hub layout, `text` column),
+    /// wikitext103 or openwebtext.
+    #[arg(long)]
+    pub data: String,
+    /// Tokenizer: bytes, PATH/tokenizer.json, or a hub name such as gpt2.
+    #[arg(long, default_value = "gpt2")]
+    pub tokenizer: String,
+    /// Output folder (default for wikitext103/openwebtext: the cache folder training reads).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Cache root for named datasets (default: under the Hugging Face hub cache).
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = crate::data::prepare::DEFAULT_SHARD_TOKENS)]
+    pub shard_tokens: usize,
+    /// Validation tokens held back from the end when the source has no validation split.
+    #[arg(long, default_value_t = crate::data::prepare::DEFAULT_VAL_TOKENS)]
+    pub val_tokens: usize,
+    /// Threads for tokenization (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// `eval`: which checkpoint, on which data, how much.
@@ -88,7 +117,7 @@ pub struct RunArgs {
     /// Override any config key by dotted path, e.g. model.hidden_size=128 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Training data: builtin or text:PATH.
+    /// Training data: builtin, text:PATH, shards:DIR, wikitext103 or openwebtext.
     #[arg(long)]
     pub data: Option<String>,
     /// Validation data (default: a held-out tail of the training data).
@@ -97,6 +126,9 @@ pub struct RunArgs {
     /// Tokenizer: bytes, PATH/tokenizer.json, or a hub name such as gpt2.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// Cache root of prepared wikitext103/openwebtext shards (default: under the hub cache).
+    #[arg(long)]
+    pub data_dir: Option<String>,
     /// Optimizer steps.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -167,10 +199,11 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 21] = [
+        let flags: [(&str, Option<Value>); 22] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
+            ("data.data_dir", self.data_dir.as_ref().map(|v| json!(v))),
             ("train.steps", self.steps.map(|v| json!(v))),
             ("train.batch_size", self.batch_size.map(|v| json!(v))),
             (

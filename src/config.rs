@@ -293,7 +293,7 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `builtin` or `text:PATH`.
+    /// `builtin`, `text:PATH`, `shards:PATH`, `wikitext103` or `openwebtext`.
     pub train: String,
     /// Validation source; null holds out the tail of the training data.
     pub val: Option<String>,
@@ -301,6 +301,9 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// `bytes`, a path to a `tokenizer.json`, or a hub repository name such as `gpt2`.
     pub tokenizer: String,
+    /// Where `wikitext103` / `openwebtext` shards are prepared and looked for (null: under
+    /// the Hugging Face hub cache).
+    pub data_dir: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -310,6 +313,7 @@ impl Default for DataConfig {
             val: None,
             val_fraction: 0.1,
             tokenizer: "bytes".into(),
+            data_dir: None,
         }
     }
 }
@@ -567,7 +571,7 @@ fn check_type(key: &str, current: &Value, value: &Value) -> Result<()> {
             }
             "a non-negative integer (or null)"
         }
-        "data.val" => {
+        "data.val" | "data.data_dir" => {
             if value.is_null() || value.is_string() {
                 return Ok(());
             }

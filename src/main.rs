@@ -2,11 +2,11 @@ use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
 use bsfa_train::model::{llama, Llama, ParamCounts};
-use bsfa_train::{bench, eval, export, interrupt, optim, train};
+use bsfa_train::{bench, data, eval, export, interrupt, optim, train};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 // Training allocates and frees large tensors every step; the system allocator hands them
@@ -48,6 +48,26 @@ fn run(cli: &Cli) -> Result<u8> {
             };
             let report = eval::run(Path::new(&e.checkpoint), &e.data, &options)?;
             println!("{}", serde_json::to_string(&report)?);
+            return Ok(0);
+        }
+        Some(Command::Prepare(p)) => {
+            set_threads(p.threads);
+            let out = match (&p.out, data::hub::known(&p.data)) {
+                (Some(out), _) => PathBuf::from(out),
+                (None, Some(_)) => {
+                    data::hub::shard_dir(p.data_dir.as_deref(), &p.data, &p.tokenizer)
+                }
+                (None, None) => anyhow::bail!("prepare --data {} needs --out DIR", p.data),
+            };
+            let meta = data::prepare::run(&data::prepare::PrepareOptions {
+                source: p.data.clone(),
+                tokenizer: p.tokenizer.clone(),
+                out: out.clone(),
+                shard_tokens: p.shard_tokens,
+                val_tokens: p.val_tokens,
+            })?;
+            eprintln!("prepared '{}'", out.display());
+            println!("{}", serde_json::to_string(&meta)?);
             return Ok(0);
         }
         Some(Command::Export(e)) => {

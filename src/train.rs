@@ -69,9 +69,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
     let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
     check_vocab(config, &tokenizer)?;
     let data = data::load(
-        &config.data.train,
-        config.data.val.as_deref(),
-        config.data.val_fraction,
+        &config.data,
         &tokenizer,
         train_cfg.seq_len,
         config.model.vocab_size,

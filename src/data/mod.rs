@@ -1,6 +1,9 @@
 //! Token sources and batch sampling.
 
 pub mod builtin;
+pub mod hub;
+pub mod parquet_text;
+pub mod prepare;
 pub mod shards;
 pub mod tokenizer;
 
@@ -18,17 +21,25 @@ pub struct TokenData {
     pub val: TokenSegments,
 }
 
-/// Opens the train and validation sources. Shards (`shards:DIR`) validate against the
-/// `_val_` shards of the same folder unless `val_spec` names others; text sources without
-/// a validation source hold out their last `val_fraction` of tokens.
+/// Opens the train and validation sources. Shards (`shards:DIR`, or a dataset name such as
+/// `wikitext103`, whose prepared shards are found in the cache or prepared there) validate
+/// against the `_val_` shards of the same folder unless `data.val` names others; text sources
+/// without a validation source hold out their last `val_fraction` of tokens.
 pub fn load(
-    train_spec: &str,
-    val_spec: Option<&str>,
-    val_fraction: f64,
+    data: &crate::config::DataConfig,
     tokenizer: &Tokenizer,
     seq_len: usize,
     vocab_size: usize,
 ) -> Result<TokenData> {
+    let train_spec = resolve_dataset(&data.train, data)?;
+    let train_spec = train_spec.as_str();
+    let val_spec = data
+        .val
+        .as_deref()
+        .map(|v| resolve_dataset(v, data))
+        .transpose()?;
+    let val_spec = val_spec.as_deref();
+    let val_fraction = data.val_fraction;
     let open = |spec: &str, split| TokenSegments::open(spec, tokenizer, split, vocab_size);
     let mut train = open(train_spec, "train")?;
     let val = match (val_spec, &mut train) {
@@ -53,6 +64,36 @@ pub fn load(
         }
     }
     Ok(TokenData { train, val })
+}
+
+/// `wikitext103` / `openwebtext` become `shards:DIR` of their prepared shards (prepared now
+/// when missing and the hub is reachable); other specs are returned as they are.
+pub fn resolve_dataset(spec: &str, data: &crate::config::DataConfig) -> Result<String> {
+    if hub::known(spec).is_none() {
+        return Ok(spec.to_string());
+    }
+    let dir = hub::shard_dir(data.data_dir.as_deref(), spec, &data.tokenizer);
+    if !dir.join(prepare::META_FILE).is_file() {
+        if hub::offline() {
+            bail!(
+                "dataset '{spec}' is not prepared in '{}' and HF_HUB_OFFLINE is set. On a machine \
+                 with network access run `bsfa-train prepare --data {spec} --tokenizer {} --out \
+                 DIR`, then copy DIR to '{}' here (or train with --data shards:DIR)",
+                dir.display(),
+                data.tokenizer,
+                dir.display()
+            );
+        }
+        eprintln!("preparing '{spec}' into '{}' (once)", dir.display());
+        prepare::run(&prepare::PrepareOptions {
+            source: spec.to_string(),
+            tokenizer: data.tokenizer.clone(),
+            out: dir.clone(),
+            shard_tokens: prepare::DEFAULT_SHARD_TOKENS,
+            val_tokens: prepare::DEFAULT_VAL_TOKENS,
+        })?;
+    }
+    Ok(format!("shards:{}", dir.display()))
 }
 
 /// A token stream in independent segments: one per shard file, or one for a text source.
@@ -125,7 +166,10 @@ fn read_tokens(spec: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
         String::from_utf8(bytes)
             .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
     } else {
-        bail!("unknown data source '{spec}'; use 'builtin', 'text:PATH' or 'shards:PATH'");
+        bail!(
+            "unknown data source '{spec}'; use 'builtin', 'text:PATH', 'shards:PATH', \
+             'wikitext103' or 'openwebtext'"
+        );
     };
     if text.trim().is_empty() {
         bail!("data source '{spec}' is empty");
@@ -277,10 +321,11 @@ mod tests {
 
     #[test]
     fn held_out_tail_and_short_data() {
-        let data = load("builtin", None, 0.1, &Tokenizer::Bytes, 64, 256).unwrap();
+        let builtin = crate::config::DataConfig::default();
+        let data = load(&builtin, &Tokenizer::Bytes, 64, 256).unwrap();
         let total = data.train.len() + data.val.len();
         assert!(data.val.len().abs_diff(total / 10) <= 1);
-        let err = load("builtin", None, 0.1, &Tokenizer::Bytes, 5_000_000, 256)
+        let err = load(&builtin, &Tokenizer::Bytes, 5_000_000, 256)
             .err()
             .unwrap()
             .to_string();

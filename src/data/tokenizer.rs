@@ -51,6 +51,43 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes many documents at once, on every core, without adding special tokens.
+    pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+        use rayon::prelude::*;
+        match self {
+            Self::Bytes => Ok(texts
+                .par_iter()
+                .map(|t| t.bytes().map(u32::from).collect())
+                .collect()),
+            Self::HuggingFace { source, inner } => Ok(inner
+                .encode_batch(texts.to_vec(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizer '{source}' failed: {e}"))?
+                .into_iter()
+                .map(|e| e.get_ids().to_vec())
+                .collect()),
+        }
+    }
+
+    /// The id and text of the token that separates documents: the tokenizer's end-of-text
+    /// token (`<|endoftext|>`, `</s>`, `<eos>`, `<|end_of_text|>`), or for the bytes
+    /// tokenizer, which has none, the newline byte.
+    pub fn document_separator(&self) -> Result<(u32, String)> {
+        match self {
+            Self::Bytes => Ok((u32::from(b'\n'), "\n".into())),
+            Self::HuggingFace { source, inner } => {
+                ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+                    .iter()
+                    .find_map(|t| inner.token_to_id(t).map(|id| (id, t.to_string())))
+                    .with_context(|| {
+                        format!(
+                            "tokenizer '{source}' has no end-of-text token (<|endoftext|>, </s>, \
+                             <eos> or <|end_of_text|>) to separate documents with"
+                        )
+                    })
+            }
+        }
+    }
+
     /// Encodes `text` without adding special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
@@ -64,10 +101,27 @@ impl Tokenizer {
     }
 }
 
-/// Fetches `tokenizer.json` of a hub repository into the local Hugging Face cache.
+/// Fetches `tokenizer.json` of a hub repository into the local Hugging Face cache (or finds
+/// it there: offline, only there).
 fn download(repo: &str) -> Result<std::path::PathBuf> {
-    let api = hf_hub::api::sync::Api::new().context("cannot set up the Hugging Face hub client")?;
-    api.model(repo.to_string())
+    if let Some(cached) = hf_hub::Cache::from_env()
+        .model(repo.to_string())
+        .get("tokenizer.json")
+    {
+        return Ok(cached);
+    }
+    if super::hub::offline() {
+        anyhow::bail!(
+            "tokenizer '{repo}' is not in the local Hugging Face cache ('{}') and \
+             HF_HUB_OFFLINE is set. On a machine with network access run `bsfa-train prepare \
+             --data text:SOME.txt --tokenizer {repo} --out /tmp/x` (or any command using \
+             --tokenizer {repo}) and copy its cache folder here, or pass --tokenizer \
+             PATH/tokenizer.json",
+            hf_hub::Cache::from_env().path().display()
+        );
+    }
+    super::hub::api()?
+        .model(repo.to_string())
         .get("tokenizer.json")
         .with_context(|| {
             format!(
