@@ -4,7 +4,8 @@
 //! optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
-use crate::data::{Batcher, TokenSegments};
+use crate::data::loader::{Loader, LoaderShape};
+use crate::data::{SamplerPosition, TokenSegments};
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
 use crate::train::train_step;
@@ -13,6 +14,7 @@ use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What `bench` prints: medians over the timed steps.
@@ -51,7 +53,21 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
             .map(|_| rng.random_range(0..vocab))
             .collect(),
     );
-    let mut batcher = Batcher::new(&tokens, train.seed);
+    let mut loader = Loader::start(
+        Arc::new(tokens),
+        SamplerPosition {
+            seed: train.seed,
+            word_pos: 0,
+        },
+        LoaderShape {
+            global_batch: train.batch_size,
+            micro_batch: train.micro_batch(),
+            seq_len: train.seq_len,
+            rank: 0,
+            world: 1,
+        },
+        2,
+    )?;
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     for step in 0..warmup + iters {
@@ -60,7 +76,7 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
             &model,
             &params,
             optimizer.as_mut(),
-            &mut batcher,
+            &loader.next_step()?.micro_batches,
             config,
             lr,
         )?;

@@ -3,7 +3,8 @@
 
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::RunConfig;
-use crate::data::{self, Batcher, Tokenizer};
+use crate::data::loader::{Loader, LoaderShape};
+use crate::data::{self, Batcher, SamplerPosition, Tokenizer};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::{Llama, Param, ParamCounts};
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The one-line JSON summary a run prints last on stdout.
@@ -42,6 +44,9 @@ pub struct Summary {
     #[serde(skip)]
     pub losses: Vec<f64>,
 }
+
+/// Steps the data loader prepares ahead of the trainer.
+const PREFETCH_STEPS: usize = 2;
 
 /// Seed offset for evaluation windows, so they never coincide with training draws.
 const EVAL_SEED_OFFSET: u64 = 0x5EED_0FE7_A100;
@@ -78,7 +83,10 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
     let (model, params) = Llama::new(&config.model, DType::F32, &device, train_cfg.seed)?;
     let param_count = ParamCounts::of(&params).total;
     let mut optimizer = optim::build(config, &params)?;
-    let mut batcher = Batcher::new(&data.train, train_cfg.seed);
+    let mut data_position = SamplerPosition {
+        seed: train_cfg.seed,
+        word_pos: 0,
+    };
     let progress = Progress::new(
         train_cfg.steps,
         resumed.as_ref().map_or(0, |ck| ck.state.step),
@@ -88,7 +96,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         Some(ck) => {
             ck.load_model(&params)?;
             ck.load_optimizer(optimizer.as_mut())?;
-            batcher.seek(ck.state.data_position);
+            data_position = ck.state.data_position;
             progress.println(&format!(
                 "resuming from '{}' at step {}",
                 ck.dir.display(),
@@ -118,11 +126,24 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         serde_json::to_string_pretty(config)?,
     )
     .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
+    let (train_tokens, val_tokens) = (data.train.len(), data.val.len());
+    let mut loader = Loader::start(
+        Arc::new(data.train),
+        data_position,
+        LoaderShape {
+            global_batch: train_cfg.batch_size,
+            micro_batch: train_cfg.micro_batch(),
+            seq_len: train_cfg.seq_len,
+            rank: 0,
+            world: 1,
+        },
+        PREFETCH_STEPS,
+    )?;
     progress.println(&format!(
         "training {} parameters on {} train / {} val tokens, {} steps of {} x {} tokens",
         param_count,
-        data.train.len(),
-        data.val.len(),
+        train_tokens,
+        val_tokens,
         train_cfg.steps,
         train_cfg.batch_size,
         train_cfg.seq_len
@@ -158,14 +179,16 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
             opt_cfg.lr,
             opt_cfg.min_lr_ratio,
         );
+        let batch = loader.next_step()?;
         let outcome = train_step(
             &model,
             &params,
             optimizer.as_mut(),
-            &mut batcher,
+            &batch.micro_batches,
             config,
             lr,
         )?;
+        data_position = batch.position;
         let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
         if !loss.is_finite() {
             return Err(diverged(format!("loss is {loss}"), step, lr, &metrics));
@@ -215,7 +238,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
                 format_version: checkpoint::FORMAT_VERSION,
                 step: done,
                 tokens_seen: summary.tokens_seen,
-                data_position: batcher.position(),
+                data_position,
                 config: config.clone(),
             };
             let saving = Instant::now();
@@ -348,13 +371,13 @@ pub fn train_step(
     model: &Llama,
     params: &[Param],
     optimizer: &mut dyn optim::Optimizer,
-    batcher: &mut Batcher,
+    micro_batches: &[(Tensor, Tensor)],
     config: &RunConfig,
     lr: f64,
 ) -> Result<StepOutcome> {
     let device = model.device().clone();
     device.with_context(|| {
-        let acc = accumulate_gradients(model, params, batcher, config, &device)?;
+        let acc = accumulate_gradients(model, params, micro_batches, &device)?;
         let mut outcome = StepOutcome {
             loss: acc.loss,
             grad_norm: f64::NAN,
@@ -389,19 +412,16 @@ pub struct Accumulated {
 }
 
 /// Runs forward and backward over the micro-batches of one optimizer step. Each
-/// micro-batch loss is weighted by its share of the batch, so the split does not change the
+/// micro-batch loss is weighted by its share of the step's sequences, so the split does not change the
 /// result. A non-finite loss is returned at once, without gradients, for the caller to
 /// report.
 pub fn accumulate_gradients(
     model: &Llama,
     params: &[Param],
-    batcher: &mut Batcher,
-    config: &RunConfig,
+    micro_batches: &[(Tensor, Tensor)],
     device: &Device,
 ) -> Result<Accumulated> {
-    let train = &config.train;
-    let micro = train.micro_batch();
-    let weight = micro as f64 / train.batch_size as f64;
+    let sequences: usize = micro_batches.iter().map(|(x, _)| x.dims()[0]).sum();
     let mut out = Accumulated {
         loss: 0.0,
         grads: Vec::new(),
@@ -409,8 +429,9 @@ pub fn accumulate_gradients(
         backward_s: 0.0,
     };
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    for _ in 0..train.batch_size / micro {
-        let (inputs, targets) = batcher.next_batch(micro, train.seq_len, device)?;
+    for (inputs, targets) in micro_batches {
+        let weight = inputs.dims()[0] as f64 / sequences as f64;
+        let (inputs, targets) = (inputs.to_device(device)?, targets.to_device(device)?);
         let started = Instant::now();
         let loss = model.loss(&inputs, &targets)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -2,6 +2,7 @@
 
 pub mod builtin;
 pub mod hub;
+pub mod loader;
 pub mod parquet_text;
 pub mod prepare;
 pub mod shards;
@@ -218,6 +219,18 @@ impl<'a> Batcher<'a> {
         self.rng.set_word_pos(position.word_pos);
     }
 
+    /// The next random window of `seq_len + 1` tokens, as `(segment, start)`.
+    pub fn draw(&mut self, seq_len: usize) -> (usize, usize) {
+        let lens = self.tokens.segment_lens();
+        let mut start = self.rng.random_range(0..self.tokens.windows(seq_len));
+        let mut segment = 0;
+        while start >= lens[segment].saturating_sub(seq_len) {
+            start -= lens[segment].saturating_sub(seq_len);
+            segment += 1;
+        }
+        (segment, start)
+    }
+
     /// Inputs and next-token targets, each `batch x seq_len` (u32).
     pub fn next_batch(
         &mut self,
@@ -225,28 +238,32 @@ impl<'a> Batcher<'a> {
         seq_len: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let lens = self.tokens.segment_lens();
-        let total = self.tokens.windows(seq_len);
-        let mut window = Vec::with_capacity(seq_len + 1);
-        let mut inputs = Vec::with_capacity(batch * seq_len);
-        let mut targets = Vec::with_capacity(batch * seq_len);
-        for _ in 0..batch {
-            let mut start = self.rng.random_range(0..total);
-            let mut segment = 0;
-            while start >= lens[segment].saturating_sub(seq_len) {
-                start -= lens[segment].saturating_sub(seq_len);
-                segment += 1;
-            }
-            window.clear();
-            self.tokens.read(segment, start, seq_len + 1, &mut window);
-            inputs.extend_from_slice(&window[..seq_len]);
-            targets.extend_from_slice(&window[1..]);
-        }
-        Ok((
-            Tensor::from_vec(inputs, (batch, seq_len), device)?,
-            Tensor::from_vec(targets, (batch, seq_len), device)?,
-        ))
+        let windows: Vec<(usize, usize)> = (0..batch).map(|_| self.draw(seq_len)).collect();
+        batch_of(self.tokens, &windows, seq_len, device)
     }
+}
+
+/// Inputs and targets (`windows.len() x seq_len`, u32) of the given windows.
+pub fn batch_of(
+    tokens: &TokenSegments,
+    windows: &[(usize, usize)],
+    seq_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut window = Vec::with_capacity(seq_len + 1);
+    let mut inputs = Vec::with_capacity(windows.len() * seq_len);
+    let mut targets = Vec::with_capacity(windows.len() * seq_len);
+    for &(segment, start) in windows {
+        window.clear();
+        tokens.read(segment, start, seq_len + 1, &mut window);
+        inputs.extend_from_slice(&window[..seq_len]);
+        targets.extend_from_slice(&window[1..]);
+    }
+    let shape = (windows.len(), seq_len);
+    Ok((
+        Tensor::from_vec(inputs, shape, device)?,
+        Tensor::from_vec(targets, shape, device)?,
+    ))
 }
 
 #[cfg(test)]
