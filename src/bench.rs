@@ -5,7 +5,7 @@
 
 use crate::config::RunConfig;
 use crate::data::loader::{Loader, LoaderShape};
-use crate::data::{SamplerPosition, TokenSegments};
+use crate::data::{self, SamplerPosition, TokenSegments, Tokenizer};
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
 use crate::train::train_step;
@@ -34,10 +34,22 @@ pub struct BenchReport {
     pub optimizer_ms: f64,
     /// Peak resident memory of the process (Linux `VmHWM`), if known.
     pub peak_rss_mib: Option<f64>,
+    /// Tokens/s the data loader delivers on `data.train` with this batch shape, when
+    /// measured (`--loader-steps`).
+    pub loader_tokens_per_s: Option<f64>,
+    /// `loader_tokens_per_s / tokens_per_s`: how much faster data comes than it is consumed.
+    pub loader_vs_trainer: Option<f64>,
 }
 
-/// Runs `warmup` untimed and `iters` timed training steps of `config`'s model.
-pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> Result<BenchReport> {
+/// Runs `warmup` untimed and `iters` timed training steps of `config`'s model, then, when
+/// `loader_steps > 0`, times the data loader alone on `config.data.train`.
+pub fn run(
+    config: &RunConfig,
+    threads: usize,
+    warmup: usize,
+    iters: usize,
+    loader_steps: usize,
+) -> Result<BenchReport> {
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -89,6 +101,10 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
         }
     }
     let step_s = median(&mut total);
+    let tokens_per_s = (train.batch_size * train.seq_len) as f64 / step_s;
+    let loader_tokens_per_s = (loader_steps > 0)
+        .then(|| loader_throughput(config, loader_steps))
+        .transpose()?;
     Ok(BenchReport {
         params: ParamCounts::of(&params).total,
         batch_size: train.batch_size,
@@ -98,12 +114,48 @@ pub fn run(config: &RunConfig, threads: usize, warmup: usize, iters: usize) -> R
         optimizer: config.optimizer.name.clone(),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
-        tokens_per_s: (train.batch_size * train.seq_len) as f64 / step_s,
+        tokens_per_s,
         forward_ms: median(&mut forward) * 1e3,
         backward_ms: median(&mut backward) * 1e3,
         optimizer_ms: median(&mut update) * 1e3,
         peak_rss_mib: peak_rss_mib(),
+        loader_tokens_per_s,
+        loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),
     })
+}
+
+/// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training
+/// data (built-in, text or memory-mapped shards), consumed as fast as it produces them.
+pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
+    let train = &config.train;
+    let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
+    let data = data::load(
+        &config.data,
+        &tokenizer,
+        train.seq_len,
+        config.model.vocab_size,
+    )?;
+    let mut loader = Loader::start(
+        Arc::new(data.train),
+        SamplerPosition {
+            seed: train.seed,
+            word_pos: 0,
+        },
+        LoaderShape {
+            global_batch: train.batch_size,
+            micro_batch: train.micro_batch(),
+            seq_len: train.seq_len,
+            rank: 0,
+            world: 1,
+        },
+        2,
+    )?;
+    loader.next_step()?;
+    let started = Instant::now();
+    for _ in 0..steps {
+        loader.next_step()?;
+    }
+    Ok((steps * train.batch_size * train.seq_len) as f64 / started.elapsed().as_secs_f64())
 }
 
 fn median(xs: &mut [f64]) -> f64 {

@@ -103,6 +103,9 @@ pub struct BenchArgs {
     /// Timed steps; the report gives their medians.
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
+    /// Also time the data loader alone for this many steps on --data (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub loader_steps: usize,
 }
 
 /// The flags shared by training and `bench`.

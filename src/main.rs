@@ -80,7 +80,7 @@ fn run(cli: &Cli) -> Result<u8> {
     let config = args.resolve()?;
     let threads = set_threads(config.train.threads);
     if let Some(Command::Bench(b)) = &cli.command {
-        let report = bench::run(&config, threads, b.warmup, b.iters)?;
+        let report = bench::run(&config, threads, b.warmup, b.iters, b.loader_steps)?;
         println!("{}", serde_json::to_string(&report)?);
         return Ok(0);
     }

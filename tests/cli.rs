@@ -320,7 +320,7 @@ fn bsfa_flag_trains_and_is_recorded() {
 
 #[test]
 fn bench_prints_one_json_line_with_the_phase_split() {
-    let args = fast(&["--iters", "2", "--warmup", "1"]);
+    let args = fast(&["--iters", "2", "--warmup", "1", "--loader-steps", "20"]);
     let mut all = vec!["bench"];
     all.extend(args.iter().map(String::as_str));
     let o = bsfa(&all);
@@ -336,6 +336,12 @@ fn bench_prints_one_json_line_with_the_phase_split() {
     let tps = report["tokens_per_s"].as_f64().unwrap();
     assert!((tps - 2.0 * 16.0 / (ms / 1e3)).abs() / tps < 1e-9);
     assert!(report["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let loader = report["loader_tokens_per_s"].as_f64().unwrap();
+    let ratio = report["loader_vs_trainer"].as_f64().unwrap();
+    assert!(
+        loader > 0.0 && (ratio - loader / tps).abs() / ratio < 1e-9,
+        "{report}"
+    );
 }
 
 #[test]

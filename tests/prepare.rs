@@ -3,6 +3,7 @@
 //! server, offline errors, and every bad input.
 
 use bsfa_train::data::parquet_text::write_string_column;
+use bsfa_train::data::{Batcher, TokenSegments, Tokenizer};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,27 @@ fn text_folder_round_trip_with_held_out_validation() {
             .unwrap()["splits"],
         meta["splits"]
     );
+
+    // The loader's windows over the shards are exactly stretches of that stream.
+    let spec = format!("shards:{}", out.display());
+    let tokens = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 256).unwrap();
+    let offsets: Vec<usize> = tokens
+        .segment_lens()
+        .iter()
+        .scan(0, |acc, n| {
+            let at = *acc;
+            *acc += n;
+            Some(at)
+        })
+        .collect();
+    let mut batcher = Batcher::new(&tokens, 5);
+    for _ in 0..200 {
+        let (segment, start) = batcher.draw(64);
+        let mut window = Vec::new();
+        tokens.read(segment, start, 65, &mut window);
+        let at = offsets[segment] + start;
+        assert_eq!(window, expected[at..at + 65]);
+    }
 
     // Leftovers of an interrupted run (a temp shard, no meta.json) are cleared on a re-run.
     std::fs::remove_file(out.join("meta.json")).unwrap();

@@ -62,6 +62,9 @@ pub const DEFAULT_SHARD_TOKENS: usize = 100_000_000;
 /// Default validation tokens held back from sources without a validation split.
 pub const DEFAULT_VAL_TOKENS: usize = 10_000_000;
 
+/// Documents tokenized per call (in parallel), bounding the tokenizer's transient memory.
+const TOKENIZE_DOCS: usize = 256;
+
 /// File name of the completion marker and summary.
 pub const META_FILE: &str = "meta.json";
 
@@ -117,7 +120,10 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
         for unit in split_units {
             let docs = unit.documents(&mut pending)?;
             documents += docs.len();
-            sink.push_documents(&tokenizer.encode_batch(&docs)?, separator)?;
+            // In slices: a tokenizer's encodings are many times larger than their ids.
+            for slice in docs.chunks(TOKENIZE_DOCS) {
+                sink.push_documents(&tokenizer.encode_batch(slice)?, separator)?;
+            }
             progress.advance(documents, sink.tokens_total(), split);
         }
         if !pending.is_empty() {
@@ -415,10 +421,18 @@ impl<'a> ShardSink<'a> {
             self.buffer.push(separator);
             self.buffer.extend_from_slice(doc);
         }
+        if self.buffer.capacity() == 0 {
+            // Reserved once: the buffer never grows by doubling past a shard, and pages it
+            // never touches (a small source) are never resident.
+            self.buffer
+                .reserve(self.shard_tokens + self.hold_back + (1 << 20));
+        }
         while self.buffer.len() >= self.shard_tokens + self.hold_back {
-            let rest = self.buffer.split_off(self.shard_tokens);
-            let full = std::mem::replace(&mut self.buffer, rest);
-            self.write(self.split, &full)?;
+            let (shard, split) = (self.shard_tokens, self.split);
+            let full = std::mem::take(&mut self.buffer);
+            self.write(split, &full[..shard])?;
+            self.buffer = full;
+            self.buffer.drain(..shard);
         }
         Ok(())
     }

@@ -151,25 +151,32 @@ pub fn write(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
     header[0] = if wide { MAGIC_U32 } else { MAGIC_U16 };
     header[1] = if wide { VERSION_U32 } else { VERSION_U16 };
     header[2] = count;
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * if wide { 4 } else { 2 });
-    bytes.extend(header.iter().flat_map(|v| v.to_le_bytes()));
+    let temp = path.with_extension("bin.tmp");
+    let context = || format!("cannot write token shard '{}'", path.display());
+    let file =
+        File::create(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
+    // Streamed through a buffer: a shard is never held twice in memory.
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    for v in header {
+        out.write_all(&v.to_le_bytes()).with_context(context)?;
+    }
     for &id in tokens {
         if wide {
-            bytes.extend(id.to_le_bytes());
+            out.write_all(&id.to_le_bytes()).with_context(context)?;
         } else {
             let id = u16::try_from(id)
                 .ok()
                 .with_context(|| format!("id {id} does not fit a u16 shard"))?;
-            bytes.extend(id.to_le_bytes());
+            out.write_all(&id.to_le_bytes()).with_context(context)?;
         }
     }
-    let temp = path.with_extension("bin.tmp");
-    let mut file =
-        File::create(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
-    file.write_all(&bytes)
-        .and_then(|_| file.sync_all())
+    let file = out
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(context)?;
+    file.sync_all()
         .and_then(|_| std::fs::rename(&temp, path))
-        .with_context(|| format!("cannot write token shard '{}'", path.display()))
+        .with_context(context)
 }
 
 /// The shard files a `shards:` spec names: a single `.bin` file, or the `.bin` files of a
