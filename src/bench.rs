@@ -28,10 +28,15 @@ pub struct BenchReport {
     pub optimizer: String,
     pub timed_steps: usize,
     pub ms_per_step: f64,
+    /// Mean step time: unlike the median, it includes periodic work (BSFA's re-estimation
+    /// every `bsfa.interval` steps).
+    pub mean_ms_per_step: f64,
     pub tokens_per_s: f64,
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// Mean optimizer time per step (periodic work included).
+    pub mean_optimizer_ms: f64,
     /// Peak resident memory of the process (Linux `VmHWM`), if known.
     pub peak_rss_mib: Option<f64>,
     /// Tokens/s the data loader delivers on `data.train` with this batch shape, when
@@ -100,6 +105,8 @@ pub fn run(
             update.push(outcome.optimizer_s);
         }
     }
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (mean_step_s, mean_optimizer_s) = (mean(&total), mean(&update));
     let step_s = median(&mut total);
     let tokens_per_s = (train.batch_size * train.seq_len) as f64 / step_s;
     let loader_tokens_per_s = (loader_steps > 0)
@@ -114,10 +121,12 @@ pub fn run(
         optimizer: config.optimizer.name.clone(),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
+        mean_ms_per_step: mean_step_s * 1e3,
         tokens_per_s,
         forward_ms: median(&mut forward) * 1e3,
         backward_ms: median(&mut backward) * 1e3,
         optimizer_ms: median(&mut update) * 1e3,
+        mean_optimizer_ms: mean_optimizer_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
         loader_tokens_per_s,
         loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),

@@ -337,6 +337,8 @@ pub struct BsfaConfig {
     /// Parameter groups BSFA applies to: any of `norm,attn,mlp` (embeddings and the output
     /// head never, as in the paper).
     pub blocks: String,
+    /// Precision of the stored history and directions: 32 (the parameters' own) or 4.
+    pub bits: usize,
 }
 
 impl Default for BsfaConfig {
@@ -349,6 +351,7 @@ impl Default for BsfaConfig {
             history: 40,
             interval: 10,
             blocks: "norm,attn,mlp".into(),
+            bits: 32,
         }
     }
 }
@@ -369,6 +372,9 @@ impl BsfaConfig {
         }
         if self.interval == 0 {
             bail!("bsfa.interval must be a positive integer, got 0");
+        }
+        if self.bits != 32 && self.bits != 4 {
+            bail!("bsfa.bits must be 32 or 4, got {}", self.bits);
         }
         if !non_negative(self.alpha) || !non_negative(self.gamma) {
             bail!(

@@ -118,9 +118,16 @@ fn dry_run(config: &RunConfig) -> Result<()> {
         let optimizer = optim::build(&other, &params)?;
         state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
     }
-    // BSFA adds its full history and directions once warmed up.
+    // BSFA adds its full history and directions once warmed up, at the configured precision
+    // (`bsfa_extra`) and at both precisions for comparison.
     let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, &params)?;
     state_by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
+    for bits in [32, 4] {
+        let mut at = config.bsfa.clone();
+        at.bits = bits;
+        let bytes = optim::bsfa::steady_state_bytes(&at, &params)?;
+        state_by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
+    }
     let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
         .as_u64()
         .map_or(0, |b| b as usize)

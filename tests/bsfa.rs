@@ -184,3 +184,35 @@ fn bsfa_changes_the_steps_and_trains() {
     let last5 = |l: &[f64]| l[35..].iter().sum::<f64>() / 5.0;
     assert!(last5(&bsfa) < bsfa[0] - 2.0, "{bsfa:?}");
 }
+
+/// 4-bit history and directions (`bsfa.bits=4`) keep the run close to full precision and
+/// hold about an eighth of the memory.
+#[test]
+fn four_bit_state_trains_like_full_precision() {
+    let full = losses(&["optimizer.name=\"adam-mini\"", "bsfa.enabled=true"]);
+    let four = losses(&[
+        "optimizer.name=\"adam-mini\"",
+        "bsfa.enabled=true",
+        "bsfa.bits=4",
+    ]);
+    let last5 = |l: &[f64]| l[35..].iter().sum::<f64>() / 5.0;
+    assert_ne!(full[6..], four[6..], "4-bit storage changed nothing");
+    assert!(
+        (last5(&full) - last5(&four)).abs() < 0.05 * last5(&full),
+        "{} vs {}",
+        last5(&full),
+        last5(&four)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path(), &["bsfa.enabled=true", "bsfa.bits=4"]);
+    let (_, params) =
+        bsfa_train::model::Llama::new(&config.model, candle_core::DType::F32, &Device::Cpu, 0)
+            .unwrap();
+    let four_bytes = bsfa_train::optim::bsfa::steady_state_bytes(&config.bsfa, &params).unwrap();
+    let mut full_cfg = config.bsfa.clone();
+    full_cfg.bits = 32;
+    let full_bytes = bsfa_train::optim::bsfa::steady_state_bytes(&full_cfg, &params).unwrap();
+    let ratio = four_bytes as f64 / full_bytes as f64;
+    assert!((0.12..0.14).contains(&ratio), "{ratio}");
+}

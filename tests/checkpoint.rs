@@ -121,6 +121,7 @@ fn kill_9_at_random_moments_then_resume_logs_the_uninterrupted_losses() {
     let on_shards = format!("shards:{}", shards.display());
     let mut cases: Vec<Vec<&str>> = OPTIMIZERS.iter().map(|o| o.to_vec()).collect();
     cases.push([OPTIMIZERS[2], &["--data", on_shards.as_str()]].concat());
+    cases.push([OPTIMIZERS[2], &["--set", "bsfa.bits=4"]].concat());
     for optimizer in &cases {
         let optimizer = optimizer.as_slice();
         let reference = dir.path().join("reference");
@@ -135,14 +136,26 @@ fn kill_9_at_random_moments_then_resume_logs_the_uninterrupted_losses() {
         let mut killed_mid_run = 0;
         for trial in 0..trials() {
             let out = dir.path().join(format!("trial{trial}"));
-            let delay = full.mul_f64(rng.random_range(0.05..0.9));
+            // A random moment: after a random number of logged steps (0: during start-up),
+            // plus up to one step's time, so kills land anywhere in a step or a checkpoint
+            // write whatever the machine's speed.
+            let after_lines = rng.random_range(0..STEPS);
+            let extra = full.mul_f64(rng.random_range(0.0..1.0) / STEPS as f64);
             let mut child = Command::new(BIN)
                 .args(args(&out, STEPS, optimizer))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(delay);
+            let started = Instant::now();
+            let metrics = out.join("metrics.jsonl");
+            while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < after_lines
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(extra);
+            let delay = started.elapsed();
             if child.try_wait().unwrap().is_none() {
                 killed_mid_run += 1;
             }

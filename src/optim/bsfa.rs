@@ -14,19 +14,68 @@
 //! step to step) while bulk components drift steadily one way. Centring removes that drift,
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
+use super::quant::{self, Quant4};
 use super::Optimizer;
 use crate::config::BsfaConfig;
 use crate::model::{Param, ParamGroup};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
+
+/// A matrix BSFA keeps (`rows x numel`): in full precision, or 4-bit (`bsfa.bits = 4`,
+/// see [`quant`]) and dequantized only when used.
+enum Stored {
+    Full(Tensor),
+    Bits4 {
+        q: Quant4,
+        dtype: DType,
+        device: candle_core::Device,
+    },
+}
+
+impl Stored {
+    /// Keeps `t` (`rows x numel`) at `bits` precision.
+    fn keep(t: &Tensor, bits: usize) -> Result<Self> {
+        if bits == 32 {
+            return Ok(Self::Full(t.clone()));
+        }
+        let cols = t.dim(1)?;
+        let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self::Bits4 {
+            q: Quant4::quantize(&values, cols)?,
+            dtype: t.dtype(),
+            device: t.device().clone(),
+        })
+    }
+
+    /// The matrix, `rows x numel`.
+    fn matrix(&self) -> Result<Tensor> {
+        match self {
+            Self::Full(t) => Ok(t.clone()),
+            Self::Bits4 { q, dtype, device } => {
+                Ok(Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?.to_dtype(*dtype)?)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Full(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Self::Bits4 { q, .. } => q.bytes(),
+        }
+    }
+}
+
+/// Checkpoint suffixes of the four arrays of a 4-bit matrix.
+const QUANT_SUFFIXES: [&str; 4] = ["codes", "scales", "zeros", "norms"];
 
 /// Per-block BSFA state.
 struct BlockState {
-    /// The most recent base updates, flattened, oldest first.
-    history: VecDeque<Tensor>,
+    /// The most recent base updates (`1 x numel` each), oldest first.
+    history: VecDeque<Stored>,
     /// Estimated dominant directions as orthonormal rows (`rank x numel`), once estimated.
-    directions: Option<Tensor>,
+    directions: Option<Stored>,
 }
 
 /// BSFA around any base optimizer.
@@ -38,6 +87,8 @@ pub struct Bsfa {
     names: Vec<String>,
     /// Elements per parameter, to check restored state against.
     numels: Vec<usize>,
+    /// Element type and device per parameter, to restore 4-bit state to.
+    kinds: Vec<(DType, candle_core::Device)>,
     steps: u64,
 }
 
@@ -60,6 +111,10 @@ impl Bsfa {
             blocks,
             names: params.iter().map(|p| p.name.clone()).collect(),
             numels: params.iter().map(|p| p.var.elem_count()).collect(),
+            kinds: params
+                .iter()
+                .map(|p| (p.var.dtype(), p.var.device().clone()))
+                .collect(),
             steps: 0,
         })
     }
@@ -72,10 +127,16 @@ impl Bsfa {
 pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
     let (m, _) = history.dims2()?;
     let dtype = history.dtype();
-    let history64 = history.to_dtype(DType::F64)?;
-    let centred = history64.broadcast_sub(&history64.mean_keepdim(0)?)?;
-    let gram: Vec<f64> = centred.matmul(&centred.t()?)?.flatten_all()?.to_vec1()?;
-    let eigen = nalgebra::DMatrix::from_row_slice(m, m, &gram).symmetric_eigen();
+    // The two large products run in the history's precision (f32 in training); the small
+    // eigenproblem in f64.
+    let centred = centre_rows(history)?;
+    let gram: Vec<f64> = centred
+        .matmul(&centred.t()?)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let centred_gram = nalgebra::DMatrix::from_row_slice(m, m, &gram);
+    let eigen = centred_gram.symmetric_eigen();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
     let largest = eigen.eigenvalues[order[0]].max(0.0);
@@ -93,8 +154,43 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
     if kept == 0 {
         bail!("bsfa: the update history has no variance to estimate directions from");
     }
-    let coefficients = Tensor::from_vec(coefficients, (kept, m), history.device())?;
-    Ok(coefficients.matmul(&centred)?.to_dtype(dtype)?)
+    let coefficients =
+        Tensor::from_vec(coefficients, (kept, m), history.device())?.to_dtype(dtype)?;
+    Ok(coefficients.matmul(&centred)?)
+}
+
+/// `H - 1 mu^T`: every row minus the mean row. On the CPU in f32 a parallel pass (candle's
+/// broadcast subtraction took half of a re-estimation), elsewhere tensor ops.
+fn centre_rows(history: &Tensor) -> Result<Tensor> {
+    let (m, n) = history.dims2()?;
+    let fast = with_cpu_f32(history, |h| {
+        let mut out = h.to_vec();
+        // Column means over the rows, then subtraction, in column chunks.
+        let mut mean = vec![0.0f32; n];
+        mean.par_chunks_mut(PROJECT_CHUNK)
+            .enumerate()
+            .for_each(|(c, mean)| {
+                let (start, len) = (c * PROJECT_CHUNK, mean.len());
+                for row in h.chunks_exact(n) {
+                    for (acc, x) in mean.iter_mut().zip(&row[start..start + len]) {
+                        *acc += x;
+                    }
+                }
+                for acc in mean.iter_mut() {
+                    *acc /= m as f32;
+                }
+            });
+        out.par_chunks_mut(n).for_each(|row| {
+            for (x, mu) in row.iter_mut().zip(&mean) {
+                *x -= mu;
+            }
+        });
+        out
+    });
+    match fast {
+        Some(values) => Ok(Tensor::from_vec(values, (m, n), history.device())?),
+        None => Ok(history.broadcast_sub(&history.mean_keepdim(0)?)?),
+    }
 }
 
 /// `gamma * v + (alpha - gamma) * U^T (U v)` for a flat update `v` and orthonormal rows `U`.
@@ -108,45 +204,183 @@ fn dominant_part(v: &Tensor, directions: &Tensor) -> Result<Tensor> {
     Ok(directions.t()?.matmul(&coordinates)?.squeeze(1)?)
 }
 
+/// A parameter before the base step.
+enum Before {
+    CpuF32(Vec<f32>),
+    Tensor(Tensor),
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor (None for other devices, types or
+/// layouts).
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>().ok()?;
+            let (start, end) = layout.contiguous_offsets()?;
+            Some(f(&data[start..end]))
+        }
+        _ => None,
+    }
+}
+
+/// Directions as the CPU kernel reads them: f32 rows, or 4-bit rows.
+enum RowsRef<'a> {
+    Full(&'a [f32]),
+    Bits4(&'a Quant4),
+}
+
+impl RowsRef<'_> {
+    fn count(&self, n: usize) -> usize {
+        match self {
+            Self::Full(u) => u.len() / n,
+            Self::Bits4(q) => q.rows,
+        }
+    }
+}
+
+/// Columns per parallel chunk of the projection (a multiple of the 4-bit group).
+const PROJECT_CHUNK: usize = 64 * quant::GROUP;
+
+/// `theta += (gamma - 1) v + (alpha - gamma) U^T (U v)` for orthonormal rows `U`.
+fn project_cpu(theta: &mut [f32], v: &[f32], rows: &RowsRef, alpha: f64, gamma: f64) {
+    let (alpha, gamma) = (alpha as f32, gamma as f32);
+    let n = v.len();
+    let k = rows.count(n);
+    let coords: Vec<f32> = (0..k)
+        .into_par_iter()
+        .map(|j| match rows {
+            RowsRef::Full(u) => dot(&u[j * n..(j + 1) * n], v),
+            RowsRef::Bits4(q) => q.dot_row(j, v),
+        })
+        .collect();
+    let (a, b) = (gamma - 1.0, alpha - gamma);
+    theta
+        .par_chunks_mut(PROJECT_CHUNK)
+        .zip(v.par_chunks(PROJECT_CHUNK))
+        .enumerate()
+        .for_each(|(c, (theta, v))| {
+            let start = c * PROJECT_CHUNK;
+            let mut dominant = vec![0.0f32; theta.len()];
+            for (j, &coord) in coords.iter().enumerate() {
+                match rows {
+                    RowsRef::Full(u) => {
+                        let row = &u[j * n + start..j * n + start + theta.len()];
+                        for (d, x) in dominant.iter_mut().zip(row) {
+                            *d += coord * x;
+                        }
+                    }
+                    RowsRef::Bits4(q) => q.add_row(j, coord, start, &mut dominant),
+                }
+            }
+            for ((t, v), d) in theta.iter_mut().zip(v).zip(dominant) {
+                *t += a * v + b * d;
+            }
+        });
+}
+
+/// A dot product with eight independent partial sums (vectorisable, fixed order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 impl Optimizer for Bsfa {
     /// Algorithm 1: the base step, then the projection of its update in every BSFA block,
     /// re-estimating the projectors every `interval` steps from the updates so far.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
-        let before: Vec<Option<Tensor>> = params
+        // The parameters before the base step: the update is the difference. f32 data on the
+        // CPU takes the fused path; anything else candle tensor ops.
+        let before: Vec<Option<Before>> = params
             .iter()
             .zip(&self.blocks)
             .map(|(p, b)| {
                 b.as_ref()
-                    .map(|_| p.var.as_tensor().flatten_all()?.copy())
+                    .map(|_| {
+                        let t = p.var.as_tensor();
+                        match with_cpu_f32(t, <[f32]>::to_vec) {
+                            Some(values) => Ok(Before::CpuF32(values)),
+                            None => Ok(Before::Tensor(t.flatten_all()?.copy()?)),
+                        }
+                    })
                     .transpose()
             })
-            .collect::<candle_core::Result<_>>()?;
+            .collect::<Result<_>>()?;
         self.base.step(params, grads, lr, grad_scale)?;
         let refresh = self.steps > 0 && self.steps.is_multiple_of(self.config.interval as u64);
-        let (alpha, gamma) = (self.config.alpha, self.config.gamma);
+        let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
         for ((param, block), before) in params.iter().zip(&mut self.blocks).zip(before) {
             let (Some(block), Some(before)) = (block, before) else {
                 continue;
             };
             if refresh && block.history.len() > self.config.rank {
-                let history = Tensor::stack(block.history.make_contiguous(), 0)?;
-                block.directions = Some(top_directions(&history, self.config.rank)?);
+                let rows: Vec<Tensor> = block
+                    .history
+                    .iter()
+                    .map(Stored::matrix)
+                    .collect::<Result<_>>()?;
+                let directions = top_directions(&Tensor::cat(&rows, 0)?, self.config.rank)?;
+                block.directions = Some(Stored::keep(&directions, bits)?);
             }
             let after = param.var.as_tensor();
-            let update = (after.flatten_all()? - &before)?;
-            if let Some(directions) = &block.directions {
-                // theta + (gamma - 1) v + (alpha - gamma) U^T U v: exactly the base step when
-                // alpha = gamma = 1.
-                let correction = ((&update * (gamma - 1.0))?
-                    + (dominant_part(&update, directions)? * (alpha - gamma))?)?;
-                param
-                    .var
-                    .set(&(after + correction.reshape(after.shape())?)?)?;
-            }
+            let update = match before {
+                // One pass for the update, one for U v, one for the projection; 4-bit
+                // directions are read without being dequantized.
+                Before::CpuF32(before) => {
+                    let mut theta = with_cpu_f32(after, <[f32]>::to_vec)
+                        .context("bsfa: the base optimizer changed the parameter's type")?;
+                    let v: Vec<f32> = theta.iter().zip(&before).map(|(a, b)| a - b).collect();
+                    let projected = match &block.directions {
+                        Some(Stored::Full(u)) => with_cpu_f32(u, |u| {
+                            project_cpu(&mut theta, &v, &RowsRef::Full(u), alpha, gamma);
+                            true
+                        })
+                        .context("bsfa: directions are not f32 on the CPU")?,
+                        Some(Stored::Bits4 { q, .. }) => {
+                            project_cpu(&mut theta, &v, &RowsRef::Bits4(q), alpha, gamma);
+                            true
+                        }
+                        None => false,
+                    };
+                    if projected {
+                        let theta = Tensor::from_vec(theta, after.shape(), after.device())?;
+                        param.var.set(&theta)?;
+                    }
+                    Tensor::from_vec(v, after.elem_count(), after.device())?
+                }
+                Before::Tensor(before) => {
+                    let update = (after.flatten_all()? - &before)?;
+                    if let Some(directions) = &block.directions {
+                        let directions = directions.matrix()?;
+                        // theta + (gamma - 1) v + (alpha - gamma) U^T U v: exactly the base
+                        // step when alpha = gamma = 1.
+                        let correction = ((&update * (gamma - 1.0))?
+                            + (dominant_part(&update, &directions)? * (alpha - gamma))?)?;
+                        param
+                            .var
+                            .set(&(after + correction.reshape(after.shape())?)?)?;
+                    }
+                    update
+                }
+            };
             if block.history.len() == self.config.history {
                 block.history.pop_front();
             }
-            block.history.push_back(update);
+            block
+                .history
+                .push_back(Stored::keep(&update.unsqueeze(0)?, bits)?);
         }
         self.steps += 1;
         Ok(())
@@ -156,16 +390,42 @@ impl Optimizer for Bsfa {
         self.steps
     }
 
+    /// Full precision: `<p>.bsfa_history` (`rows x numel`, oldest first) and
+    /// `<p>.bsfa_directions` (`rank x numel`). 4-bit: each as four tensors with the suffixes
+    /// `.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = self.base.state()?;
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
-            if !block.history.is_empty() {
-                let history: Vec<&Tensor> = block.history.iter().collect();
-                out.push((format!("{name}.bsfa_history"), Tensor::stack(&history, 0)?));
-            }
-            if let Some(directions) = &block.directions {
-                out.push((format!("{name}.bsfa_directions"), directions.clone()));
+            let history: Vec<&Stored> = block.history.iter().collect();
+            for (slot, stored) in [
+                ("bsfa_history", history),
+                ("bsfa_directions", block.directions.iter().collect()),
+            ] {
+                if stored.is_empty() {
+                    continue;
+                }
+                let key = format!("{name}.{slot}");
+                match stored[0] {
+                    Stored::Full(_) => {
+                        let rows: Vec<Tensor> =
+                            stored.iter().map(|s| s.matrix()).collect::<Result<_>>()?;
+                        out.push((key, Tensor::cat(&rows, 0)?));
+                    }
+                    Stored::Bits4 { .. } => {
+                        let parts: Vec<&Quant4> = stored
+                            .iter()
+                            .filter_map(|s| match s {
+                                Stored::Bits4 { q, .. } => Some(q),
+                                Stored::Full(_) => None,
+                            })
+                            .collect();
+                        let tensors = Quant4::concat(&parts)?.to_tensors()?;
+                        for (suffix, t) in QUANT_SUFFIXES.iter().zip(tensors) {
+                            out.push((format!("{key}.{suffix}"), t));
+                        }
+                    }
+                }
             }
         }
         Ok(out)
@@ -173,34 +433,95 @@ impl Optimizer for Bsfa {
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         self.base.load_state(steps_taken, state)?;
-        for ((name, block), numel) in self.names.iter().zip(&mut self.blocks).zip(&self.numels) {
+        let bits = self.config.bits;
+        for (((name, block), numel), (dtype, device)) in self
+            .names
+            .iter()
+            .zip(&mut self.blocks)
+            .zip(&self.numels)
+            .zip(&self.kinds)
+        {
             let Some(block) = block else { continue };
-            // Rows of a state matrix: at most `max_rows`, each one flattened parameter.
-            let checked = |slot: &str, max_rows: usize| -> Result<Option<Tensor>> {
+            // The rows of one state matrix, at most `max_rows` of one flattened parameter.
+            let read = |slot: &str, max_rows: usize| -> Result<Vec<Stored>> {
                 let key = format!("{name}.{slot}");
-                let Some(t) = state.get(&key) else {
-                    return Ok(None);
+                let hint = if slot == "bsfa_history" {
+                    "history"
+                } else {
+                    "rank"
                 };
-                match t.dims() {
-                    &[rows, cols] if rows <= max_rows && cols == *numel => Ok(Some(t.clone())),
-                    dims => bail!(
-                        "optimizer state '{key}' has shape {dims:?}, expected at most \
-                         {max_rows} rows of {numel} (bsfa.{} changed?)",
-                        if slot == "bsfa_history" {
-                            "history"
-                        } else {
-                            "rank"
+                let rows = if bits == 32 {
+                    let Some(t) = state.get(&key) else {
+                        return Ok(Vec::new());
+                    };
+                    match t.dims() {
+                        &[rows, cols] if rows <= max_rows && cols == *numel => (0..rows)
+                            .map(|r| Ok(Stored::Full(t.narrow(0, r, 1)?.to_dtype(*dtype)?)))
+                            .collect::<Result<Vec<_>>>()?,
+                        dims => bail!(
+                            "optimizer state '{key}' has shape {dims:?}, expected at most \
+                             {max_rows} rows of {numel} (bsfa.{hint} or bsfa.bits changed?)"
+                        ),
+                    }
+                } else {
+                    let parts: Vec<Option<&Tensor>> = QUANT_SUFFIXES
+                        .iter()
+                        .map(|s| state.get(&format!("{key}.{s}")))
+                        .collect();
+                    let [Some(codes), Some(scales), Some(zeros), Some(norms)] = parts[..] else {
+                        if state.contains_key(&key) {
+                            bail!("optimizer state '{key}' is full precision but bsfa.bits = 4");
                         }
-                    ),
+                        return Ok(Vec::new());
+                    };
+                    let q = Quant4::from_tensors([codes, scales, zeros, norms], *numel)
+                        .with_context(|| format!("optimizer state '{key}'"))?;
+                    if q.rows > max_rows {
+                        bail!(
+                            "optimizer state '{key}' has {} rows, expected at most {max_rows} \
+                             (bsfa.{hint} changed?)",
+                            q.rows
+                        );
+                    }
+                    (0..q.rows)
+                        .map(|r| Stored::Bits4 {
+                            q: q.row(r),
+                            dtype: *dtype,
+                            device: device.clone(),
+                        })
+                        .collect()
+                };
+                Ok(rows)
+            };
+            block.history = read("bsfa_history", self.config.history)?.into();
+            let directions = read("bsfa_directions", self.config.rank)?;
+            block.directions = if directions.is_empty() {
+                None
+            } else {
+                match &directions[0] {
+                    Stored::Full(_) => {
+                        let rows: Vec<Tensor> = directions
+                            .iter()
+                            .map(Stored::matrix)
+                            .collect::<Result<_>>()?;
+                        Some(Stored::Full(Tensor::cat(&rows, 0)?))
+                    }
+                    Stored::Bits4 { dtype, device, .. } => {
+                        let parts: Vec<&Quant4> = directions
+                            .iter()
+                            .filter_map(|s| match s {
+                                Stored::Bits4 { q, .. } => Some(q),
+                                Stored::Full(_) => None,
+                            })
+                            .collect();
+                        Some(Stored::Bits4 {
+                            q: Quant4::concat(&parts)?,
+                            dtype: *dtype,
+                            device: device.clone(),
+                        })
+                    }
                 }
             };
-            block.history.clear();
-            if let Some(history) = checked("bsfa_history", self.config.history)? {
-                for i in 0..history.dim(0)? {
-                    block.history.push_back(history.get(i)?);
-                }
-            }
-            block.directions = checked("bsfa_directions", self.config.rank)?;
         }
         self.steps = steps_taken;
         Ok(())
@@ -212,20 +533,27 @@ impl Optimizer for Bsfa {
             .iter()
             .flatten()
             .flat_map(|b| b.history.iter().chain(&b.directions))
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .map(Stored::bytes)
             .sum();
         self.base.state_bytes() + own
     }
 }
 
-/// Bytes BSFA holds once its history is full: `history + rank` vectors per covered block.
+/// Bytes BSFA holds once its history is full: `history + rank` rows per covered block, in
+/// the parameters' precision or, with `bits = 4`, in 4-bit form.
 pub fn steady_state_bytes(config: &BsfaConfig, params: &[Param]) -> Result<usize> {
     let groups = config.groups()?;
     Ok(params
         .iter()
         .filter(|p| groups.contains(&p.group))
         .map(|p| {
-            (config.history + config.rank) * p.var.elem_count() * p.var.dtype().size_in_bytes()
+            let n = p.var.elem_count();
+            let row = if config.bits == 4 {
+                quant::row_bytes(n)
+            } else {
+                n * p.var.dtype().size_in_bytes()
+            };
+            (config.history + config.rank) * row
         })
         .sum())
 }
@@ -241,4 +569,68 @@ pub fn parse_groups(spec: &str) -> Result<Vec<ParamGroup>> {
         })
         .collect::<Result<Vec<_>>>()
         .context("invalid bsfa.blocks")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The fused CPU paths agree with the tensor-op definitions they replace.
+    #[test]
+    fn cpu_kernels_match_the_tensor_definitions() {
+        let n = 2 * PROJECT_CHUNK + 77;
+        let h = random(9, n, 1);
+        let by_definition = h.broadcast_sub(&h.mean_keepdim(0).unwrap()).unwrap();
+        assert!(max_diff(&centre_rows(&h).unwrap(), &by_definition) < 1e-6);
+
+        let u = top_directions(&h, 5).unwrap();
+        let v = random(1, n, 2).squeeze(0).unwrap();
+        let theta = random(1, n, 3).squeeze(0).unwrap();
+        let (alpha, gamma) = (0.5, 3.0);
+        // theta + (gamma - 1) v + (alpha - gamma) U^T U v = theta - v + project(v).
+        let expected = ((&theta - &v).unwrap() + project(&v, &u, alpha, gamma).unwrap()).unwrap();
+        let mut fused: Vec<f32> = theta.to_vec1().unwrap();
+        let v_values: Vec<f32> = v.to_vec1().unwrap();
+        let u_values: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
+        project_cpu(
+            &mut fused,
+            &v_values,
+            &RowsRef::Full(&u_values),
+            alpha,
+            gamma,
+        );
+        let fused = Tensor::from_vec(fused, n, &Device::Cpu).unwrap();
+        assert!(max_diff(&fused, &expected) < 1e-5);
+
+        // 4-bit directions read in place equal the dequantized directions.
+        let q = Quant4::quantize(&u_values, n).unwrap();
+        let dequantized = Tensor::from_vec(q.dequantize(), (5, n), &Device::Cpu).unwrap();
+        let expected =
+            ((&theta - &v).unwrap() + project(&v, &dequantized, alpha, gamma).unwrap()).unwrap();
+        let mut fused: Vec<f32> = theta.to_vec1().unwrap();
+        project_cpu(&mut fused, &v_values, &RowsRef::Bits4(&q), alpha, gamma);
+        let fused = Tensor::from_vec(fused, n, &Device::Cpu).unwrap();
+        assert!(max_diff(&fused, &expected) < 1e-5);
+    }
 }

@@ -3,6 +3,7 @@
 pub mod adam;
 pub mod bsfa;
 mod fused;
+pub mod quant;
 pub mod schedule;
 
 use crate::model::Param;
