@@ -4,7 +4,7 @@
 //! optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
-use crate::data::loader::{Loader, LoaderShape};
+use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
 use crate::data::{self, SamplerPosition, TokenSegments, Tokenizer};
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
@@ -70,21 +70,7 @@ pub fn run(
             .map(|_| rng.random_range(0..vocab))
             .collect(),
     );
-    let mut loader = Loader::start(
-        Arc::new(tokens),
-        SamplerPosition {
-            seed: train.seed,
-            word_pos: 0,
-        },
-        LoaderShape {
-            global_batch: train.batch_size,
-            micro_batch: train.micro_batch(),
-            seq_len: train.seq_len,
-            rank: 0,
-            world: 1,
-        },
-        2,
-    )?;
+    let mut loader = fresh_loader(tokens, train)?;
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     for step in 0..warmup + iters {
@@ -144,27 +130,27 @@ pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
         train.seq_len,
         config.model.vocab_size,
     )?;
-    let mut loader = Loader::start(
-        Arc::new(data.train),
-        SamplerPosition {
-            seed: train.seed,
-            word_pos: 0,
-        },
-        LoaderShape {
-            global_batch: train.batch_size,
-            micro_batch: train.micro_batch(),
-            seq_len: train.seq_len,
-            rank: 0,
-            world: 1,
-        },
-        2,
-    )?;
+    let mut loader = fresh_loader(data.train, train)?;
     loader.next_step()?;
     let started = Instant::now();
     for _ in 0..steps {
         loader.next_step()?;
     }
     Ok((steps * train.batch_size * train.seq_len) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A loader over `tokens` at the start of the config's sampling stream.
+fn fresh_loader(tokens: TokenSegments, train: &crate::config::TrainConfig) -> Result<Loader> {
+    let start = SamplerPosition {
+        seed: train.seed,
+        word_pos: 0,
+    };
+    Loader::start(
+        Arc::new(tokens),
+        start,
+        LoaderShape::of(train),
+        PREFETCH_STEPS,
+    )
 }
 
 fn median(xs: &mut [f64]) -> f64 {

@@ -29,6 +29,22 @@ pub enum Command {
     Export(ExportArgs),
     /// Tokenize a text source into llm.c token shards (train/val) with a meta.json.
     Prepare(PrepareArgs),
+    /// Plot runs' loss curves to a PNG and compare them with the first run.
+    Plot(PlotArgs),
+}
+
+/// `plot`: run folders and the image to write.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run folders (each with metrics.jsonl); the first is the baseline of the table.
+    #[arg(required = true)]
+    pub runs: Vec<String>,
+    /// PNG to write.
+    #[arg(long, default_value = "curves.png")]
+    pub out: String,
+    /// Title above the panels.
+    #[arg(long, default_value = "bsfa-train")]
+    pub title: String,
 }
 
 /// `prepare`: source, tokenizer, destination and shard sizes.

@@ -346,7 +346,7 @@ impl Default for BsfaConfig {
         Self {
             enabled: false,
             alpha: 0.5,
-            gamma: 2.0,
+            gamma: 1.5,
             rank: 30,
             history: 40,
             interval: 10,

@@ -5,7 +5,8 @@
 //! differentiable ops), `optim` (optimizers, clipping, schedule), `data` (tokenizers,
 //! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress), `checkpoint`
 //! (safetensors checkpoints and resume), `interrupt` (Ctrl-C/SIGTERM handling), `eval` and
-//! `export` (the subcommands of those names).
+//! `export` (the subcommands of those names), `plot` (loss curves and the optimizer
+//! comparison table).
 
 pub mod bench;
 pub mod checkpoint;
@@ -19,4 +20,5 @@ pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod train;

@@ -2,7 +2,7 @@ use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
 use bsfa_train::model::{llama, Llama, ParamCounts};
-use bsfa_train::{bench, data, eval, export, interrupt, optim, train};
+use bsfa_train::{bench, data, eval, export, interrupt, optim, plot, train};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
@@ -68,6 +68,24 @@ fn run(cli: &Cli) -> Result<u8> {
             })?;
             eprintln!("prepared '{}'", out.display());
             println!("{}", serde_json::to_string(&meta)?);
+            return Ok(0);
+        }
+        Some(Command::Plot(p)) => {
+            let dirs: Vec<PathBuf> = p.runs.iter().map(PathBuf::from).collect();
+            let rows = plot::run(&dirs, Path::new(&p.out), &p.title)?;
+            eprintln!("| run | final val loss | reaches the first run's final val loss at | steps ratio | median step ms |");
+            eprintln!("|---|---|---|---|---|");
+            for r in &rows {
+                let at = r
+                    .reaches_baseline_at
+                    .map_or("never".into(), |s| s.to_string());
+                let ratio = r.steps_ratio.map_or("-".into(), |x| format!("{x:.2}"));
+                eprintln!(
+                    "| {} | {:.4} | {at} | {ratio} | {:.1} |",
+                    r.run, r.final_val_loss, r.median_step_ms
+                );
+            }
+            println!("{}", json!({"png": p.out, "rows": rows}));
             return Ok(0);
         }
         Some(Command::Export(e)) => {

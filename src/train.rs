@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::RunConfig;
-use crate::data::loader::{Loader, LoaderShape};
+use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
 use crate::data::{self, Batcher, SamplerPosition, Tokenizer};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
@@ -44,9 +44,6 @@ pub struct Summary {
     #[serde(skip)]
     pub losses: Vec<f64>,
 }
-
-/// Steps the data loader prepares ahead of the trainer.
-const PREFETCH_STEPS: usize = 2;
 
 /// Seed offset for evaluation windows, so they never coincide with training draws.
 const EVAL_SEED_OFFSET: u64 = 0x5EED_0FE7_A100;
@@ -130,13 +127,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
     let mut loader = Loader::start(
         Arc::new(data.train),
         data_position,
-        LoaderShape {
-            global_batch: train_cfg.batch_size,
-            micro_batch: train_cfg.micro_batch(),
-            seq_len: train_cfg.seq_len,
-            rank: 0,
-            world: 1,
-        },
+        LoaderShape::of(train_cfg),
         PREFETCH_STEPS,
     )?;
     progress.println(&format!(

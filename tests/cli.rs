@@ -168,6 +168,10 @@ fn bad_config_input_is_a_clear_error() {
         "unknown block group 'ffn'",
     );
     fails_with(
+        &["--bsfa", "--set", "bsfa.bits=8", "--dry-run"],
+        "bsfa.bits must be 32 or 4, got 8",
+    );
+    fails_with(
         &["--config", "/nonexistent/run.json", "--dry-run"],
         "cannot read config file",
     );
@@ -374,4 +378,37 @@ fn trains_from_token_shards_with_their_val_split() {
     let bytes = std::fs::read(&val).unwrap();
     std::fs::write(&val, &bytes[..bytes.len() - 7]).unwrap();
     fails_with(&["--data", &spec, "--out", out], "d_val_000000.bin");
+}
+
+#[test]
+fn plot_draws_runs_and_compares_them_with_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (name, extra) in [
+        ("adamw", vec![]),
+        ("bsfa", vec!["--optimizer", "adam-mini", "--bsfa"]),
+    ] {
+        let out = dir.path().join(name);
+        let out = out.to_str().unwrap().to_string();
+        let mut args = vec!["--steps", "6", "--eval-every", "2", "--out", &out];
+        args.extend(extra);
+        let o = run_fast(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        runs.push(out);
+    }
+    let png = dir.path().join("curves.png");
+    let png = png.to_str().unwrap();
+    let o = bsfa(&["plot", &runs[0], &runs[1], "--out", png]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(&std::fs::read(png).unwrap()[1..4], b"PNG");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["run"], "adamw");
+    assert_eq!(rows[1]["run"], "adam-mini+bsfa");
+    // The baseline reaches its own final loss, at the latest at its last evaluation.
+    assert!(rows[0]["reaches_baseline_at"].as_u64().unwrap() <= 6);
+    assert!(rows[0]["steps_ratio"].as_f64().unwrap() <= 1.0);
+    assert!(stderr(&o).contains("| adam-mini+bsfa |"));
+    fails_with(&["plot", "/no/such/run"], "metrics.jsonl");
 }

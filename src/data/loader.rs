@@ -28,6 +28,18 @@ pub struct LoaderShape {
 }
 
 impl LoaderShape {
+    /// The shape a run's config asks for, on one rank (data parallelism sets `rank` and
+    /// `world`).
+    pub fn of(train: &crate::config::TrainConfig) -> Self {
+        Self {
+            global_batch: train.batch_size,
+            micro_batch: train.micro_batch(),
+            seq_len: train.seq_len,
+            rank: 0,
+            world: 1,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         if self.world == 0 || self.rank >= self.world {
             bail!(
@@ -54,6 +66,9 @@ impl LoaderShape {
         Ok(())
     }
 }
+
+/// Steps the loader prepares ahead of the trainer by default.
+pub const PREFETCH_STEPS: usize = 2;
 
 /// One optimizer step's data for this rank.
 pub struct StepBatch {
