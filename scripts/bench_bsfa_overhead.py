@@ -37,12 +37,17 @@ def main():
     p.add_argument("--big-iters", type=int, default=2)
     p.add_argument("--history", type=int, default=40)
     p.add_argument("--bits", default="32,4")
+    p.add_argument("--base-step-ms", type=float,
+                   help="use this preset-batch step time instead of measuring it (when one step takes too long)")
     args = p.parse_args()
 
     small = ["--batch-size", "1", "--micro-batch-size", "1"]
     warm = args.history + 2
     base = bench(args.binary, args.model, small, warm, args.iters)
-    big = bench(args.binary, args.model, [], 1, args.big_iters)
+    if args.base_step_ms:
+        big = {"ms_per_step": args.base_step_ms, "batch_size": None, "seq_len": None, "given": True}
+    else:
+        big = bench(args.binary, args.model, [], 1, args.big_iters)
     for bits in args.bits.split(","):
         with_bsfa = bench(args.binary, args.model, small + ["--bsfa", "--set", f"bsfa.bits={bits}"], warm, args.iters)
         extra = with_bsfa["mean_optimizer_ms"] - base["mean_optimizer_ms"]
@@ -53,6 +58,7 @@ def main():
             "bsfa_projection_ms_median": round(with_bsfa["optimizer_ms"] - base["optimizer_ms"], 1),
             "base_step_ms_at_preset_batch": round(big["ms_per_step"], 1),
             "preset_batch": [big["batch_size"], big["seq_len"]],
+            "base_step_given": big.get("given", False),
             "overhead": round(extra / big["ms_per_step"], 4),
             "peak_rss_mib_with_bsfa_small_batch": with_bsfa["peak_rss_mib"],
             "peak_rss_mib_without_small_batch": base["peak_rss_mib"],

@@ -90,6 +90,35 @@ fn encode(tok: &tokenizers::Tokenizer, text: &str) -> Vec<u32> {
     tok.encode(text, false).unwrap().get_ids().to_vec()
 }
 
+/// Our writer and reader against the format's definition, in both id widths.
+#[test]
+fn shards_follow_the_llm_c_format_in_both_widths() {
+    use bsfa_train::data::shards::{self, Shard};
+    let dir = tempfile::tempdir().unwrap();
+    for (vocab, ids) in [
+        (65536usize, vec![0u32, 1, 50256, 65535]),
+        (128256, vec![0u32, 70000, 128255]),
+    ] {
+        let path = dir.path().join(format!("x_val_{vocab}.bin"));
+        shards::write(&path, &ids, vocab).unwrap();
+        let (header, raw) = read_shard(&path);
+        let expected = if vocab > 65536 {
+            [20240801, 7, ids.len() as i32]
+        } else {
+            [20240520, 1, ids.len() as i32]
+        };
+        assert_eq!(header, expected);
+        assert_eq!(raw, ids);
+        let shard = Shard::open(&path).unwrap();
+        let mut out = Vec::new();
+        shard.read(1, ids.len() - 1, &mut out);
+        assert_eq!(out, ids[1..]);
+        shard.check_vocab(vocab).unwrap();
+        let err = shard.check_vocab(10).unwrap_err().to_string();
+        assert!(err.contains("outside the model's vocabulary"), "{err}");
+    }
+}
+
 #[test]
 fn text_folder_round_trip_with_held_out_validation() {
     let dir = tempfile::tempdir().unwrap();

@@ -216,55 +216,6 @@ pub fn files(spec_path: &Path, split: &str) -> Result<Vec<PathBuf>> {
 mod tests {
     use super::*;
 
-    /// Reads a shard with nothing but the format's definition, independently of `Shard`.
-    fn read_by_definition(path: &Path) -> (Vec<i32>, Vec<u32>) {
-        let bytes = std::fs::read(path).unwrap();
-        let ints: Vec<i32> = bytes[..1024]
-            .chunks(4)
-            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let width = if ints[0] == 20240520 { 2 } else { 4 };
-        let ids = bytes[1024..]
-            .chunks(width)
-            .map(|c| {
-                if width == 2 {
-                    u16::from_le_bytes([c[0], c[1]]) as u32
-                } else {
-                    u32::from_le_bytes(c.try_into().unwrap())
-                }
-            })
-            .collect();
-        (ints, ids)
-    }
-
-    #[test]
-    fn round_trip_in_both_widths() {
-        let dir = tempfile::tempdir().unwrap();
-        for (vocab, ids) in [
-            (65536usize, vec![0u32, 1, 50256, 65535]),
-            (128256, vec![0u32, 70000, 128255]),
-        ] {
-            let path = dir.path().join(format!("x_val_{vocab}.bin"));
-            write(&path, &ids, vocab).unwrap();
-            let (header, raw) = read_by_definition(&path);
-            let (magic, version) = if vocab > 65536 {
-                (20240801, 7)
-            } else {
-                (20240520, 1)
-            };
-            assert_eq!(&header[..3], &[magic, version, ids.len() as i32]);
-            assert!(header[3..].iter().all(|&v| v == 0));
-            assert_eq!(raw, ids);
-            let shard = Shard::open(&path).unwrap();
-            let mut out = Vec::new();
-            shard.read(1, ids.len() - 1, &mut out);
-            assert_eq!(out, ids[1..]);
-            shard.check_vocab(vocab).unwrap();
-            let err = shard.check_vocab(10).unwrap_err().to_string();
-            assert!(err.contains("outside the model's vocabulary"), "{err}");
-        }
-    }
-
     #[test]
     fn damaged_shards_are_named_errors() {
         let dir = tempfile::tempdir().unwrap();
