@@ -452,7 +452,13 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
     // A fresh run in the same folder sets the earlier run's checkpoints aside, not mixed in.
     let o = ok(run(&a));
     assert!(String::from_utf8_lossy(&o.stderr).contains("checkpoints.previous"));
-    assert!(out.join("checkpoints.previous/step-00000008/trainer.json").is_file());
-    let fresh: Vec<usize> = checkpoint::list(&root).unwrap().iter().map(|c| c.0).collect();
+    assert!(out
+        .join("checkpoints.previous/step-00000008/trainer.json")
+        .is_file());
+    let fresh: Vec<usize> = checkpoint::list(&root)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(fresh, vec![4, 8]);
 }
