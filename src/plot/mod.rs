@@ -171,15 +171,14 @@ fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
     ]) {
         let points: Vec<&(u64, f64)> = runs.iter().flat_map(|r| pick(r).iter()).collect();
         let max_step = points.iter().map(|p| p.0).max().unwrap_or(1).max(1);
-        let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
-        // Curves start high: clip the view so the part where runs differ is readable.
-        let first_val = runs
+        let lo = points.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+        // Curves start far above where runs differ: the view stops at the highest loss left
+        // after a tenth of the steps, and points above it are left out (not drawn clamped).
+        let hi = runs
             .iter()
-            .filter_map(|r| pick(r).get(pick(r).len() / 10))
-            .map(|p| p.1);
-        let hi = first_val.fold(lo, f64::max).min(hi);
+            .flat_map(|r| pick(r).iter().filter(|p| p.0 * 10 >= max_step))
+            .map(|p| p.1)
+            .fold(lo, f64::max);
         let pad = (hi - lo).max(1e-3) * 0.05;
         let mut chart = ChartBuilder::on(panel)
             .caption(name, (FONT_NAME, 20))
