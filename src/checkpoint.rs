@@ -258,30 +258,6 @@ pub fn resolve_resume(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
-/// The config keys (dotted) whose values differ between two configs.
-pub fn differing_keys(a: &serde_json::Value, b: &serde_json::Value, prefix: &str) -> Vec<String> {
-    match (a, b) {
-        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter()
-                .flat_map(|k| {
-                    let null = serde_json::Value::Null;
-                    let path = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    differing_keys(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &path)
-                })
-                .collect()
-        }
-        _ if a == b => Vec::new(),
-        _ => vec![prefix.to_string()],
-    }
-}
-
 /// The optimizer a config builds, as recorded in checkpoints (e.g. `adam-mini+bsfa`).
 pub fn optimizer_kind(config: &RunConfig) -> String {
     if config.bsfa.enabled {

@@ -550,6 +550,19 @@ pub fn valid_keys() -> Vec<String> {
     keys.into_iter().map(|(k, _)| k).collect()
 }
 
+/// The dotted keys whose values differ between two configs, with the value in `a` and in `b`.
+pub fn differences(a: &RunConfig, b: &RunConfig) -> Result<Vec<(String, Value, Value)>> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    flatten_keys(&serde_json::to_value(a)?, "", &mut x);
+    flatten_keys(&serde_json::to_value(b)?, "", &mut y);
+    // Both come from the same struct: the same keys in the same order.
+    Ok(x.into_iter()
+        .zip(y)
+        .filter(|((_, va), (_, vb))| va != vb)
+        .map(|((key, va), (_, vb))| (key, va, vb))
+        .collect())
+}
+
 fn flatten_keys(value: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
     if let Value::Object(map) = value {
         for (k, v) in map {

@@ -81,11 +81,18 @@ pub struct Progress {
     total: u64,
     /// The step this process started at (non-zero after a resume), for the ETA.
     first: u64,
+    /// What is counted, in plain lines ("step", "unit").
+    unit: &'static str,
 }
 
 impl Progress {
     /// A progress display for `total` steps, of which `done` are already done (a resume).
     pub fn new(total: usize, done: usize) -> Self {
+        Self::counting("step", total, done)
+    }
+
+    /// A progress display for `total` of any `unit`, `done` of them already done.
+    pub fn counting(unit: &'static str, total: usize, done: usize) -> Self {
         let interactive = std::io::stderr().is_terminal();
         let bar = if interactive {
             ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
@@ -106,22 +113,32 @@ impl Progress {
             interactive,
             total: total as u64,
             first: done as u64,
+            unit,
         }
     }
 
     /// Records a finished step; on a terminal the bar shows `loss` and `tokens_per_s`,
     /// elsewhere a line is printed when `print` is set.
     pub fn step(&self, step: usize, loss: f64, tokens_per_s: f64, print: bool) {
-        self.bar.set_position(step as u64);
         let msg = format!("loss {loss:.4} | {} tok/s", human(tokens_per_s));
+        self.update(step, &msg, print);
+    }
+
+    /// Moves to `position` with `msg` beside the bar; without a terminal, prints a line with
+    /// the ETA when `print` is set.
+    pub fn update(&self, position: usize, msg: &str, print: bool) {
+        self.bar.set_position(position as u64);
         if self.interactive {
-            self.bar.set_message(msg);
+            self.bar.set_message(msg.to_string());
         } else if print {
-            // A hidden bar keeps no rate, so the ETA comes from the mean step time so far.
+            // A hidden bar keeps no rate, so the ETA comes from the mean time so far.
             let elapsed = self.bar.elapsed().as_secs_f64();
-            let ran = (step as u64).saturating_sub(self.first).max(1);
-            let eta = elapsed / ran as f64 * (self.total - step as u64) as f64;
-            eprintln!("step {step}/{} {msg} | ETA {eta:.0}s", self.total);
+            let ran = (position as u64).saturating_sub(self.first).max(1);
+            let eta = elapsed / ran as f64 * self.total.saturating_sub(position as u64) as f64;
+            eprintln!(
+                "{} {position}/{} {msg} | ETA {eta:.0}s",
+                self.unit, self.total
+            );
         }
     }
 

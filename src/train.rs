@@ -271,25 +271,19 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
 /// A checkpoint can continue this run only with the same model and optimizer; other
 /// changed settings (more steps, another log interval) are allowed and listed.
 fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
-    let requested = serde_json::to_value(config)?;
-    let saved = serde_json::to_value(&ck.state.config)?;
-    let trainer = ck.dir.join(checkpoint::TRAINER_FILE);
-    let model = checkpoint::differing_keys(&saved["model"], &requested["model"], "model");
+    let changed = crate::config::differences(&ck.state.config, config)?;
+    let model: Vec<String> = changed
+        .iter()
+        .filter(|(key, _, _)| key.starts_with("model."))
+        .map(|(key, saved, now)| format!("{key} (checkpoint {saved}, requested {now})"))
+        .collect();
     if !model.is_empty() {
-        let listed: Vec<String> = model
-            .iter()
-            .map(|k| {
-                let path = k.split('.').fold(&saved, |v, part| &v[part]);
-                let now = k.split('.').fold(&requested, |v, part| &v[part]);
-                format!("{k} (checkpoint {path}, requested {now})")
-            })
-            .collect();
         bail!(
             "the checkpoint '{}' holds a different model: {}. Resume with the checkpoint's \
              settings (see '{}') or start a new run in another --out",
             ck.dir.display(),
-            listed.join(", "),
-            trainer.display()
+            model.join(", "),
+            ck.dir.join(checkpoint::TRAINER_FILE).display()
         );
     }
     let (was, now) = (
@@ -311,12 +305,9 @@ fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
             config.train.steps
         );
     }
-    let changed = checkpoint::differing_keys(&saved, &requested, "");
     if !changed.is_empty() {
-        eprintln!(
-            "note: resuming with changed settings: {}",
-            changed.join(", ")
-        );
+        let keys: Vec<&str> = changed.iter().map(|(key, _, _)| key.as_str()).collect();
+        eprintln!("note: resuming with changed settings: {}", keys.join(", "));
     }
     Ok(())
 }

@@ -14,11 +14,10 @@ use super::hub::{self, DocumentRule};
 use super::parquet_text::TextColumn;
 use super::shards;
 use super::Tokenizer;
+use crate::metrics::Progress;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -94,7 +93,8 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
     let (separator, separator_text) = tokenizer.document_separator()?;
     let vocab_size = tokenizer.vocab_size();
     let has_val = units.iter().any(|u| u.split == "val");
-    let progress = UnitProgress::new(units.len());
+    let progress = Progress::counting("unit", units.len(), 0);
+    let (started_units, mut last_line, mut done_units) = (Instant::now(), Instant::now(), 0);
     let mut splits = serde_json::Map::new();
     let mut total_tokens = 0usize;
     for split in ["train", "val", "test"] {
@@ -124,7 +124,16 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
             for slice in docs.chunks(TOKENIZE_DOCS) {
                 sink.push_documents(&tokenizer.encode_batch(slice)?, separator)?;
             }
-            progress.advance(documents, sink.tokens_total(), split);
+            done_units += 1;
+            let tokens = sink.tokens_total();
+            let rate = (total_tokens + tokens) as f64 / started_units.elapsed().as_secs_f64();
+            // Without a terminal, a line every few seconds.
+            let print = last_line.elapsed().as_secs() >= 5;
+            if print {
+                last_line = Instant::now();
+            }
+            let msg = format!("{split}: {documents} docs, {tokens} tokens, {rate:.0} tok/s");
+            progress.update(done_units, &msg, print);
         }
         if !pending.is_empty() {
             documents += 1;
@@ -489,57 +498,6 @@ impl<'a> ShardSink<'a> {
             files: vec![name],
         };
         Ok((self.written, Some(val)))
-    }
-}
-
-/// Progress over units with documents, tokens/s and ETA: a bar on a terminal, a line every
-/// few seconds elsewhere.
-struct UnitProgress {
-    bar: ProgressBar,
-    interactive: bool,
-    started: Instant,
-    last_line: std::cell::Cell<Instant>,
-}
-
-impl UnitProgress {
-    fn new(units: usize) -> Self {
-        let interactive = std::io::stderr().is_terminal();
-        let bar = if interactive {
-            ProgressBar::with_draw_target(Some(units as u64), ProgressDrawTarget::stderr())
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "[{elapsed_precise}] {bar:30} {pos}/{len} units {msg} ETA {eta}",
-            )
-            .expect("static template is valid"),
-        );
-        Self {
-            bar,
-            interactive,
-            started: Instant::now(),
-            last_line: std::cell::Cell::new(Instant::now()),
-        }
-    }
-
-    fn advance(&self, documents: usize, tokens: usize, split: &str) {
-        self.bar.inc(1);
-        let rate = tokens as f64 / self.started.elapsed().as_secs_f64();
-        let msg = format!("{split}: {documents} docs, {tokens} tokens, {rate:.0} tok/s");
-        if self.interactive {
-            self.bar.set_message(msg);
-        } else if self.last_line.get().elapsed().as_secs_f64() >= 5.0 {
-            self.last_line.set(Instant::now());
-            let done = self.bar.position().max(1) as f64;
-            let total = self.bar.length().unwrap_or(0) as f64;
-            let eta = self.started.elapsed().as_secs_f64() / done * (total - done);
-            eprintln!("{}/{} units | {msg} | ETA {eta:.0}s", done, total);
-        }
-    }
-
-    fn finish(&self) {
-        self.bar.finish_and_clear();
     }
 }
 

@@ -339,24 +339,27 @@ impl Optimizer for Bsfa {
                 // One pass for the update, one for U v, one for the projection; 4-bit
                 // directions are read without being dequantized.
                 Before::CpuF32(before) => {
-                    let mut theta = with_cpu_f32(after, <[f32]>::to_vec)
-                        .context("bsfa: the base optimizer changed the parameter's type")?;
-                    let v: Vec<f32> = theta.iter().zip(&before).map(|(a, b)| a - b).collect();
-                    let projected = match &block.directions {
-                        Some(Stored::Full(u)) => with_cpu_f32(u, |u| {
-                            project_cpu(&mut theta, &v, &RowsRef::Full(u), alpha, gamma);
-                            true
-                        })
-                        .context("bsfa: directions are not f32 on the CPU")?,
-                        Some(Stored::Bits4 { q, .. }) => {
-                            project_cpu(&mut theta, &v, &RowsRef::Bits4(q), alpha, gamma);
-                            true
-                        }
-                        None => false,
+                    let moved = "bsfa: the base optimizer changed the parameter's type";
+                    let v: Vec<f32> = with_cpu_f32(after, |a| {
+                        a.iter().zip(&before).map(|(a, b)| a - b).collect()
+                    })
+                    .context(moved)?;
+                    // The projected parameter, copied out only when there is a projection.
+                    let projected = |rows: &RowsRef| -> Result<Tensor> {
+                        let mut theta = with_cpu_f32(after, <[f32]>::to_vec).context(moved)?;
+                        project_cpu(&mut theta, &v, rows, alpha, gamma);
+                        Ok(Tensor::from_vec(theta, after.shape(), after.device())?)
                     };
-                    if projected {
-                        let theta = Tensor::from_vec(theta, after.shape(), after.device())?;
-                        param.var.set(&theta)?;
+                    match &block.directions {
+                        Some(Stored::Full(u)) => {
+                            let theta = with_cpu_f32(u, |u| projected(&RowsRef::Full(u)))
+                                .context("bsfa: directions are not f32 on the CPU")??;
+                            param.var.set(&theta)?;
+                        }
+                        Some(Stored::Bits4 { q, .. }) => {
+                            param.var.set(&projected(&RowsRef::Bits4(q))?)?;
+                        }
+                        None => {}
                     }
                     Tensor::from_vec(v, after.elem_count(), after.device())?
                 }
