@@ -65,6 +65,59 @@ impl Stored {
             Self::Bits4 { q, .. } => q.bytes(),
         }
     }
+
+    /// The rows of several matrices of one precision, as one matrix.
+    fn stack(parts: &[&Stored]) -> Result<Self> {
+        match parts.first() {
+            Some(Self::Bits4 { dtype, device, .. }) => {
+                let qs: Vec<&Quant4> = parts
+                    .iter()
+                    .filter_map(|s| match s {
+                        Self::Bits4 { q, .. } => Some(q),
+                        Self::Full(_) => None,
+                    })
+                    .collect();
+                Ok(Self::Bits4 {
+                    q: Quant4::concat(&qs)?,
+                    dtype: *dtype,
+                    device: device.clone(),
+                })
+            }
+            _ => {
+                let rows: Vec<Tensor> = parts.iter().map(|s| s.matrix()).collect::<Result<_>>()?;
+                Ok(Self::Full(Tensor::cat(&rows, 0)?))
+            }
+        }
+    }
+
+    /// One matrix per row.
+    fn into_rows(self) -> Result<Vec<Self>> {
+        match self {
+            Self::Full(t) => (0..t.dim(0)?)
+                .map(|r| Ok(Self::Full(t.narrow(0, r, 1)?)))
+                .collect(),
+            Self::Bits4 { q, dtype, device } => Ok((0..q.rows)
+                .map(|r| Self::Bits4 {
+                    q: q.row(r),
+                    dtype,
+                    device: device.clone(),
+                })
+                .collect()),
+        }
+    }
+
+    /// Checkpoint tensors under `key`: the matrix itself, or for 4-bit the four arrays of
+    /// [`Quant4::to_tensors`] under `key.<suffix>`.
+    fn tensors(&self, key: &str) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Self::Full(t) => Ok(vec![(key.to_string(), t.clone())]),
+            Self::Bits4 { q, .. } => Ok(QUANT_SUFFIXES
+                .iter()
+                .zip(q.to_tensors()?)
+                .map(|(suffix, t)| (format!("{key}.{suffix}"), t))
+                .collect()),
+        }
+    }
 }
 
 /// Checkpoint suffixes of the four arrays of a 4-bit matrix.
@@ -326,12 +379,9 @@ impl Optimizer for Bsfa {
                 continue;
             };
             if refresh && block.history.len() > self.config.rank {
-                let rows: Vec<Tensor> = block
-                    .history
-                    .iter()
-                    .map(Stored::matrix)
-                    .collect::<Result<_>>()?;
-                let directions = top_directions(&Tensor::cat(&rows, 0)?, self.config.rank)?;
+                let history: Vec<&Stored> = block.history.iter().collect();
+                let history = Stored::stack(&history)?.matrix()?;
+                let directions = top_directions(&history, self.config.rank)?;
                 block.directions = Some(Stored::keep(&directions, bits)?);
             }
             let after = param.var.as_tensor();
@@ -400,35 +450,12 @@ impl Optimizer for Bsfa {
         let mut out = self.base.state()?;
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
-            let history: Vec<&Stored> = block.history.iter().collect();
-            for (slot, stored) in [
-                ("bsfa_history", history),
-                ("bsfa_directions", block.directions.iter().collect()),
-            ] {
-                if stored.is_empty() {
-                    continue;
-                }
-                let key = format!("{name}.{slot}");
-                match stored[0] {
-                    Stored::Full(_) => {
-                        let rows: Vec<Tensor> =
-                            stored.iter().map(|s| s.matrix()).collect::<Result<_>>()?;
-                        out.push((key, Tensor::cat(&rows, 0)?));
-                    }
-                    Stored::Bits4 { .. } => {
-                        let parts: Vec<&Quant4> = stored
-                            .iter()
-                            .filter_map(|s| match s {
-                                Stored::Bits4 { q, .. } => Some(q),
-                                Stored::Full(_) => None,
-                            })
-                            .collect();
-                        let tensors = Quant4::concat(&parts)?.to_tensors()?;
-                        for (suffix, t) in QUANT_SUFFIXES.iter().zip(tensors) {
-                            out.push((format!("{key}.{suffix}"), t));
-                        }
-                    }
-                }
+            if !block.history.is_empty() {
+                let history: Vec<&Stored> = block.history.iter().collect();
+                out.extend(Stored::stack(&history)?.tensors(&format!("{name}.bsfa_history"))?);
+            }
+            if let Some(directions) = &block.directions {
+                out.extend(directions.tensors(&format!("{name}.bsfa_directions"))?);
             }
         }
         Ok(out)
@@ -445,86 +472,58 @@ impl Optimizer for Bsfa {
             .zip(&self.kinds)
         {
             let Some(block) = block else { continue };
-            // The rows of one state matrix, at most `max_rows` of one flattened parameter.
-            let read = |slot: &str, max_rows: usize| -> Result<Vec<Stored>> {
+            // One state matrix: at most `max_rows` rows of one flattened parameter.
+            let read = |slot: &str, max_rows: usize| -> Result<Option<Stored>> {
                 let key = format!("{name}.{slot}");
                 let hint = if slot == "bsfa_history" {
                     "history"
                 } else {
                     "rank"
                 };
-                let rows = if bits == 32 {
+                if bits == 32 {
                     let Some(t) = state.get(&key) else {
-                        return Ok(Vec::new());
+                        return Ok(None);
                     };
-                    match t.dims() {
-                        &[rows, cols] if rows <= max_rows && cols == *numel => (0..rows)
-                            .map(|r| Ok(Stored::Full(t.narrow(0, r, 1)?.to_dtype(*dtype)?)))
-                            .collect::<Result<Vec<_>>>()?,
+                    return match t.dims() {
+                        &[rows, cols] if rows <= max_rows && cols == *numel => {
+                            Ok(Some(Stored::Full(t.to_dtype(*dtype)?)))
+                        }
                         dims => bail!(
                             "optimizer state '{key}' has shape {dims:?}, expected at most \
                              {max_rows} rows of {numel} (bsfa.{hint} or bsfa.bits changed?)"
                         ),
-                    }
-                } else {
-                    let parts: Vec<Option<&Tensor>> = QUANT_SUFFIXES
-                        .iter()
-                        .map(|s| state.get(&format!("{key}.{s}")))
-                        .collect();
-                    let [Some(codes), Some(scales), Some(zeros), Some(norms)] = parts[..] else {
-                        if state.contains_key(&key) {
-                            bail!("optimizer state '{key}' is full precision but bsfa.bits = 4");
-                        }
-                        return Ok(Vec::new());
                     };
-                    let q = Quant4::from_tensors([codes, scales, zeros, norms], *numel)
-                        .with_context(|| format!("optimizer state '{key}'"))?;
-                    if q.rows > max_rows {
-                        bail!(
-                            "optimizer state '{key}' has {} rows, expected at most {max_rows} \
-                             (bsfa.{hint} changed?)",
-                            q.rows
-                        );
-                    }
-                    (0..q.rows)
-                        .map(|r| Stored::Bits4 {
-                            q: q.row(r),
-                            dtype: *dtype,
-                            device: device.clone(),
-                        })
-                        .collect()
-                };
-                Ok(rows)
-            };
-            block.history = read("bsfa_history", self.config.history)?.into();
-            let directions = read("bsfa_directions", self.config.rank)?;
-            block.directions = if directions.is_empty() {
-                None
-            } else {
-                match &directions[0] {
-                    Stored::Full(_) => {
-                        let rows: Vec<Tensor> = directions
-                            .iter()
-                            .map(Stored::matrix)
-                            .collect::<Result<_>>()?;
-                        Some(Stored::Full(Tensor::cat(&rows, 0)?))
-                    }
-                    Stored::Bits4 { dtype, device, .. } => {
-                        let parts: Vec<&Quant4> = directions
-                            .iter()
-                            .filter_map(|s| match s {
-                                Stored::Bits4 { q, .. } => Some(q),
-                                Stored::Full(_) => None,
-                            })
-                            .collect();
-                        Some(Stored::Bits4 {
-                            q: Quant4::concat(&parts)?,
-                            dtype: *dtype,
-                            device: device.clone(),
-                        })
-                    }
                 }
+                let parts: Vec<Option<&Tensor>> = QUANT_SUFFIXES
+                    .iter()
+                    .map(|s| state.get(&format!("{key}.{s}")))
+                    .collect();
+                let [Some(codes), Some(scales), Some(zeros), Some(norms)] = parts[..] else {
+                    if state.contains_key(&key) {
+                        bail!("optimizer state '{key}' is full precision but bsfa.bits = 4");
+                    }
+                    return Ok(None);
+                };
+                let q = Quant4::from_tensors([codes, scales, zeros, norms], *numel)
+                    .with_context(|| format!("optimizer state '{key}'"))?;
+                if q.rows > max_rows {
+                    bail!(
+                        "optimizer state '{key}' has {} rows, expected at most {max_rows} \
+                         (bsfa.{hint} changed?)",
+                        q.rows
+                    );
+                }
+                Ok(Some(Stored::Bits4 {
+                    q,
+                    dtype: *dtype,
+                    device: device.clone(),
+                }))
             };
+            block.history = match read("bsfa_history", self.config.history)? {
+                Some(history) => history.into_rows()?.into(),
+                None => VecDeque::new(),
+            };
+            block.directions = read("bsfa_directions", self.config.rank)?;
         }
         self.steps = steps_taken;
         Ok(())
