@@ -6,11 +6,12 @@
 use crate::config::RunConfig;
 use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
 use crate::data::{self, SamplerPosition, TokenSegments, Tokenizer};
+use crate::dist::Job;
 use crate::model::{Llama, ParamCounts};
 use crate::optim;
 use crate::train::train_step;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -25,6 +26,9 @@ pub struct BenchReport {
     pub micro_batch_size: usize,
     pub seq_len: usize,
     pub threads: usize,
+    /// Data-parallel ranks; `batch_size` is the global batch over all of them.
+    pub ranks: usize,
+    pub device: String,
     pub optimizer: String,
     pub timed_steps: usize,
     pub ms_per_step: f64,
@@ -35,6 +39,8 @@ pub struct BenchReport {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// Median time averaging gradients over the ranks.
+    pub communication_ms: f64,
     /// Mean optimizer time per step (periodic work included).
     pub mean_optimizer_ms: f64,
     /// Peak resident memory of the process (Linux `VmHWM`), if known.
@@ -46,9 +52,11 @@ pub struct BenchReport {
     pub loader_vs_trainer: Option<f64>,
 }
 
-/// Runs `warmup` untimed and `iters` timed training steps of `config`'s model, then, when
-/// `loader_steps > 0`, times the data loader alone on `config.data.train`.
+/// Runs `warmup` untimed and `iters` timed training steps of `config`'s model as this rank
+/// of `job`, then, when `loader_steps > 0`, times the data loader alone on
+/// `config.data.train`.
 pub fn run(
+    job: &Job,
     config: &RunConfig,
     threads: usize,
     warmup: usize,
@@ -58,10 +66,11 @@ pub fn run(
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let device = Device::Cpu;
+    let device = &job.device;
+    let comm = job.comm.as_ref();
     let train = &config.train;
-    let (model, params) = Llama::new(&config.model, DType::F32, &device, train.seed)?;
-    let mut optimizer = optim::build(config, &params)?;
+    let (model, params) = Llama::new(&config.model, DType::F32, device, train.seed)?;
+    let mut optimizer = optim::build(config, &params, &job.comm)?;
     // Random tokens: enough for every window to differ, no data loading in the timing.
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
     let vocab = config.model.vocab_size as u32;
@@ -70,9 +79,11 @@ pub fn run(
             .map(|_| rng.random_range(0..vocab))
             .collect(),
     );
-    let mut loader = fresh_loader(tokens, train)?;
+    let shape = LoaderShape::for_rank(train, comm.rank(), comm.world());
+    let mut loader = fresh_loader(tokens, train, shape)?;
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
+    let mut communication = vec![];
     for step in 0..warmup + iters {
         let started = Instant::now();
         let outcome = train_step(
@@ -82,6 +93,8 @@ pub fn run(
             &loader.next_step()?.micro_batches,
             config,
             lr,
+            comm,
+            None,
         )?;
         let step_s = started.elapsed().as_secs_f64();
         if step >= warmup {
@@ -89,6 +102,7 @@ pub fn run(
             forward.push(outcome.forward_s);
             backward.push(outcome.backward_s);
             update.push(outcome.optimizer_s);
+            communication.push(outcome.communication_s);
         }
     }
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
@@ -104,6 +118,8 @@ pub fn run(
         micro_batch_size: train.micro_batch(),
         seq_len: train.seq_len,
         threads,
+        ranks: comm.world(),
+        device: crate::device::name(device),
         optimizer: config.optimizer.name.clone(),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
@@ -112,6 +128,7 @@ pub fn run(
         forward_ms: median(&mut forward) * 1e3,
         backward_ms: median(&mut backward) * 1e3,
         optimizer_ms: median(&mut update) * 1e3,
+        communication_ms: median(&mut communication) * 1e3,
         mean_optimizer_ms: mean_optimizer_s * 1e3,
         peak_rss_mib: peak_rss_mib(),
         loader_tokens_per_s,
@@ -130,7 +147,7 @@ pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
         train.seq_len,
         config.model.vocab_size,
     )?;
-    let mut loader = fresh_loader(data.train, train)?;
+    let mut loader = fresh_loader(data.train, train, LoaderShape::of(train))?;
     loader.next_step()?;
     let started = Instant::now();
     for _ in 0..steps {
@@ -140,17 +157,16 @@ pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
 }
 
 /// A loader over `tokens` at the start of the config's sampling stream.
-fn fresh_loader(tokens: TokenSegments, train: &crate::config::TrainConfig) -> Result<Loader> {
+fn fresh_loader(
+    tokens: TokenSegments,
+    train: &crate::config::TrainConfig,
+    shape: LoaderShape,
+) -> Result<Loader> {
     let start = SamplerPosition {
         seed: train.seed,
         word_pos: 0,
     };
-    Loader::start(
-        Arc::new(tokens),
-        start,
-        LoaderShape::of(train),
-        PREFETCH_STEPS,
-    )
+    Loader::start(Arc::new(tokens), start, shape, PREFETCH_STEPS)
 }
 
 fn median(xs: &mut [f64]) -> f64 {

@@ -2,7 +2,10 @@
 //!
 //! - `model.safetensors`: the weights under their Hugging Face names;
 //! - `optimizer.safetensors`: every optimizer state tensor (`<param>.<slot>`, BSFA history and
-//!   directions included), with the optimizer name and step count in its metadata;
+//!   directions included), with the optimizer name, step count and shard files in its
+//!   metadata;
+//! - `optimizer-rank-<5-digit rank>.safetensors`: written by data-parallel ranks other than 0,
+//!   the BSFA blocks that rank owned (see `optim::bsfa`); any rank count can resume them;
 //! - `trainer.json`: [`TrainerState`] (step, tokens seen, sampler position, resolved config,
 //!   format version).
 //!
@@ -12,6 +15,7 @@
 
 use crate::config::RunConfig;
 use crate::data::SamplerPosition;
+use crate::dist::Communicator;
 use crate::model::Param;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
@@ -31,6 +35,8 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Trainer state file inside a checkpoint folder.
 pub const TRAINER_FILE: &str = "trainer.json";
 
+/// Metadata key of `optimizer.safetensors` listing the other ranks' shard files.
+const SHARDS_KEY: &str = "shard_files";
 const STEP_PREFIX: &str = "step-";
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -53,24 +59,78 @@ pub fn step_dir_name(step: usize) -> String {
     format!("{STEP_PREFIX}{step:08}")
 }
 
-/// Writes a checkpoint under `root` atomically and returns its folder. An existing checkpoint
-/// of the same step is replaced only once the new one is complete.
+/// The shard file of data-parallel rank `rank` (> 0).
+pub fn shard_file(rank: usize) -> String {
+    format!("optimizer-rank-{rank:05}.safetensors")
+}
+
+/// Writes a checkpoint under `root` atomically and returns its folder; a collective: every
+/// rank of `comm` calls it. Rank 0 writes the weights, the shared optimizer state with its
+/// own shard, and the trainer state; every other rank writes its optimizer shard, if any.
+/// An existing checkpoint of the same step is replaced only once the new one is complete.
 pub fn save(
     root: &Path,
     state: &TrainerState,
     params: &[Param],
     optimizer: &dyn Optimizer,
+    comm: &dyn Communicator,
 ) -> Result<PathBuf> {
-    fs::create_dir_all(root)
-        .with_context(|| format!("cannot create checkpoint folder '{}'", root.display()))?;
     let name = step_dir_name(state.step);
     let temp = root.join(format!("{TEMP_PREFIX}{name}"));
-    if temp.exists() {
-        fs::remove_dir_all(&temp)
-            .with_context(|| format!("cannot remove stale '{}'", temp.display()))?;
+    if comm.rank() == 0 {
+        fs::create_dir_all(root)
+            .with_context(|| format!("cannot create checkpoint folder '{}'", root.display()))?;
+        if temp.exists() {
+            fs::remove_dir_all(&temp)
+                .with_context(|| format!("cannot remove stale '{}'", temp.display()))?;
+        }
+        fs::create_dir(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
     }
-    fs::create_dir(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
+    comm.barrier()?;
+    let shard = optimizer.shard_state()?;
+    let mut written = String::new();
+    if comm.rank() > 0 && !shard.is_empty() {
+        written = shard_file(comm.rank());
+        write_safetensors(&temp.join(&written), &shard, &[])?;
+    }
+    // Doubles as the barrier after which every shard is on disk.
+    let shard_files: Vec<String> = comm
+        .all_gather_bytes(written.as_bytes())?
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .filter(|f| !f.is_empty())
+        .collect();
+    if comm.rank() > 0 {
+        comm.barrier()?;
+        return Ok(root.join(&name));
+    }
+    let target = write_root_part(
+        root,
+        &temp,
+        &name,
+        state,
+        params,
+        optimizer,
+        shard,
+        &shard_files,
+    );
+    // The other ranks wait for the complete checkpoint (or rank 0's error).
+    comm.barrier()?;
+    target
+}
 
+/// Rank 0's part of [`save`]: weights, shared state, trainer state, then the rename.
+#[allow(clippy::too_many_arguments)]
+fn write_root_part(
+    root: &Path,
+    temp: &Path,
+    name: &str,
+    state: &TrainerState,
+    params: &[Param],
+    optimizer: &dyn Optimizer,
+    shard: Vec<(String, Tensor)>,
+    shard_files: &[String],
+) -> Result<PathBuf> {
     let weights: Vec<(String, Tensor)> = params
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
@@ -79,27 +139,30 @@ pub fn save(
     write_safetensors(&temp.join(MODEL_FILE), &weights, &[("format", "pt")])?;
     failpoint("checkpoint-write", state.step);
     let steps = optimizer.steps_taken().to_string();
+    let mut tensors = optimizer.state()?;
+    tensors.extend(shard);
     write_safetensors(
         &temp.join(OPTIMIZER_FILE),
-        &optimizer.state()?,
+        &tensors,
         &[
             ("optimizer", &optimizer_kind(&state.config)),
             ("steps", &steps),
+            (SHARDS_KEY, &shard_files.join(",")),
         ],
     )?;
     let json = serde_json::to_vec_pretty(state)?;
     write_synced(&temp.join(TRAINER_FILE), &json)?;
-    sync_dir(&temp)?;
+    sync_dir(temp)?;
 
-    let target = root.join(&name);
+    let target = root.join(name);
     if target.exists() {
         // Same step written twice (e.g. interrupted right after resuming): swap it in.
         let old = root.join(format!("{TEMP_PREFIX}old-{name}"));
         fs::rename(&target, &old)?;
-        fs::rename(&temp, &target)?;
+        fs::rename(temp, &target)?;
         fs::remove_dir_all(&old)?;
     } else {
-        fs::rename(&temp, &target)
+        fs::rename(temp, &target)
             .with_context(|| format!("cannot rename checkpoint into '{}'", target.display()))?;
     }
     sync_dir(root)?;
@@ -153,7 +216,9 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub state: TrainerState,
     model: HashMap<String, Tensor>,
-    optimizer: Option<(HashMap<String, Tensor>, u64)>,
+    /// Optimizer files (shared state first, then the shards) and the step count, checked
+    /// at open and read by [`Checkpoint::load_optimizer`].
+    optimizer: Option<(Vec<PathBuf>, u64)>,
 }
 
 impl Checkpoint {
@@ -190,12 +255,27 @@ impl Checkpoint {
         let (model, _) = read_safetensors(&dir.join(MODEL_FILE))?;
         let optimizer = if with_optimizer {
             let path = dir.join(OPTIMIZER_FILE);
-            let (tensors, meta) = read_safetensors(&path)?;
+            // Headers only: every rank reads just the tensors it needs later.
+            let meta = read_safetensors_where(&path, &|_| false)?.1;
             let steps = meta
                 .get("steps")
                 .and_then(|s| s.parse::<u64>().ok())
                 .with_context(|| format!("'{}' lacks its step count", path.display()))?;
-            Some((tensors, steps))
+            let mut files = vec![path];
+            for shard in meta.get(SHARDS_KEY).into_iter().flat_map(|s| s.split(',')) {
+                if shard.is_empty() {
+                    continue;
+                }
+                let shard = dir.join(shard);
+                read_safetensors_where(&shard, &|_| false).with_context(|| {
+                    format!(
+                        "the checkpoint lists the optimizer shard '{}' of another rank",
+                        shard.display()
+                    )
+                })?;
+                files.push(shard);
+            }
+            Some((files, steps))
         } else {
             None
         };
@@ -229,15 +309,20 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Restores `optimizer` from the checkpoint's optimizer state.
+    /// Restores `optimizer` from the checkpoint's optimizer state: the tensors it wants,
+    /// from the shared file and every rank's shard, whatever rank count wrote them.
     pub fn load_optimizer(&self, optimizer: &mut dyn Optimizer) -> Result<()> {
         let file = self.dir.join(OPTIMIZER_FILE);
-        let (tensors, steps) = self
+        let (files, steps) = self
             .optimizer
             .as_ref()
             .context("the checkpoint was opened without its optimizer state")?;
+        let mut tensors = HashMap::new();
+        for path in files {
+            tensors.extend(read_safetensors_where(path, &|key| optimizer.wants_state(key))?.0);
+        }
         optimizer
-            .load_state(*steps, tensors)
+            .load_state(*steps, &tensors)
             .with_context(|| format!("cannot restore the optimizer from '{}'", file.display()))
     }
 }
@@ -297,7 +382,20 @@ pub fn write_safetensors(
 
 /// Reads every tensor of a safetensors file (on the CPU) and its metadata.
 pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    read_safetensors_where(path, &|_| true)
+}
+
+/// Reads the tensors of a safetensors file whose names `keep` accepts, and its metadata;
+/// the file is mapped, so the others are never read. The whole header is checked either
+/// way.
+pub fn read_safetensors_where(
+    path: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let file = File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    // SAFETY: checkpoint files are written once, renamed into place and never modified.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot read '{}'", path.display()))?;
     let corrupt = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "'{}' is corrupted or truncated ({e}); resume from an earlier checkpoint",
@@ -308,6 +406,9 @@ pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
     let mut tensors = HashMap::new();
     for (name, view) in parsed.tensors() {
+        if !keep(&name) {
+            continue;
+        }
         let t = view
             .load(&Device::Cpu)
             .map_err(|e| corrupt(&format!("tensor '{name}': {e}")))?;

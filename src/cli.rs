@@ -206,6 +206,19 @@ pub struct RunArgs {
     /// when there is none) or a checkpoint folder.
     #[arg(long, value_name = "auto|PATH")]
     pub resume: Option<String>,
+    /// Compute device: cpu, cuda, or auto (CUDA when built with it and a GPU is present).
+    #[arg(long, value_name = "cpu|cuda|auto")]
+    pub device: Option<String>,
+    /// Compute precision: f32, or bf16 (f32 master weights and optimizer state).
+    #[arg(long, value_name = "f32|bf16")]
+    pub dtype: Option<String>,
+    /// Run N data-parallel ranks on this machine (like torchrun --nproc-per-node); each
+    /// takes its share of every global batch.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Seconds a rank waits for the others in one collective before failing.
+    #[arg(long, value_name = "SECONDS")]
+    pub dist_timeout: Option<u64>,
     /// Print parameter counts and a memory estimate, then exit without training.
     #[arg(long)]
     pub dry_run: bool,
@@ -218,7 +231,7 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 22] = [
+        let flags: [(&str, Option<Value>); 25] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
@@ -256,6 +269,9 @@ impl RunArgs {
                 "train.keep_checkpoints",
                 self.keep_checkpoints.map(|v| json!(v)),
             ),
+            ("train.device", self.device.as_ref().map(|v| json!(v))),
+            ("train.dtype", self.dtype.as_ref().map(|v| json!(v))),
+            ("train.dist_timeout_s", self.dist_timeout.map(|v| json!(v))),
         ];
         for (key, value) in flags {
             if let Some(value) = value {

@@ -236,6 +236,14 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Complete checkpoints kept; older ones are deleted (the newest never is).
     pub keep_checkpoints: usize,
+    /// `cpu`, `cuda`, or `auto` (CUDA when built with it and a GPU is present).
+    pub device: String,
+    /// Compute precision: `f32`, or `bf16` (bf16 weights and activations in the forward and
+    /// backward passes; f32 master weights, gradients and optimizer state).
+    pub dtype: String,
+    /// Seconds a data-parallel rank waits for the others inside one collective (or at
+    /// start-up) before it fails, naming the rank it waited for.
+    pub dist_timeout_s: u64,
 }
 
 impl Default for TrainConfig {
@@ -253,6 +261,9 @@ impl Default for TrainConfig {
             out: String::new(),
             checkpoint_every: 1000,
             keep_checkpoints: 3,
+            device: "auto".into(),
+            dtype: "f32".into(),
+            dist_timeout_s: 1800,
         }
     }
 }
@@ -273,6 +284,7 @@ impl TrainConfig {
             ("log_every", self.log_every),
             ("threads", self.threads.unwrap_or(1)),
             ("keep_checkpoints", self.keep_checkpoints),
+            ("dist_timeout_s", self.dist_timeout_s as usize),
         ] {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");
@@ -285,6 +297,8 @@ impl TrainConfig {
                 self.batch_size
             );
         }
+        crate::device::DeviceKind::parse(&self.device)?;
+        crate::device::compute_dtype(&self.dtype)?;
         Ok(())
     }
 }

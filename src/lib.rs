@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 mod cpu;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod export;

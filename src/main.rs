@@ -1,13 +1,16 @@
 use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
+use bsfa_train::dist::{self, Job};
 use bsfa_train::model::{llama, Llama, ParamCounts};
 use bsfa_train::{bench, data, eval, export, interrupt, optim, plot, train};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 // Training allocates and frees large tensors every step; the system allocator hands them
 // back to the kernel and page-faults them in again, which cost about a third of CPU time
@@ -29,7 +32,14 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Ranks of a job share one terminal: say whose error this is.
+            match dist::env::from_env() {
+                Ok(Some(layout)) => eprintln!("error (rank {}): {e:#}", layout.rank),
+                _ => eprintln!("error: {e:#}"),
+            }
+            if dist::caused_by_peer(&e) {
+                return ExitCode::from(dist::PEER_FAILED_STATUS);
+            }
             ExitCode::FAILURE
         }
     }
@@ -96,27 +106,61 @@ fn run(cli: &Cli) -> Result<u8> {
         None => &cli.run,
     };
     let config = args.resolve()?;
-    let threads = set_threads(config.train.threads);
-    if let Some(Command::Bench(b)) = &cli.command {
-        let report = bench::run(&config, threads, b.warmup, b.iters, b.loader_steps)?;
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(0);
+    if let Some(nproc) = args.nproc_per_node {
+        // Inside a job already (our launcher, torchrun, srun): the flag has done its part.
+        if dist::env::from_env()?.is_none() && !args.dry_run {
+            return dist::launch::run(nproc, &without_nproc_flag(std::env::args_os().skip(1)));
+        }
     }
+    let threads = set_threads(config.train.threads);
     if args.dry_run {
         dry_run(&config)?;
         return Ok(0);
     }
     interrupt::install()?;
-    let summary = train::run(&config, args.resume.as_deref())?;
-    println!("{}", serde_json::to_string(&summary)?);
+    let job = Job::from_env(&config.train)?;
+    if let Some(Command::Bench(b)) = &cli.command {
+        let report = bench::run(&job, &config, threads, b.warmup, b.iters, b.loader_steps)?;
+        if job.is_root() {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        return Ok(0);
+    }
+    let summary = train::run_job(&config, args.resume.as_deref(), &job)?;
+    if job.is_root() {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
     // Shells report a run stopped by a signal as 128 + the signal number.
     Ok(summary.signal.map_or(0, |s| (128 + s) as u8))
 }
 
-/// Sizes the compute thread pool (default: every core) and returns the thread count.
+/// The command line for the ranks: this one without `--nproc-per-node N`.
+fn without_nproc_flag(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match arg.to_str() {
+            Some("--nproc-per-node") => skip_value = true,
+            Some(a) if a.starts_with("--nproc-per-node=") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+/// Sizes the compute thread pool and returns the thread count: `--threads`, else the share
+/// of the cores the launcher gave this rank, else every core.
 fn set_threads(threads: Option<usize>) -> usize {
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads
+        .or_else(|| {
+            std::env::var("BSFA_RANK_THREADS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // Candle sizes its thread pool from this variable when it first computes, so it must be
     // set before any tensor work.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -129,11 +173,12 @@ fn dry_run(config: &RunConfig) -> Result<()> {
     let counts = ParamCounts::of(&params);
     // State of every optimizer on this model, so their memory can be compared.
     let mut state_by_optimizer = serde_json::Map::new();
+    let single: Arc<dyn dist::Communicator> = Arc::new(dist::SingleRank);
     for name in optim::OPTIMIZERS {
         let mut other = config.clone();
         other.optimizer.name = name.to_string();
         other.bsfa.enabled = false;
-        let optimizer = optim::build(&other, &params)?;
+        let optimizer = optim::build(&other, &params, &single)?;
         state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
     }
     // BSFA adds its full history and directions once warmed up, at the configured precision
@@ -145,6 +190,13 @@ fn dry_run(config: &RunConfig) -> Result<()> {
         at.bits = bits;
         let bytes = optim::bsfa::steady_state_bytes(&at, &params)?;
         state_by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
+    }
+    // BSFA sharded over data-parallel ranks: the largest rank's share.
+    let mut bsfa_per_rank = serde_json::Map::new();
+    for world in [1, 2, 4, 8] {
+        let shares = optim::bsfa::steady_state_bytes_per_rank(&config.bsfa, &params, world)?;
+        let largest = shares.iter().copied().max().unwrap_or(0);
+        bsfa_per_rank.insert(world.to_string(), json!(largest));
     }
     let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
         .as_u64()
@@ -199,6 +251,20 @@ fn dry_run(config: &RunConfig) -> Result<()> {
         })
         .collect();
     eprintln!("optimizer state: {}", by_optimizer.join(", "));
+    let per_rank: Vec<String> = bsfa_per_rank
+        .iter()
+        .map(|(world, b)| {
+            format!(
+                "{world} ranks {:.0} MiB",
+                mib(b.as_u64().map_or(0, |b| b as usize))
+            )
+        })
+        .collect();
+    eprintln!(
+        "bsfa state per rank at bsfa.bits={}: {}",
+        config.bsfa.bits,
+        per_rank.join(", ")
+    );
     let report = json!({
         "dry_run": true,
         "params": counts,
@@ -207,6 +273,7 @@ fn dry_run(config: &RunConfig) -> Result<()> {
             "grads": grads,
             "optimizer_state": optimizer_state,
             "optimizer_state_by_optimizer": state_by_optimizer,
+            "bsfa_extra_per_rank_by_ranks": bsfa_per_rank,
             "activations_estimate": activations,
             "total_estimate": total,
         },

@@ -83,6 +83,8 @@ pub struct Progress {
     first: u64,
     /// What is counted, in plain lines ("step", "unit").
     unit: &'static str,
+    /// Shows nothing (data-parallel ranks other than 0).
+    silent: bool,
 }
 
 impl Progress {
@@ -114,6 +116,20 @@ impl Progress {
             total: total as u64,
             first: done as u64,
             unit,
+            silent: false,
+        }
+    }
+
+    /// A progress display that shows nothing: for ranks other than 0, whose output would
+    /// repeat rank 0's.
+    pub fn silent() -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            interactive: false,
+            total: 0,
+            first: 0,
+            unit: "step",
+            silent: true,
         }
     }
 
@@ -128,6 +144,9 @@ impl Progress {
     /// the ETA when `print` is set.
     pub fn update(&self, position: usize, msg: &str, print: bool) {
         self.bar.set_position(position as u64);
+        if self.silent {
+            return;
+        }
         if self.interactive {
             self.bar.set_message(msg.to_string());
         } else if print {
@@ -144,6 +163,9 @@ impl Progress {
 
     /// Prints a line above the bar.
     pub fn println(&self, line: &str) {
+        if self.silent {
+            return;
+        }
         self.bar.suspend(|| eprintln!("{line}"));
     }
 

@@ -5,6 +5,7 @@ use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::RunConfig;
 use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
 use crate::data::{self, Batcher, SamplerPosition, Tokenizer};
+use crate::dist::{Communicator, Job};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::{Llama, Param, ParamCounts};
@@ -40,6 +41,12 @@ pub struct Summary {
     /// The signal number behind `interrupted_by`, for the exit status.
     #[serde(skip)]
     pub signal: Option<i32>,
+    /// Data-parallel ranks (processes) that trained.
+    pub ranks: usize,
+    /// The device every rank computed on.
+    pub device: String,
+    /// Optimizer state bytes each rank held at the end (BSFA's share falls as 1/ranks).
+    pub optimizer_state_bytes_per_rank: Vec<usize>,
     /// Train loss of every optimizer step this process ran, for tests and scripts.
     #[serde(skip)]
     pub losses: Vec<f64>,
@@ -48,48 +55,79 @@ pub struct Summary {
 /// Seed offset for evaluation windows, so they never coincide with training draws.
 const EVAL_SEED_OFFSET: u64 = 0x5EED_0FE7_A100;
 
-/// Trains as `config` says, writing `config.json`, `metrics.jsonl` and `checkpoints/` into
-/// its out folder. `resume` is `--resume`: `auto` or a checkpoint folder.
+/// Trains as `config` says in this one process, writing `config.json`, `metrics.jsonl` and
+/// `checkpoints/` into its out folder. `resume` is `--resume`: `auto` or a checkpoint folder.
 pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
+    run_job(config, resume, &Job::single(&config.train)?)
+}
+
+/// [`run`] as one rank of a data-parallel `job`: every rank calls it with the same config.
+/// Rank 0 alone writes the out folder; an error on any rank stops every rank.
+pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
+    let outcome = train(config, resume, job);
+    if let Err(e) = &outcome {
+        job.comm.abort(&format!("{e:#}"));
+    }
+    outcome
+}
+
+fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
     let wall = Instant::now();
-    let device = Device::Cpu;
+    let (comm, device, root) = (job.comm.as_ref(), &job.device, job.is_root());
     let train_cfg = &config.train;
     let out = PathBuf::from(&train_cfg.out);
     let checkpoints = out.join("checkpoints");
-    // Read and check the checkpoint before anything in the out folder is touched.
-    let resumed = match resume {
-        Some(spec) => checkpoint::resolve_resume(spec, &checkpoints)?
-            .map(|dir| Checkpoint::open(&dir, true))
-            .transpose()?,
-        None => None,
+    // Read and check the checkpoint before anything in the out folder is touched; rank 0
+    // picks it, so every rank resumes the same one.
+    let resume_dir = match resume {
+        Some(spec) if root => checkpoint::resolve_resume(spec, &checkpoints)?,
+        _ => None,
     };
-    if let Some(ck) = &resumed {
+    let resume_dir = shared_path(comm, resume_dir)?;
+    let resumed = resume_dir
+        .map(|dir| Checkpoint::open(&dir, true))
+        .transpose()?;
+    if let (Some(ck), true) = (&resumed, root) {
         check_resumable(config, ck)?;
     }
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
+    if root {
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
+    }
     let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
     check_vocab(config, &tokenizer)?;
+    // Rank 0 first: loading may download and prepare a dataset, which the others then read.
+    if !root {
+        comm.barrier()?;
+    }
     let data = data::load(
         &config.data,
         &tokenizer,
         train_cfg.seq_len,
         config.model.vocab_size,
-    )?;
+    );
+    if root {
+        comm.barrier()?;
+    }
+    let data = data?;
 
-    let (model, params) = Llama::new(&config.model, DType::F32, &device, train_cfg.seed)?;
+    let (model, params) = Llama::new(&config.model, DType::F32, device, train_cfg.seed)?;
     let param_count = ParamCounts::of(&params).total;
-    let mut optimizer = optim::build(config, &params)?;
+    let mut optimizer = optim::build(config, &params, &job.comm)?;
     let mut data_position = SamplerPosition {
         seed: train_cfg.seed,
         word_pos: 0,
     };
-    let progress = Progress::new(
-        train_cfg.steps,
-        resumed.as_ref().map_or(0, |ck| ck.state.step),
-    );
+    let progress = if root {
+        Progress::new(
+            train_cfg.steps,
+            resumed.as_ref().map_or(0, |ck| ck.state.step),
+        )
+    } else {
+        Progress::silent()
+    };
     let metrics_path = out.join("metrics.jsonl");
-    let (start, mut metrics) = match &resumed {
+    let start = match &resumed {
         Some(ck) => {
             ck.load_model(&params)?;
             ck.load_optimizer(optimizer.as_mut())?;
@@ -99,10 +137,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
                 ck.dir.display(),
                 ck.state.step
             ));
-            (
-                ck.state.step,
-                MetricsLog::resume(&metrics_path, ck.state.step)?,
-            )
+            ck.state.step
         }
         None => {
             if resume.is_some() {
@@ -111,33 +146,50 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
                     checkpoints.display()
                 ));
             }
-            set_aside_old_checkpoints(&checkpoints, &progress)?;
-            (0, MetricsLog::create(&metrics_path)?)
+            if root {
+                set_aside_old_checkpoints(&checkpoints, &progress)?;
+            }
+            0
         }
+    };
+    // Every rank starts from rank 0's weights, as PyTorch's DDP does.
+    broadcast_params(&params, comm)?;
+    let mut metrics = match (root, start) {
+        (false, _) => None,
+        (true, 0) => Some(MetricsLog::create(&metrics_path)?),
+        (true, step) => Some(MetricsLog::resume(&metrics_path, step)?),
     };
     // Keep the checkpoint's trainer state, not its tensors (a copy of the whole model and
     // optimizer state).
     let resumed = resumed.map(|ck| (ck.dir, ck.state));
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(config)?,
-    )
-    .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
+    if root {
+        std::fs::write(
+            out.join("config.json"),
+            serde_json::to_string_pretty(config)?,
+        )
+        .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
+    }
     let (train_tokens, val_tokens) = (data.train.len(), data.val.len());
     let mut loader = Loader::start(
         Arc::new(data.train),
         data_position,
-        LoaderShape::of(train_cfg),
+        LoaderShape::for_rank(train_cfg, comm.rank(), comm.world()),
         PREFETCH_STEPS,
     )?;
+    let ranks = if comm.world() > 1 {
+        format!(" on {} ranks", comm.world())
+    } else {
+        String::new()
+    };
     progress.println(&format!(
-        "training {} parameters on {} train / {} val tokens, {} steps of {} x {} tokens",
+        "training {} parameters on {} train / {} val tokens, {} steps of {} x {} tokens{ranks} ({})",
         param_count,
         train_tokens,
         val_tokens,
         train_cfg.steps,
         train_cfg.batch_size,
-        train_cfg.seq_len
+        train_cfg.seq_len,
+        crate::device::name(device),
     ));
 
     let opt_cfg = &config.optimizer;
@@ -159,6 +211,9 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         resumed_from: resumed.as_ref().map(|(_, state)| state.step),
         interrupted_by: None,
         signal: None,
+        ranks: comm.world(),
+        device: crate::device::name(device),
+        optimizer_state_bytes_per_rank: Vec::new(),
         losses: Vec::new(),
     };
     for step in start..train_cfg.steps {
@@ -178,8 +233,11 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
             &batch.micro_batches,
             config,
             lr,
+            comm,
+            interrupt::requested(),
         )?;
         data_position = batch.position;
+        injected_fault(comm.rank(), step + 1)?;
         let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
         if !loss.is_finite() {
             return Err(diverged(format!("loss is {loss}"), step, lr, &metrics));
@@ -197,7 +255,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         let tokens_per_s = tokens_per_step as f64 / step_s;
         let log_now = done % train_cfg.log_every == 0 || done == train_cfg.steps || step == start;
         progress.step(done, loss, tokens_per_s, log_now);
-        if log_now {
+        if let (true, Some(metrics)) = (log_now, &mut metrics) {
             metrics.write(&json!({
                 "step": done,
                 "loss": loss,
@@ -210,19 +268,21 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         let eval_now = (train_cfg.eval_every > 0 && done % train_cfg.eval_every == 0)
             || done == train_cfg.steps;
         if eval_now {
-            val_loss = evaluate(&model, &data.val, config, &device)?;
-            metrics.write(&json!({
-                "step": done,
-                "val_loss": val_loss,
-                "val_ppl": val_loss.exp(),
-            }))?;
+            val_loss = evaluate(&model, &data.val, config, comm)?;
+            if let Some(metrics) = &mut metrics {
+                metrics.write(&json!({
+                    "step": done,
+                    "val_loss": val_loss,
+                    "val_ppl": val_loss.exp(),
+                }))?;
+            }
             progress.println(&format!(
                 "step {done}: val_loss {val_loss:.4} (ppl {:.2})",
                 val_loss.exp()
             ));
         }
         summary.steps = done;
-        let signal = interrupt::requested();
+        let signal = outcome.stop;
         let periodic = train_cfg.checkpoint_every > 0 && done % train_cfg.checkpoint_every == 0;
         if periodic || done == train_cfg.steps || signal.is_some() {
             let state = TrainerState {
@@ -233,8 +293,10 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
                 config: config.clone(),
             };
             let saving = Instant::now();
-            let dir = checkpoint::save(&checkpoints, &state, &params, optimizer.as_ref())?;
-            checkpoint::prune(&checkpoints, train_cfg.keep_checkpoints)?;
+            let dir = checkpoint::save(&checkpoints, &state, &params, optimizer.as_ref(), comm)?;
+            if root {
+                checkpoint::prune(&checkpoints, train_cfg.keep_checkpoints)?;
+            }
             progress.println(&format!(
                 "checkpoint '{}' written in {:.1}s",
                 dir.display(),
@@ -244,6 +306,10 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         }
         if let Some(signal) = signal {
             progress.finish();
+            if !root {
+                summary.signal = Some(signal);
+                break;
+            }
             eprintln!(
                 "stopped by {} after step {done} of {}; checkpoint saved. Resume with the same \
                  command plus --resume auto",
@@ -256,7 +322,12 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
         }
     }
     progress.finish();
-    if start == train_cfg.steps {
+    summary.optimizer_state_bytes_per_rank = comm
+        .all_gather_bytes(&(optimizer.state_bytes() as u64).to_le_bytes())?
+        .iter()
+        .map(|b| b.as_slice().try_into().map_or(0, u64::from_le_bytes) as usize)
+        .collect();
+    if root && start == train_cfg.steps {
         eprintln!("the checkpoint is at step {start}, the run's last: nothing to do (raise --steps to go on)");
     }
     summary.final_train_loss = losses.last().copied().unwrap_or(f64::NAN);
@@ -335,7 +406,7 @@ fn set_aside_old_checkpoints(checkpoints: &std::path::Path, progress: &Progress)
 
 /// What one optimizer step measured.
 pub struct StepOutcome {
-    /// The batch's mean loss (non-finite: nothing was updated).
+    /// The batch's mean loss over all ranks (non-finite: nothing was updated).
     pub loss: f64,
     /// Global gradient norm before clipping (non-finite: nothing was updated).
     pub grad_norm: f64,
@@ -343,12 +414,20 @@ pub struct StepOutcome {
     pub backward_s: f64,
     /// Clipping and the optimizer update.
     pub optimizer_s: f64,
+    /// Averaging gradients over the ranks.
+    pub communication_s: f64,
+    /// A stop signal one of the ranks received before this step ended: every rank agrees
+    /// on it, so all of them checkpoint after the same step.
+    pub stop: Option<i32>,
 }
 
-/// One optimizer step: forward and backward over the micro-batches, clipping, update. It
-/// runs inside candle's CPU thread pool, so the many short parallel sections of a step
-/// (candle's and our kernels') find their worker threads awake. A non-finite loss or
-/// gradient norm is returned without updating anything.
+/// One optimizer step: forward and backward over this rank's micro-batches, gradients
+/// averaged over the ranks of `comm`, clipping, update. `stop` is a signal this rank
+/// received; the outcome carries the one the ranks agree on. It runs inside candle's CPU
+/// thread pool, so the many short parallel sections of a step (candle's and our kernels')
+/// find their worker threads awake. A non-finite loss or gradient norm is returned without
+/// updating anything, on every rank alike.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &Llama,
     params: &[Param],
@@ -356,20 +435,28 @@ pub fn train_step(
     micro_batches: &[(Tensor, Tensor)],
     config: &RunConfig,
     lr: f64,
+    comm: &dyn Communicator,
+    stop: Option<i32>,
 ) -> Result<StepOutcome> {
     let device = model.device().clone();
     device.with_context(|| {
-        let acc = accumulate_gradients(model, params, micro_batches, &device)?;
+        let mut acc = accumulate_gradients(model, params, micro_batches, &device)?;
+        let started = Instant::now();
+        let (loss, stop) = agree(comm, acc.loss, stop)?;
         let mut outcome = StepOutcome {
-            loss: acc.loss,
+            loss,
             grad_norm: f64::NAN,
             forward_s: acc.forward_s,
             backward_s: acc.backward_s,
             optimizer_s: 0.0,
+            communication_s: 0.0,
+            stop,
         };
-        if !acc.loss.is_finite() {
+        if !loss.is_finite() {
             return Ok(outcome);
         }
+        average_gradients(&mut acc.grads, comm)?;
+        outcome.communication_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let (norm, clip) = optim::clip_coefficient(&acc.grads, config.optimizer.grad_clip)?;
         outcome.grad_norm = norm;
@@ -449,22 +536,124 @@ pub fn accumulate_gradients(
 }
 
 /// Mean validation loss over `eval_batches` micro-batches drawn from a fixed seed, so every
-/// evaluation of a run sees the same windows.
+/// evaluation of a run sees the same windows. The ranks of `comm` share the batches (rank
+/// `r` computes those numbered `r`, `r + world`, ...) and sum them in batch order, so the
+/// value does not depend on the rank count.
 pub fn evaluate(
     model: &Llama,
     val: &data::TokenSegments,
     config: &RunConfig,
-    device: &Device,
+    comm: &dyn Communicator,
 ) -> Result<f64> {
     let train = &config.train;
+    let device = model.device();
     let mut batcher = Batcher::new(val, train.seed.wrapping_add(EVAL_SEED_OFFSET));
-    let mut sum = 0.0;
-    for _ in 0..train.eval_batches {
+    let mut mine = Vec::new();
+    for i in 0..train.eval_batches {
         let (inputs, targets) = batcher.next_batch(train.micro_batch(), train.seq_len, device)?;
+        if i % comm.world() != comm.rank() {
+            continue;
+        }
         let loss = model.loss(&inputs, &targets)?.detach();
-        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        mine.extend(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.to_le_bytes());
     }
+    let parts = comm.all_gather_bytes(&mine)?;
+    let losses: Vec<Vec<f64>> = parts.iter().map(|p| f64s(p)).collect();
+    let sum: f64 = (0..train.eval_batches)
+        .map(|i| losses[i % comm.world()][i / comm.world()])
+        .sum();
     Ok(sum / train.eval_batches as f64)
+}
+
+fn f64s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// The step's loss averaged over the ranks (in rank order, so alike everywhere) and the
+/// first stop signal any rank received.
+fn agree(comm: &dyn Communicator, loss: f64, stop: Option<i32>) -> Result<(f64, Option<i32>)> {
+    if comm.world() == 1 {
+        return Ok((loss, stop));
+    }
+    let mut mine = loss.to_le_bytes().to_vec();
+    mine.extend(stop.unwrap_or(0).to_le_bytes());
+    let parts = comm.all_gather_bytes(&mine)?;
+    let mut sum = 0.0;
+    let mut first_stop = None;
+    for part in &parts {
+        let (loss, signal) = part.split_at(8);
+        sum += f64::from_le_bytes(loss.try_into()?);
+        let signal = i32::from_le_bytes(signal.try_into()?);
+        if signal != 0 && first_stop.is_none() {
+            first_stop = Some(signal);
+        }
+    }
+    Ok((sum / parts.len() as f64, first_stop))
+}
+
+/// Gradients are averaged in buckets of this many elements: large enough for few
+/// collectives, small enough that the packed copy stays modest.
+const BUCKET_ELEMENTS: usize = 1 << 24;
+
+/// Replaces every gradient by its mean over the ranks, packing small ones into buckets.
+fn average_gradients(grads: &mut [Tensor], comm: &dyn Communicator) -> Result<()> {
+    let world = comm.world();
+    if world == 1 {
+        return Ok(());
+    }
+    let scale = 1.0 / world as f64;
+    let mut start = 0;
+    while start < grads.len() {
+        let mut end = start;
+        let mut size = 0;
+        while end < grads.len()
+            && (end == start || size + grads[end].elem_count() <= BUCKET_ELEMENTS)
+        {
+            size += grads[end].elem_count();
+            end += 1;
+        }
+        let flat: Vec<Tensor> = grads[start..end]
+            .iter()
+            .map(|g| g.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
+        let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let mut offset = 0;
+        for g in &mut grads[start..end] {
+            let n = g.elem_count();
+            *g = (summed.narrow(0, offset, n)?.reshape(g.shape())? * scale)?;
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Rank 0's weights on every rank.
+fn broadcast_params(params: &[Param], comm: &dyn Communicator) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    for p in params {
+        let shared = comm.broadcast(p.var.as_tensor(), 0)?;
+        if comm.rank() != 0 {
+            p.var.set(&shared)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rank 0's `path` on every rank.
+fn shared_path(comm: &dyn Communicator, path: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    if comm.world() == 1 {
+        return Ok(path);
+    }
+    let mine = path.map(|p| p.display().to_string()).unwrap_or_default();
+    let parts = comm.all_gather_bytes(mine.as_bytes())?;
+    let root = String::from_utf8_lossy(&parts[0]).into_owned();
+    Ok((!root.is_empty()).then(|| PathBuf::from(root)))
 }
 
 fn check_vocab(config: &RunConfig, tokenizer: &Tokenizer) -> Result<()> {
@@ -481,11 +670,44 @@ fn check_vocab(config: &RunConfig, tokenizer: &Tokenizer) -> Result<()> {
 }
 
 /// Wraps a non-finite loss or gradient into an error that names the step and the fix.
-fn diverged(cause: String, step: usize, lr: f64, metrics: &MetricsLog) -> anyhow::Error {
+fn diverged(cause: String, step: usize, lr: f64, metrics: &Option<MetricsLog>) -> anyhow::Error {
+    let logged = metrics.as_ref().map_or(String::new(), |m| {
+        format!(
+            "; the metrics logged so far are in '{}'",
+            m.path().display()
+        )
+    });
     anyhow::anyhow!(
         "training diverged at step {}: {cause}. Lower the learning rate (--lr, {lr:.3e} at \
-         this step) or lengthen warmup (--warmup-steps); the metrics logged so far are in '{}'",
+         this step) or lengthen warmup (--warmup-steps){logged}",
         step + 1,
-        metrics.path().display()
     )
+}
+
+/// Test hook for data-parallel faults: `BSFA_TRAIN_FAILPOINT=rank-<kind>:<rank>:<step>`
+/// makes that rank, after that step, `abort` (die as `kill -9` would leave it: no message
+/// to the others), `error` (fail with an error, as on bad data), or `hang` (stop answering).
+fn injected_fault(rank: usize, step: usize) -> Result<()> {
+    let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") else {
+        return Ok(());
+    };
+    let mut parts = spec.split(':');
+    let (Some(kind), Some(at_rank), Some(at_step)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(());
+    };
+    if at_rank != rank.to_string() || at_step != step.to_string() {
+        return Ok(());
+    }
+    match kind {
+        "rank-abort" => {
+            eprintln!("failpoint {spec}: aborting");
+            std::process::abort();
+        }
+        "rank-error" => bail!("failpoint {spec}: injected error"),
+        "rank-hang" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => Ok(()),
+    }
 }

@@ -5,8 +5,14 @@
 //! TCP through rank 0, for CPU ranks, tests, and the control channel of GPU runs) and, with
 //! the `nccl` feature, `nccl::NcclCommunicator` (CUDA tensors through NCCL).
 
-use anyhow::Result;
-use candle_core::Tensor;
+pub mod env;
+pub mod launch;
+pub mod tcp;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Collective operations among the ranks of one training job. Every rank must call the
 /// same operations in the same order; each call blocks until all ranks took part (or fails
@@ -39,6 +45,20 @@ pub trait Communicator: Send + Sync {
     fn abort(&self, message: &str);
 }
 
+/// An error caused by another rank (it failed, left, hung or ran other code), as opposed to
+/// one of this rank's own: launchers use the difference to name the rank at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PeerFailed(pub String);
+
+/// Exit status of a rank that stops because another rank failed.
+pub const PEER_FAILED_STATUS: u8 = 3;
+
+/// Whether `e` (or any error in its chain) is a [`PeerFailed`].
+pub fn caused_by_peer(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<PeerFailed>())
+}
+
 /// The communicator of a job with one rank: every collective is the identity.
 pub struct SingleRank;
 
@@ -64,4 +84,67 @@ impl Communicator for SingleRank {
     }
 
     fn abort(&self, _message: &str) {}
+}
+
+/// A process's part in a training job: how it talks to the other ranks and its device.
+pub struct Job {
+    pub comm: Arc<dyn Communicator>,
+    pub device: Device,
+}
+
+impl Job {
+    /// A job of one process on the device `train.device` names.
+    pub fn single(train: &crate::config::TrainConfig) -> Result<Self> {
+        Ok(Self {
+            comm: Arc::new(SingleRank),
+            device: crate::device::select(&train.device, 0)?,
+        })
+    }
+
+    /// Joins the job the environment describes (see [`env::from_env`]), or runs alone when
+    /// it describes none. CUDA ranks talk through NCCL when built with it, CPU ranks (and
+    /// CUDA ranks of a build without NCCL, through host copies) over TCP.
+    pub fn from_env(train: &crate::config::TrainConfig) -> Result<Self> {
+        let Some(layout) = env::from_env()? else {
+            return Self::single(train);
+        };
+        let device = crate::device::select(&train.device, layout.local_rank)?;
+        let timeout = Duration::from_secs(train.dist_timeout_s);
+        let tcp = tcp::TcpCommunicator::connect(&layout, timeout).with_context(|| {
+            format!(
+                "rank {} of {} could not join the job",
+                layout.rank, layout.world
+            )
+        })?;
+        Ok(Self {
+            comm: connect_device(tcp, &device)?,
+            device,
+        })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Rank 0 writes metrics, progress, summaries and the shared part of checkpoints.
+    pub fn is_root(&self) -> bool {
+        self.comm.rank() == 0
+    }
+}
+
+#[cfg(feature = "nccl")]
+fn connect_device(tcp: tcp::TcpCommunicator, device: &Device) -> Result<Arc<dyn Communicator>> {
+    if device.is_cuda() {
+        return Ok(Arc::new(nccl::NcclCommunicator::new(
+            Box::new(tcp),
+            device,
+        )?));
+    }
+    Ok(Arc::new(tcp))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn connect_device(tcp: tcp::TcpCommunicator, _device: &Device) -> Result<Arc<dyn Communicator>> {
+    Ok(Arc::new(tcp))
 }

@@ -9,6 +9,13 @@
 //! replaced by `gamma * v + (alpha - gamma) * U (U^T v)`: scaled by `alpha` inside the
 //! dominant subspace and by `gamma` in the bulk.
 //!
+//! With several data-parallel ranks the BSFA state is sharded (ZeRO-1 style): each block
+//! belongs to one rank (blocks are dealt out by size, largest first, to the least-loaded
+//! rank), which alone keeps its history and directions and projects its update; the
+//! projected blocks are then broadcast from their owners. Every rank runs the same base
+//! optimizer step, so BSFA memory per rank falls as 1 / ranks while the result stays the
+//! one-rank result bit for bit.
+//!
 //! The history is centred before the PCA: PCA is the decomposition of variance, and
 //! Proposition 1's signal is the oscillation of the dominant components (their sign flips
 //! step to step) while bulk components drift steadily one way. Centring removes that drift,
@@ -17,11 +24,13 @@
 use super::quant::{self, Quant4};
 use super::Optimizer;
 use crate::config::BsfaConfig;
+use crate::dist::Communicator;
 use crate::model::{Param, ParamGroup};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// A matrix BSFA keeps (`rows x numel`): in full precision, or 4-bit (`bsfa.bits = 4`,
 /// see [`quant`]) and dequantized only when used.
@@ -135,8 +144,12 @@ struct BlockState {
 pub struct Bsfa {
     base: Box<dyn Optimizer>,
     config: BsfaConfig,
-    /// Per parameter, in parameter order: `None` where BSFA does not apply.
+    /// Per parameter, in parameter order: `None` where BSFA does not apply or another rank
+    /// owns the block.
     blocks: Vec<Option<BlockState>>,
+    /// Per parameter: the rank that owns its BSFA state, `None` where BSFA does not apply.
+    owners: Vec<Option<usize>>,
+    comm: Arc<dyn Communicator>,
     names: Vec<String>,
     /// Elements per parameter, to check restored state against.
     numels: Vec<usize>,
@@ -146,13 +159,19 @@ pub struct Bsfa {
 }
 
 impl Bsfa {
-    /// Wraps `base`; BSFA applies to the parameter groups listed in `config.blocks`.
-    pub fn new(base: Box<dyn Optimizer>, config: &BsfaConfig, params: &[Param]) -> Result<Self> {
-        let groups = config.groups()?;
-        let blocks = params
+    /// Wraps `base`; BSFA applies to the parameter groups listed in `config.blocks`, and
+    /// this rank of `comm` keeps the state of the blocks [`owners`] gives it.
+    pub fn new(
+        base: Box<dyn Optimizer>,
+        config: &BsfaConfig,
+        params: &[Param],
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let owners = owners(config, params, comm.world())?;
+        let blocks = owners
             .iter()
-            .map(|p| {
-                groups.contains(&p.group).then(|| BlockState {
+            .map(|owner| {
+                (*owner == Some(comm.rank())).then(|| BlockState {
                     history: VecDeque::with_capacity(config.history),
                     directions: None,
                 })
@@ -162,6 +181,8 @@ impl Bsfa {
             base,
             config: config.clone(),
             blocks,
+            owners,
+            comm,
             names: params.iter().map(|p| p.name.clone()).collect(),
             numels: params.iter().map(|p| p.var.elem_count()).collect(),
             kinds: params
@@ -171,6 +192,81 @@ impl Bsfa {
             steps: 0,
         })
     }
+}
+
+impl Bsfa {
+    /// Whether this step projects: from the first re-estimation that had more updates
+    /// than `rank` (the same on every rank, owner of a block or not).
+    fn projects_at(&self, step: u64) -> bool {
+        let (rank, history, interval) = (
+            self.config.rank as u64,
+            self.config.history as u64,
+            self.config.interval as u64,
+        );
+        history > rank && step >= (rank / interval + 1) * interval
+    }
+
+    /// Broadcasts every rank's projected blocks to all ranks.
+    fn share_projected(&self, params: &[Param]) -> Result<()> {
+        for owner in 0..self.comm.world() {
+            let mine: Vec<&Param> = params
+                .iter()
+                .zip(&self.owners)
+                .filter(|(_, o)| **o == Some(owner))
+                .map(|(p, _)| p)
+                .collect();
+            let Some(first) = mine.first() else { continue };
+            let flat = if owner == self.comm.rank() {
+                let parts: Vec<Tensor> = mine
+                    .iter()
+                    .map(|p| p.var.as_tensor().flatten_all())
+                    .collect::<candle_core::Result<_>>()?;
+                Tensor::cat(&parts, 0)?
+            } else {
+                let total = mine.iter().map(|p| p.var.elem_count()).sum::<usize>();
+                Tensor::zeros(total, first.var.dtype(), first.var.device())?
+            };
+            let shared = self.comm.broadcast(&flat, owner)?;
+            if owner == self.comm.rank() {
+                continue;
+            }
+            let mut offset = 0;
+            for p in mine {
+                let n = p.var.elem_count();
+                p.var
+                    .set(&shared.narrow(0, offset, n)?.reshape(p.var.shape())?)?;
+                offset += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameter index of a BSFA state key (`<param>.bsfa_<slot>[.<part>]`).
+    fn block_of(&self, key: &str) -> Option<usize> {
+        let (name, _) = key.split_once(".bsfa_")?;
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+/// The rank that owns each parameter's BSFA state (`None` where BSFA does not apply): the
+/// blocks, largest first (ties by position), each to the rank holding the fewest elements so
+/// far (ties to the lowest rank). The same on every rank.
+pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec<Option<usize>>> {
+    let groups = config.groups()?;
+    let mut order: Vec<usize> = (0..params.len())
+        .filter(|&i| groups.contains(&params[i].group))
+        .collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(params[i].var.elem_count()), i));
+    let mut load = vec![0usize; world.max(1)];
+    let mut owners = vec![None; params.len()];
+    for i in order {
+        let rank = (0..load.len())
+            .min_by_key(|&r| (load[r], r))
+            .expect("at least one rank");
+        load[rank] += params[i].var.elem_count();
+        owners[i] = Some(rank);
+    }
+    Ok(owners)
 }
 
 /// Top `rank` principal directions of `history` (`m x n`, one update per row), centred, as
@@ -435,6 +531,9 @@ impl Optimizer for Bsfa {
                 .history
                 .push_back(Stored::keep(&update.unsqueeze(0)?, bits)?);
         }
+        if self.comm.world() > 1 && self.projects_at(self.steps) {
+            self.share_projected(params)?;
+        }
         self.steps += 1;
         Ok(())
     }
@@ -443,11 +542,16 @@ impl Optimizer for Bsfa {
         self.steps
     }
 
-    /// Full precision: `<p>.bsfa_history` (`rows x numel`, oldest first) and
-    /// `<p>.bsfa_directions` (`rank x numel`). 4-bit: each as four tensors with the suffixes
-    /// `.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
+    /// The base optimizer's state, which every rank holds alike.
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = self.base.state()?;
+        self.base.state()
+    }
+
+    /// The blocks this rank owns. Full precision: `<p>.bsfa_history` (`rows x numel`, oldest
+    /// first) and `<p>.bsfa_directions` (`rank x numel`). 4-bit: each as four tensors with
+    /// the suffixes `.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
+    fn shard_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.base.shard_state()?;
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
             if !block.history.is_empty() {
@@ -459,6 +563,13 @@ impl Optimizer for Bsfa {
             }
         }
         Ok(out)
+    }
+
+    fn wants_state(&self, key: &str) -> bool {
+        match self.block_of(key) {
+            Some(i) => self.blocks[i].is_some(),
+            None => self.base.wants_state(key),
+        }
     }
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
@@ -544,20 +655,27 @@ impl Optimizer for Bsfa {
 /// Bytes BSFA holds once its history is full: `history + rank` rows per covered block, in
 /// the parameters' precision or, with `bits = 4`, in 4-bit form.
 pub fn steady_state_bytes(config: &BsfaConfig, params: &[Param]) -> Result<usize> {
-    let groups = config.groups()?;
-    Ok(params
-        .iter()
-        .filter(|p| groups.contains(&p.group))
-        .map(|p| {
-            let n = p.var.elem_count();
-            let row = if config.bits == 4 {
-                quant::row_bytes(n)
-            } else {
-                n * p.var.dtype().size_in_bytes()
-            };
-            (config.history + config.rank) * row
-        })
-        .sum())
+    Ok(steady_state_bytes_per_rank(config, params, 1)?[0])
+}
+
+/// [`steady_state_bytes`] of each rank when `world` ranks share the state.
+pub fn steady_state_bytes_per_rank(
+    config: &BsfaConfig,
+    params: &[Param],
+    world: usize,
+) -> Result<Vec<usize>> {
+    let mut bytes = vec![0; world.max(1)];
+    for (p, owner) in params.iter().zip(owners(config, params, world)?) {
+        let Some(owner) = owner else { continue };
+        let n = p.var.elem_count();
+        let row = if config.bits == 4 {
+            quant::row_bytes(n)
+        } else {
+            n * p.var.dtype().size_in_bytes()
+        };
+        bytes[owner] += (config.history + config.rank) * row;
+    }
+    Ok(bytes)
 }
 
 /// Which parameter groups BSFA applies to, from `bsfa.blocks`.

@@ -6,10 +6,12 @@ mod fused;
 pub mod quant;
 pub mod schedule;
 
+use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use adam::Adam;
 
@@ -23,18 +25,37 @@ pub trait Optimizer: Send {
     /// Optimizer steps taken so far.
     fn steps_taken(&self) -> u64;
 
-    /// Every state tensor, by a stable name (`<param name>.<slot>`), for checkpoints.
+    /// The state every data-parallel rank holds alike, by a stable name (`<param
+    /// name>.<slot>`), for checkpoints (rank 0 writes it).
     fn state(&self) -> Result<Vec<(String, Tensor)>>;
 
-    /// Restores what [`Optimizer::state`] returned, together with the step count.
+    /// The state only this rank holds (its shard of BSFA), for checkpoints: every rank
+    /// writes its own. With one rank, [`Optimizer::state`] and this are the whole state.
+    fn shard_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    /// Whether [`Optimizer::load_state`] on this rank needs the tensor `key` of a checkpoint
+    /// (a rank skips the other ranks' shards, whichever rank count wrote them).
+    fn wants_state(&self, _key: &str) -> bool {
+        true
+    }
+
+    /// Restores what [`Optimizer::state`] and [`Optimizer::shard_state`] returned (the
+    /// tensors [`Optimizer::wants_state`] asked for), together with the step count.
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()>;
 
     /// Bytes held by the optimizer state.
     fn state_bytes(&self) -> usize;
 }
 
-/// Builds the optimizer the config names, wrapped in BSFA when `bsfa.enabled`.
-pub fn build(config: &crate::config::RunConfig, params: &[Param]) -> Result<Box<dyn Optimizer>> {
+/// Builds the optimizer the config names, wrapped in BSFA when `bsfa.enabled` (its state
+/// sharded over the ranks of `comm`).
+pub fn build(
+    config: &crate::config::RunConfig,
+    params: &[Param],
+    comm: &Arc<dyn Communicator>,
+) -> Result<Box<dyn Optimizer>> {
     let opt = &config.optimizer;
     let base: Box<dyn Optimizer> = match opt.name.as_str() {
         "adamw" => Box::new(Adam::adamw(opt, params)?),
@@ -45,7 +66,12 @@ pub fn build(config: &crate::config::RunConfig, params: &[Param]) -> Result<Box<
         ),
     };
     if config.bsfa.enabled {
-        Ok(Box::new(bsfa::Bsfa::new(base, &config.bsfa, params)?))
+        Ok(Box::new(bsfa::Bsfa::new(
+            base,
+            &config.bsfa,
+            params,
+            Arc::clone(comm),
+        )?))
     } else {
         Ok(base)
     }

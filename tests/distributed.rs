@@ -1,0 +1,332 @@
+//! Data parallelism with CPU ranks, as users launch it: `--nproc-per-node N` (or torchrun's
+//! variables) must follow the one-process run, resume across rank counts, stop together on
+//! a signal, and fail fast, naming the rank, when one rank dies, errors or hangs.
+
+use bsfa_train::checkpoint::read_safetensors;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
+
+/// A small Adam-mini + BSFA run whose projection starts at step 4 (rank 3 < history 6).
+fn args(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--set",
+        "model.hidden_size=64",
+        "--set",
+        "model.num_hidden_layers=2",
+        "--set",
+        "model.intermediate_size=172",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "10",
+        "--optimizer",
+        "adam-mini",
+        "--bsfa",
+        "--set",
+        "bsfa.rank=3",
+        "--set",
+        "bsfa.history=6",
+        "--set",
+        "bsfa.interval=4",
+        "--device",
+        "cpu",
+        "--dist-timeout",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(["--steps".into(), steps.to_string()]);
+    a.extend(["--out".into(), out.display().to_string()]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn run(args: &[String]) -> Output {
+    Command::new(BIN).args(args).output().expect("binary runs")
+}
+
+fn ok(o: Output) -> Output {
+    assert!(
+        o.status.success(),
+        "status {:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// The summary JSON (the last stdout line).
+fn summary(o: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a summary line")).expect("JSON summary")
+}
+
+/// `(step, key, value)` of every loss and val_loss in metrics.jsonl.
+fn logged(out: &Path) -> Vec<(u64, &'static str, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).expect("a JSON line");
+        for key in ["loss", "val_loss"] {
+            if let Some(v) = r.get(key).and_then(Value::as_f64) {
+                found.push((r["step"].as_u64().expect("a step"), key, v));
+            }
+        }
+    }
+    found
+}
+
+/// The largest relative difference between two logs over the steps of `b` (which must all
+/// be in `a`).
+fn worst_relative_difference(
+    a: &[(u64, &'static str, f64)],
+    b: &[(u64, &'static str, f64)],
+) -> f64 {
+    let mut worst = 0.0f64;
+    for (step, key, value) in b {
+        let (_, _, reference) = a
+            .iter()
+            .find(|(s, k, _)| s == step && k == key)
+            .unwrap_or_else(|| panic!("step {step} {key} missing from the reference"));
+        worst = worst.max((value - reference).abs() / reference.abs());
+    }
+    worst
+}
+
+#[test]
+fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let single = ok(run(&args(&one, 30, &["--threads", "2"])));
+    let double = ok(run(&args(&two, 30, &["--nproc-per-node", "2"])));
+    let (a, b) = (logged(&one), logged(&two));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(b.len(), 30 + 3, "30 losses and 3 val losses");
+    let worst = worst_relative_difference(&a, &b);
+    eprintln!("2 ranks vs 1: largest relative loss difference {worst:.3e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    // The final weights agree too.
+    let checkpoint = |out: &Path| out.join("checkpoints/step-00000030/model.safetensors");
+    let (wa, _) = read_safetensors(&checkpoint(&one)).unwrap();
+    let (wb, _) = read_safetensors(&checkpoint(&two)).unwrap();
+    for (name, x) in &wa {
+        let y = &wb[name];
+        let diff: f32 = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let scale: f32 = x.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff <= 1e-3 * scale, "{name}: {diff} vs scale {scale}");
+    }
+
+    // Each rank holds the base optimizer state plus its share of BSFA's.
+    let (s1, s2) = (summary(&single), summary(&double));
+    assert_eq!(s2["ranks"], 2);
+    let one_rank = s1["optimizer_state_bytes_per_rank"][0].as_f64().unwrap();
+    let per_rank: Vec<f64> = s2["optimizer_state_bytes_per_rank"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_f64().unwrap())
+        .collect();
+    let base = per_rank.iter().sum::<f64>() - one_rank;
+    let bsfa = one_rank - base;
+    assert!(base > 0.0 && bsfa > 0.0, "{per_rank:?} vs {one_rank}");
+    for bytes in &per_rank {
+        let share = (bytes - base) / bsfa;
+        assert!((0.4..0.6).contains(&share), "share {share} of {per_rank:?}");
+    }
+    // Rank 1 wrote its BSFA shard beside rank 0's files.
+    let step = one.join("checkpoints/step-00000030");
+    assert!(!step.join("optimizer-rank-00001.safetensors").exists());
+    let shard = two.join("checkpoints/step-00000030/optimizer-rank-00001.safetensors");
+    let (tensors, _) = read_safetensors(&shard).unwrap();
+    assert!(!tensors.is_empty() && tensors.keys().all(|k| k.contains(".bsfa_")));
+}
+
+#[test]
+fn checkpoints_resume_on_another_rank_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    ok(run(&args(&reference, 30, &["--threads", "2"])));
+    let expected = logged(&reference);
+    for (first, then) in [(2, 1), (1, 2)] {
+        let out = dir.path().join(format!("{first}-then-{then}"));
+        let ranks = |n: usize| -> Vec<String> {
+            if n == 1 {
+                vec!["--threads".into(), "2".into()]
+            } else {
+                vec!["--nproc-per-node".into(), n.to_string()]
+            }
+        };
+        let with_ranks = |steps: usize, n: usize, more: &[&str]| {
+            let mut a = args(&out, steps, more);
+            a.extend(ranks(n));
+            a
+        };
+        ok(run(&with_ranks(10, first, &[])));
+        ok(run(&with_ranks(30, then, &["--resume", "auto"])));
+        let got = logged(&out);
+        assert_eq!(got.len(), expected.len(), "{first} then {then} ranks");
+        let worst = worst_relative_difference(&expected, &got);
+        eprintln!("{first} ranks then {then}: largest relative loss difference {worst:.3e}");
+        assert!(worst < 1e-4, "{first} then {then}: {worst}");
+    }
+}
+
+/// Waits for `child`, killing it after `limit`; returns its output and how long it ran.
+fn wait_bounded(child: Child, limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        // The test fails on the elapsed time below; this only ends a hang.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let output = child.wait_with_output().expect("the job ends");
+    drop(watchdog);
+    (output, started.elapsed())
+}
+
+fn spawn(args: &[String], envs: &[(&str, String)]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.clone())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts")
+}
+
+#[test]
+fn a_rank_that_dies_or_errors_stops_the_whole_job() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, expected) in [
+        ("rank-error", "rank 1 of 2 failed: failpoint"),
+        ("rank-abort", "rank 1 of 2 left the job"),
+    ] {
+        let out = dir.path().join(kind);
+        let child = spawn(
+            &args(&out, 200, &["--nproc-per-node", "2"]),
+            &[("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3"))],
+        );
+        let (output, took) = wait_bounded(child, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {stderr}");
+        assert!(stderr.contains(expected), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("launcher: the job failed: rank 1"),
+            "{kind}: {stderr}"
+        );
+        assert!(took < Duration::from_secs(60), "{kind} took {took:?}");
+    }
+}
+
+/// Ranks started by another launcher (torchrun's variables): no parent watches them, so
+/// the ranks themselves must notice a dead or silent peer.
+#[test]
+fn ranks_started_by_an_outside_launcher_detect_dead_and_silent_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, expected) in [
+        ("rank-abort", "rank 1 of 2 left the job"),
+        ("rank-hang", "rank 1 of 2 sent nothing for 3 s"),
+    ] {
+        let out = dir.path().join(kind);
+        let port = {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let ranks: Vec<Child> = (0..2)
+            .map(|rank| {
+                spawn(
+                    &args(
+                        &out,
+                        200,
+                        &["--set", "train.dist_timeout_s=3", "--threads", "1"],
+                    ),
+                    &[
+                        ("RANK", rank.to_string()),
+                        ("WORLD_SIZE", "2".into()),
+                        ("MASTER_ADDR", "127.0.0.1".into()),
+                        ("MASTER_PORT", port.to_string()),
+                        ("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3")),
+                    ],
+                )
+            })
+            .collect();
+        let mut ranks = ranks.into_iter();
+        let (root, culprit) = (ranks.next().unwrap(), ranks.next().unwrap());
+        let (output, took) = wait_bounded(root, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{kind}: {stderr}");
+        assert!(stderr.contains(expected), "{kind}: {stderr}");
+        assert!(took < Duration::from_secs(60), "{kind} took {took:?}");
+        // The hung rank would sleep forever: an outside launcher reaps it.
+        let mut culprit = culprit;
+        let _ = culprit.kill();
+        let _ = culprit.wait();
+    }
+}
+
+#[test]
+fn sigterm_to_the_launcher_checkpoints_every_rank_at_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stopped, straight) = (dir.path().join("stopped"), dir.path().join("straight"));
+    let two = ["--nproc-per-node", "2"];
+    let child = spawn(&args(&stopped, 400, &two), &[]);
+    // Stop once a few steps are logged.
+    let started = Instant::now();
+    while logged_steps(&stopped) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let (output, _) = wait_bounded(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    let step = summary(&output)["steps"].as_u64().unwrap() as usize;
+    let dir_of = stopped.join(format!("checkpoints/step-{step:08}"));
+    assert!(
+        dir_of.join("optimizer-rank-00001.safetensors").exists(),
+        "{stderr}"
+    );
+
+    // Resuming continues exactly as a 2-rank run that never stopped.
+    let to = step + 3;
+    ok(run(&args(
+        &stopped,
+        to,
+        &["--nproc-per-node", "2", "--resume", "auto"],
+    )));
+    ok(run(&args(&straight, to, &two)));
+    let (a, b) = (logged(&straight), logged(&stopped));
+    let a: Vec<_> = a.iter().filter(|(_, k, _)| *k == "loss").collect();
+    let b: Vec<_> = b.iter().filter(|(_, k, _)| *k == "loss").collect();
+    assert_eq!(a, b);
+}
+
+fn logged_steps(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
