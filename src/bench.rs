@@ -29,6 +29,7 @@ pub struct BenchReport {
     /// Data-parallel ranks; `batch_size` is the global batch over all of them.
     pub ranks: usize,
     pub device: String,
+    pub dtype: String,
     pub optimizer: String,
     pub timed_steps: usize,
     pub ms_per_step: f64,
@@ -70,6 +71,7 @@ pub fn run(
     let comm = job.comm.as_ref();
     let train = &config.train;
     let (model, params) = Llama::new(&config.model, DType::F32, device, train.seed)?;
+    let model = model.compute_in(crate::device::compute_dtype(&train.dtype)?);
     let mut optimizer = optim::build(config, &params, &job.comm)?;
     // Random tokens: enough for every window to differ, no data loading in the timing.
     let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
@@ -120,6 +122,7 @@ pub fn run(
         threads,
         ranks: comm.world(),
         device: crate::device::name(device),
+        dtype: train.dtype.clone(),
         optimizer: config.optimizer.name.clone(),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,

@@ -45,6 +45,8 @@ pub struct Summary {
     pub ranks: usize,
     /// The device every rank computed on.
     pub device: String,
+    /// The compute precision (`train.dtype`).
+    pub dtype: String,
     /// Optimizer state bytes each rank held at the end (BSFA's share falls as 1/ranks).
     pub optimizer_state_bytes_per_rank: Vec<usize>,
     /// Train loss of every optimizer step this process ran, for tests and scripts.
@@ -112,6 +114,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     let data = data?;
 
     let (model, params) = Llama::new(&config.model, DType::F32, device, train_cfg.seed)?;
+    let model = model.compute_in(crate::device::compute_dtype(&train_cfg.dtype)?);
     let param_count = ParamCounts::of(&params).total;
     let mut optimizer = optim::build(config, &params, &job.comm)?;
     let mut data_position = SamplerPosition {
@@ -213,6 +216,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         signal: None,
         ranks: comm.world(),
         device: crate::device::name(device),
+        dtype: train_cfg.dtype.clone(),
         optimizer_state_bytes_per_rank: Vec::new(),
         losses: Vec::new(),
     };

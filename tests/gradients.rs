@@ -480,3 +480,44 @@ fn every_llama_parameter_matches_finite_differences() {
 fn tied_embeddings_gradient_matches_finite_differences() {
     check_model(true);
 }
+
+/// Mixed precision: with bf16 compute the f32 master weights still get every gradient, in
+/// f32, pointing where the f32 gradient points (bf16 keeps 8 bits of mantissa).
+#[test]
+fn bf16_compute_gradients_reach_the_f32_weights() {
+    let config = ModelConfig {
+        initializer_range: 0.05,
+        ..tiny_config(false)
+    };
+    let (model, params) = Llama::new(&config, DType::F32, &Device::Cpu, 5).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let ids: Vec<u32> = (0..4 * 8).map(|_| rng.random_range(0..19)).collect();
+    let targets: Vec<u32> = (0..4 * 8).map(|_| rng.random_range(0..19)).collect();
+    let ids = Tensor::from_vec(ids, (4, 8), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(targets, (4, 8), &Device::Cpu).unwrap();
+    let full_loss = model.loss(&ids, &targets).unwrap();
+    let full = full_loss.backward().unwrap();
+    let model = model.compute_in(DType::BF16);
+    let half_loss = model.loss(&ids, &targets).unwrap();
+    assert_eq!(half_loss.dtype(), DType::F32);
+    let (a, b): (f32, f32) = (
+        full_loss.to_scalar().unwrap(),
+        half_loss.to_scalar().unwrap(),
+    );
+    assert!((a - b).abs() < 2e-2 * a.abs(), "loss f32 {a} vs bf16 {b}");
+    let half = half_loss.backward().unwrap();
+    for p in &params {
+        let g32 = full.get(p.var.as_tensor()).unwrap();
+        let g16 = half
+            .get(p.var.as_tensor())
+            .unwrap_or_else(|| panic!("{} has no bf16 gradient", p.name));
+        assert_eq!(g16.dtype(), DType::F32, "{}", p.name);
+        let dot = |x: &Tensor, y: &Tensor| -> f64 {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            x.iter().zip(&y).map(|(a, b)| f64::from(a * b)).sum()
+        };
+        let cosine = dot(g32, g16) / (dot(g32, g32) * dot(g16, g16)).sqrt();
+        assert!(cosine > 0.99, "{}: cosine {cosine}", p.name);
+    }
+}

@@ -36,6 +36,9 @@ pub struct Llama {
     lm_head: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// The type matmuls and activations run in: the weights' own, or bf16 (weights cast
+    /// on the way in, so gradients reach the f32 master weights in f32).
+    compute: DType,
 }
 
 impl Llama {
@@ -152,8 +155,16 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            compute: dtype,
         };
         Ok((model, init.into_params()))
+    }
+
+    /// Computes in `dtype` (e.g. bf16) from now on; the weights keep their own type. Norms,
+    /// softmax and the loss still run in f32, as mixed-precision PyTorch does.
+    pub fn compute_in(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     /// The device the weights live on.
@@ -163,14 +174,29 @@ impl Llama {
 
     /// Logits (`batch x seq x vocab`) for token ids (`batch x seq`, u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        linear(&self.hidden_states(input_ids)?, &self.lm_head)
+        linear(&self.hidden_states(input_ids)?, &self.cast(&self.lm_head)?)
     }
 
     /// Mean next-token cross-entropy of `input_ids` against `targets` (both `batch x seq`).
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids)?;
         let hidden = hidden.reshape(((), self.config.hidden_size))?;
-        linear_cross_entropy(&hidden, &self.lm_head, &targets.flatten_all()?)
+        linear_cross_entropy(&hidden, &self.cast(&self.lm_head)?, &targets.flatten_all()?)
+    }
+
+    /// A weight in the compute type.
+    fn cast(&self, w: &Tensor) -> Result<Tensor> {
+        w.to_dtype(self.compute)
+    }
+
+    /// RMSNorm in the weights' type (f32 under bf16 compute), returned in the compute type.
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        rms_norm(
+            &x.to_dtype(weight.dtype())?,
+            weight,
+            self.config.rms_norm_eps,
+        )?
+        .to_dtype(self.compute)
     }
 
     /// The final normalised hidden states (`batch x seq x hidden`).
@@ -186,17 +212,17 @@ impl Llama {
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((batch, seq, h))?;
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
-        let eps = self.config.rms_norm_eps;
+            .reshape((batch, seq, h))?
+            .to_dtype(self.compute)?;
+        let cos = self.cos.narrow(0, 0, seq)?.to_dtype(self.compute)?;
+        let sin = self.sin.narrow(0, 0, seq)?.to_dtype(self.compute)?;
         for block in &self.layers {
-            let normed = rms_norm(&x, &block.input_layernorm, eps)?;
+            let normed = self.norm(&x, &block.input_layernorm)?;
             x = (x + self.attention(&block.self_attn, &normed, &cos, &sin)?)?;
-            let normed = rms_norm(&x, &block.post_attention_layernorm, eps)?;
+            let normed = self.norm(&x, &block.post_attention_layernorm)?;
             x = (x + self.mlp(&block.mlp, &normed)?)?;
         }
-        rms_norm(&x, &self.norm, eps)
+        self.norm(&x, &self.norm)
     }
 
     fn attention(
@@ -208,16 +234,21 @@ impl Llama {
     ) -> Result<Tensor> {
         let out = attention(
             x,
-            (&attn.q_proj, &attn.k_proj, &attn.v_proj),
+            (
+                &self.cast(&attn.q_proj)?,
+                &self.cast(&attn.k_proj)?,
+                &self.cast(&attn.v_proj)?,
+            ),
             (cos, sin),
             self.config.num_attention_heads,
             self.config.kv_heads(),
         )?;
-        linear(&out, &attn.o_proj)
+        linear(&out, &self.cast(&attn.o_proj)?)
     }
 
     fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        linear(&swiglu(x, &mlp.gate_proj, &mlp.up_proj)?, &mlp.down_proj)
+        let hidden = swiglu(x, &self.cast(&mlp.gate_proj)?, &self.cast(&mlp.up_proj)?)?;
+        linear(&hidden, &self.cast(&mlp.down_proj)?)
     }
 }
 

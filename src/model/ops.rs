@@ -41,7 +41,9 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<
         let op = fused::LinearCrossEntropy::new(targets.contiguous()?);
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
-        reference::cross_entropy(&reference::linear(x, w)?, targets)
+        // Half-precision logits are widened: log-softmax over a large vocabulary needs f32.
+        let logits = reference::linear(x, w)?;
+        reference::cross_entropy(&widen(&logits)?, targets)
     }
 }
 
@@ -160,7 +162,7 @@ pub mod reference {
         let v = repeat_kv(split_heads(v.clone(), kv_heads)?, heads / kv_heads)?;
         let mask = super::causal_mask(seq, q.dtype(), q.device())?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-        let probs = softmax_last_dim(&scores)?;
+        let probs = softmax_last_dim(&super::widen(&scores)?)?.to_dtype(v.dtype())?;
         probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -176,6 +178,14 @@ pub mod reference {
         x.unsqueeze(2)?
             .broadcast_as((b, kv_heads, n_rep, seq, d))?
             .reshape((b, kv_heads * n_rep, seq, d))
+    }
+}
+
+/// `x` in f32 if it is a half-precision type, else unchanged.
+fn widen(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
     }
 }
 
