@@ -133,7 +133,7 @@ pub fn run(
         optimizer_ms: median(&mut update) * 1e3,
         communication_ms: median(&mut communication) * 1e3,
         mean_optimizer_ms: mean_optimizer_s * 1e3,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: crate::metrics::peak_rss_mib(),
         loader_tokens_per_s,
         loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),
     })
@@ -183,13 +183,6 @@ fn median(xs: &mut [f64]) -> f64 {
 }
 
 /// Peak resident set size from `/proc/self/status` (None where that file does not exist).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -49,6 +49,8 @@ pub struct Summary {
     pub dtype: String,
     /// Optimizer state bytes each rank held at the end (BSFA's share falls as 1/ranks).
     pub optimizer_state_bytes_per_rank: Vec<usize>,
+    /// Peak resident memory of each rank's process, MiB (0 where unknown).
+    pub peak_rss_mib_per_rank: Vec<f64>,
     /// Train loss of every optimizer step this process ran, for tests and scripts.
     #[serde(skip)]
     pub losses: Vec<f64>,
@@ -218,6 +220,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         device: crate::device::name(device),
         dtype: train_cfg.dtype.clone(),
         optimizer_state_bytes_per_rank: Vec::new(),
+        peak_rss_mib_per_rank: Vec::new(),
         losses: Vec::new(),
     };
     for step in start..train_cfg.steps {
@@ -326,11 +329,14 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         }
     }
     progress.finish();
-    summary.optimizer_state_bytes_per_rank = comm
-        .all_gather_bytes(&(optimizer.state_bytes() as u64).to_le_bytes())?
-        .iter()
-        .map(|b| b.as_slice().try_into().map_or(0, u64::from_le_bytes) as usize)
-        .collect();
+    let mut mine = (optimizer.state_bytes() as u64).to_le_bytes().to_vec();
+    mine.extend(crate::metrics::peak_rss_mib().unwrap_or(0.0).to_le_bytes());
+    for part in comm.all_gather_bytes(&mine)? {
+        let (bytes, rss) = part.split_at(8);
+        let bytes = u64::from_le_bytes(bytes.try_into()?) as usize;
+        summary.optimizer_state_bytes_per_rank.push(bytes);
+        summary.peak_rss_mib_per_rank.push(f64::from_le_bytes(rss.try_into()?));
+    }
     if root && start == train_cfg.steps {
         eprintln!("the checkpoint is at step {start}, the run's last: nothing to do (raise --steps to go on)");
     }
