@@ -5,6 +5,9 @@
 //! TCP through rank 0, for CPU ranks, tests, and the control channel of GPU runs) and, with
 //! the `nccl` feature, `nccl::NcclCommunicator` (CUDA tensors through NCCL).
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
+
 use anyhow::Result;
 use candle_core::Tensor;
 
