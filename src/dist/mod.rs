@@ -7,6 +7,8 @@
 
 pub mod env;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use anyhow::{Context, Result};
