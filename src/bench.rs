@@ -51,19 +51,38 @@ pub struct BenchReport {
     pub loader_tokens_per_s: Option<f64>,
     /// `loader_tokens_per_s / tokens_per_s`: how much faster data comes than it is consumed.
     pub loader_vs_trainer: Option<f64>,
+    /// Training FLOPs per token, as nanoGPT counts them: `6 N + 12 layers hidden seq` with `N`
+    /// the parameters besides the input embedding.
+    pub flops_per_token: f64,
+    /// Model FLOPs utilisation against `--peak-tflops` per rank, when given.
+    pub mfu: Option<f64>,
+}
+
+/// What `bench` times besides the run config.
+pub struct BenchOptions {
+    /// Compute threads of this process.
+    pub threads: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub iters: usize,
+    /// Steps to time the data loader alone (0: skip).
+    pub loader_steps: usize,
+    /// Peak dense TFLOP/s of one rank's device, for MFU.
+    pub peak_tflops: Option<f64>,
 }
 
 /// Runs `warmup` untimed and `iters` timed training steps of `config`'s model as this rank
 /// of `job`, then, when `loader_steps > 0`, times the data loader alone on
 /// `config.data.train`.
-pub fn run(
-    job: &Job,
-    config: &RunConfig,
-    threads: usize,
-    warmup: usize,
-    iters: usize,
-    loader_steps: usize,
-) -> Result<BenchReport> {
+pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<BenchReport> {
+    let BenchOptions {
+        threads,
+        warmup,
+        iters,
+        loader_steps,
+        peak_tflops,
+    } = *options;
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -114,8 +133,14 @@ pub fn run(
     let loader_tokens_per_s = (loader_steps > 0)
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
+    let counts = ParamCounts::of(&params);
+    let m = &config.model;
+    let flops_per_token = 6.0 * (counts.total - counts.embeddings) as f64
+        + 12.0 * (m.num_hidden_layers * m.hidden_size * train.seq_len) as f64;
+    let mfu = peak_tflops
+        .map(|peak| flops_per_token * tokens_per_s / (peak * 1e12 * comm.world() as f64));
     Ok(BenchReport {
-        params: ParamCounts::of(&params).total,
+        params: counts.total,
         batch_size: train.batch_size,
         micro_batch_size: train.micro_batch(),
         seq_len: train.seq_len,
@@ -136,6 +161,8 @@ pub fn run(
         peak_rss_mib: crate::metrics::peak_rss_mib(),
         loader_tokens_per_s,
         loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),
+        flops_per_token,
+        mfu,
     })
 }
 

@@ -122,6 +122,10 @@ pub struct BenchArgs {
     /// Also time the data loader alone for this many steps on --data (0: skip).
     #[arg(long, default_value_t = 0)]
     pub loader_steps: usize,
+    /// Peak dense TFLOP/s of one rank's device at the run's dtype (e.g. 989 for an H100 SXM
+    /// in bf16), to report model FLOPs utilisation.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 /// The flags shared by training and `bench`.

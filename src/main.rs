@@ -120,7 +120,14 @@ fn run(cli: &Cli) -> Result<u8> {
     interrupt::install()?;
     let job = Job::from_env(&config.train)?;
     if let Some(Command::Bench(b)) = &cli.command {
-        let report = bench::run(&job, &config, threads, b.warmup, b.iters, b.loader_steps)?;
+        let options = bench::BenchOptions {
+            threads,
+            warmup: b.warmup,
+            iters: b.iters,
+            loader_steps: b.loader_steps,
+            peak_tflops: b.peak_tflops,
+        };
+        let report = bench::run(&job, &config, &options)?;
         if job.is_root() {
             println!("{}", serde_json::to_string(&report)?);
         }

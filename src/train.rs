@@ -335,7 +335,9 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         let (bytes, rss) = part.split_at(8);
         let bytes = u64::from_le_bytes(bytes.try_into()?) as usize;
         summary.optimizer_state_bytes_per_rank.push(bytes);
-        summary.peak_rss_mib_per_rank.push(f64::from_le_bytes(rss.try_into()?));
+        summary
+            .peak_rss_mib_per_rank
+            .push(f64::from_le_bytes(rss.try_into()?));
     }
     if root && start == train_cfg.steps {
         eprintln!("the checkpoint is at step {start}, the run's last: nothing to do (raise --steps to go on)");
