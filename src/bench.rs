@@ -148,7 +148,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         ranks: comm.world(),
         device: crate::device::name(device),
         dtype: train.dtype.clone(),
-        optimizer: config.optimizer.name.clone(),
+        optimizer: crate::checkpoint::optimizer_kind(config),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
         mean_ms_per_step: mean_step_s * 1e3,
