@@ -1,8 +1,12 @@
 //! Models and their trainable parameters.
 
+pub mod accuracy;
 pub mod fused;
 pub mod llama;
 pub mod ops;
+pub mod vit;
+mod vit_fused;
+pub mod vit_ops;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
@@ -11,6 +15,7 @@ use rand_distr::{Distribution, Normal};
 use serde::Serialize;
 
 pub use llama::Llama;
+pub use vit::{Vit, VitConfig};
 
 /// Which part of the network a parameter belongs to (used for reporting, weight decay
 /// and, later, per-block optimizer rules).
@@ -68,11 +73,29 @@ impl ParamInit {
         cols: usize,
         std: f64,
     ) -> Result<Tensor> {
+        self.normal_shaped(name, group, &[rows, cols], std)
+    }
+
+    /// A tensor of shape `dims` drawn from `N(0, std^2)`, for parameters that keep a Hugging
+    /// Face shape other than a matrix (ViT's class token, position embeddings, patch kernel).
+    pub fn normal_shaped(
+        &mut self,
+        name: &str,
+        group: ParamGroup,
+        dims: &[usize],
+        std: f64,
+    ) -> Result<Tensor> {
         let normal = Normal::new(0.0f64, std).map_err(candle_core::Error::wrap)?;
-        let values: Vec<f64> = (0..rows * cols)
+        let values: Vec<f64> = (0..dims.iter().product::<usize>())
             .map(|_| normal.sample(&mut self.rng))
             .collect();
-        let t = Tensor::from_vec(values, (rows, cols), &self.device)?.to_dtype(self.dtype)?;
+        let t = Tensor::from_vec(values, dims, &self.device)?.to_dtype(self.dtype)?;
+        self.register(name, group, t)
+    }
+
+    /// A vector of zeros (biases).
+    pub fn zeros(&mut self, name: &str, group: ParamGroup, len: usize) -> Result<Tensor> {
+        let t = Tensor::zeros(len, self.dtype, &self.device)?;
         self.register(name, group, t)
     }
 

@@ -1,0 +1,400 @@
+//! Vision Transformer (ViT) for image classification, for training.
+//!
+//! The architecture of Dosovitskiy et al. (2021) as timm's `VisionTransformer` and Hugging
+//! Face's `ViTForImageClassification` build it: 16x16 patches embedded by one linear map
+//! (the `patch_size`-stride convolution, computed as a matmul over unfolded patches), a
+//! learned class token and learned position embeddings, pre-norm blocks (LayerNorm,
+//! multi-head self-attention with biases, LayerNorm, MLP with the exact erf GELU), a final
+//! LayerNorm and a linear head on the class token.
+//!
+//! Parameter names and shapes match Hugging Face `ViTForImageClassification`, so weights
+//! map 1:1 (`vit.embeddings.cls_token` is `1 x 1 x hidden`, the patch kernel
+//! `hidden x channels x patch x patch`, as there).
+
+use super::vit_ops::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
+use super::{Param, ParamGroup, ParamInit};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// ViT architecture, with Hugging Face `ViTConfig` key names (`num_classes` is HF's
+/// `num_labels`, accepted under both names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitConfig {
+    /// Side of the (square) input image in pixels.
+    pub image_size: usize,
+    /// Side of a square patch; must divide `image_size`.
+    pub patch_size: usize,
+    /// Input channels (3 for RGB).
+    #[serde(alias = "channels")]
+    pub num_channels: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    /// Must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Output classes.
+    #[serde(alias = "num_labels")]
+    pub num_classes: usize,
+    pub layer_norm_eps: f64,
+    /// Standard deviation of the normal init of every matrix, the class token and the
+    /// position embeddings (biases start at 0, LayerNorm weights at 1).
+    pub initializer_range: f64,
+}
+
+/// Preset names [`VitConfig::preset`] accepts.
+pub const VIT_PRESETS: &[&str] = &["vit-s16", "vit-tiny"];
+
+impl Default for VitConfig {
+    /// `vit-tiny`, the configuration that trains on two CPU cores.
+    fn default() -> Self {
+        Self {
+            image_size: 32,
+            patch_size: 4,
+            num_channels: 3,
+            hidden_size: 64,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            intermediate_size: 256,
+            num_classes: 10,
+            layer_norm_eps: 1e-6,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+impl VitConfig {
+    /// `vit-s16`: ViT-S/16 at 224 pixels on ImageNet-1k (22,050,664 parameters), as in the
+    /// paper; `vit-tiny`: 32-pixel images in 4-pixel patches, hidden 64, 4 layers, 10
+    /// classes (about 0.2M parameters), small enough to learn `synthetic-images` on a CPU.
+    /// LayerNorm eps is 1e-6 as in timm and big_vision (Hugging Face defaults to 1e-12).
+    pub fn preset(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "vit-s16" => Ok(Self {
+                image_size: 224,
+                patch_size: 16,
+                num_channels: 3,
+                hidden_size: 384,
+                num_hidden_layers: 12,
+                num_attention_heads: 6,
+                intermediate_size: 1536,
+                num_classes: 1000,
+                layer_norm_eps: 1e-6,
+                initializer_range: 0.02,
+            }),
+            "vit-tiny" => Ok(Self::default()),
+            other => bail!(
+                "unknown ViT preset '{other}'; available: {}",
+                VIT_PRESETS.join(", ")
+            ),
+        }
+    }
+
+    /// Patches per image.
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Tokens per image: the patches and the class token.
+    pub fn seq_len(&self) -> usize {
+        self.num_patches() + 1
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Trainable parameters, from the architecture alone (what [`Vit::new`] creates).
+    pub fn num_parameters(&self) -> usize {
+        let (h, inter) = (self.hidden_size, self.intermediate_size);
+        let patch = self.num_channels * self.patch_size * self.patch_size;
+        let embeddings = h * patch + h + h + self.seq_len() * h;
+        let per_layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 4 * h;
+        embeddings
+            + self.num_hidden_layers * per_layer
+            + 2 * h
+            + self.num_classes * h
+            + self.num_classes
+    }
+
+    /// Checks the architecture is buildable; every message names the key to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (key, value) in [
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("num_classes", self.num_classes),
+        ] {
+            if value == 0 {
+                bail!("model.{key} must be a positive integer, got 0");
+            }
+        }
+        if !self.image_size.is_multiple_of(self.patch_size) {
+            bail!(
+                "model.patch_size ({}) must divide model.image_size ({})",
+                self.patch_size,
+                self.image_size
+            );
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "model.num_attention_heads ({}) must divide model.hidden_size ({})",
+                self.num_attention_heads,
+                self.hidden_size
+            );
+        }
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if !positive(self.layer_norm_eps) || !positive(self.initializer_range) {
+            bail!("model.layer_norm_eps and model.initializer_range must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer's weight (`out x in`) and bias.
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, &self.bias)
+    }
+}
+
+/// A LayerNorm's weight and bias.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+struct Block {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    intermediate: Linear,
+    output: Linear,
+    layernorm_before: Norm,
+    layernorm_after: Norm,
+}
+
+/// A ViT image classifier.
+pub struct Vit {
+    config: VitConfig,
+    dtype: DType,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    /// The patch convolution's kernel as an `hidden x (channels*patch*patch)` matrix (a view
+    /// of the `hidden x channels x patch x patch` parameter).
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    layers: Vec<Block>,
+    layernorm: Norm,
+    classifier: Linear,
+}
+
+/// Creates parameters in Hugging Face `state_dict` order.
+struct Builder {
+    init: ParamInit,
+    std: f64,
+}
+
+impl Builder {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        group: ParamGroup,
+        out: usize,
+        inp: usize,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            weight: self
+                .init
+                .normal(&format!("{prefix}.weight"), group, out, inp, self.std)?,
+            bias: self.init.zeros(&format!("{prefix}.bias"), group, out)?,
+        })
+    }
+
+    fn norm(&mut self, prefix: &str, len: usize) -> Result<Norm> {
+        Ok(Norm {
+            weight: self
+                .init
+                .ones(&format!("{prefix}.weight"), ParamGroup::Norms, len)?,
+            bias: self
+                .init
+                .zeros(&format!("{prefix}.bias"), ParamGroup::Norms, len)?,
+        })
+    }
+}
+
+impl Vit {
+    /// Builds a model with freshly initialised weights, as Hugging Face initialises
+    /// `ViTForImageClassification` (normal with `initializer_range` for matrices, the patch
+    /// kernel, class token and position embeddings; biases 0; LayerNorm weights 1), and
+    /// returns it with its parameters in a fixed order. Groups: patch embedding, class token
+    /// and position embeddings are `Embeddings`; query/key/value/attention output (weights and
+    /// biases) `Attention`; intermediate/output dense `Mlp`; every LayerNorm `Norms`; the
+    /// classifier `Head`.
+    pub fn new(
+        config: &VitConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> anyhow::Result<(Self, Vec<Param>)> {
+        config.validate()?;
+        let (h, inter) = (config.hidden_size, config.intermediate_size);
+        let (c, p) = (config.num_channels, config.patch_size);
+        let std = config.initializer_range;
+        let mut b = Builder {
+            init: ParamInit::new(seed, dtype, device),
+            std,
+        };
+        let emb = ParamGroup::Embeddings;
+        let cls_token = b
+            .init
+            .normal_shaped("vit.embeddings.cls_token", emb, &[1, 1, h], std)?;
+        let position_embeddings = b.init.normal_shaped(
+            "vit.embeddings.position_embeddings",
+            emb,
+            &[1, config.seq_len(), h],
+            std,
+        )?;
+        let patch_kernel = b.init.normal_shaped(
+            "vit.embeddings.patch_embeddings.projection.weight",
+            emb,
+            &[h, c, p, p],
+            std,
+        )?;
+        let patch_bias = b
+            .init
+            .zeros("vit.embeddings.patch_embeddings.projection.bias", emb, h)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = format!("vit.encoder.layer.{i}");
+            let (attn, mlp) = (ParamGroup::Attention, ParamGroup::Mlp);
+            layers.push(Block {
+                query: b.linear(&format!("{l}.attention.attention.query"), attn, h, h)?,
+                key: b.linear(&format!("{l}.attention.attention.key"), attn, h, h)?,
+                value: b.linear(&format!("{l}.attention.attention.value"), attn, h, h)?,
+                attention_output: b.linear(&format!("{l}.attention.output.dense"), attn, h, h)?,
+                intermediate: b.linear(&format!("{l}.intermediate.dense"), mlp, inter, h)?,
+                output: b.linear(&format!("{l}.output.dense"), mlp, h, inter)?,
+                layernorm_before: b.norm(&format!("{l}.layernorm_before"), h)?,
+                layernorm_after: b.norm(&format!("{l}.layernorm_after"), h)?,
+            });
+        }
+        let layernorm = b.norm("vit.layernorm", h)?;
+        let classifier = b.linear("classifier", ParamGroup::Head, config.num_classes, h)?;
+        let model = Self {
+            config: config.clone(),
+            dtype,
+            cls_token,
+            position_embeddings,
+            patch_weight: patch_kernel.reshape((h, c * p * p))?,
+            patch_bias,
+            layers,
+            layernorm,
+            classifier,
+        };
+        Ok((model, b.init.into_params()))
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.cls_token.device()
+    }
+
+    /// Class logits (`batch x num_classes`) of `images` (`batch x channels x image_size x
+    /// image_size`, any float dtype: converted to the model's).
+    pub fn logits(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let features = self.features(images)?;
+        Ok(self.classifier.forward(&features)?)
+    }
+
+    /// Mean soft-target cross-entropy of the logits of `images` against `soft_targets`
+    /// (`batch x num_classes`, rows summing to 1), which carry label smoothing and
+    /// Mixup/CutMix.
+    pub fn loss(&self, images: &Tensor, soft_targets: &Tensor) -> anyhow::Result<Tensor> {
+        let logits = self.logits(images)?;
+        Ok(soft_cross_entropy(&logits, soft_targets)?)
+    }
+
+    /// The final LayerNorm of the class token (`batch x hidden`).
+    fn features(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let mut x = self.embeddings(images)?;
+        let eps = self.config.layer_norm_eps;
+        for block in &self.layers {
+            let normed = layer_norm(
+                &x,
+                &block.layernorm_before.weight,
+                &block.layernorm_before.bias,
+                eps,
+            )?;
+            let attended = self_attention(
+                &normed,
+                (&block.query.weight, &block.query.bias),
+                (&block.key.weight, &block.key.bias),
+                (&block.value.weight, &block.value.bias),
+                self.config.num_attention_heads,
+            )?;
+            x = (x + block.attention_output.forward(&attended)?)?;
+            let normed = layer_norm(
+                &x,
+                &block.layernorm_after.weight,
+                &block.layernorm_after.bias,
+                eps,
+            )?;
+            let hidden = gelu(&block.intermediate.forward(&normed)?)?;
+            x = (x + block.output.forward(&hidden)?)?;
+        }
+        // LayerNorm acts per token, so normalising the class token alone is what Hugging
+        // Face's "normalise every token, then take token 0" computes.
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(layer_norm(
+            &cls,
+            &self.layernorm.weight,
+            &self.layernorm.bias,
+            eps,
+        )?)
+    }
+
+    /// Patch embeddings with the class token prepended and positions added
+    /// (`batch x seq_len x hidden`): the encoder's input.
+    pub fn embeddings(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let cfg = &self.config;
+        let (c, s, p) = (cfg.num_channels, cfg.image_size, cfg.patch_size);
+        let dims = images.dims();
+        if dims.len() != 4 || dims[1] != c || dims[2] != s || dims[3] != s {
+            bail!("images must have shape batch x {c} x {s} x {s}, got {dims:?}");
+        }
+        let batch = dims[0];
+        let g = s / p;
+        // `b c (gy py) (gx px)` -> `b (gy gx) (c py px)`: each row one patch, flattened in
+        // the convolution kernel's `c x p x p` order.
+        let patches = images
+            .to_dtype(self.dtype)?
+            .reshape(vec![batch, c, g, p, g, p])?
+            .permute(vec![0, 2, 4, 1, 3, 5])?
+            .contiguous()?
+            .reshape((batch, g * g, c * p * p))
+            .context("unfolding patches")?;
+        let tokens = linear(&patches, &self.patch_weight, &self.patch_bias)?;
+        let cls = self.cls_token.broadcast_as((batch, 1, cfg.hidden_size))?;
+        let x = Tensor::cat(&[&cls, &tokens], 1)?;
+        Ok(x.broadcast_add(&self.position_embeddings)?)
+    }
+}

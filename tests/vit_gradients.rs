@@ -1,0 +1,464 @@
+//! ViT gradients against central finite differences in f64, op by op (LayerNorm, GELU,
+//! attention, soft-target cross-entropy; fused CPU kernels and reference compositions) and
+//! for every parameter of a tiny model; plus the ViT-S/16 parameter count.
+
+use bsfa_train::model::{vit_ops, ParamCounts, ParamGroup, Vit, VitConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const EPS: f64 = 1e-5;
+/// Relative error allowed between analytic and finite-difference derivatives (central
+/// differences in f64 with eps 1e-5 are accurate to about 1e-9 here).
+const REL_TOL: f64 = 1e-6;
+
+fn random(shape: &[usize], scale: f64, rng: &mut ChaCha8Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_scalar::<f64>().unwrap()
+}
+
+fn rel_err(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-8)
+}
+
+/// Random soft targets: positive rows summing to 1.
+fn soft_targets(rows: usize, classes: usize, rng: &mut ChaCha8Rng) -> Tensor {
+    let raw = random(&[rows, classes], 1.0, rng).exp().unwrap();
+    raw.broadcast_div(&raw.sum_keepdim(1).unwrap()).unwrap()
+}
+
+/// Checks d loss / d input for every element of every input by central differences.
+fn check_all_coordinates(inputs: &[Var], loss: impl Fn() -> Tensor, what: &str) {
+    let grads = loss().backward().unwrap();
+    for (k, var) in inputs.iter().enumerate() {
+        let g = values(grads.get(var.as_tensor()).expect("input has a gradient"));
+        assert!(
+            g.iter().any(|x| *x != 0.0),
+            "{what}: input {k} has an all-zero gradient"
+        );
+        let base = values(var.as_tensor());
+        let set = |v: Vec<f64>| {
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap()
+        };
+        for i in 0..base.len() {
+            let mut plus = base.clone();
+            plus[i] += EPS;
+            set(plus);
+            let up = scalar(&loss());
+            let mut minus = base.clone();
+            minus[i] -= EPS;
+            set(minus);
+            let down = scalar(&loss());
+            set(base.clone());
+            let fd = (up - down) / (2.0 * EPS);
+            assert!(
+                rel_err(g[i], fd) < REL_TOL || (g[i] - fd).abs() < 1e-9,
+                "{what}: input {k}[{i}] analytic {} vs finite difference {fd}",
+                g[i]
+            );
+        }
+    }
+}
+
+/// Reduces an op's output to a scalar with fixed random weights, so every output element
+/// contributes a distinct amount to the loss.
+fn weighted_sum(out: &Tensor, weights: &Tensor) -> Tensor {
+    (out * weights).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn layer_norm_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x = Var::from_tensor(&random(&[2, 3, 8], 2.0, &mut rng)).unwrap();
+    let w = Var::from_tensor(&random(&[8], 1.5, &mut rng)).unwrap();
+    let b = Var::from_tensor(&random(&[8], 1.0, &mut rng)).unwrap();
+    let r = random(&[2, 3, 8], 1.0, &mut rng);
+    let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+    let inputs = [x.clone(), w.clone(), b.clone()];
+    check_all_coordinates(
+        &inputs,
+        || weighted_sum(&vit_ops::layer_norm(xt, wt, bt, 1e-6).unwrap(), &r),
+        "fused layer_norm",
+    );
+    check_all_coordinates(
+        &inputs,
+        || {
+            weighted_sum(
+                &vit_ops::reference::layer_norm(xt, wt, bt, 1e-6).unwrap(),
+                &r,
+            )
+        },
+        "reference layer_norm",
+    );
+    // Each normalised row (before the affine part) has mean 0 and variance 1.
+    let ones = Tensor::ones(8, DType::F64, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros(8, DType::F64, &Device::Cpu).unwrap();
+    let y = vit_ops::layer_norm(xt, &ones, &zeros, 0.0).unwrap();
+    let rows: Vec<Vec<f64>> = y.reshape((6, 8)).unwrap().to_vec2().unwrap();
+    for row in rows {
+        let mean = row.iter().sum::<f64>() / 8.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
+        assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn gelu_is_the_erf_form_and_its_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let x = Var::from_tensor(&random(&[3, 7], 4.0, &mut rng)).unwrap();
+    let r = random(&[3, 7], 1.0, &mut rng);
+    check_all_coordinates(
+        std::slice::from_ref(&x),
+        || weighted_sum(&vit_ops::gelu(x.as_tensor()).unwrap(), &r),
+        "fused gelu",
+    );
+    check_all_coordinates(
+        std::slice::from_ref(&x),
+        || weighted_sum(&vit_ops::reference::gelu(x.as_tensor()).unwrap(), &r),
+        "reference gelu",
+    );
+    // 0.5 x (1 + erf(x / sqrt 2)), from Python's math.erf: what torch.nn.GELU() computes.
+    let t = Tensor::new(&[1.0f64, -0.5, 3.0, -2.0], &Device::Cpu).unwrap();
+    let expected = [
+        0.8413447460685429,
+        -0.15426876936299344,
+        2.99595030590511,
+        -0.04550026389635842,
+    ];
+    for y in [
+        vit_ops::gelu(&t).unwrap(),
+        vit_ops::reference::gelu(&t).unwrap(),
+    ] {
+        for (a, b) in values(&y).iter().zip(expected) {
+            assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn self_attention_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (batch, seq, hidden, heads) = (2, 5, 6, 2);
+    let mut var = |shape: &[usize]| Var::from_tensor(&random(shape, 1.0, &mut rng)).unwrap();
+    let x = var(&[batch, seq, hidden]);
+    let (wq, bq) = (var(&[hidden, hidden]), var(&[hidden]));
+    let (wk, bk) = (var(&[hidden, hidden]), var(&[hidden]));
+    let (wv, bv) = (var(&[hidden, hidden]), var(&[hidden]));
+    let r = random(&[batch, seq, hidden], 1.0, &mut rng);
+    // The key bias is left out: its gradient is zero by the maths (see the model test).
+    let inputs = [
+        x.clone(),
+        wq.clone(),
+        bq.clone(),
+        wk.clone(),
+        wv.clone(),
+        bv.clone(),
+    ];
+    let out = || {
+        vit_ops::self_attention(
+            x.as_tensor(),
+            (wq.as_tensor(), bq.as_tensor()),
+            (wk.as_tensor(), bk.as_tensor()),
+            (wv.as_tensor(), bv.as_tensor()),
+            heads,
+        )
+        .unwrap()
+    };
+    check_all_coordinates(&inputs, || weighted_sum(&out(), &r), "self_attention");
+    // Bidirectional: the first position's output depends on later positions.
+    let before = values(&out().narrow(1, 0, 1).unwrap());
+    let xt = x.as_tensor().copy().unwrap();
+    let last = (xt.narrow(1, seq - 1, 1).unwrap() * 3.0).unwrap();
+    let changed = Tensor::cat(&[&xt.narrow(1, 0, seq - 1).unwrap(), &last], 1).unwrap();
+    x.set(&changed).unwrap();
+    assert_ne!(before, values(&out().narrow(1, 0, 1).unwrap()));
+}
+
+/// The fused kernels compute what the reference compositions compute, in f32 too.
+#[test]
+fn fused_forward_matches_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for dtype in [DType::F32, DType::F64] {
+        let t = |shape: &[usize], rng: &mut ChaCha8Rng| {
+            random(shape, 3.0, rng).to_dtype(dtype).unwrap()
+        };
+        let (x, w, b) = (
+            t(&[4, 9, 48], &mut rng),
+            t(&[48], &mut rng),
+            t(&[48], &mut rng),
+        );
+        let pairs = [
+            (
+                vit_ops::layer_norm(&x, &w, &b, 1e-6).unwrap(),
+                vit_ops::reference::layer_norm(&x, &w, &b, 1e-6).unwrap(),
+            ),
+            (
+                vit_ops::gelu(&x).unwrap(),
+                vit_ops::reference::gelu(&x).unwrap(),
+            ),
+        ];
+        for (fused, reference) in pairs {
+            let a = values(&fused.to_dtype(DType::F64).unwrap());
+            let b = values(&reference.to_dtype(DType::F64).unwrap());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn soft_cross_entropy_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let logits = Var::from_tensor(&random(&[4, 6], 3.0, &mut rng)).unwrap();
+    let targets = soft_targets(4, 6, &mut rng);
+    check_all_coordinates(
+        std::slice::from_ref(&logits),
+        || vit_ops::soft_cross_entropy(logits.as_tensor(), &targets).unwrap(),
+        "soft_cross_entropy",
+    );
+    // Against the definition: mean over rows of -sum_c t_c log softmax(z)_c.
+    let z: Vec<Vec<f64>> = logits.as_tensor().to_vec2().unwrap();
+    let t: Vec<Vec<f64>> = targets.to_vec2().unwrap();
+    let expected: f64 = z
+        .iter()
+        .zip(&t)
+        .map(|(z, t)| {
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            -z.iter().zip(t).map(|(z, t)| t * (z - lse)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / 4.0;
+    let got = scalar(&vit_ops::soft_cross_entropy(logits.as_tensor(), &targets).unwrap());
+    assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    // One-hot targets give the usual cross-entropy of the labels.
+    let labels = Tensor::new(&[0u32, 5, 2, 2], &Device::Cpu).unwrap();
+    let one_hot = Tensor::new(
+        &[
+            [1.0f64, 0., 0., 0., 0., 0.],
+            [0., 0., 0., 0., 0., 1.],
+            [0., 0., 1., 0., 0., 0.],
+            [0., 0., 1., 0., 0., 0.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let soft = scalar(&vit_ops::soft_cross_entropy(logits.as_tensor(), &one_hot).unwrap());
+    let hard = scalar(
+        &bsfa_train::model::ops::reference::cross_entropy(logits.as_tensor(), &labels).unwrap(),
+    );
+    assert!((soft - hard).abs() < 1e-12);
+    let wrong = Tensor::zeros((4, 5), DType::F64, &Device::Cpu).unwrap();
+    assert!(vit_ops::soft_cross_entropy(logits.as_tensor(), &wrong).is_err());
+}
+
+fn tiny_config() -> VitConfig {
+    VitConfig {
+        image_size: 8,
+        patch_size: 4,
+        num_channels: 3,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        num_classes: 5,
+        layer_norm_eps: 1e-6,
+        // A large init makes every nonlinearity work away from its linear regime.
+        initializer_range: 0.3,
+    }
+}
+
+/// Every parameter (but the key biases, whose gradient is zero by the maths) gets a nonzero
+/// gradient whose directional derivative along a random direction, and whose value at
+/// sampled coordinates, match finite differences.
+#[test]
+fn every_vit_parameter_matches_finite_differences() {
+    let config = tiny_config();
+    let (model, params) = Vit::new(&config, DType::F64, &Device::Cpu, 5).unwrap();
+    // Embeddings (4), 16 tensors per layer, final LayerNorm (2) and classifier (2).
+    assert_eq!(params.len(), 4 + 16 * 2 + 2 + 2);
+    assert_eq!(ParamCounts::of(&params).total, config.num_parameters());
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let images = random(&[3, 3, 8, 8], 1.0, &mut rng);
+    let targets = soft_targets(3, 5, &mut rng);
+    let loss = || scalar(&model.loss(&images, &targets).unwrap());
+    let grads = model.loss(&images, &targets).unwrap().backward().unwrap();
+    for p in &params {
+        let g = grads
+            .get(p.var.as_tensor())
+            .unwrap_or_else(|| panic!("{} has no gradient", p.name));
+        let g = values(g);
+        let base = p.var.as_tensor().copy().unwrap();
+        if p.name.ends_with("attention.attention.key.bias") {
+            // The one exception, by the maths: a key bias adds `q . b` to every score of a
+            // query's row, and softmax is shift-invariant, so its gradient is exactly zero
+            // (timm and Hugging Face train it all the same). Rounding leaves ~1e-17.
+            assert!(g.iter().all(|v| v.abs() < 1e-12), "{}: {g:?}", p.name);
+            p.var.set(&(&base + 0.5).unwrap()).unwrap();
+            let shifted = loss();
+            p.var.set(&base).unwrap();
+            assert!((shifted - loss()).abs() < 1e-12);
+            continue;
+        }
+        assert!(
+            g.iter().any(|v| v.abs() > 1e-9),
+            "{} has an all-zero gradient",
+            p.name
+        );
+        // `copy`, not `clone`, above: a clone shares storage with the Var that `set`
+        // overwrites.
+        let set = |t: &Tensor| p.var.set(t).unwrap();
+
+        // Directional derivative along a random direction covers every element at once.
+        let u = random(base.dims(), 1.0, &mut rng);
+        let analytic: f64 = g.iter().zip(values(&u)).map(|(a, b)| a * b).sum();
+        set(&(&base + (&u * EPS).unwrap()).unwrap());
+        let up = loss();
+        set(&(&base - (&u * EPS).unwrap()).unwrap());
+        let down = loss();
+        set(&base.copy().unwrap());
+        let fd = (up - down) / (2.0 * EPS);
+        assert!(
+            rel_err(analytic, fd) < REL_TOL,
+            "{}: directional derivative {analytic} vs finite difference {fd}",
+            p.name
+        );
+
+        // A few single coordinates, chosen among those with a non-negligible gradient.
+        let flat = values(&base);
+        for _ in 0..3 {
+            let i = rng.random_range(0..flat.len());
+            if g[i].abs() < 1e-7 {
+                continue;
+            }
+            let mut v = flat.clone();
+            v[i] += EPS;
+            set(&Tensor::from_vec(v.clone(), base.shape(), &Device::Cpu).unwrap());
+            let up = loss();
+            v[i] -= 2.0 * EPS;
+            set(&Tensor::from_vec(v, base.shape(), &Device::Cpu).unwrap());
+            let down = loss();
+            set(&base.copy().unwrap());
+            let fd = (up - down) / (2.0 * EPS);
+            assert!(
+                rel_err(g[i], fd) < 1e-5,
+                "{}[{i}]: analytic {} vs finite difference {fd}",
+                p.name,
+                g[i]
+            );
+        }
+    }
+}
+
+/// The patch embedding is the stride-`patch` convolution of Hugging Face's
+/// `patch_embeddings.projection`, with its kernel layout (`hidden x channels x p x p`).
+#[test]
+fn patch_embedding_is_the_convolution() {
+    let config = tiny_config();
+    let (model, params) = Vit::new(&config, DType::F64, &Device::Cpu, 7).unwrap();
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let kernel = get("vit.embeddings.patch_embeddings.projection.weight");
+    let bias = get("vit.embeddings.patch_embeddings.projection.bias");
+    assert_eq!(kernel.var.dims(), [8, 3, 4, 4]);
+    bias.var.set(&random(&[8], 1.0, &mut rng)).unwrap();
+    let images = random(&[2, 3, 8, 8], 1.0, &mut rng);
+    let embedded = model.embeddings(&images).unwrap();
+    assert_eq!(embedded.dims(), [2, 5, 8]);
+    let conv = images
+        .conv2d(kernel.var.as_tensor(), 0, 4, 1, 1)
+        .unwrap()
+        .broadcast_add(&bias.var.as_tensor().reshape((1, 8, 1, 1)).unwrap())
+        .unwrap();
+    // `b hidden gy gx` -> `b (gy gx) hidden`, then the class token and positions.
+    let conv = conv.flatten_from(2).unwrap().transpose(1, 2).unwrap();
+    let cls = get("vit.embeddings.cls_token").var.as_tensor().clone();
+    let cls = cls.broadcast_as((2, 1, 8)).unwrap();
+    let position = get("vit.embeddings.position_embeddings")
+        .var
+        .as_tensor()
+        .clone();
+    let expected = Tensor::cat(&[&cls, &conv], 1)
+        .unwrap()
+        .broadcast_add(&position)
+        .unwrap();
+    for (a, b) in values(&embedded).iter().zip(values(&expected)) {
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+    let wrong = random(&[2, 3, 8, 4], 1.0, &mut rng);
+    let err = model.logits(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("2 x 3 x 8 x 8") || err.contains("3 x 8 x 8"),
+        "{err}"
+    );
+}
+
+/// ViT-S/16 has 22,050,664 parameters (timm's `vit_small_patch16_224`): patch embedding
+/// 384*3*16*16 + 384, class token 384, positions 197*384, per layer 4*(384^2 + 384) +
+/// 2*384*1536 + 1536 + 384 + 4*384 over 12 layers, final LayerNorm 2*384, head 384*1000 +
+/// 1000. The names follow `ViTForImageClassification`.
+#[test]
+fn vit_s16_preset_has_the_expected_parameter_count() {
+    let config = VitConfig::preset("vit-s16").unwrap();
+    let (h, inter, layers) = (384, 1536, 12);
+    let per_layer = 4 * (h * h + h) + 2 * h * inter + inter + h + 4 * h;
+    let formula = h * 3 * 16 * 16 + h + h + 197 * h + layers * per_layer + 2 * h + h * 1000 + 1000;
+    assert_eq!(formula, 22_050_664);
+    assert_eq!(config.num_parameters(), formula);
+    let (_, params) = Vit::new(&config, DType::F32, &Device::Cpu, 0).unwrap();
+    let counts = ParamCounts::of(&params);
+    assert_eq!(counts.total, formula);
+    assert_eq!(counts.head, h * 1000 + 1000);
+    assert_eq!(counts.norms, layers * 4 * h + 2 * h);
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+    for name in [
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "vit.encoder.layer.11.attention.attention.query.weight",
+        "vit.encoder.layer.0.attention.attention.key.bias",
+        "vit.encoder.layer.0.attention.attention.value.weight",
+        "vit.encoder.layer.0.attention.output.dense.weight",
+        "vit.encoder.layer.0.intermediate.dense.weight",
+        "vit.encoder.layer.0.output.dense.bias",
+        "vit.encoder.layer.0.layernorm_before.weight",
+        "vit.encoder.layer.0.layernorm_after.bias",
+        "vit.layernorm.weight",
+        "classifier.weight",
+        "classifier.bias",
+    ] {
+        assert!(names.contains(&name), "missing {name}");
+    }
+    let group = |name: &str| params.iter().find(|p| p.name == name).unwrap().group;
+    assert_eq!(
+        group("vit.encoder.layer.0.output.dense.weight"),
+        ParamGroup::Mlp
+    );
+    assert_eq!(
+        group("vit.encoder.layer.0.attention.output.dense.bias"),
+        ParamGroup::Attention
+    );
+    assert!(VitConfig::preset("vit-b16").is_err());
+    let mut bad = config.clone();
+    bad.patch_size = 15;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("patch_size"));
+}
