@@ -174,7 +174,21 @@ fn self_attention_backward_matches_finite_differences() {
         )
         .unwrap()
     };
-    check_all_coordinates(&inputs, || weighted_sum(&out(), &r), "self_attention");
+    check_all_coordinates(&inputs, || weighted_sum(&out(), &r), "fused self_attention");
+    let reference = || {
+        let w = Tensor::cat(&[wq.as_tensor(), wk.as_tensor(), wv.as_tensor()], 0).unwrap();
+        let b = Tensor::cat(&[bq.as_tensor(), bk.as_tensor(), bv.as_tensor()], 0).unwrap();
+        let qkv = bsfa_train::model::ops::reference::linear(x.as_tensor(), &w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        vit_ops::reference::attention(&qkv, heads).unwrap()
+    };
+    check_all_coordinates(
+        &inputs,
+        || weighted_sum(&reference(), &r),
+        "reference self_attention",
+    );
     // Bidirectional: the first position's output depends on later positions.
     let before = values(&out().narrow(1, 0, 1).unwrap());
     let xt = x.as_tensor().copy().unwrap();
@@ -197,7 +211,20 @@ fn fused_forward_matches_reference() {
             t(&[48], &mut rng),
             t(&[48], &mut rng),
         );
+        let qkv = t(&[3, 11, 3 * 24], &mut rng);
+        let lw = t(&[40, 48], &mut rng);
         let pairs = [
+            (
+                vit_ops::linear(&x, &lw, &b.narrow(0, 0, 40).unwrap()).unwrap(),
+                bsfa_train::model::ops::reference::linear(&x, &lw)
+                    .unwrap()
+                    .broadcast_add(&b.narrow(0, 0, 40).unwrap())
+                    .unwrap(),
+            ),
+            (
+                vit_ops::attention(&qkv, 4).unwrap(),
+                vit_ops::reference::attention(&qkv, 4).unwrap(),
+            ),
             (
                 vit_ops::layer_norm(&x, &w, &b, 1e-6).unwrap(),
                 vit_ops::reference::layer_norm(&x, &w, &b, 1e-6).unwrap(),

@@ -1,7 +1,8 @@
-//! Token sources and batch sampling.
+//! Token sources and batch sampling; `images` holds the ViT's image data.
 
 pub mod builtin;
 pub mod hub;
+pub mod images;
 pub mod loader;
 pub mod parquet_text;
 pub mod prepare;

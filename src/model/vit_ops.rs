@@ -37,13 +37,19 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 /// `torch.nn.Linear`: `x @ w^T + b` over the last dimension (`w` is `out x in`).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    ops::linear(x, w)?.broadcast_add(b)
+    let y = ops::linear(x, w)?;
+    if fusable(&y) {
+        y.apply_op2(&b.contiguous()?, vit_fused::AddBias)
+    } else {
+        y.broadcast_add(b)
+    }
 }
 
 /// Bidirectional multi-head self-attention of `x` (`batch x seq x hidden`) with query, key
 /// and value projections (`hidden x hidden` weights and their biases), queries scaled by
 /// `1/sqrt(head_dim)`. Returns `batch x seq x hidden`, ready for the output projection. The
-/// three projections run as one matmul.
+/// three projections run as one matmul; fused, attention reads its packed output in place
+/// and recomputes the probabilities in the backward pass instead of keeping them.
 pub fn self_attention(
     x: &Tensor,
     (wq, bq): (&Tensor, &Tensor),
@@ -51,26 +57,20 @@ pub fn self_attention(
     (wv, bv): (&Tensor, &Tensor),
     heads: usize,
 ) -> Result<Tensor> {
-    let (batch, seq, hidden) = x.dims3()?;
     let w = Tensor::cat(&[wq, wk, wv], 0)?;
     let b = Tensor::cat(&[bq, bk, bv], 0)?;
-    let qkv = linear(x, &w, &b)?;
-    let head_dim = hidden / heads;
-    // `batch x seq x (3 heads head_dim)` -> three `batch x heads x seq x head_dim` tensors;
-    // contiguous because candle's batched matmul rejects some transposed operands.
-    let qkv = qkv
-        .reshape((batch, seq, 3, heads, head_dim))?
-        .permute((2, 0, 3, 1, 4))?
-        .contiguous()?;
-    let q = (qkv.get(0)? * (1.0 / (head_dim as f64).sqrt()))?;
-    let (k, v) = (qkv.get(1)?, qkv.get(2)?);
-    let scores = q.matmul(&k.t()?)?;
-    let probs = ops::reference::softmax_last_dim(&scores)?;
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((batch, seq, hidden))
+    attention(&linear(x, &w, &b)?, heads)
+}
+
+/// Bidirectional attention on the packed projection `qkv` (`batch x seq x 3 hidden`:
+/// queries, keys, values, each `heads` heads wide), queries scaled by `1/sqrt(head_dim)`;
+/// returns `batch x seq x hidden`.
+pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    if fusable(qkv) {
+        qkv.contiguous()?.apply_op1(vit_fused::Attention { heads })
+    } else {
+        reference::attention(qkv, heads)
+    }
 }
 
 /// Mean over rows of the soft-target cross-entropy `-sum_c t_c log softmax(z)_c` of
@@ -108,6 +108,28 @@ pub mod reference {
             .broadcast_mul(&inv_std)?
             .broadcast_mul(weight)?
             .broadcast_add(bias)
+    }
+
+    /// Bidirectional attention on the packed projection `qkv` (`batch x seq x 3 hidden`:
+    /// queries, keys, values), as matmuls, a softmax and head transposes.
+    pub fn attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        let (batch, seq, width) = qkv.dims3()?;
+        let hidden = width / 3;
+        let head_dim = hidden / heads;
+        // -> three `batch x heads x seq x head_dim` tensors; contiguous because candle's
+        // batched matmul rejects some transposed operands.
+        let qkv = qkv
+            .reshape((batch, seq, 3, heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let q = (qkv.get(0)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let (k, v) = (qkv.get(1)?, qkv.get(2)?);
+        let probs = crate::model::ops::reference::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch, seq, hidden))
     }
 
     /// GELU from candle's `erf`, whose backward is exact (`gelu_erf`'s uses a rounded
