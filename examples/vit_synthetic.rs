@@ -1,7 +1,7 @@
 //! Trains `vit-tiny` on `synthetic-images` with the image pipeline and AdamW, then reports
 //! validation accuracy: the pieces the training loop will wire together, in one file.
 //!
-//! `cargo run --release --example vit_synthetic -- [STEPS] [BATCH] [--plain]`
+//! `cargo run --release --example vit_synthetic -- [STEPS] [BATCH] [--plain] [--lr=F]`
 //! (`--plain`: no RandAugment or Mixup, the quickest to learn).
 
 use anyhow::Result;
@@ -19,8 +19,12 @@ use std::time::Instant;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plain = args.iter().any(|a| a == "--plain");
+    let lr: f64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--lr="))
+        .map_or(Ok(2e-3), str::parse)?;
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
-    let steps = numbers.first().copied().unwrap_or(300);
+    let steps = numbers.first().copied().unwrap_or(600);
     let batch = numbers.get(1).copied().unwrap_or(64);
     let config = VitConfig::preset("vit-tiny")?;
     let device = Device::Cpu;
@@ -38,7 +42,7 @@ fn main() -> Result<()> {
     }
     let mut pipeline = ImagePipeline::start(train, pipeline_config, ImagePosition::start(0))?;
     let optimizer_config = OptimizerConfig {
-        lr: 1e-3,
+        lr,
         weight_decay: 1e-4,
         beta2: 0.999,
         warmup_steps: steps / 10,

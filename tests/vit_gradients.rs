@@ -480,6 +480,10 @@ fn vit_s16_preset_has_the_expected_parameter_count() {
         group("vit.encoder.layer.0.attention.output.dense.bias"),
         ParamGroup::Attention
     );
+    assert_eq!(
+        VitConfig::preset("vit-tiny").unwrap().num_parameters(),
+        214_218
+    );
     assert!(VitConfig::preset("vit-b16").is_err());
     let mut bad = config.clone();
     bad.patch_size = 15;

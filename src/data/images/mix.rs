@@ -50,10 +50,8 @@ impl MixConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
         let unit = |x: f64| (0.0..=1.0).contains(&x);
-        if !(self.mixup_alpha >= 0.0 && self.cutmix_alpha >= 0.0)
-            || !self.mixup_alpha.is_finite()
-            || !self.cutmix_alpha.is_finite()
-        {
+        let alpha_ok = |a: f64| a >= 0.0 && a.is_finite();
+        if !alpha_ok(self.mixup_alpha) || !alpha_ok(self.cutmix_alpha) {
             bail!("mixup and cutmix alphas must be finite and >= 0");
         }
         if !unit(self.prob) || !unit(self.switch_prob) || !unit(self.label_smoothing) {

@@ -120,7 +120,7 @@ pub trait ImageSource: Send + Sync {
     /// Index ranges that are cheap to read together (a parquet row group); shuffling stays
     /// within a window of a few of them. One range over everything means no constraint.
     fn locality(&self) -> Vec<Range<usize>> {
-        vec![0..self.len()]
+        std::iter::once(0..self.len()).collect()
     }
 }
 
