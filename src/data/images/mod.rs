@@ -77,6 +77,14 @@ impl Rgb8 {
     }
 }
 
+/// `v` rounded to the nearest byte value, clamped to 0-255. Adding one half and truncating
+/// rounds halves up, as `round` does for non-negative values, without the `roundf` call that
+/// baseline x86-64 makes of `f32::round` (the hot loops of resizing and RandAugment).
+#[inline]
+pub(crate) fn to_u8(v: f32) -> u8 {
+    (v.clamp(0.0, 255.0) + 0.5) as u8
+}
+
 /// Which part of a data set to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

@@ -22,7 +22,7 @@
 //! but autocontrast and equalize. Not included: TensorFlow's `Invert`, `Cutout` and
 //! `SolarizeAdd` (the usual torchvision / timm list is implemented).
 
-use super::Rgb8;
+use super::{to_u8, Rgb8};
 use anyhow::{bail, Result};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -195,11 +195,7 @@ fn blend(img: &Rgb8, degenerate: &[u8], factor: f32) -> Rgb8 {
         .pixels
         .iter()
         .zip(degenerate)
-        .map(|(&v, &d)| {
-            (d as f32 + factor * (v as f32 - d as f32))
-                .round()
-                .clamp(0.0, 255.0) as u8
-        })
+        .map(|(&v, &d)| to_u8(d as f32 + factor * (v as f32 - d as f32)))
         .collect();
     Rgb8 {
         width: img.width,
@@ -213,16 +209,17 @@ fn blend(img: &Rgb8, degenerate: &[u8], factor: f32) -> Rgb8 {
 fn smooth(img: &Rgb8) -> Vec<u8> {
     let (w, h) = (img.width, img.height);
     let mut out = img.pixels.clone();
+    let stride = 3 * w;
     for y in 1..h.saturating_sub(1) {
-        for x in 1..w.saturating_sub(1) {
-            for c in 0..3 {
-                let mut acc = 0u32;
-                for (dy, dx) in (0..3).flat_map(|dy| (0..3).map(move |dx| (dy, dx))) {
-                    let weight = if dy == 1 && dx == 1 { 5 } else { 1 };
-                    acc += weight * img.pixels[3 * ((y + dy - 1) * w + x + dx - 1) + c] as u32;
-                }
-                out[3 * (y * w + x) + c] = ((acc as f32 / 13.0).round()) as u8;
-            }
+        let (above, row, below) = (
+            &img.pixels[(y - 1) * stride..y * stride],
+            &img.pixels[y * stride..(y + 1) * stride],
+            &img.pixels[(y + 1) * stride..(y + 2) * stride],
+        );
+        for i in 3..stride.saturating_sub(3) {
+            let sum = |r: &[u8]| r[i - 3] as u32 + r[i] as u32 + r[i + 3] as u32;
+            let acc = sum(above) + sum(row) + sum(below) + 4 * row[i] as u32;
+            out[y * stride + i] = to_u8(acc as f32 / 13.0);
         }
     }
     out
@@ -238,7 +235,7 @@ fn autocontrast(img: &Rgb8) -> Rgb8 {
         if hi > lo {
             let scale = 255.0 / (hi - lo) as f32;
             for v in out.pixels.iter_mut().skip(c).step_by(3) {
-                *v = ((*v - lo) as f32 * scale).round().min(255.0) as u8;
+                *v = to_u8((*v - lo) as f32 * scale);
             }
         }
     }
@@ -274,6 +271,18 @@ fn equalize(img: &Rgb8) -> Rgb8 {
     out
 }
 
+/// `v` rounded down; a truncation and a compare, where `f32::floor` is a library call on
+/// baseline x86-64.
+#[inline]
+fn floor(v: f32) -> i64 {
+    let t = v as i64;
+    if t as f32 > v {
+        t - 1
+    } else {
+        t
+    }
+}
+
 /// Resamples `img` through the affine map `m` from output to input coordinates, both
 /// relative to the image centre: `x_in = m0 x + m1 y + m2`, `y_in = m3 x + m4 y + m5`.
 /// Bilinear; outside the image is [`FILL`]. The identity map returns the image unchanged.
@@ -283,28 +292,33 @@ fn affine(img: &Rgb8, m: [f32; 6]) -> Rgb8 {
     }
     let (w, h) = (img.width, img.height);
     let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
-    let fetch = |x: i64, y: i64, c: usize| -> f32 {
+    let fill = [FILL; 3];
+    // The pixel at (x, y), or the fill colour outside the image.
+    let fetch = |x: i64, y: i64| -> &[u8] {
         if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
-            FILL as f32
+            &fill
         } else {
-            img.pixels[3 * (y as usize * w + x as usize) + c] as f32
+            let i = 3 * (y as usize * w + x as usize);
+            &img.pixels[i..i + 3]
         }
     };
     let mut pixels = Vec::with_capacity(img.pixels.len());
     for y in 0..h {
+        let py = y as f32 + 0.5 - cy;
         for x in 0..w {
-            let (px, py) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+            let px = x as f32 + 0.5 - cx;
             // Source position in pixel-index space (pixel i's centre at i).
             let u = m[0] * px + m[1] * py + m[2] + cx - 0.5;
             let v = m[3] * px + m[4] * py + m[5] + cy - 0.5;
-            let (x0, y0) = (u.floor(), v.floor());
-            let (fx, fy) = (u - x0, v - y0);
-            let (x0, y0) = (x0 as i64, y0 as i64);
-            for c in 0..3 {
-                let top = fetch(x0, y0, c) * (1.0 - fx) + fetch(x0 + 1, y0, c) * fx;
-                let bottom = fetch(x0, y0 + 1, c) * (1.0 - fx) + fetch(x0 + 1, y0 + 1, c) * fx;
+            let (x0, y0) = (floor(u), floor(v));
+            let (fx, fy) = (u - x0 as f32, v - y0 as f32);
+            let (a, b) = (fetch(x0, y0), fetch(x0 + 1, y0));
+            let (c, d) = (fetch(x0, y0 + 1), fetch(x0 + 1, y0 + 1));
+            for ch in 0..3 {
+                let top = a[ch] as f32 * (1.0 - fx) + b[ch] as f32 * fx;
+                let bottom = c[ch] as f32 * (1.0 - fx) + d[ch] as f32 * fx;
                 let value = top * (1.0 - fy) + bottom * fy;
-                pixels.push(value.round().clamp(0.0, 255.0) as u8);
+                pixels.push(to_u8(value));
             }
         }
     }

@@ -9,7 +9,7 @@
 //! index)`, drawn when loaded, so the set costs no memory or disk and train and val never
 //! share an image. Class `index % 10`: classes are balanced.
 
-use super::{ImageSource, Rgb8, Split};
+use super::{to_u8, ImageSource, Rgb8, Split};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -122,7 +122,7 @@ impl SyntheticImages {
                 };
                 for (f, b) in foreground.iter().zip(background) {
                     let noisy = b + weight * (f - b) + rng.random_range(-16.0..16.0);
-                    pixels.push(noisy.round().clamp(0.0, 255.0) as u8);
+                    pixels.push(to_u8(noisy));
                 }
             }
         }
