@@ -422,6 +422,8 @@ pub struct ImagePipeline {
     receiver: Option<Receiver<Result<ImageBatch>>>,
     thread: Option<JoinHandle<()>>,
     skipped: Arc<AtomicU64>,
+    /// Training: the thread never ends while the pipeline lives.
+    endless: bool,
 }
 
 impl ImagePipeline {
@@ -447,6 +449,7 @@ impl ImagePipeline {
             .build()
             .context("cannot start the image worker threads")?;
         let skipped = Arc::new(AtomicU64::new(0));
+        let endless = matches!(config.transform, Transform::Train { .. });
         let (sender, receiver) = sync_channel(config.prefetch.max(1));
         let mut producer = Producer {
             source,
@@ -488,15 +491,29 @@ impl ImagePipeline {
             receiver: Some(receiver),
             thread: Some(thread),
             skipped,
+            endless,
         })
     }
 
-    /// The next batch; None once an evaluation pass is complete (training never ends).
+    /// The next batch; None once an evaluation pass is complete (training never ends). A
+    /// failed batch (a data set with no readable image, an out-of-range label) is an error,
+    /// after which the pipeline is finished.
     pub fn next_batch(&mut self) -> Result<Option<ImageBatch>> {
-        match self.receiver.as_ref().map(|r| r.recv()) {
-            Some(Ok(batch)) => batch.map(Some),
-            _ => Ok(None),
+        if let Some(Ok(batch)) = self.receiver.as_ref().map(|r| r.recv()) {
+            return batch.map(Some);
         }
+        // The batch thread has ended: normally after an evaluation pass, or after sending
+        // an error; a panic is reported, and a training stream never ends on its own.
+        self.receiver.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                bail!("the image pipeline thread panicked");
+            }
+            if self.endless {
+                bail!("the image pipeline thread stopped unexpectedly");
+            }
+        }
+        Ok(None)
     }
 
     /// Distinct unreadable images met so far (the batch thread may be ahead of the
