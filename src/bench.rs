@@ -4,14 +4,15 @@
 //! optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
+use crate::data::images::pipeline::measure_throughput;
 use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
 use crate::data::{self, SamplerPosition, TokenSegments, Tokenizer};
 use crate::dist::Job;
-use crate::model::{Llama, ParamCounts};
+use crate::model::ParamCounts;
 use crate::optim;
+use crate::task::{Corpus, Model, Position};
 use crate::train::train_step;
 use anyhow::{bail, Result};
-use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -89,19 +90,27 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let device = &job.device;
     let comm = job.comm.as_ref();
     let train = &config.train;
-    let (model, params) = Llama::new(&config.model, DType::F32, device, train.seed)?;
-    let model = model.compute_in(crate::device::compute_dtype(&train.dtype)?);
+    let (model, params) = Model::build(config, device)?;
     let mut optimizer = optim::build(config, &params, &job.comm)?;
-    // Random tokens: enough for every window to differ, no data loading in the timing.
-    let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
-    let vocab = config.model.vocab_size as u32;
-    let tokens = TokenSegments::Memory(
-        (0..train.batch_size * (train.seq_len + 1) * 4)
-            .map(|_| rng.random_range(0..vocab))
-            .collect(),
-    );
-    let shape = LoaderShape::for_rank(train, comm.rank(), comm.world());
-    let mut loader = fresh_loader(tokens, train, shape)?;
+    let mut data = if config.model.is_vit() {
+        // Images come from the configured pipeline (prefetched, so not in the timing).
+        let start = Position::start(train.seed, true);
+        Corpus::load(config, comm)?.start(config, start, comm)?
+    } else {
+        // Random tokens: enough for every window to differ, no data loading in the timing.
+        let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
+        let vocab = config.model.vocab_size as u32;
+        let train_tokens = TokenSegments::Memory(
+            (0..train.batch_size * (train.seq_len + 1) * 4)
+                .map(|_| rng.random_range(0..vocab))
+                .collect(),
+        );
+        let corpus = Corpus::Tokens {
+            train: train_tokens,
+            val: TokenSegments::Memory(Vec::new()),
+        };
+        corpus.start(config, Position::start(train.seed, false), comm)?
+    };
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     let mut communication = vec![];
@@ -111,7 +120,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
             &model,
             &params,
             optimizer.as_mut(),
-            &loader.next_step()?.micro_batches,
+            &data.next_step()?.0,
             config,
             lr,
             comm,
@@ -134,9 +143,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
     let counts = ParamCounts::of(&params);
-    let m = &config.model;
-    let flops_per_token = 6.0 * (counts.total - counts.embeddings) as f64
-        + 12.0 * (m.num_hidden_layers * m.hidden_size * train.seq_len) as f64;
+    let flops_per_token = flops_per_token(config, counts.total - counts.embeddings);
     let mfu = peak_tflops
         .map(|peak| flops_per_token * tokens_per_s / (peak * 1e12 * comm.world() as f64));
     Ok(BenchReport {
@@ -166,10 +173,30 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     })
 }
 
+/// Training FLOPs per token as nanoGPT counts them (`6 N + 12 layers hidden seq`, `N` the
+/// parameters besides the input embedding); for a ViT per image (`seq` tokens each).
+fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
+    let n = non_embedding as f64;
+    if config.model.is_vit() {
+        let v = &config.vit;
+        let seq = v.seq_len() as f64;
+        return seq * (6.0 * n + 12.0 * (v.num_hidden_layers * v.hidden_size) as f64 * seq);
+    }
+    let m = &config.model;
+    6.0 * n + 12.0 * (m.num_hidden_layers * m.hidden_size * config.train.seq_len) as f64
+}
+
 /// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training
-/// data (built-in, text or memory-mapped shards), consumed as fast as it produces them.
+/// data (built-in, text or memory-mapped shards), consumed as fast as it produces them. For
+/// a ViT: images/s of the decoding and augmentation pipeline.
 pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
     let train = &config.train;
+    if config.model.is_vit() {
+        let (source, _) = crate::data::images::open_pair(&config.data.train)?;
+        let pipeline = crate::task::train_pipeline(config, &crate::dist::SingleRank)?;
+        let measured = measure_throughput(source, pipeline, train.seed, steps)?;
+        return Ok(measured.images_per_s);
+    }
     let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
     let data = data::load(
         &config.data,

@@ -50,6 +50,9 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// Where the training batch sampler stands (its RNG state).
     pub data_position: SamplerPosition,
+    /// Image runs: where the image pipeline stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_position: Option<crate::data::images::pipeline::ImagePosition>,
     /// The resolved config of the run that wrote the checkpoint.
     pub config: RunConfig,
 }

@@ -15,12 +15,17 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("tiny", include_str!("../configs/tiny.json")),
     ("llama72m", include_str!("../configs/llama72m.json")),
     ("llama134m", include_str!("../configs/llama134m.json")),
+    ("vit-s16", include_str!("../configs/vit-s16.json")),
+    ("vit-tiny", include_str!("../configs/vit-tiny.json")),
 ];
 
-/// LLaMA architecture, with Hugging Face `LlamaConfig` key names.
+/// LLaMA architecture, with Hugging Face `LlamaConfig` key names, and which architecture a
+/// run trains (a ViT's shape is the `vit` section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// `llama` (this section) or `vit` (the `vit` section; the LLaMA keys are then unused).
+    pub architecture: String,
     /// Embedding rows; may exceed the tokenizer's vocabulary (padding rows are never targets).
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -42,6 +47,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            architecture: "llama".into(),
             vocab_size: 256,
             hidden_size: 128,
             intermediate_size: 344,
@@ -68,8 +74,18 @@ impl ModelConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// True when the run trains the `vit` section's ViT.
+    pub fn is_vit(&self) -> bool {
+        self.architecture == "vit"
+    }
+
     /// Checks the architecture is buildable; every message names the key to fix.
     pub fn validate(&self) -> Result<()> {
+        match self.architecture.as_str() {
+            "llama" => {}
+            "vit" => return Ok(()),
+            other => bail!("model.architecture must be llama or vit, got '{other}'"),
+        }
         for (key, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -401,15 +417,65 @@ impl BsfaConfig {
     }
 }
 
+/// Image augmentation for ViT training; the defaults are the paper's recipe (Beyer et al.
+/// 2022: random resized crop and flip, RandAugment 2 ops at magnitude 10, Mixup with Beta
+/// parameter 0.2 on every batch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// Smallest crop area of the random resized crop, as a fraction of the image.
+    pub min_crop_scale: f64,
+    /// Flip half the images left to right.
+    pub hflip: bool,
+    /// RandAugment operations per image (0 disables RandAugment).
+    pub randaugment_ops: usize,
+    /// RandAugment magnitude, 0 to 10 (strongest).
+    pub randaugment_magnitude: f64,
+    /// Mixup's Beta(alpha, alpha) parameter (0 disables Mixup).
+    pub mixup_alpha: f64,
+    /// CutMix's Beta(alpha, alpha) parameter (0 disables CutMix).
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed at all.
+    pub mix_prob: f64,
+    /// Label smoothing epsilon.
+    pub label_smoothing: f64,
+    /// Centre-crop fraction at evaluation; null: 0.875 for ImageNet (`imagenet:`,
+    /// `parquet:`), 1 for the small sets.
+    pub eval_crop_fraction: Option<f64>,
+    /// Decoding and augmentation threads (0: every core).
+    pub workers: usize,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            min_crop_scale: 0.08,
+            hflip: true,
+            randaugment_ops: 2,
+            randaugment_magnitude: 10.0,
+            mixup_alpha: 0.2,
+            cutmix_alpha: 0.0,
+            mix_prob: 1.0,
+            label_smoothing: 0.0,
+            eval_crop_fraction: None,
+            workers: 0,
+        }
+    }
+}
+
 /// The fully resolved configuration of a run (written to `OUT/config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub model: ModelConfig,
+    /// The ViT trained when `model.architecture` is `vit` (Hugging Face `ViTConfig` names).
+    pub vit: crate::model::VitConfig,
     pub optimizer: OptimizerConfig,
     pub bsfa: BsfaConfig,
     pub train: TrainConfig,
     pub data: DataConfig,
+    /// Image augmentation of ViT runs.
+    pub augment: AugmentConfig,
 }
 
 impl RunConfig {
@@ -425,6 +491,9 @@ impl RunConfig {
                 self.data.val_fraction
             );
         }
+        if self.model.is_vit() {
+            return self.validate_vit();
+        }
         if self.train.seq_len > self.model.max_position_embeddings {
             bail!(
                 "train.seq_len ({}) exceeds model.max_position_embeddings ({}); lower \
@@ -432,6 +501,38 @@ impl RunConfig {
                 self.train.seq_len,
                 self.model.max_position_embeddings
             );
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    fn validate_vit(&self) -> Result<()> {
+        self.vit.validate()?;
+        let a = &self.augment;
+        let unit = |x: f64| (0.0..=1.0).contains(&x);
+        if !(a.min_crop_scale > 0.0 && a.min_crop_scale <= 1.0) {
+            bail!(
+                "augment.min_crop_scale must be in (0, 1], got {}",
+                a.min_crop_scale
+            );
+        }
+        if !(0.0..=10.0).contains(&a.randaugment_magnitude) {
+            bail!(
+                "augment.randaugment_magnitude must be in [0, 10], got {}",
+                a.randaugment_magnitude
+            );
+        }
+        if !non_negative(a.mixup_alpha) || !non_negative(a.cutmix_alpha) {
+            bail!("augment.mixup_alpha and augment.cutmix_alpha must be >= 0");
+        }
+        if !unit(a.mix_prob) || !(0.0..1.0).contains(&a.label_smoothing) {
+            bail!("augment.mix_prob must be in [0, 1] and augment.label_smoothing in [0, 1)");
+        }
+        if let Some(f) = a.eval_crop_fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                bail!("augment.eval_crop_fraction must be in (0, 1], got {f}");
+            }
         }
         Ok(())
     }
@@ -603,6 +704,12 @@ fn check_type(key: &str, current: &Value, value: &Value) -> Result<()> {
                 return Ok(());
             }
             "a non-negative integer (or null)"
+        }
+        "augment.eval_crop_fraction" => {
+            if value.is_null() || value.is_number() {
+                return Ok(());
+            }
+            "a number (or null)"
         }
         "data.val" | "data.data_dir" => {
             if value.is_null() || value.is_string() {

@@ -33,6 +33,13 @@ pub struct EvalOptions {
 pub fn run(dir: &Path, spec: &str, options: &EvalOptions) -> Result<EvalReport> {
     let ck = Checkpoint::open(dir, false)?;
     let config = &ck.state.config;
+    if config.model.is_vit() {
+        anyhow::bail!(
+            "`eval` handles LLaMA checkpoints; '{}' holds a ViT, whose validation loss and \
+             top-1/top-5 accuracy are in the run's metrics.jsonl",
+            dir.display()
+        );
+    }
     let seq_len = options.seq_len.unwrap_or(config.train.seq_len);
     let batch = options.batch_size.unwrap_or(config.train.micro_batch());
     if seq_len == 0 || batch == 0 || options.batches == Some(0) {

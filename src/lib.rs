@@ -23,4 +23,5 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod task;
 pub mod train;

@@ -2,7 +2,8 @@ use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::config::RunConfig;
 use bsfa_train::dist::{self, Job};
-use bsfa_train::model::{llama, Llama, ParamCounts};
+use bsfa_train::model::{llama, ParamCounts, VitConfig};
+use bsfa_train::task::Model;
 use bsfa_train::{bench, data, eval, export, interrupt, optim, plot, train};
 use candle_core::{DType, Device};
 use clap::Parser;
@@ -174,9 +175,19 @@ fn set_threads(threads: Option<usize>) -> usize {
     threads
 }
 
+/// Rough bytes of activations a ViT keeps for the backward pass of one micro-batch: per layer
+/// and token about 12 hidden-sized tensors and 2 MLP-sized ones, plus each head's attention
+/// probabilities (`seq x seq`). An estimate, like LLaMA's.
+fn vit_activation_bytes(vit: &VitConfig, micro_batch: usize, elem_bytes: usize) -> usize {
+    let seq = vit.seq_len();
+    let per_token =
+        12 * vit.hidden_size + 2 * vit.intermediate_size + vit.num_attention_heads * seq;
+    micro_batch * seq * per_token * vit.num_hidden_layers * elem_bytes
+}
+
 /// Prints parameter counts and a training-memory estimate without training.
 fn dry_run(config: &RunConfig) -> Result<()> {
-    let (_, params) = Llama::new(&config.model, DType::F32, &Device::Cpu, config.train.seed)?;
+    let (_, params) = Model::build(config, &Device::Cpu)?;
     let counts = ParamCounts::of(&params);
     // State of every optimizer on this model, so their memory can be compared.
     let mut state_by_optimizer = serde_json::Map::new();
@@ -214,12 +225,16 @@ fn dry_run(config: &RunConfig) -> Result<()> {
     // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
     let accumulating = config.train.micro_batch() < config.train.batch_size;
     let grads = counts.total * elem * if accumulating { 2 } else { 1 };
-    let activations = llama::activation_bytes(
-        &config.model,
-        config.train.micro_batch(),
-        config.train.seq_len,
-        elem,
-    );
+    let activations = if config.model.is_vit() {
+        vit_activation_bytes(&config.vit, config.train.micro_batch(), elem)
+    } else {
+        llama::activation_bytes(
+            &config.model,
+            config.train.micro_batch(),
+            config.train.seq_len,
+            elem,
+        )
+    };
     let total = weights + grads + optimizer_state + activations;
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     eprintln!(

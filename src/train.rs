@@ -3,19 +3,17 @@
 
 use crate::checkpoint::{self, Checkpoint, TrainerState};
 use crate::config::RunConfig;
-use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
-use crate::data::{self, Batcher, SamplerPosition, Tokenizer};
 use crate::dist::{Communicator, Job};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
-use crate::model::{Llama, Param, ParamCounts};
+use crate::model::{Param, ParamCounts};
 use crate::optim::{self, schedule::lr_at};
+use crate::task::{Corpus, Model, Position};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// The one-line JSON summary a run prints last on stdout.
@@ -28,6 +26,10 @@ pub struct Summary {
     pub final_train_loss: f64,
     pub final_val_loss: f64,
     pub final_val_ppl: f64,
+    /// Image runs: top-1 accuracy on the validation split at the last evaluation.
+    pub final_val_top1: Option<f64>,
+    /// Image runs: top-5 accuracy at the last evaluation.
+    pub final_val_top5: Option<f64>,
     /// Mean over this process's steps.
     pub tokens_per_s: f64,
     pub wall_s: f64,
@@ -55,9 +57,6 @@ pub struct Summary {
     #[serde(skip)]
     pub losses: Vec<f64>,
 }
-
-/// Seed offset for evaluation windows, so they never coincide with training draws.
-const EVAL_SEED_OFFSET: u64 = 0x5EED_0FE7_A100;
 
 /// Trains as `config` says in this one process, writing `config.json`, `metrics.jsonl` and
 /// `checkpoints/` into its out folder. `resume` is `--resume`: `auto` or a checkpoint folder.
@@ -98,31 +97,11 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
     }
-    let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
-    check_vocab(config, &tokenizer)?;
-    // Rank 0 first: loading may download and prepare a dataset, which the others then read.
-    if !root {
-        comm.barrier()?;
-    }
-    let data = data::load(
-        &config.data,
-        &tokenizer,
-        train_cfg.seq_len,
-        config.model.vocab_size,
-    );
-    if root {
-        comm.barrier()?;
-    }
-    let data = data?;
-
-    let (model, params) = Llama::new(&config.model, DType::F32, device, train_cfg.seed)?;
-    let model = model.compute_in(crate::device::compute_dtype(&train_cfg.dtype)?);
+    let corpus = Corpus::load(config, comm)?;
+    let (model, params) = Model::build(config, device)?;
     let param_count = ParamCounts::of(&params).total;
     let mut optimizer = optim::build(config, &params, &job.comm)?;
-    let mut data_position = SamplerPosition {
-        seed: train_cfg.seed,
-        word_pos: 0,
-    };
+    let mut data_position = Position::start(train_cfg.seed, config.model.is_vit());
     let progress = if root {
         Progress::new(
             train_cfg.steps,
@@ -136,7 +115,10 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         Some(ck) => {
             ck.load_model(&params)?;
             ck.load_optimizer(optimizer.as_mut())?;
-            data_position = ck.state.data_position;
+            data_position = Position {
+                tokens: ck.state.data_position,
+                images: ck.state.image_position,
+            };
             progress.println(&format!(
                 "resuming from '{}' at step {}",
                 ck.dir.display(),
@@ -174,34 +156,35 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         )
         .with_context(|| format!("cannot write '{}'", out.join("config.json").display()))?;
     }
-    let (train_tokens, val_tokens) = (data.train.len(), data.val.len());
-    let mut loader = Loader::start(
-        Arc::new(data.train),
-        data_position,
-        LoaderShape::for_rank(train_cfg, comm.rank(), comm.world()),
-        PREFETCH_STEPS,
-    )?;
+    let sizes = corpus.describe();
+    let mut data = corpus.start(config, data_position, comm)?;
     let ranks = if comm.world() > 1 {
         format!(" on {} ranks", comm.world())
     } else {
         String::new()
     };
     progress.println(&format!(
-        "training {} parameters on {} train / {} val tokens, {} steps of {} x {} tokens{ranks} ({})",
-        param_count,
-        train_tokens,
-        val_tokens,
+        "training {param_count} parameters on {sizes}, {} steps of {}{ranks} ({})",
         train_cfg.steps,
-        train_cfg.batch_size,
-        train_cfg.seq_len,
+        if config.model.is_vit() {
+            format!("{} images", train_cfg.batch_size)
+        } else {
+            format!("{} x {} tokens", train_cfg.batch_size, train_cfg.seq_len)
+        },
         crate::device::name(device),
     ));
 
     let opt_cfg = &config.optimizer;
-    let tokens_per_step = train_cfg.batch_size * train_cfg.seq_len;
+    // Images count as one "token" each in tokens_per_s and tokens_seen.
+    let tokens_per_step = if config.model.is_vit() {
+        train_cfg.batch_size
+    } else {
+        train_cfg.batch_size * train_cfg.seq_len
+    };
     let mut losses = Vec::with_capacity(train_cfg.steps - start);
     let mut train_time = 0.0f64;
     let mut val_loss = f64::NAN;
+    let mut val_accuracy = (None, None);
     let mut summary = Summary {
         steps: start,
         params: param_count,
@@ -209,6 +192,8 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         final_train_loss: f64::NAN,
         final_val_loss: f64::NAN,
         final_val_ppl: f64::NAN,
+        final_val_top1: None,
+        final_val_top5: None,
         tokens_per_s: f64::NAN,
         wall_s: 0.0,
         out: out.display().to_string(),
@@ -232,18 +217,18 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
             opt_cfg.lr,
             opt_cfg.min_lr_ratio,
         );
-        let batch = loader.next_step()?;
+        let (micro_batches, position) = data.next_step()?;
         let outcome = train_step(
             &model,
             &params,
             optimizer.as_mut(),
-            &batch.micro_batches,
+            &micro_batches,
             config,
             lr,
             comm,
             interrupt::requested(),
         )?;
-        data_position = batch.position;
+        data_position = position;
         injected_fault(comm.rank(), step + 1)?;
         let (loss, grad_norm) = (outcome.loss, outcome.grad_norm);
         if !loss.is_finite() {
@@ -275,16 +260,27 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         let eval_now = (train_cfg.eval_every > 0 && done % train_cfg.eval_every == 0)
             || done == train_cfg.steps;
         if eval_now {
-            val_loss = evaluate(&model, &data.val, config, comm)?;
+            let evaluation = data.evaluate(&model, config, comm)?;
+            val_loss = evaluation.loss;
+            val_accuracy = (evaluation.top1, evaluation.top5);
+            let mut record = json!({
+                "step": done,
+                "val_loss": val_loss,
+                "val_ppl": val_loss.exp(),
+            });
+            let accuracy = match (evaluation.top1, evaluation.top5) {
+                (Some(top1), Some(top5)) => {
+                    record["val_top1"] = json!(top1);
+                    record["val_top5"] = json!(top5);
+                    format!(", top-1 {:.2}%, top-5 {:.2}%", 100.0 * top1, 100.0 * top5)
+                }
+                _ => String::new(),
+            };
             if let Some(metrics) = &mut metrics {
-                metrics.write(&json!({
-                    "step": done,
-                    "val_loss": val_loss,
-                    "val_ppl": val_loss.exp(),
-                }))?;
+                metrics.write(&record)?;
             }
             progress.println(&format!(
-                "step {done}: val_loss {val_loss:.4} (ppl {:.2})",
+                "step {done}: val_loss {val_loss:.4} (ppl {:.2}){accuracy}",
                 val_loss.exp()
             ));
         }
@@ -296,7 +292,8 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
                 format_version: checkpoint::FORMAT_VERSION,
                 step: done,
                 tokens_seen: summary.tokens_seen,
-                data_position,
+                data_position: data_position.tokens,
+                image_position: data_position.images,
                 config: config.clone(),
             };
             let saving = Instant::now();
@@ -345,6 +342,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     summary.final_train_loss = losses.last().copied().unwrap_or(f64::NAN);
     summary.final_val_loss = val_loss;
     summary.final_val_ppl = val_loss.exp();
+    (summary.final_val_top1, summary.final_val_top5) = val_accuracy;
     summary.tokens_per_s = (tokens_per_step * losses.len()) as f64 / train_time;
     summary.wall_s = wall.elapsed().as_secs_f64();
     summary.losses = losses;
@@ -441,7 +439,7 @@ pub struct StepOutcome {
 /// updating anything, on every rank alike.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
-    model: &Llama,
+    model: &Model,
     params: &[Param],
     optimizer: &mut dyn optim::Optimizer,
     micro_batches: &[(Tensor, Tensor)],
@@ -497,7 +495,7 @@ pub struct Accumulated {
 /// result. A non-finite loss is returned at once, without gradients, for the caller to
 /// report.
 pub fn accumulate_gradients(
-    model: &Llama,
+    model: &Model,
     params: &[Param],
     micro_batches: &[(Tensor, Tensor)],
     device: &Device,
@@ -545,43 +543,6 @@ pub fn accumulate_gradients(
     }
     out.grads = grads.into_iter().flatten().collect();
     Ok(out)
-}
-
-/// Mean validation loss over `eval_batches` micro-batches drawn from a fixed seed, so every
-/// evaluation of a run sees the same windows. The ranks of `comm` share the batches (rank
-/// `r` computes those numbered `r`, `r + world`, ...) and sum them in batch order, so the
-/// value does not depend on the rank count.
-pub fn evaluate(
-    model: &Llama,
-    val: &data::TokenSegments,
-    config: &RunConfig,
-    comm: &dyn Communicator,
-) -> Result<f64> {
-    let train = &config.train;
-    let device = model.device();
-    let mut batcher = Batcher::new(val, train.seed.wrapping_add(EVAL_SEED_OFFSET));
-    let mut mine = Vec::new();
-    for i in 0..train.eval_batches {
-        let (inputs, targets) = batcher.next_batch(train.micro_batch(), train.seq_len, device)?;
-        if i % comm.world() != comm.rank() {
-            continue;
-        }
-        let loss = model.loss(&inputs, &targets)?.detach();
-        mine.extend(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.to_le_bytes());
-    }
-    let parts = comm.all_gather_bytes(&mine)?;
-    let losses: Vec<Vec<f64>> = parts.iter().map(|p| f64s(p)).collect();
-    let sum: f64 = (0..train.eval_batches)
-        .map(|i| losses[i % comm.world()][i / comm.world()])
-        .sum();
-    Ok(sum / train.eval_batches as f64)
-}
-
-fn f64s(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-        .collect()
 }
 
 /// The step's loss averaged over the ranks (in rank order, so alike everywhere) and the
@@ -666,19 +627,6 @@ fn shared_path(comm: &dyn Communicator, path: Option<PathBuf>) -> Result<Option<
     let parts = comm.all_gather_bytes(mine.as_bytes())?;
     let root = String::from_utf8_lossy(&parts[0]).into_owned();
     Ok((!root.is_empty()).then(|| PathBuf::from(root)))
-}
-
-fn check_vocab(config: &RunConfig, tokenizer: &Tokenizer) -> Result<()> {
-    let needed = tokenizer.vocab_size();
-    if config.model.vocab_size < needed {
-        bail!(
-            "model.vocab_size ({}) is smaller than the tokenizer's vocabulary ({needed}); \
-             set --set model.vocab_size={} or more (a multiple of 64 is fastest)",
-            config.model.vocab_size,
-            needed.div_ceil(64) * 64
-        );
-    }
-    Ok(())
 }
 
 /// Wraps a non-finite loss or gradient into an error that names the step and the fix.

@@ -386,6 +386,7 @@ fn cross_entropy_rejects_targets_outside_the_vocabulary() {
 
 fn tiny_config(tie: bool) -> ModelConfig {
     ModelConfig {
+        architecture: "llama".into(),
         vocab_size: 19,
         hidden_size: 16,
         intermediate_size: 24,

@@ -136,26 +136,26 @@ impl VitConfig {
             ("num_classes", self.num_classes),
         ] {
             if value == 0 {
-                bail!("model.{key} must be a positive integer, got 0");
+                bail!("vit.{key} must be a positive integer, got 0");
             }
         }
         if !self.image_size.is_multiple_of(self.patch_size) {
             bail!(
-                "model.patch_size ({}) must divide model.image_size ({})",
+                "vit.patch_size ({}) must divide vit.image_size ({})",
                 self.patch_size,
                 self.image_size
             );
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
-                "model.num_attention_heads ({}) must divide model.hidden_size ({})",
+                "vit.num_attention_heads ({}) must divide vit.hidden_size ({})",
                 self.num_attention_heads,
                 self.hidden_size
             );
         }
         let positive = |x: f64| x > 0.0 && x.is_finite();
         if !positive(self.layer_norm_eps) || !positive(self.initializer_range) {
-            bail!("model.layer_norm_eps and model.initializer_range must be > 0");
+            bail!("vit.layer_norm_eps and vit.initializer_range must be > 0");
         }
         Ok(())
     }

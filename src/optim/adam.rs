@@ -59,6 +59,19 @@ impl Adam {
         Self::with_blocks(config, params, blocks)
     }
 
+    /// Adam-mini on a ViT, with [`adam_mini_vit_block`]'s partition.
+    pub fn adam_mini_vit(
+        config: &OptimizerConfig,
+        params: &[Param],
+        vit: &crate::model::VitConfig,
+    ) -> Result<Self> {
+        let blocks = params
+            .iter()
+            .map(|p| adam_mini_vit_block(&p.name, p.var.dims(), vit))
+            .collect::<Result<_>>()?;
+        Self::with_blocks(config, params, blocks)
+    }
+
     fn with_blocks(config: &OptimizerConfig, params: &[Param], blocks: Vec<usize>) -> Result<Self> {
         let moments = params
             .iter()
@@ -157,6 +170,35 @@ pub fn adam_mini_block(name: &str, dims: &[usize], model: &ModelConfig) -> Resul
             [_, cols] => *cols,
             _ => bail!("adam-mini: '{name}' should be a matrix, got shape {dims:?}"),
         }
+    } else {
+        numel
+    };
+    if block == 0 || !numel.is_multiple_of(block) {
+        bail!("adam-mini: '{name}' ({numel} elements) does not split into blocks of {block}");
+    }
+    Ok(block)
+}
+
+/// Elements per second-moment block of a ViT parameter (Hugging Face names). Adam-mini's
+/// rules carried over to vision: query and key per head; every other matrix per output
+/// neuron (row); the patch embedding per output channel (a convolution kernel); the class
+/// token and position embeddings per token (row), as token embeddings are; biases per
+/// element; each LayerNorm weight one block.
+pub fn adam_mini_vit_block(
+    name: &str,
+    dims: &[usize],
+    vit: &crate::model::VitConfig,
+) -> Result<usize> {
+    let numel: usize = dims.iter().product();
+    let block = if name.ends_with(".bias") {
+        1
+    } else if name.contains("attention.attention.query") || name.contains("attention.attention.key")
+    {
+        vit.head_dim() * vit.hidden_size
+    } else if name.contains("patch_embeddings") {
+        numel / dims.first().copied().unwrap_or(1).max(1)
+    } else if dims.len() >= 2 {
+        dims[dims.len() - 1]
     } else {
         numel
     };

@@ -59,6 +59,9 @@ pub fn build(
     let opt = &config.optimizer;
     let base: Box<dyn Optimizer> = match opt.name.as_str() {
         "adamw" => Box::new(Adam::adamw(opt, params)?),
+        "adam-mini" if config.model.is_vit() => {
+            Box::new(Adam::adam_mini_vit(opt, params, &config.vit)?)
+        }
         "adam-mini" => Box::new(Adam::adam_mini(opt, params, &config.model)?),
         other => bail!(
             "unknown optimizer '{other}'; available: {}",

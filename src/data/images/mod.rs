@@ -143,7 +143,10 @@ pub const IMAGE_SOURCES: &str =
 pub fn open(spec: &str, split: Split) -> Result<Arc<dyn ImageSource>> {
     let source: Arc<dyn ImageSource> = if spec == "synthetic-images" {
         Arc::new(synthetic::SyntheticImages::standard(split))
-    } else if let Some(dir) = spec.strip_prefix("imagefolder:") {
+    } else if let Some(dir) = spec
+        .strip_prefix("imagenet:")
+        .or_else(|| spec.strip_prefix("imagefolder:"))
+    {
         Arc::new(folder::ImageFolder::open(Path::new(dir), split)?)
     } else if let Some(dir) = spec.strip_prefix("parquet:") {
         Arc::new(parquet::ParquetImages::open(Path::new(dir), split)?)
