@@ -138,7 +138,13 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (mean_step_s, mean_optimizer_s) = (mean(&total), mean(&update));
     let step_s = median(&mut total);
-    let tokens_per_s = (train.batch_size * train.seq_len) as f64 / step_s;
+    // A ViT's unit is the image.
+    let per_step = if config.model.is_vit() {
+        train.batch_size
+    } else {
+        train.batch_size * train.seq_len
+    };
+    let tokens_per_s = per_step as f64 / step_s;
     let loader_tokens_per_s = (loader_steps > 0)
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
