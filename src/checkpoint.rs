@@ -17,7 +17,7 @@ use crate::config::RunConfig;
 use crate::data::SamplerPosition;
 use crate::dist::Communicator;
 use crate::model::Param;
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, StateTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
@@ -94,7 +94,7 @@ pub fn save(
     let mut written = String::new();
     if comm.rank() > 0 && !shard.is_empty() {
         written = shard_file(comm.rank());
-        write_safetensors(&temp.join(&written), &shard, &[])?;
+        write_state_safetensors(&temp.join(&written), &shard, &[])?;
     }
     // Doubles as the barrier after which every shard is on disk.
     let shard_files: Vec<String> = comm
@@ -131,7 +131,7 @@ fn write_root_part(
     state: &TrainerState,
     params: &[Param],
     optimizer: &dyn Optimizer,
-    shard: Vec<(String, Tensor)>,
+    shard: Vec<(String, StateTensor)>,
     shard_files: &[String],
 ) -> Result<PathBuf> {
     let weights: Vec<(String, Tensor)> = params
@@ -142,9 +142,13 @@ fn write_root_part(
     write_safetensors(&temp.join(MODEL_FILE), &weights, &[("format", "pt")])?;
     failpoint("checkpoint-write", state.step);
     let steps = optimizer.steps_taken().to_string();
-    let mut tensors = optimizer.state()?;
+    let mut tensors: Vec<(String, StateTensor)> = optimizer
+        .state()?
+        .into_iter()
+        .map(|(key, t)| (key, StateTensor::Whole(t)))
+        .collect();
     tensors.extend(shard);
-    write_safetensors(
+    write_state_safetensors(
         &temp.join(OPTIMIZER_FILE),
         &tensors,
         &[
@@ -361,15 +365,26 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     meta: &[(&str, &str)],
 ) -> Result<()> {
+    let whole: Vec<(String, StateTensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), StateTensor::Whole(t.clone())))
+        .collect();
+    write_state_safetensors(path, &whole, meta)
+}
+
+/// [`write_safetensors`] for optimizer state, whose row tensors are joined one at a time as
+/// they are written.
+pub fn write_state_safetensors(
+    path: &Path,
+    tensors: &[(String, StateTensor)],
+    meta: &[(&str, &str)],
+) -> Result<()> {
     let metadata: HashMap<String, String> = meta
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let contiguous: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(contiguous, Some(metadata), path)
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    safetensors::serialize_to_file(views, Some(metadata), path)
         .with_context(|| format!("cannot write '{}'", path.display()))?;
     // The writer goes through a private (0600) temp file; checkpoints and exports are for
     // sharing, like every other output.
@@ -381,6 +396,44 @@ pub fn write_safetensors(
     File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot sync '{}'", path.display()))
+}
+
+impl safetensors::View for &StateTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            StateTensor::Whole(t) => <Tensor as safetensors::View>::dtype(t),
+            StateTensor::Rows { rows, .. } => <Tensor as safetensors::View>::dtype(&rows[0]),
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            StateTensor::Whole(t) => t.dims(),
+            StateTensor::Rows { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            StateTensor::Whole(t) => <Tensor as safetensors::View>::data(t),
+            StateTensor::Rows { rows, .. } => {
+                let mut bytes = Vec::with_capacity(self.data_len());
+                for row in rows {
+                    bytes.extend_from_slice(&<Tensor as safetensors::View>::data(row));
+                }
+                std::borrow::Cow::Owned(bytes)
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            StateTensor::Whole(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            StateTensor::Rows { rows, shape } => {
+                shape[0] * shape[1] * rows[0].dtype().size_in_bytes()
+            }
+        }
+    }
 }
 
 /// Reads every tensor of a safetensors file (on the CPU) and its metadata.

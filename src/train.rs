@@ -355,7 +355,9 @@ fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
     let changed = crate::config::differences(&ck.state.config, config)?;
     let model: Vec<String> = changed
         .iter()
-        .filter(|(key, _, _)| key.starts_with("model."))
+        .filter(|(key, _, _)| {
+            key.starts_with("model.") || (config.model.is_vit() && key.starts_with("vit."))
+        })
         .map(|(key, saved, now)| format!("{key} (checkpoint {saved}, requested {now})"))
         .collect();
     if !model.is_empty() {

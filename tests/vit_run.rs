@@ -105,6 +105,14 @@ fn vit_resume_continues_exactly() {
             .collect()
     };
     assert_eq!(strip(records(&straight)), strip(records(&resumed)));
+
+    // Another ViT shape cannot continue this checkpoint.
+    let mut other = sets.to_vec();
+    other.extend(["train.steps=30", "vit.intermediate_size=128"]);
+    let err = train::run(&vit_tiny(&resumed, &other), Some("auto")).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("holds a different model"), "{message}");
+    assert!(message.contains("vit.intermediate_size"), "{message}");
 }
 
 #[test]

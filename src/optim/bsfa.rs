@@ -22,7 +22,7 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::quant::{self, Quant4};
-use super::Optimizer;
+use super::{Optimizer, StateTensor};
 use crate::config::BsfaConfig;
 use crate::dist::Communicator;
 use crate::model::{Param, ParamGroup};
@@ -550,16 +550,37 @@ impl Optimizer for Bsfa {
     /// The blocks this rank owns. Full precision: `<p>.bsfa_history` (`rows x numel`, oldest
     /// first) and `<p>.bsfa_directions` (`rank x numel`). 4-bit: each as four tensors with
     /// the suffixes `.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
-    fn shard_state(&self) -> Result<Vec<(String, Tensor)>> {
+    fn shard_state(&self) -> Result<Vec<(String, StateTensor)>> {
         let mut out = self.base.shard_state()?;
+        let whole = |tensors: Vec<(String, Tensor)>| {
+            tensors
+                .into_iter()
+                .map(|(key, t)| (key, StateTensor::Whole(t)))
+        };
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
-            if !block.history.is_empty() {
-                let history: Vec<&Stored> = block.history.iter().collect();
-                out.extend(Stored::stack(&history)?.tensors(&format!("{name}.bsfa_history"))?);
+            let key = format!("{name}.bsfa_history");
+            let full: Option<Vec<Tensor>> = block
+                .history
+                .iter()
+                .map(|s| match s {
+                    Stored::Full(t) => Some(t.clone()),
+                    Stored::Bits4 { .. } => None,
+                })
+                .collect();
+            match full {
+                // f32 history: its rows are joined only while the file is written.
+                Some(rows) if !rows.is_empty() => out.push((key, StateTensor::rows(rows)?)),
+                Some(_) => {}
+                None => {
+                    let history: Vec<&Stored> = block.history.iter().collect();
+                    out.extend(whole(Stored::stack(&history)?.tensors(&key)?));
+                }
             }
             if let Some(directions) = &block.directions {
-                out.extend(directions.tensors(&format!("{name}.bsfa_directions"))?);
+                out.extend(whole(
+                    directions.tensors(&format!("{name}.bsfa_directions"))?,
+                ));
             }
         }
         Ok(out)

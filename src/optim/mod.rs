@@ -31,7 +31,7 @@ pub trait Optimizer: Send {
 
     /// The state only this rank holds (its shard of BSFA), for checkpoints: every rank
     /// writes its own. With one rank, [`Optimizer::state`] and this are the whole state.
-    fn shard_state(&self) -> Result<Vec<(String, Tensor)>> {
+    fn shard_state(&self) -> Result<Vec<(String, StateTensor)>> {
         Ok(Vec::new())
     }
 
@@ -47,6 +47,38 @@ pub trait Optimizer: Send {
 
     /// Bytes held by the optimizer state.
     fn state_bytes(&self) -> usize;
+}
+
+/// An optimizer state tensor on its way to a checkpoint: whole, or as equal rows that stay
+/// apart in memory and are joined only as the file is written. BSFA's history is kept as
+/// rows; stacking every block's at once before writing would double its memory.
+pub enum StateTensor {
+    Whole(Tensor),
+    /// Rows of one type and width (`1 x n` each), written as one `rows x n` tensor.
+    Rows {
+        rows: Vec<Tensor>,
+        shape: [usize; 2],
+    },
+}
+
+impl StateTensor {
+    /// `rows` (each `1 x n`) as one `rows x n` tensor.
+    pub fn rows(rows: Vec<Tensor>) -> Result<Self> {
+        let width = match rows.first() {
+            Some(r) => r.elem_count(),
+            None => bail!("a state tensor needs at least one row"),
+        };
+        if rows
+            .iter()
+            .any(|r| r.elem_count() != width || r.dtype() != rows[0].dtype())
+        {
+            bail!("state rows differ in width or type");
+        }
+        Ok(Self::Rows {
+            shape: [rows.len(), width],
+            rows,
+        })
+    }
 }
 
 /// Builds the optimizer the config names, wrapped in BSFA when `bsfa.enabled` (its state
