@@ -205,3 +205,36 @@ fn vit_presets_and_errors() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("has 10 classes but vit.num_classes is 7"));
 }
+
+/// Weight decay: kernels and matrices decay; biases, LayerNorm weights, the class token and
+/// the position embeddings do not (as timm and big_vision).
+#[test]
+fn vit_weight_decay_spares_added_embeddings_and_vectors() {
+    let config = bsfa_train::model::VitConfig::preset("vit-tiny").unwrap();
+    let (_, params) = bsfa_train::model::Vit::new(
+        &config,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let decays = |name: &str| {
+        params
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no parameter '{name}'"))
+            .decays()
+    };
+    assert!(!decays("vit.embeddings.cls_token"));
+    assert!(!decays("vit.embeddings.position_embeddings"));
+    assert!(decays("vit.embeddings.patch_embeddings.projection.weight"));
+    assert!(decays(
+        "vit.encoder.layer.0.attention.attention.query.weight"
+    ));
+    assert!(!decays(
+        "vit.encoder.layer.0.attention.attention.query.bias"
+    ));
+    assert!(!decays("vit.encoder.layer.0.layernorm_before.weight"));
+    assert!(decays("classifier.weight"));
+    assert!(!decays("classifier.bias"));
+}

@@ -29,6 +29,9 @@ pub enum ParamGroup {
     Head,
 }
 
+/// Names of embeddings added to activations, exempt from weight decay.
+const ADDED_EMBEDDINGS: [&str; 2] = [".cls_token", ".position_embeddings"];
+
 /// One trainable tensor with its Hugging Face name.
 #[derive(Debug, Clone)]
 pub struct Param {
@@ -38,9 +41,11 @@ pub struct Param {
 }
 
 impl Param {
-    /// Matrices get weight decay, vectors (norm weights) do not, as in nanoGPT and the paper.
+    /// Matrices and kernels get weight decay, vectors (norm weights, biases) do not, as in
+    /// nanoGPT and the paper; nor do a ViT's class token and position embeddings, which are
+    /// added to activations rather than multiplying them (as timm and big_vision exempt them).
     pub fn decays(&self) -> bool {
-        self.var.rank() >= 2
+        self.var.rank() >= 2 && !ADDED_EMBEDDINGS.iter().any(|n| self.name.ends_with(n))
     }
 }
 
