@@ -4,10 +4,8 @@
 //! optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
-use crate::data::images::pipeline::measure_throughput;
-use crate::data::loader::{Loader, LoaderShape, PREFETCH_STEPS};
-use crate::data::{self, SamplerPosition, TokenSegments, Tokenizer};
-use crate::dist::Job;
+use crate::data::TokenSegments;
+use crate::dist::{Job, SingleRank};
 use crate::model::ParamCounts;
 use crate::optim;
 use crate::task::{Corpus, Model, Position};
@@ -16,7 +14,6 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// What `bench` prints: medians over the timed steps.
@@ -138,13 +135,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (mean_step_s, mean_optimizer_s) = (mean(&total), mean(&update));
     let step_s = median(&mut total);
-    // A ViT's unit is the image.
-    let per_step = if config.model.is_vit() {
-        train.batch_size
-    } else {
-        train.batch_size * train.seq_len
-    };
-    let tokens_per_s = per_step as f64 / step_s;
+    let tokens_per_s = config.units_per_step() as f64 / step_s;
     let loader_tokens_per_s = (loader_steps > 0)
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
@@ -193,43 +184,19 @@ fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
 }
 
 /// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training
-/// data (built-in, text or memory-mapped shards), consumed as fast as it produces them. For
-/// a ViT: images/s of the decoding and augmentation pipeline.
+/// data (built-in, text or memory-mapped shards), consumed as fast as it produces them; for
+/// a ViT, images/s of the decoding and augmentation pipeline. The data comes through the
+/// training loop's own [`Corpus`] and [`Data`](crate::task::Data).
 pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
-    let train = &config.train;
-    if config.model.is_vit() {
-        let (source, _) = crate::data::images::open_pair(&config.data.train)?;
-        let pipeline = crate::task::train_pipeline(config, &crate::dist::SingleRank)?;
-        let measured = measure_throughput(source, pipeline, train.seed, steps)?;
-        return Ok(measured.images_per_s);
-    }
-    let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
-    let data = data::load(
-        &config.data,
-        &tokenizer,
-        train.seq_len,
-        config.model.vocab_size,
-    )?;
-    let mut loader = fresh_loader(data.train, train, LoaderShape::of(train))?;
-    loader.next_step()?;
+    let start = Position::start(config.train.seed, config.model.is_vit());
+    let mut data = Corpus::load(config, &SingleRank)?.start(config, start, &SingleRank)?;
+    // The first step pays for start-up (threads, first reads).
+    data.next_step()?;
     let started = Instant::now();
     for _ in 0..steps {
-        loader.next_step()?;
+        data.next_step()?;
     }
-    Ok((steps * train.batch_size * train.seq_len) as f64 / started.elapsed().as_secs_f64())
-}
-
-/// A loader over `tokens` at the start of the config's sampling stream.
-fn fresh_loader(
-    tokens: TokenSegments,
-    train: &crate::config::TrainConfig,
-    shape: LoaderShape,
-) -> Result<Loader> {
-    let start = SamplerPosition {
-        seed: train.seed,
-        word_pos: 0,
-    };
-    Loader::start(Arc::new(tokens), start, shape, PREFETCH_STEPS)
+    Ok((steps * config.units_per_step()) as f64 / started.elapsed().as_secs_f64())
 }
 
 fn median(xs: &mut [f64]) -> f64 {

@@ -479,6 +479,16 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// What one optimizer step consumes, the unit of `tokens_per_s` and `tokens_seen`:
+    /// tokens, or images for a ViT.
+    pub fn units_per_step(&self) -> usize {
+        if self.model.is_vit() {
+            self.train.batch_size
+        } else {
+            self.train.batch_size * self.train.seq_len
+        }
+    }
+
     /// Checks every section; messages name the offending key.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;

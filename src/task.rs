@@ -360,7 +360,10 @@ fn evaluate_images(
     );
     pipeline.rank = comm.rank();
     pipeline.world = comm.world();
-    let device = model.device();
+    let Model::Vit(vit) = model else {
+        bail!("image evaluation needs a ViT");
+    };
+    let device = vit.device();
     let (mut loss_sum, mut accuracy) = (0.0f64, Accuracy::default());
     for batch in ImagePipeline::start(Arc::clone(val), pipeline, ImagePosition::start(0))? {
         let batch = batch?;
@@ -369,9 +372,6 @@ fn evaluate_images(
         }
         let images = batch.images.to_device(device)?;
         let targets = batch.soft_targets.to_device(device)?;
-        let Model::Vit(vit) = model else {
-            bail!("image evaluation needs a ViT");
-        };
         let logits = vit.logits(&images)?.detach();
         let loss = crate::model::vit_ops::soft_cross_entropy(&logits, &targets)?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.labels.len() as f64;

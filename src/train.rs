@@ -175,12 +175,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     ));
 
     let opt_cfg = &config.optimizer;
-    // Images count as one "token" each in tokens_per_s and tokens_seen.
-    let tokens_per_step = if config.model.is_vit() {
-        train_cfg.batch_size
-    } else {
-        train_cfg.batch_size * train_cfg.seq_len
-    };
+    let tokens_per_step = config.units_per_step();
     let mut losses = Vec::with_capacity(train_cfg.steps - start);
     let mut train_time = 0.0f64;
     let mut val_loss = f64::NAN;

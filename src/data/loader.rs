@@ -28,11 +28,6 @@ pub struct LoaderShape {
 }
 
 impl LoaderShape {
-    /// The shape a run's config asks for, on one rank.
-    pub fn of(train: &crate::config::TrainConfig) -> Self {
-        Self::for_rank(train, 0, 1)
-    }
-
     /// The shape a run's config asks for, for `rank` of `world` data-parallel ranks: an unset
     /// `micro_batch_size` means each rank's whole share at once.
     pub fn for_rank(train: &crate::config::TrainConfig, rank: usize, world: usize) -> Self {
