@@ -22,10 +22,10 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::quant::{self, Quant4};
+use super::BsfaConfig;
 use super::{Optimizer, StateTensor};
-use crate::config::BsfaConfig;
 use crate::dist::Communicator;
-use crate::model::{Param, ParamGroup};
+use crate::model::Param;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -252,7 +252,7 @@ impl Bsfa {
 /// blocks, largest first (ties by position), each to the rank holding the fewest elements so
 /// far (ties to the lowest rank). The same on every rank.
 pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec<Option<usize>>> {
-    let groups = config.groups()?;
+    let groups = config.groups();
     let mut order: Vec<usize> = (0..params.len())
         .filter(|&i| groups.contains(&params[i].group))
         .collect();
@@ -700,17 +700,6 @@ pub fn steady_state_bytes_per_rank(
 }
 
 /// Which parameter groups BSFA applies to, from `bsfa.blocks`.
-pub fn parse_groups(spec: &str) -> Result<Vec<ParamGroup>> {
-    spec.split(',')
-        .map(|s| match s.trim() {
-            "norm" => Ok(ParamGroup::Norms),
-            "attn" => Ok(ParamGroup::Attention),
-            "mlp" => Ok(ParamGroup::Mlp),
-            other => bail!("bsfa.blocks: unknown block group '{other}'; use any of norm,attn,mlp"),
-        })
-        .collect::<Result<Vec<_>>>()
-        .context("invalid bsfa.blocks")
-}
 
 #[cfg(test)]
 mod tests {

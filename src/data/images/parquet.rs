@@ -504,7 +504,9 @@ mod tests {
             None,
         )
         .unwrap();
-        let spec = format!("parquet:{}", dir.path().display());
+        let spec = format!("parquet:{}", dir.path().display())
+            .parse::<crate::data::DataSpec>()
+            .unwrap();
         let (t, v) = super::super::open_pair(&spec).unwrap();
         assert_eq!((t.len(), v.len(), t.num_classes()), (25, 6, 4));
         assert_eq!(t.class_names().unwrap(), names);
