@@ -4,6 +4,7 @@ pub mod builtin;
 pub mod hub;
 pub mod images;
 pub mod loader;
+pub mod parquet_file;
 pub mod parquet_text;
 pub mod prepare;
 pub mod shards;
