@@ -46,19 +46,12 @@ impl PipelineConfig {
     /// The paper's training pipeline at `image_size` (random resized crop, flip,
     /// RandAugment 2 ops at magnitude 10, Mixup alpha 0.2, values in [-1, 1]) on one rank.
     pub fn paper_train(global_batch: usize, image_size: usize, threads: usize) -> Self {
-        Self {
-            global_batch,
-            rank: 0,
-            world: 1,
-            threads,
-            prefetch: 2,
-            transform: Transform::Train {
-                augment: TrainAugment::paper(image_size),
-                mix: MixConfig::PAPER,
-                shuffle_window: DEFAULT_SHUFFLE_WINDOW,
-            },
-            normalize: Normalize::MINUS_ONE_TO_ONE,
-        }
+        let transform = Transform::Train {
+            augment: TrainAugment::paper(image_size),
+            mix: MixConfig::PAPER,
+            shuffle_window: DEFAULT_SHUFFLE_WINDOW,
+        };
+        Self::one_rank(global_batch, threads, transform)
     }
 
     /// The evaluation pipeline: centre crop of `crop_fraction` (0.875 for ImageNet, 1 for
@@ -69,16 +62,22 @@ impl PipelineConfig {
         crop_fraction: f64,
         threads: usize,
     ) -> Self {
+        let transform = Transform::Eval(EvalTransform {
+            image_size,
+            crop_fraction,
+        });
+        Self::one_rank(global_batch, threads, transform)
+    }
+
+    /// A preset's common part: one rank, two batches prefetched, values in [-1, 1].
+    fn one_rank(global_batch: usize, threads: usize, transform: Transform) -> Self {
         Self {
             global_batch,
             rank: 0,
             world: 1,
             threads,
             prefetch: 2,
-            transform: Transform::Eval(EvalTransform {
-                image_size,
-                crop_fraction,
-            }),
+            transform,
             normalize: Normalize::MINUS_ONE_TO_ONE,
         }
     }
