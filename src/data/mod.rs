@@ -5,6 +5,7 @@ mod config;
 pub mod hub;
 pub mod images;
 pub mod loader;
+pub mod parquet_file;
 pub mod parquet_text;
 pub mod prepare;
 pub mod shards;
