@@ -103,10 +103,10 @@ fn attention_backward_matches_finite_differences() {
     );
 }
 
-/// Sequences longer than the fused kernel's row block (64), with a partial last block: the
+/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk: the
 /// fused attention and its gradients match the reference composition.
 #[test]
-fn attention_over_several_row_blocks_matches_reference() {
+fn attention_over_several_row_chunks_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let (batch, seq, hidden, heads, kv_heads, dim) = (2, 150, 8, 2, 1, 4);
     let (cos, sin) = ops::rope_tables(dim, seq, 10000.0, DType::F64, &Device::Cpu).unwrap();

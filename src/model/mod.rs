@@ -1,13 +1,11 @@
 //! Models and their trainable parameters.
 
 pub mod accuracy;
-pub mod fused;
 pub mod llama;
 pub mod ops;
 pub mod vit;
-mod vit_fused;
-pub mod vit_ops;
 
+/// The ViT's ops, at the path they had before the ops moved into [`ops`].
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -11,7 +11,7 @@
 //! map 1:1 (`vit.embeddings.cls_token` is `1 x 1 x hidden`, the patch kernel
 //! `hidden x channels x patch x patch`, as there).
 
-use super::vit_ops::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
+use super::ops::vit::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
 use super::{Param, ParamGroup, ParamInit};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};

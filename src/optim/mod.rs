@@ -8,6 +8,7 @@ mod fused;
 pub mod quant;
 pub mod schedule;
 
+use crate::cpu::fusable;
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::{bail, Result};
@@ -110,11 +111,6 @@ pub fn build(
     } else {
         Ok(base)
     }
-}
-
-/// True where the fused CPU optimizer kernels apply.
-fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.

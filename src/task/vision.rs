@@ -147,7 +147,7 @@ impl Task for VisionTask {
             let images = batch.images.to_device(device)?;
             let targets = batch.soft_targets.to_device(device)?;
             let logits = self.model.logits(&images)?.detach();
-            let loss = crate::model::vit_ops::soft_cross_entropy(&logits, &targets)?;
+            let loss = crate::model::ops::vit::soft_cross_entropy(&logits, &targets)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * batch.labels.len() as f64;
             accuracy.add(Accuracy::of(&logits, &batch.labels)?);
         }
