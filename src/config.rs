@@ -178,25 +178,9 @@ impl RunConfig {
         if self.model.is_vit() {
             self.vit.validate()?;
             self.augment.validate()?;
-            if !self.data.train.is_images() {
-                bail!(
-                    "a ViT trains on images, not '{}': pass --data synthetic-images (built in), \
-                     imagefolder:DIR (train/<class>/*.JPEG and val/<class>/*.JPEG), parquet:DIR \
-                     (the hub's imagenet-1k parquet files) or cifar10:DIR",
-                    self.data.train
-                );
-            }
             return Ok(());
         }
         self.model.validate()?;
-        if self.data.train.is_images() {
-            bail!(
-                "'{}' holds images: a LLaMA trains on text (--data builtin, text:PATH, \
-                 shards:PATH, wikitext103 or openwebtext); train a ViT with --model vit-tiny \
-                 or vit-s16",
-                self.data.train
-            );
-        }
         if self.train.seq_len > self.model.max_position_embeddings {
             bail!(
                 "train.seq_len ({}) exceeds model.max_position_embeddings ({}); lower \
@@ -261,10 +245,11 @@ impl ConfigBuilder {
     pub fn set_value(&mut self, key: &str, value: Value) -> Result<()> {
         let slot = self.slot(key)?;
         let shown = value.to_string();
-        *slot = value;
+        let previous = std::mem::replace(slot, value);
         // Every earlier value was accepted, so a type error can only be this key's; the
         // section types say what each key takes (serde lists an enum's spellings).
         if let Err(e) = serde_path_to_error::deserialize::<_, RunConfig>(&self.value) {
+            *self.slot(key)? = previous;
             bail!(
                 "malformed value {shown} for config key '{key}': {}",
                 readable(&e.inner().to_string())
