@@ -3,7 +3,6 @@
 pub mod adam;
 pub mod bsfa;
 mod fused;
-pub mod quant;
 pub mod schedule;
 
 use crate::dist::Communicator;
