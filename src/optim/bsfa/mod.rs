@@ -56,7 +56,7 @@ pub struct Bsfa {
     shard: Shard,
     names: Vec<String>,
     /// Per parameter: what its stored rows hold, to check and restore checkpointed state.
-    rows: Vec<RowKind>,
+    row_kinds: Vec<RowKind>,
     steps: u64,
 }
 
@@ -80,7 +80,7 @@ impl Bsfa {
             blocks,
             shard,
             names: params.iter().map(|p| p.name.clone()).collect(),
-            rows: params.iter().map(RowKind::of).collect(),
+            row_kinds: params.iter().map(RowKind::of).collect(),
             steps: 0,
         })
     }
@@ -174,7 +174,7 @@ impl Optimizer for Bsfa {
 
     fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         self.base.load_state(steps_taken, state)?;
-        for ((name, block), row) in self.names.iter().zip(&mut self.blocks).zip(&self.rows) {
+        for ((name, block), row) in self.names.iter().zip(&mut self.blocks).zip(&self.row_kinds) {
             let Some(block) = block else { continue };
             block.load(name, state, &self.config, row)?;
         }

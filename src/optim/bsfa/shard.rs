@@ -13,9 +13,9 @@ use anyhow::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
 
-/// The rank that owns each parameter's BSFA state (`None` where BSFA does not apply): the
-/// blocks, largest first (ties by position), each to the rank holding the fewest elements so
-/// far (ties to the lowest rank). The same on every rank.
+/// Each parameter's owner (`None` where the parameter is not a block): the blocks, largest
+/// first (ties by position), each to the rank holding the fewest elements so far (ties to
+/// the lowest rank). The same on every rank.
 pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec<Option<usize>>> {
     let groups = config.groups()?;
     let mut order: Vec<usize> = (0..params.len())
