@@ -56,7 +56,7 @@ fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let mean_bytes = write_folder(dir.path(), count, 500, 375)?;
-    let spec = format!("imagefolder:{}", dir.path().display());
+    let spec = format!("imagefolder:{}", dir.path().display()).parse()?;
     let folder = images::open(&spec, Split::Train)?;
     let batch = 32;
     let batches = (count / batch).saturating_sub(1).max(1);

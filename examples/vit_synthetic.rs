@@ -5,13 +5,13 @@
 //! (`--plain`: no RandAugment or Mixup, the quickest to learn).
 
 use anyhow::Result;
-use bsfa_train::config::OptimizerConfig;
 use bsfa_train::data::images::mix::MixConfig;
 use bsfa_train::data::images::pipeline::{ImagePipeline, ImagePosition, PipelineConfig, Transform};
 use bsfa_train::data::images::{self};
 use bsfa_train::model::accuracy::Accuracy;
 use bsfa_train::model::{Vit, VitConfig};
 use bsfa_train::optim::schedule::lr_at;
+use bsfa_train::optim::OptimizerConfig;
 use bsfa_train::optim::{clip_coefficient, Adam, Optimizer};
 use candle_core::{DType, Device};
 use std::time::Instant;
@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     let config = VitConfig::preset("vit-tiny")?;
     let device = Device::Cpu;
     let (model, params) = Vit::new(&config, DType::F32, &device, 0)?;
-    let (train, val) = images::open_pair("synthetic-images")?;
+    let (train, val) = images::open_pair(&bsfa_train::data::DataSpec::SyntheticImages)?;
 
     let mut pipeline_config = PipelineConfig::paper_train(batch, config.image_size, 1);
     if let Transform::Train { augment, mix, .. } = &mut pipeline_config.transform {

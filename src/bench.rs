@@ -1,16 +1,17 @@
 //! `bsfa-train bench`: times training steps on random tokens and reports one JSON line.
 //!
-//! The step is the training loop's own (`train::accumulate_gradients`, clipping, the
-//! optimizer), so what is measured is what trains.
+//! The step is the training loop's own ([`Trainer::step`]: forward, backward, averaging,
+//! clipping, the optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
 use crate::data::TokenSegments;
 use crate::dist::{Job, SingleRank};
 use crate::model::ParamCounts;
 use crate::optim;
-use crate::task::{Corpus, Model, Position};
-use crate::train::train_step;
+use crate::task::{self, language, Position};
+use crate::train::Trainer;
 use anyhow::{bail, Result};
+use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -27,7 +28,7 @@ pub struct BenchReport {
     /// Data-parallel ranks; `batch_size` is the global batch over all of them.
     pub ranks: usize,
     pub device: String,
-    pub dtype: String,
+    pub dtype: crate::device::Precision,
     pub optimizer: String,
     pub timed_steps: usize,
     pub ms_per_step: f64,
@@ -87,42 +88,38 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let device = &job.device;
     let comm = job.comm.as_ref();
     let train = &config.train;
-    let (model, params) = Model::build(config, device)?;
-    let mut optimizer = optim::build(config, &params, &job.comm)?;
-    let mut data = if config.model.is_vit() {
-        // Images come from the configured pipeline (prefetched, so not in the timing).
-        let start = Position::start(train.seed, true);
-        Corpus::load(config, comm)?.start(config, start, comm)?
+    // Random tokens for a LLaMA (no corpus to read); the run's images for a ViT.
+    let (task, params) = if config.model.is_vit() {
+        task::open(config, device, comm, Position::start(train.seed, true))?
     } else {
-        // Random tokens: enough for every window to differ, no data loading in the timing.
         let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
         let vocab = config.model.vocab_size as u32;
-        let train_tokens = TokenSegments::Memory(
-            (0..train.batch_size * (train.seq_len + 1) * 4)
-                .map(|_| rng.random_range(0..vocab))
-                .collect(),
-        );
-        let corpus = Corpus::Tokens {
-            train: train_tokens,
+        let corpus = language::Corpus {
+            train: TokenSegments::Memory(
+                (0..train.batch_size * (train.seq_len + 1) * 4)
+                    .map(|_| rng.random_range(0..vocab))
+                    .collect(),
+            ),
             val: TokenSegments::Memory(Vec::new()),
         };
-        corpus.start(config, Position::start(train.seed, false), comm)?
+        let start = Position::start(train.seed, false);
+        language::LanguageTask::start(config, corpus, device, comm, start)?
+    };
+    let blocks = task::adam_mini_blocks(config, &params)?;
+    let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &job.comm)?;
+    let mut trainer = Trainer {
+        task,
+        params,
+        optimizer,
+        comm: job.comm.clone(),
+        clip: config.optimizer.grad_clip,
     };
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     let mut communication = vec![];
     for step in 0..warmup + iters {
         let started = Instant::now();
-        let outcome = train_step(
-            &model,
-            &params,
-            optimizer.as_mut(),
-            &data.next_step()?.0,
-            config,
-            lr,
-            comm,
-            None,
-        )?;
+        let outcome = trainer.step(lr, None)?;
         let step_s = started.elapsed().as_secs_f64();
         if step >= warmup {
             total.push(step_s);
@@ -139,7 +136,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let loader_tokens_per_s = (loader_steps > 0)
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
-    let counts = ParamCounts::of(&params);
+    let counts = ParamCounts::of(&trainer.params);
     let flops_per_token = flops_per_token(config, counts.total - counts.embeddings);
     let mfu = peak_tflops
         .map(|peak| flops_per_token * tokens_per_s / (peak * 1e12 * comm.world() as f64));
@@ -151,7 +148,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         threads,
         ranks: comm.world(),
         device: crate::device::name(device),
-        dtype: train.dtype.clone(),
+        dtype: train.dtype,
         optimizer: crate::checkpoint::optimizer_kind(config),
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
@@ -186,15 +183,15 @@ fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
 /// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training
 /// data (built-in, text or memory-mapped shards), consumed as fast as it produces them; for
 /// a ViT, images/s of the decoding and augmentation pipeline. The data comes through the
-/// training loop's own [`Corpus`] and [`Data`](crate::task::Data).
+/// training loop's own [`task::open`].
 pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
     let start = Position::start(config.train.seed, config.model.is_vit());
-    let mut data = Corpus::load(config, &SingleRank)?.start(config, start, &SingleRank)?;
+    let (mut task, _) = task::open(config, &Device::Cpu, &SingleRank, start)?;
     // The first step pays for start-up (threads, first reads).
-    data.next_step()?;
+    task.next_batch()?;
     let started = Instant::now();
     for _ in 0..steps {
-        data.next_step()?;
+        task.next_batch()?;
     }
     Ok((steps * config.units_per_step()) as f64 / started.elapsed().as_secs_f64())
 }

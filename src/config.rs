@@ -6,6 +6,12 @@
 //! Only after all layers are merged is the result deserialised and validated, so every
 //! error names the key a user typed.
 
+use crate::data::images::augment_config::AugmentConfig;
+use crate::data::loader::LoaderShape;
+use crate::data::DataConfig;
+use crate::device::{DeviceKind, Precision};
+use crate::model::{LlamaConfig, VitConfig};
+use crate::optim::{BsfaConfig, OptimizerConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -18,210 +24,6 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("vit-s16", include_str!("../configs/vit-s16.json")),
     ("vit-tiny", include_str!("../configs/vit-tiny.json")),
 ];
-
-/// LLaMA architecture, with Hugging Face `LlamaConfig` key names, and which architecture a
-/// run trains (a ViT's shape is the `vit` section).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// `llama` (this section) or `vit` (the `vit` section; the LLaMA keys are then unused).
-    pub architecture: String,
-    /// Embedding rows; may exceed the tokenizer's vocabulary (padding rows are never targets).
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    /// Grouped-query attention: number of key/value heads (null means `num_attention_heads`).
-    pub num_key_value_heads: Option<usize>,
-    /// Longest sequence the rotary tables are built for.
-    pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    /// Share the embedding matrix with the output head.
-    pub tie_word_embeddings: bool,
-    /// Standard deviation of the normal init of every matrix (norm weights start at 1).
-    pub initializer_range: f64,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            architecture: "llama".into(),
-            vocab_size: 256,
-            hidden_size: 128,
-            intermediate_size: 344,
-            num_hidden_layers: 4,
-            num_attention_heads: 4,
-            num_key_value_heads: None,
-            max_position_embeddings: 1024,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tie_word_embeddings: false,
-            initializer_range: 0.02,
-        }
-    }
-}
-
-impl ModelConfig {
-    /// Key/value heads after resolving the `None` default.
-    pub fn kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-
-    /// True when the run trains the `vit` section's ViT.
-    pub fn is_vit(&self) -> bool {
-        self.architecture == "vit"
-    }
-
-    /// Checks the architecture is buildable; every message names the key to fix.
-    pub fn validate(&self) -> Result<()> {
-        match self.architecture.as_str() {
-            "llama" => {}
-            "vit" => return Ok(()),
-            other => bail!("model.architecture must be llama or vit, got '{other}'"),
-        }
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if value == 0 {
-                bail!("model.{key} must be a positive integer, got 0");
-            }
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            bail!(
-                "model.num_attention_heads ({}) must divide model.hidden_size ({}); \
-                 pick a head count such as {}",
-                self.num_attention_heads,
-                self.hidden_size,
-                divisors_near(self.hidden_size, self.num_attention_heads)
-            );
-        }
-        if !self.head_dim().is_multiple_of(2) {
-            bail!(
-                "head dimension hidden_size/num_attention_heads = {} is odd; rotary embeddings \
-                 rotate pairs of channels and need it even: change model.hidden_size or \
-                 model.num_attention_heads",
-                self.head_dim()
-            );
-        }
-        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
-            bail!(
-                "model.num_key_value_heads ({}) must divide model.num_attention_heads ({})",
-                self.kv_heads(),
-                self.num_attention_heads
-            );
-        }
-        if !positive(self.rms_norm_eps)
-            || !positive(self.rope_theta)
-            || !positive(self.initializer_range)
-        {
-            bail!("model.rms_norm_eps, model.rope_theta and model.initializer_range must be > 0");
-        }
-        Ok(())
-    }
-}
-
-/// True for a finite number above zero (false for NaN).
-fn positive(x: f64) -> bool {
-    x > 0.0 && x.is_finite()
-}
-
-/// True for a finite number at or above zero (false for NaN).
-fn non_negative(x: f64) -> bool {
-    x >= 0.0 && x.is_finite()
-}
-
-fn divisors_near(n: usize, around: usize) -> String {
-    let mut divs: Vec<usize> = (1..=n).filter(|d| n.is_multiple_of(*d)).collect();
-    divs.sort_by_key(|d| d.abs_diff(around));
-    divs.truncate(3);
-    divs.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(" or ")
-}
-
-/// Optimizer and learning-rate schedule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimizerConfig {
-    /// Which optimizer: `adamw` or `adam-mini`.
-    pub name: String,
-    /// Peak learning rate, reached at the end of warmup.
-    pub lr: f64,
-    /// Decoupled weight decay, applied to matrices only (never to norm weights).
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Global gradient-norm clip; 0 disables clipping.
-    pub grad_clip: f64,
-    /// Steps of linear warmup from ~0 to `lr`.
-    pub warmup_steps: usize,
-    /// Cosine decay floor as a fraction of `lr` (the paper decays to lr/20).
-    pub min_lr_ratio: f64,
-}
-
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        Self {
-            name: "adamw".into(),
-            lr: 3e-3,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            warmup_steps: 20,
-            min_lr_ratio: 0.05,
-        }
-    }
-}
-
-impl OptimizerConfig {
-    fn validate(&self) -> Result<()> {
-        if !crate::optim::OPTIMIZERS.contains(&self.name.as_str()) {
-            bail!(
-                "optimizer.name '{}' is unknown; available: {}",
-                self.name,
-                crate::optim::OPTIMIZERS.join(", ")
-            );
-        }
-        if !positive(self.lr) {
-            bail!("optimizer.lr must be a positive number, got {}", self.lr);
-        }
-        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                bail!("optimizer.{key} must be in [0, 1), got {v}");
-            }
-        }
-        if !positive(self.eps) {
-            bail!("optimizer.eps must be > 0, got {}", self.eps);
-        }
-        if !non_negative(self.weight_decay) || !non_negative(self.grad_clip) {
-            bail!("optimizer.weight_decay and optimizer.grad_clip must be >= 0");
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            bail!(
-                "optimizer.min_lr_ratio must be in [0, 1], got {}",
-                self.min_lr_ratio
-            );
-        }
-        Ok(())
-    }
-}
 
 /// Loop lengths, batch shape and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,10 +55,10 @@ pub struct TrainConfig {
     /// Complete checkpoints kept; older ones are deleted (the newest never is).
     pub keep_checkpoints: usize,
     /// `cpu`, `cuda`, or `auto` (CUDA when built with it and a GPU is present).
-    pub device: String,
+    pub device: DeviceKind,
     /// Compute precision: `f32`, or `bf16` (bf16 weights and activations in the forward and
     /// backward passes; f32 master weights, gradients and optimizer state).
-    pub dtype: String,
+    pub dtype: Precision,
     /// Seconds a data-parallel rank waits for the others inside one collective (or at
     /// start-up) before it fails, naming the rank it waited for.
     pub dist_timeout_s: u64,
@@ -277,8 +79,8 @@ impl Default for TrainConfig {
             out: String::new(),
             checkpoint_every: 1000,
             keep_checkpoints: 3,
-            device: "auto".into(),
-            dtype: "f32".into(),
+            device: DeviceKind::Auto,
+            dtype: Precision::F32,
             dist_timeout_s: 1800,
         }
     }
@@ -288,6 +90,24 @@ impl TrainConfig {
     /// Micro-batch size after resolving the `None` default.
     pub fn micro_batch(&self) -> usize {
         self.micro_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// Sequences (or images) per forward/backward pass on one of `world` ranks: an unset
+    /// `micro_batch_size` means each rank's whole share at once.
+    pub fn micro_batch_per_rank(&self, world: usize) -> usize {
+        self.micro_batch_size
+            .unwrap_or(self.batch_size / world.max(1))
+    }
+
+    /// How the token loader shapes and splits each step's batch for `rank` of `world`.
+    pub fn loader_shape(&self, rank: usize, world: usize) -> LoaderShape {
+        LoaderShape {
+            global_batch: self.batch_size,
+            micro_batch: self.micro_batch_per_rank(world),
+            seq_len: self.seq_len,
+            rank,
+            world,
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -313,166 +133,26 @@ impl TrainConfig {
                 self.batch_size
             );
         }
-        crate::device::DeviceKind::parse(&self.device)?;
-        crate::device::compute_dtype(&self.dtype)?;
         Ok(())
     }
 }
 
-/// Where tokens come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DataConfig {
-    /// `builtin`, `text:PATH`, `shards:PATH`, `wikitext103` or `openwebtext`.
-    pub train: String,
-    /// Validation source; null holds out the tail of the training data.
-    pub val: Option<String>,
-    /// Fraction of the training tokens held out for validation when `val` is null.
-    pub val_fraction: f64,
-    /// `bytes`, a path to a `tokenizer.json`, or a hub repository name such as `gpt2`.
-    pub tokenizer: String,
-    /// Where `wikitext103` / `openwebtext` shards are prepared and looked for (null: under
-    /// the Hugging Face hub cache).
-    pub data_dir: Option<String>,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            train: "builtin".into(),
-            val: None,
-            val_fraction: 0.1,
-            tokenizer: "bytes".into(),
-            data_dir: None,
-        }
-    }
-}
-
-/// The BSFA wrapper (`--bsfa`); defaults from the paper's LLaMA-72M setting.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BsfaConfig {
-    /// Wrap the optimizer in BSFA.
-    pub enabled: bool,
-    /// Scale of the update inside the estimated dominant subspace.
-    pub alpha: f64,
-    /// Scale of the update in the bulk (the orthogonal complement).
-    pub gamma: f64,
-    /// Dominant directions per block (k).
-    pub rank: usize,
-    /// Updates kept per block for the PCA (l, more than `rank`).
-    pub history: usize,
-    /// Steps between re-estimations of the directions (T).
-    pub interval: usize,
-    /// Parameter groups BSFA applies to: any of `norm,attn,mlp` (embeddings and the output
-    /// head never, as in the paper).
-    pub blocks: String,
-    /// Precision of the stored history and directions: 32 (the parameters' own) or 4.
-    pub bits: usize,
-}
-
-impl Default for BsfaConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            alpha: 0.5,
-            gamma: 1.5,
-            rank: 30,
-            history: 40,
-            interval: 10,
-            blocks: "norm,attn,mlp".into(),
-            bits: 32,
-        }
-    }
-}
-
-impl BsfaConfig {
-    /// The parameter groups named in `blocks`.
-    pub fn groups(&self) -> Result<Vec<crate::model::ParamGroup>> {
-        crate::optim::bsfa::parse_groups(&self.blocks)
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.rank == 0 || self.rank >= self.history {
-            bail!(
-                "bsfa.rank ({}) must be at least 1 and below bsfa.history ({})",
-                self.rank,
-                self.history
-            );
-        }
-        if self.interval == 0 {
-            bail!("bsfa.interval must be a positive integer, got 0");
-        }
-        if self.bits != 32 && self.bits != 4 {
-            bail!("bsfa.bits must be 32 or 4, got {}", self.bits);
-        }
-        if !non_negative(self.alpha) || !non_negative(self.gamma) {
-            bail!(
-                "bsfa.alpha ({}) and bsfa.gamma ({}) must be >= 0",
-                self.alpha,
-                self.gamma
-            );
-        }
-        self.groups().map(|_| ())
-    }
-}
-
-/// Image augmentation for ViT training; the defaults are the paper's recipe (Beyer et al.
-/// 2022: random resized crop and flip, RandAugment 2 ops at magnitude 10, Mixup with Beta
-/// parameter 0.2 on every batch).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AugmentConfig {
-    /// Smallest crop area of the random resized crop, as a fraction of the image.
-    pub min_crop_scale: f64,
-    /// Flip half the images left to right.
-    pub hflip: bool,
-    /// RandAugment operations per image (0 disables RandAugment).
-    pub randaugment_ops: usize,
-    /// RandAugment magnitude, 0 to 10 (strongest).
-    pub randaugment_magnitude: f64,
-    /// Mixup's Beta(alpha, alpha) parameter (0 disables Mixup).
-    pub mixup_alpha: f64,
-    /// CutMix's Beta(alpha, alpha) parameter (0 disables CutMix).
-    pub cutmix_alpha: f64,
-    /// Probability that a batch is mixed at all.
-    pub mix_prob: f64,
-    /// Label smoothing epsilon.
-    pub label_smoothing: f64,
-    /// Centre-crop fraction at evaluation; null: 0.875 for ImageNet (`imagenet:`,
-    /// `parquet:`), 1 for the small sets.
-    pub eval_crop_fraction: Option<f64>,
-    /// Decoding and augmentation threads (0: every core).
-    pub workers: usize,
-}
-
-impl Default for AugmentConfig {
-    fn default() -> Self {
-        Self {
-            min_crop_scale: 0.08,
-            hflip: true,
-            randaugment_ops: 2,
-            randaugment_magnitude: 10.0,
-            mixup_alpha: 0.2,
-            cutmix_alpha: 0.0,
-            mix_prob: 1.0,
-            label_smoothing: 0.0,
-            eval_crop_fraction: None,
-            workers: 0,
-        }
-    }
-}
-
-/// The fully resolved configuration of a run (written to `OUT/config.json`).
+/// The fully resolved configuration of a run (written to `OUT/config.json`): one section
+/// per component, each owned and validated by its component.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
-    pub model: ModelConfig,
+    /// The LLaMA architecture, and which architecture the run trains.
+    pub model: LlamaConfig,
     /// The ViT trained when `model.architecture` is `vit` (Hugging Face `ViTConfig` names).
-    pub vit: crate::model::VitConfig,
+    pub vit: VitConfig,
+    /// The base optimizer and the learning-rate schedule.
     pub optimizer: OptimizerConfig,
+    /// The BSFA wrapper around the base optimizer.
     pub bsfa: BsfaConfig,
+    /// The loop: steps, batch shape, evaluation, checkpoints, device.
     pub train: TrainConfig,
+    /// Where tokens (or images) come from.
     pub data: DataConfig,
     /// Image augmentation of ViT runs.
     pub augment: AugmentConfig,
@@ -489,20 +169,33 @@ impl RunConfig {
         }
     }
 
-    /// Checks every section; messages name the offending key.
+    /// Checks every section, then what sections must agree on; messages name the key.
     pub fn validate(&self) -> Result<()> {
-        self.model.validate()?;
         self.optimizer.validate()?;
         self.bsfa.validate()?;
         self.train.validate()?;
-        if !positive(self.data.val_fraction) || self.data.val_fraction >= 1.0 {
-            bail!(
-                "data.val_fraction must be in (0, 1), got {}",
-                self.data.val_fraction
-            );
-        }
+        self.data.validate()?;
         if self.model.is_vit() {
-            return self.validate_vit();
+            self.vit.validate()?;
+            self.augment.validate()?;
+            if !self.data.train.is_images() {
+                bail!(
+                    "a ViT trains on images, not '{}': pass --data synthetic-images (built in), \
+                     imagefolder:DIR (train/<class>/*.JPEG and val/<class>/*.JPEG), parquet:DIR \
+                     (the hub's imagenet-1k parquet files) or cifar10:DIR",
+                    self.data.train
+                );
+            }
+            return Ok(());
+        }
+        self.model.validate()?;
+        if self.data.train.is_images() {
+            bail!(
+                "'{}' holds images: a LLaMA trains on text (--data builtin, text:PATH, \
+                 shards:PATH, wikitext103 or openwebtext); train a ViT with --model vit-tiny \
+                 or vit-s16",
+                self.data.train
+            );
         }
         if self.train.seq_len > self.model.max_position_embeddings {
             bail!(
@@ -511,38 +204,6 @@ impl RunConfig {
                 self.train.seq_len,
                 self.model.max_position_embeddings
             );
-        }
-        Ok(())
-    }
-}
-
-impl RunConfig {
-    fn validate_vit(&self) -> Result<()> {
-        self.vit.validate()?;
-        let a = &self.augment;
-        let unit = |x: f64| (0.0..=1.0).contains(&x);
-        if !(a.min_crop_scale > 0.0 && a.min_crop_scale <= 1.0) {
-            bail!(
-                "augment.min_crop_scale must be in (0, 1], got {}",
-                a.min_crop_scale
-            );
-        }
-        if !(0.0..=10.0).contains(&a.randaugment_magnitude) {
-            bail!(
-                "augment.randaugment_magnitude must be in [0, 10], got {}",
-                a.randaugment_magnitude
-            );
-        }
-        if !non_negative(a.mixup_alpha) || !non_negative(a.cutmix_alpha) {
-            bail!("augment.mixup_alpha and augment.cutmix_alpha must be >= 0");
-        }
-        if !unit(a.mix_prob) || !(0.0..1.0).contains(&a.label_smoothing) {
-            bail!("augment.mix_prob must be in [0, 1] and augment.label_smoothing in [0, 1)");
-        }
-        if let Some(f) = a.eval_crop_fraction {
-            if !(f > 0.0 && f <= 1.0) {
-                bail!("augment.eval_crop_fraction must be in (0, 1], got {f}");
-            }
         }
         Ok(())
     }
@@ -599,8 +260,16 @@ impl ConfigBuilder {
     /// Sets one dotted key from a typed value (used for dedicated CLI flags).
     pub fn set_value(&mut self, key: &str, value: Value) -> Result<()> {
         let slot = self.slot(key)?;
-        check_type(key, slot, &value)?;
+        let shown = value.to_string();
         *slot = value;
+        // Every earlier value was accepted, so a type error can only be this key's; the
+        // section types say what each key takes (serde lists an enum's spellings).
+        if let Err(e) = serde_path_to_error::deserialize::<_, RunConfig>(&self.value) {
+            bail!(
+                "malformed value {shown} for config key '{key}': {}",
+                readable(&e.inner().to_string())
+            );
+        }
         Ok(())
     }
 
@@ -705,57 +374,13 @@ fn flatten_keys(value: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
     }
 }
 
-/// Rejects a value whose JSON type differs from the key's, naming the key.
-fn check_type(key: &str, current: &Value, value: &Value) -> Result<()> {
-    let expected = match key {
-        // Optional integers: null or a whole number.
-        "model.num_key_value_heads" | "train.micro_batch_size" | "train.threads" => {
-            if value.is_null() || value.is_u64() {
-                return Ok(());
-            }
-            "a non-negative integer (or null)"
-        }
-        "augment.eval_crop_fraction" => {
-            if value.is_null() || value.is_number() {
-                return Ok(());
-            }
-            "a number (or null)"
-        }
-        "data.val" | "data.data_dir" => {
-            if value.is_null() || value.is_string() {
-                return Ok(());
-            }
-            "a string (or null)"
-        }
-        _ => match current {
-            Value::Number(n) if n.is_u64() => {
-                if value.is_u64() {
-                    return Ok(());
-                }
-                "a non-negative integer"
-            }
-            Value::Number(_) => {
-                if value.is_number() {
-                    return Ok(());
-                }
-                "a number"
-            }
-            Value::Bool(_) => {
-                if value.is_boolean() {
-                    return Ok(());
-                }
-                "true or false"
-            }
-            Value::String(_) => {
-                if value.is_string() {
-                    return Ok(());
-                }
-                "a string"
-            }
-            _ => return Ok(()),
-        },
-    };
-    bail!("malformed value {value} for config key '{key}': expected {expected}")
+/// serde's message with Rust's type names said the way a user reads them.
+fn readable(message: &str) -> String {
+    message
+        .replace("expected usize", "expected a non-negative integer")
+        .replace("expected u64", "expected a non-negative integer")
+        .replace("expected f64", "expected a number")
+        .replace("expected a boolean", "expected true or false")
 }
 
 fn read_json(path: &str) -> Result<Value> {
@@ -767,7 +392,7 @@ fn read_json(path: &str) -> Result<Value> {
 /// Picks the LLaMA keys out of a flat Hugging Face `config.json`; the rest of such a
 /// file (architectures, torch_dtype, ...) describes nothing we build and is ignored.
 fn hf_model_layer(flat: &Value) -> Value {
-    let known = serde_json::to_value(ModelConfig::default()).expect("config serialises");
+    let known = serde_json::to_value(LlamaConfig::default()).expect("config serialises");
     let mut model = Map::new();
     if let (Some(flat), Some(known)) = (flat.as_object(), known.as_object()) {
         for (k, v) in flat {

@@ -1,12 +1,17 @@
-//! Helpers shared by our fused CPU kernels (`model::fused`, `optim::fused`).
+//! Helpers shared by our fused CPU kernels (`model::ops`, `optim::fused`).
 
-use candle_core::{CpuStorage, Error, Layout, Result, Shape, WithDType};
+use candle_core::{CpuStorage, DType, Error, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::{Float, NumAssign};
 
 /// Element types the kernels are written for.
 pub(crate) trait Elem: WithDType + Float + NumAssign + Send + Sync {}
 impl Elem for f32 {}
 impl Elem for f64 {}
+
+/// True where the fused CPU kernels apply: f32 or f64 tensors on the CPU.
+pub(crate) fn fusable(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
 
 /// The contiguous slice of `storage` described by `layout`.
 pub(crate) fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {

@@ -2,31 +2,23 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
 
 /// The `train.device` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
+    /// The CPU, with the fused kernels.
     Cpu,
+    /// CUDA device `LOCAL_RANK`.
     Cuda,
     /// CUDA when this build has it and a GPU is present, else the CPU.
     Auto,
 }
 
-impl DeviceKind {
-    /// Parses `cpu`, `cuda` or `auto`.
-    pub fn parse(spec: &str) -> Result<Self> {
-        match spec {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda),
-            "auto" => Ok(Self::Auto),
-            other => bail!("train.device must be cpu, cuda or auto, got '{other}'"),
-        }
-    }
-}
-
 /// The device for `spec` on a rank whose local rank is `local_rank` (its GPU ordinal).
-pub fn select(spec: &str, local_rank: usize) -> Result<Device> {
-    match DeviceKind::parse(spec)? {
+pub fn select(spec: DeviceKind, local_rank: usize) -> Result<Device> {
+    match spec {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda => {
             if !cfg!(feature = "cuda") {
@@ -40,18 +32,39 @@ pub fn select(spec: &str, local_rank: usize) -> Result<Device> {
             })
         }
         DeviceKind::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
-            select("cuda", local_rank)
+            select(DeviceKind::Cuda, local_rank)
         }
         DeviceKind::Auto => Ok(Device::Cpu),
     }
 }
 
-/// The model's compute type for `train.dtype`: `f32` or `bf16`.
-pub fn compute_dtype(spec: &str) -> Result<DType> {
-    match spec {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        other => bail!("train.dtype must be f32 or bf16, got '{other}'"),
+/// The model's compute precision (`train.dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    F32,
+    /// bf16 weights and activations in the forward and backward passes; f32 master weights,
+    /// gradients and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// The candle type the model computes in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
     }
 }
 

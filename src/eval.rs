@@ -4,7 +4,7 @@
 //! targets. A shard folder is read shard by shard; a text source is tokenized whole.
 
 use crate::checkpoint::Checkpoint;
-use crate::data::{TokenSegments, Tokenizer};
+use crate::data::{DataSpec, TokenSegments, Tokenizer};
 use crate::model::Llama;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -30,7 +30,7 @@ pub struct EvalOptions {
 }
 
 /// Evaluates the model of checkpoint `dir` on `spec` (`shards:PATH`, `text:PATH`, `builtin`).
-pub fn run(dir: &Path, spec: &str, options: &EvalOptions) -> Result<EvalReport> {
+pub fn run(dir: &Path, spec: &DataSpec, options: &EvalOptions) -> Result<EvalReport> {
     let ck = Checkpoint::open(dir, false)?;
     let config = &ck.state.config;
     if config.model.is_vit() {
@@ -55,7 +55,7 @@ pub fn run(dir: &Path, spec: &str, options: &EvalOptions) -> Result<EvalReport> 
     let (model, params) = Llama::new(&config.model, DType::F32, &device, config.train.seed)?;
     ck.load_model(&params)?;
     // Text sources need the run's tokenizer; shards are already ids.
-    let tokenizer = if spec.starts_with("shards:") {
+    let tokenizer = if matches!(spec, DataSpec::Shards(_)) {
         Tokenizer::Bytes
     } else {
         Tokenizer::load(&config.data.tokenizer)?

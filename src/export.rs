@@ -2,8 +2,8 @@
 //! (`config.json`, `model.safetensors`, and `tokenizer.json` when the run used one).
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::ModelConfig;
 use crate::model::Llama;
+use crate::model::LlamaConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -83,7 +83,7 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
 }
 
 /// `config.json` of `LlamaForCausalLM` with our model's values.
-pub fn hf_config(model: &ModelConfig) -> Value {
+pub fn hf_config(model: &LlamaConfig) -> Value {
     json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -1,14 +1,16 @@
-//! bsfa-train: LLaMA pre-training on Candle, built around the Bulk-Space-Filtration-
+//! bsfa-train: LLaMA (and ViT) pre-training on Candle, built around the Bulk-Space-Filtration-
 //! Accelerator (BSFA).
 //!
-//! Layout: `bench` (step timing), `config` (typed run config), `cli` (flags), `model` (LLaMA and its
-//! differentiable ops), `optim` (optimizers, clipping, schedule), `data` (tokenizers,
-//! corpora, batches), `train` (the loop), `metrics` (metrics.jsonl and progress), `checkpoint`
-//! (safetensors checkpoints and resume), `interrupt` (Ctrl-C/SIGTERM handling), `eval` and
-//! `export` (the subcommands of those names), `plot` (loss curves and the optimizer
-//! comparison table).
+//! Components, each owning its typed config section: `model` (LLaMA, ViT and their
+//! differentiable ops), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule),
+//! `data` (tokenizers, corpora, token shards, image sources and pipelines), `dist` (data
+//! parallelism), `checkpoint` (safetensors checkpoints and the resume policy), `metrics`
+//! (metrics.jsonl and progress). `config` composes their sections into a run's config;
+//! `task` pairs a model with its data; `train` is the loop. The subcommands: `bench`,
+//! `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config keys.
 
 pub mod bench;
+mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -16,8 +18,10 @@ mod cpu;
 pub mod data;
 pub mod device;
 pub mod dist;
+pub mod dry_run;
 pub mod eval;
 pub mod export;
+pub mod failpoint;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;

@@ -1,17 +1,13 @@
 use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
-use bsfa_train::config::RunConfig;
 use bsfa_train::dist::{self, Job};
-use bsfa_train::model::{llama, ParamCounts, VitConfig};
-use bsfa_train::task::Model;
-use bsfa_train::{bench, data, eval, export, interrupt, optim, plot, train};
-use candle_core::{DType, Device};
+use bsfa_train::{bench, data, eval, export, interrupt, plot, train};
 use clap::Parser;
 use serde_json::json;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::time::Duration;
 
 // Training allocates and frees large tensors every step; the system allocator hands them
 // back to the kernel and page-faults them in again, which cost about a third of CPU time
@@ -57,7 +53,7 @@ fn run(cli: &Cli) -> Result<u8> {
                 batch_size: e.batch_size,
                 batches: e.eval_batches,
             };
-            let report = eval::run(Path::new(&e.checkpoint), &e.data, &options)?;
+            let report = eval::run(Path::new(&e.checkpoint), &e.data.parse()?, &options)?;
             println!("{}", serde_json::to_string(&report)?);
             return Ok(0);
         }
@@ -115,11 +111,12 @@ fn run(cli: &Cli) -> Result<u8> {
     }
     let threads = set_threads(config.train.threads);
     if args.dry_run {
-        dry_run(&config)?;
+        bsfa_train::dry_run::report(&config)?;
         return Ok(0);
     }
     interrupt::install()?;
-    let job = Job::from_env(&config.train)?;
+    let timeout = Duration::from_secs(config.train.dist_timeout_s);
+    let job = Job::from_env(config.train.device, timeout)?;
     if let Some(Command::Bench(b)) = &cli.command {
         let options = bench::BenchOptions {
             threads,
@@ -173,133 +170,4 @@ fn set_threads(threads: Option<usize>) -> usize {
     // set before any tensor work.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     threads
-}
-
-/// Rough bytes of activations a ViT keeps for the backward pass of one micro-batch: per layer
-/// and token about 12 hidden-sized tensors and 2 MLP-sized ones, plus each head's attention
-/// probabilities (`seq x seq`). An estimate, like LLaMA's.
-fn vit_activation_bytes(vit: &VitConfig, micro_batch: usize, elem_bytes: usize) -> usize {
-    let seq = vit.seq_len();
-    let per_token =
-        12 * vit.hidden_size + 2 * vit.intermediate_size + vit.num_attention_heads * seq;
-    micro_batch * seq * per_token * vit.num_hidden_layers * elem_bytes
-}
-
-/// Prints parameter counts and a training-memory estimate without training.
-fn dry_run(config: &RunConfig) -> Result<()> {
-    let (_, params) = Model::build(config, &Device::Cpu)?;
-    let counts = ParamCounts::of(&params);
-    // State of every optimizer on this model, so their memory can be compared.
-    let mut state_by_optimizer = serde_json::Map::new();
-    let single: Arc<dyn dist::Communicator> = Arc::new(dist::SingleRank);
-    for name in optim::OPTIMIZERS {
-        let mut other = config.clone();
-        other.optimizer.name = name.to_string();
-        other.bsfa.enabled = false;
-        let optimizer = optim::build(&other, &params, &single)?;
-        state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
-    }
-    // BSFA adds its full history and directions once warmed up, at the configured precision
-    // (`bsfa_extra`) and at both precisions for comparison.
-    let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, &params)?;
-    state_by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
-    for bits in [32, 4] {
-        let mut at = config.bsfa.clone();
-        at.bits = bits;
-        let bytes = optim::bsfa::steady_state_bytes(&at, &params)?;
-        state_by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
-    }
-    // BSFA sharded over data-parallel ranks: the largest rank's share.
-    let mut bsfa_per_rank = serde_json::Map::new();
-    for world in [1, 2, 4, 8] {
-        let shares = optim::bsfa::steady_state_bytes_per_rank(&config.bsfa, &params, world)?;
-        let largest = shares.iter().copied().max().unwrap_or(0);
-        bsfa_per_rank.insert(world.to_string(), json!(largest));
-    }
-    let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
-        .as_u64()
-        .map_or(0, |b| b as usize)
-        + if config.bsfa.enabled { bsfa_state } else { 0 };
-    let elem = DType::F32.size_in_bytes();
-    let weights = counts.total * elem;
-    // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
-    let accumulating = config.train.micro_batch() < config.train.batch_size;
-    let grads = counts.total * elem * if accumulating { 2 } else { 1 };
-    let activations = if config.model.is_vit() {
-        vit_activation_bytes(&config.vit, config.train.micro_batch(), elem)
-    } else {
-        llama::activation_bytes(
-            &config.model,
-            config.train.micro_batch(),
-            config.train.seq_len,
-            elem,
-        )
-    };
-    let total = weights + grads + optimizer_state + activations;
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    eprintln!(
-        "parameters: {} ({:.2}M)",
-        counts.total,
-        counts.total as f64 / 1e6
-    );
-    for (group, n) in [
-        ("embeddings", counts.embeddings),
-        ("attention", counts.attention),
-        ("mlp", counts.mlp),
-        ("norms", counts.norms),
-        ("head", counts.head),
-    ] {
-        eprintln!("  {group:<11} {n:>12}");
-    }
-    eprintln!(
-        "estimated training memory (f32): {:.0} MiB = weights {:.0} + grads {:.0} + {} state {:.0} \
-         + activations {:.0} (micro-batch {} x {})",
-        mib(total),
-        mib(weights),
-        mib(grads),
-        config.optimizer.name,
-        mib(optimizer_state),
-        mib(activations),
-        config.train.micro_batch(),
-        config.train.seq_len
-    );
-    let by_optimizer: Vec<String> = state_by_optimizer
-        .iter()
-        .map(|(name, b)| {
-            format!(
-                "{name} {:.0} MiB",
-                mib(b.as_u64().map_or(0, |b| b as usize))
-            )
-        })
-        .collect();
-    eprintln!("optimizer state: {}", by_optimizer.join(", "));
-    let per_rank: Vec<String> = bsfa_per_rank
-        .iter()
-        .map(|(world, b)| {
-            format!(
-                "{world} ranks {:.0} MiB",
-                mib(b.as_u64().map_or(0, |b| b as usize))
-            )
-        })
-        .collect();
-    eprintln!(
-        "bsfa state per rank at bsfa.bits={}: {}",
-        config.bsfa.bits,
-        per_rank.join(", ")
-    );
-    let report = json!({
-        "dry_run": true,
-        "params": counts,
-        "memory_bytes": {
-            "weights": weights,
-            "grads": grads,
-            "optimizer_state": optimizer_state,
-            "optimizer_state_by_optimizer": state_by_optimizer,
-            "bsfa_extra_per_rank_by_ranks": bsfa_per_rank,
-            "activations_estimate": activations,
-            "total_estimate": total,
-        },
-    });
-    println!("{report}");
-    Ok(())
 }

@@ -4,7 +4,7 @@
 //! sure every op we use (our fused CPU kernels, which `ops` picks on the CPU, and the
 //! `reference` compositions) and every parameter of the model really trains.
 
-use bsfa_train::config::ModelConfig;
+use bsfa_train::model::LlamaConfig;
 use bsfa_train::model::{ops, Llama};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -103,10 +103,10 @@ fn attention_backward_matches_finite_differences() {
     );
 }
 
-/// Sequences longer than the fused kernel's row block (64), with a partial last block: the
+/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk: the
 /// fused attention and its gradients match the reference composition.
 #[test]
-fn attention_over_several_row_blocks_matches_reference() {
+fn attention_over_several_row_chunks_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let (batch, seq, hidden, heads, kv_heads, dim) = (2, 150, 8, 2, 1, 4);
     let (cos, sin) = ops::rope_tables(dim, seq, 10000.0, DType::F64, &Device::Cpu).unwrap();
@@ -331,9 +331,9 @@ fn cross_entropy_rejects_targets_outside_the_vocabulary() {
     assert!(err.contains("target id 5"), "{err}");
 }
 
-fn tiny_config(tie: bool) -> ModelConfig {
-    ModelConfig {
-        architecture: "llama".into(),
+fn tiny_config(tie: bool) -> LlamaConfig {
+    LlamaConfig {
+        architecture: bsfa_train::model::Architecture::Llama,
         vocab_size: 19,
         hidden_size: 16,
         intermediate_size: 24,
@@ -392,7 +392,7 @@ fn tied_embeddings_gradient_matches_finite_differences() {
 /// f32, pointing where the f32 gradient points (bf16 keeps 8 bits of mantissa).
 #[test]
 fn bf16_compute_gradients_reach_the_f32_weights() {
-    let config = ModelConfig {
+    let config = LlamaConfig {
         initializer_range: 0.05,
         ..tiny_config(false)
     };

@@ -172,7 +172,9 @@ fn unreadable_images_are_skipped_and_counted() {
     )
     .unwrap();
     std::fs::write(dir.path().join("val/n00000002/img_0000.JPEG"), b"").unwrap();
-    let spec = format!("imagefolder:{}", dir.path().display());
+    let spec = format!("imagefolder:{}", dir.path().display())
+        .parse()
+        .unwrap();
     let (train, val) = images::open_pair(&spec).unwrap();
     let config = PipelineConfig::paper_train(5, 24, 2);
     let mut pipeline =
@@ -252,7 +254,9 @@ fn throughput_is_measured() {
 
     let dir = tempfile::tempdir().unwrap();
     write_jpeg_folder(dir.path(), "train", 4, 16, 500, 375);
-    let spec = format!("imagefolder:{}", dir.path().display());
+    let spec = format!("imagefolder:{}", dir.path().display())
+        .parse()
+        .unwrap();
     let source = images::open(&spec, Split::Train).unwrap();
     let config = PipelineConfig::paper_train(32, 224, threads);
     let report = measure_throughput(source, config, 0, 2).unwrap();

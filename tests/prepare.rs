@@ -175,7 +175,7 @@ fn text_folder_round_trip_with_held_out_validation() {
     );
 
     // The loader's windows over the shards are exactly stretches of that stream.
-    let spec = format!("shards:{}", out.display());
+    let spec = format!("shards:{}", out.display()).parse().unwrap();
     let tokens = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 256).unwrap();
     let offsets: Vec<usize> = tokens
         .segment_lens()

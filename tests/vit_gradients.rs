@@ -2,7 +2,8 @@
 //! attention, soft-target cross-entropy; fused CPU kernels and reference compositions) and
 //! for every parameter of a tiny model; plus the ViT-S/16 parameter count.
 
-use bsfa_train::model::{vit_ops, ParamCounts, ParamGroup, Vit, VitConfig};
+use bsfa_train::model::ops::vit as vit_ops;
+use bsfa_train::model::{ParamCounts, ParamGroup, Vit, VitConfig};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -1,13 +1,13 @@
 //! `vit-tiny` learns `synthetic-images` through the image pipeline: the model, its loss,
 //! the pipeline and the accuracy helper working together with the crate's AdamW.
 
-use bsfa_train::config::OptimizerConfig;
 use bsfa_train::data::images;
 use bsfa_train::data::images::mix::MixConfig;
 use bsfa_train::data::images::pipeline::{ImagePipeline, ImagePosition, PipelineConfig, Transform};
 use bsfa_train::model::accuracy::Accuracy;
 use bsfa_train::model::{Vit, VitConfig};
 use bsfa_train::optim::schedule::lr_at;
+use bsfa_train::optim::OptimizerConfig;
 use bsfa_train::optim::{Adam, Optimizer};
 use candle_core::{DType, Device};
 
@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 fn vit_tiny_learns_synthetic_images() {
     let config = VitConfig::preset("vit-tiny").unwrap();
     let (model, params) = Vit::new(&config, DType::F32, &Device::Cpu, 0).unwrap();
-    let (train, val) = images::open_pair("synthetic-images").unwrap();
+    let (train, val) = images::open_pair(&bsfa_train::data::DataSpec::SyntheticImages).unwrap();
     let mut pipeline_config = PipelineConfig::paper_train(32, 32, 2);
     if let Transform::Train { augment, mix, .. } = &mut pipeline_config.transform {
         augment.scale = (0.35, 1.0);

@@ -28,20 +28,6 @@ pub struct LoaderShape {
 }
 
 impl LoaderShape {
-    /// The shape a run's config asks for, for `rank` of `world` data-parallel ranks: an unset
-    /// `micro_batch_size` means each rank's whole share at once.
-    pub fn for_rank(train: &crate::config::TrainConfig, rank: usize, world: usize) -> Self {
-        Self {
-            global_batch: train.batch_size,
-            micro_batch: train
-                .micro_batch_size
-                .unwrap_or(train.batch_size / world.max(1)),
-            seq_len: train.seq_len,
-            rank,
-            world,
-        }
-    }
-
     fn validate(&self) -> Result<()> {
         if self.world == 0 || self.rank >= self.world {
             bail!(

@@ -1,9 +1,11 @@
 //! Token sources and batch sampling; `images` holds the ViT's image data.
 
 pub mod builtin;
+mod config;
 pub mod hub;
 pub mod images;
 pub mod loader;
+pub mod parquet_file;
 pub mod parquet_text;
 pub mod prepare;
 pub mod shards;
@@ -15,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use config::{DataConfig, DataSpec};
 pub use tokenizer::Tokenizer;
 
 /// Training and validation token streams.
@@ -28,21 +31,20 @@ pub struct TokenData {
 /// against the `_val_` shards of the same folder unless `data.val` names others; text sources
 /// without a validation source hold out their last `val_fraction` of tokens.
 pub fn load(
-    data: &crate::config::DataConfig,
+    data: &DataConfig,
     tokenizer: &Tokenizer,
     seq_len: usize,
     vocab_size: usize,
 ) -> Result<TokenData> {
-    let train_spec = resolve_dataset(&data.train, data)?;
-    let train_spec = train_spec.as_str();
+    let train_spec = &resolve_dataset(&data.train, data)?;
     let val_spec = data
         .val
-        .as_deref()
+        .as_ref()
         .map(|v| resolve_dataset(v, data))
         .transpose()?;
-    let val_spec = val_spec.as_deref();
+    let val_spec = val_spec.as_ref();
     let val_fraction = data.val_fraction;
-    let open = |spec: &str, split| TokenSegments::open(spec, tokenizer, split, vocab_size);
+    let open = |spec, split| TokenSegments::open(spec, tokenizer, split, vocab_size);
     let mut train = open(train_spec, "train")?;
     let val = match (val_spec, &mut train) {
         (Some(spec), _) => open(spec, "val")?,
@@ -70,10 +72,10 @@ pub fn load(
 
 /// `wikitext103` / `openwebtext` become `shards:DIR` of their prepared shards (prepared now
 /// when missing and the hub is reachable); other specs are returned as they are.
-pub fn resolve_dataset(spec: &str, data: &crate::config::DataConfig) -> Result<String> {
-    if hub::known(spec).is_none() {
-        return Ok(spec.to_string());
-    }
+pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
+    let DataSpec::Dataset(spec) = spec else {
+        return Ok(spec.clone());
+    };
     let dir = hub::shard_dir(data.data_dir.as_deref(), spec, &data.tokenizer);
     if !dir.join(prepare::META_FILE).is_file() {
         if hub::offline() {
@@ -95,7 +97,7 @@ pub fn resolve_dataset(spec: &str, data: &crate::config::DataConfig) -> Result<S
             val_tokens: prepare::DEFAULT_VAL_TOKENS,
         })?;
     }
-    Ok(format!("shards:{}", dir.display()))
+    Ok(DataSpec::Shards(dir))
 }
 
 /// A token stream in independent segments: one per shard file, or one for a text source.
@@ -108,9 +110,14 @@ pub enum TokenSegments {
 impl TokenSegments {
     /// Opens `builtin`, `text:PATH` (tokenized whole) or `shards:PATH` (a `.bin` file, or the
     /// `_<split>_` shards of a folder, checked against `vocab_size`).
-    pub fn open(spec: &str, tokenizer: &Tokenizer, split: &str, vocab_size: usize) -> Result<Self> {
-        if let Some(path) = spec.strip_prefix("shards:") {
-            let opened = shards::files(std::path::Path::new(path), split)?
+    pub fn open(
+        spec: &DataSpec,
+        tokenizer: &Tokenizer,
+        split: &str,
+        vocab_size: usize,
+    ) -> Result<Self> {
+        if let DataSpec::Shards(path) = spec {
+            let opened = shards::files(path, split)?
                 .iter()
                 .map(|f| shards::Shard::open(f))
                 .collect::<Result<Vec<_>>>()?;
@@ -158,20 +165,20 @@ impl TokenSegments {
     }
 }
 
-fn read_tokens(spec: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
-    let text = if spec == "builtin" {
-        builtin::corpus()
-    } else if let Some(path) = spec.strip_prefix("text:") {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!("cannot read data file '{path}' (check the path given to --data text:PATH)")
-        })?;
-        String::from_utf8(bytes)
-            .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
-    } else {
-        bail!(
-            "unknown data source '{spec}'; use 'builtin', 'text:PATH', 'shards:PATH', \
-             'wikitext103' or 'openwebtext'"
-        );
+fn read_tokens(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let text = match spec {
+        DataSpec::Builtin => builtin::corpus(),
+        DataSpec::Text(path) => {
+            let path = path.display();
+            let bytes = std::fs::read(path.to_string()).with_context(|| {
+                format!("cannot read data file '{path}' (check the path given to --data text:PATH)")
+            })?;
+            String::from_utf8(bytes)
+                .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
+        }
+        other => {
+            bail!("'{other}' holds no text; a LLaMA trains on builtin, text:PATH or shards:PATH")
+        }
     };
     if text.trim().is_empty() {
         bail!("data source '{spec}' is empty");
@@ -308,7 +315,9 @@ mod tests {
             let path = dir.path().join(format!("d_train_{k:06}.bin"));
             shards::write(&path, &ids, 4096).unwrap();
         }
-        let spec = format!("shards:{}", dir.path().display());
+        let spec = format!("shards:{}", dir.path().display())
+            .parse::<crate::data::DataSpec>()
+            .unwrap();
         let tokens = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 4096).unwrap();
         // Shard 1 (5 tokens) is too short for a window of 9.
         assert_eq!(tokens.windows(8), 12 + 32);
@@ -339,7 +348,7 @@ mod tests {
 
     #[test]
     fn held_out_tail_and_short_data() {
-        let builtin = crate::config::DataConfig::default();
+        let builtin = DataConfig::default();
         let data = load(&builtin, &Tokenizer::Bytes, 64, 256).unwrap();
         let total = data.train.len() + data.val.len();
         assert!(data.val.len().abs_diff(total / 10) <= 1);

@@ -1,8 +1,8 @@
 //! The `text` column of parquet files, one row group at a time, so memory stays bounded by
 //! the largest row group whatever the file's size.
 
+use super::parquet_file;
 use anyhow::{bail, Context, Result};
-use parquet::column::reader::ColumnReader;
 use parquet::data_type::ByteArray;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::fs::File;
@@ -18,18 +18,9 @@ pub struct TextColumn {
 impl TextColumn {
     /// Opens `path` and finds its `text` column (a string column: BYTE_ARRAY).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-        let reader = SerializedFileReader::new(file)
-            .with_context(|| format!("'{}' is not a readable parquet file", path.display()))?;
+        let reader = parquet_file::open(path)?;
+        let column = parquet_file::find_column(&reader, path, "text")?;
         let schema = reader.metadata().file_metadata().schema_descr();
-        let names: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
-        let Some(column) = names.iter().position(|n| n == "text") else {
-            bail!(
-                "parquet file '{}' has no 'text' column (its columns: {})",
-                path.display(),
-                names.join(", ")
-            );
-        };
         if schema.column(column).physical_type() != parquet::basic::Type::BYTE_ARRAY {
             bail!(
                 "the 'text' column of '{}' is not a string column",
@@ -50,22 +41,19 @@ impl TextColumn {
 
     /// The non-null texts of row group `index`, in row order.
     pub fn read_row_group(&self, index: usize) -> Result<Vec<String>> {
-        let context = || format!("cannot read row group {index} of '{}'", self.path.display());
-        let group = self.reader.get_row_group(index).with_context(context)?;
-        let rows = group.metadata().num_rows() as usize;
-        let ColumnReader::ByteArrayColumnReader(mut column) =
-            group.get_column_reader(self.column).with_context(context)?
-        else {
-            bail!(
+        let not_string = || {
+            format!(
                 "the 'text' column of '{}' is not a string column",
                 self.path.display()
-            );
+            )
         };
-        let mut values: Vec<ByteArray> = Vec::with_capacity(rows);
-        let mut levels: Vec<i16> = Vec::with_capacity(rows);
-        column
-            .read_records(rows, Some(&mut levels), None, &mut values)
-            .with_context(context)?;
+        let (values, _) = parquet_file::read_byte_column(
+            &self.reader,
+            &self.path,
+            index,
+            self.column,
+            not_string,
+        )?;
         values
             .into_iter()
             .map(|v| {

@@ -5,12 +5,16 @@
 //! TCP through rank 0, for CPU ranks, tests, and the control channel of GPU runs) and, with
 //! the `nccl` feature, `nccl::NcclCommunicator` (CUDA tensors through NCCL).
 
+mod collectives;
 pub mod env;
 pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod tcp;
 
+pub use collectives::{agree, all_gather_f64, average_gradients, broadcast_params, share_path};
+
+use crate::device::DeviceKind;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
@@ -95,23 +99,23 @@ pub struct Job {
 }
 
 impl Job {
-    /// A job of one process on the device `train.device` names.
-    pub fn single(train: &crate::config::TrainConfig) -> Result<Self> {
+    /// A job of one process on the device `device` names.
+    pub fn single(device: DeviceKind) -> Result<Self> {
         Ok(Self {
             comm: Arc::new(SingleRank),
-            device: crate::device::select(&train.device, 0)?,
+            device: crate::device::select(device, 0)?,
         })
     }
 
     /// Joins the job the environment describes (see [`env::from_env`]), or runs alone when
     /// it describes none. CUDA ranks talk through NCCL when built with it, CPU ranks (and
     /// CUDA ranks of a build without NCCL, through host copies) over TCP.
-    pub fn from_env(train: &crate::config::TrainConfig) -> Result<Self> {
+    /// `timeout` bounds every wait for the other ranks.
+    pub fn from_env(device: DeviceKind, timeout: Duration) -> Result<Self> {
         let Some(layout) = env::from_env()? else {
-            return Self::single(train);
+            return Self::single(device);
         };
-        let device = crate::device::select(&train.device, layout.local_rank)?;
-        let timeout = Duration::from_secs(train.dist_timeout_s);
+        let device = crate::device::select(device, layout.local_rank)?;
         let tcp = tcp::TcpCommunicator::connect(&layout, timeout).with_context(|| {
             format!(
                 "rank {} of {} could not join the job",

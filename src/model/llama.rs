@@ -3,9 +3,140 @@
 //! Parameter names match Hugging Face `LlamaForCausalLM`, so weights map 1:1.
 
 use super::ops::{attention, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu};
+use super::Architecture;
 use super::{Param, ParamGroup, ParamInit};
-use crate::config::ModelConfig;
+use crate::check::positive;
+use anyhow::bail;
 use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// LLaMA architecture, with Hugging Face `LlamaConfig` key names, and which architecture a
+/// run trains (a ViT's shape is the `vit` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlamaConfig {
+    /// `llama` (this section) or `vit` (the `vit` section; the LLaMA keys are then unused).
+    pub architecture: Architecture,
+    /// Embedding rows; may exceed the tokenizer's vocabulary (padding rows are never targets).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: number of key/value heads (null means `num_attention_heads`).
+    pub num_key_value_heads: Option<usize>,
+    /// Longest sequence the rotary tables are built for.
+    pub max_position_embeddings: usize,
+    /// Added to the mean square in RMSNorm.
+    pub rms_norm_eps: f64,
+    /// Base of the rotary embedding frequencies.
+    pub rope_theta: f64,
+    /// Share the embedding matrix with the output head.
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal init of every matrix (norm weights start at 1).
+    pub initializer_range: f64,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            vocab_size: 256,
+            hidden_size: 128,
+            intermediate_size: 344,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: None,
+            max_position_embeddings: 1024,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+impl LlamaConfig {
+    /// Key/value heads after resolving the `None` default.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// True when the run trains the `vit` section's ViT.
+    pub fn is_vit(&self) -> bool {
+        self.architecture == Architecture::Vit
+    }
+
+    /// Checks the architecture is buildable; every message names the key to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.is_vit() {
+            return Ok(());
+        }
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                bail!("model.{key} must be a positive integer, got 0");
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "model.num_attention_heads ({}) must divide model.hidden_size ({}); \
+                 pick a head count such as {}",
+                self.num_attention_heads,
+                self.hidden_size,
+                divisors_near(self.hidden_size, self.num_attention_heads)
+            );
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            bail!(
+                "head dimension hidden_size/num_attention_heads = {} is odd; rotary embeddings \
+                 rotate pairs of channels and need it even: change model.hidden_size or \
+                 model.num_attention_heads",
+                self.head_dim()
+            );
+        }
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            bail!(
+                "model.num_key_value_heads ({}) must divide model.num_attention_heads ({})",
+                self.kv_heads(),
+                self.num_attention_heads
+            );
+        }
+        if !positive(self.rms_norm_eps)
+            || !positive(self.rope_theta)
+            || !positive(self.initializer_range)
+        {
+            bail!("model.rms_norm_eps, model.rope_theta and model.initializer_range must be > 0");
+        }
+        Ok(())
+    }
+}
+
+fn divisors_near(n: usize, around: usize) -> String {
+    let mut divs: Vec<usize> = (1..=n).filter(|d| n.is_multiple_of(*d)).collect();
+    divs.sort_by_key(|d| d.abs_diff(around));
+    divs.truncate(3);
+    divs.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
 
 struct Attention {
     q_proj: Tensor,
@@ -29,7 +160,7 @@ struct Block {
 
 /// A LLaMA causal language model.
 pub struct Llama {
-    config: ModelConfig,
+    config: LlamaConfig,
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: Tensor,
@@ -46,7 +177,7 @@ impl Llama {
     /// `initializer_range` for matrices, ones for norms, as Hugging Face does) and
     /// returns it with its parameters in a fixed order.
     pub fn new(
-        config: &ModelConfig,
+        config: &LlamaConfig,
         dtype: DType,
         device: &Device,
         seed: u64,
@@ -259,7 +390,7 @@ impl Llama {
 /// vocab-sized rows per token (softmax probabilities of the output head and their gradient).
 /// An estimate, not a measurement: `bench` reports the measured peak.
 pub fn activation_bytes(
-    config: &ModelConfig,
+    config: &LlamaConfig,
     micro_batch: usize,
     seq: usize,
     elem_bytes: usize,

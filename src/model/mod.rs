@@ -1,21 +1,39 @@
 //! Models and their trainable parameters.
 
 pub mod accuracy;
-pub mod fused;
 pub mod llama;
 pub mod ops;
 pub mod vit;
-mod vit_fused;
-pub mod vit_ops;
 
+/// The ViT's ops, at the path they had before the ops moved into [`ops`].
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-pub use llama::Llama;
+pub use llama::{Llama, LlamaConfig};
 pub use vit::{Vit, VitConfig};
+
+/// A network being trained, as the training step uses it: shared by the step's worker
+/// threads, hence `Sync`.
+pub trait Model: Sync {
+    /// Mean loss of one micro-batch `(inputs, targets)` on the model's device.
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> anyhow::Result<Tensor>;
+
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+}
+
+/// Which network a run trains (`model.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// The LLaMA of the `model` section.
+    Llama,
+    /// The ViT of the `vit` section.
+    Vit,
+}
 
 /// Which part of the network a parameter belongs to (used for reporting, weight decay
 /// and, later, per-block optimizer rules).
@@ -154,5 +172,25 @@ impl ParamCounts {
             }
         }
         c
+    }
+}
+
+impl Model for Llama {
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(Llama::loss(self, inputs, targets)?)
+    }
+
+    fn device(&self) -> &Device {
+        Llama::device(self)
+    }
+}
+
+impl Model for Vit {
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> anyhow::Result<Tensor> {
+        Vit::loss(self, inputs, targets)
+    }
+
+    fn device(&self) -> &Device {
+        Vit::device(self)
     }
 }

@@ -11,7 +11,7 @@
 //! map 1:1 (`vit.embeddings.cls_token` is `1 x 1 x hidden`, the patch kernel
 //! `hidden x channels x patch x patch`, as there).
 
-use super::vit_ops::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
+use super::ops::vit::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
 use super::{Param, ParamGroup, ParamInit};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
@@ -400,4 +400,14 @@ impl Vit {
         let x = Tensor::cat(&[&cls, &tokens], 1)?;
         Ok(x.broadcast_add(&self.position_embeddings)?)
     }
+}
+
+/// Rough bytes of activations a ViT keeps for the backward pass of one micro-batch: per layer
+/// and token about 12 hidden-sized tensors and 2 MLP-sized ones, plus each head's attention
+/// probabilities (`seq x seq`). An estimate, like LLaMA's.
+pub fn activation_bytes(vit: &VitConfig, micro_batch: usize, elem_bytes: usize) -> usize {
+    let seq = vit.seq_len();
+    let per_token =
+        12 * vit.hidden_size + 2 * vit.intermediate_size + vit.num_attention_heads * seq;
+    micro_batch * seq * per_token * vit.num_hidden_layers * elem_bytes
 }

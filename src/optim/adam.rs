@@ -17,9 +17,9 @@
 //! `norm`, `ln` or `bias`; here: tensors of rank 1, the same set for LLaMA).
 
 use super::fused::AdamUpdate;
+use super::OptimizerConfig;
 use super::{fusable, Optimizer};
-use crate::config::{ModelConfig, OptimizerConfig};
-use crate::model::Param;
+use crate::model::{LlamaConfig, Param, VitConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -46,30 +46,17 @@ impl Adam {
         Self::with_blocks(config, params, vec![1; params.len()])
     }
 
-    /// Adam-mini: one second moment per block of Adam-mini's partition (module docs).
-    pub fn adam_mini(
-        config: &OptimizerConfig,
-        params: &[Param],
-        model: &ModelConfig,
-    ) -> Result<Self> {
-        let blocks = params
-            .iter()
-            .map(|p| adam_mini_block(&p.name, p.var.dims(), model))
-            .collect::<Result<_>>()?;
-        Self::with_blocks(config, params, blocks)
-    }
-
-    /// Adam-mini on a ViT, with [`adam_mini_vit_block`]'s partition.
-    pub fn adam_mini_vit(
-        config: &OptimizerConfig,
-        params: &[Param],
-        vit: &crate::model::VitConfig,
-    ) -> Result<Self> {
-        let blocks = params
-            .iter()
-            .map(|p| adam_mini_vit_block(&p.name, p.var.dims(), vit))
-            .collect::<Result<_>>()?;
-        Self::with_blocks(config, params, blocks)
+    /// Adam-mini: one second moment per block; `blocks[i]` is the elements per block of
+    /// parameter `i` (the model's partition: [`adam_mini_block`], [`adam_mini_vit_block`]).
+    pub fn adam_mini(config: &OptimizerConfig, params: &[Param], blocks: &[usize]) -> Result<Self> {
+        if blocks.len() != params.len() {
+            bail!(
+                "adam-mini: {} block sizes for {} parameters",
+                blocks.len(),
+                params.len()
+            );
+        }
+        Self::with_blocks(config, params, blocks.to_vec())
     }
 
     fn with_blocks(config: &OptimizerConfig, params: &[Param], blocks: Vec<usize>) -> Result<Self> {
@@ -141,7 +128,7 @@ impl Adam {
 }
 
 /// Elements per second-moment block of a parameter under Adam-mini 1.1.1's partition.
-pub fn adam_mini_block(name: &str, dims: &[usize], model: &ModelConfig) -> Result<usize> {
+pub fn adam_mini_block(name: &str, dims: &[usize], model: &LlamaConfig) -> Result<usize> {
     let name = name.to_lowercase();
     let has = |keys: &[&str]| keys.iter().any(|k| name.contains(k));
     let numel: usize = dims.iter().product();
@@ -184,11 +171,7 @@ pub fn adam_mini_block(name: &str, dims: &[usize], model: &ModelConfig) -> Resul
 /// neuron (row); the patch embedding per output channel (a convolution kernel); the class
 /// token and position embeddings per token (row), as token embeddings are; biases per
 /// element; each LayerNorm weight one block.
-pub fn adam_mini_vit_block(
-    name: &str,
-    dims: &[usize],
-    vit: &crate::model::VitConfig,
-) -> Result<usize> {
+pub fn adam_mini_vit_block(name: &str, dims: &[usize], vit: &VitConfig) -> Result<usize> {
     let numel: usize = dims.iter().product();
     let block = if name.ends_with(".bias") {
         1
@@ -313,7 +296,6 @@ impl Optimizer for Adam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
     use crate::model::ParamGroup;
     use candle_core::{Device, Var};
 
@@ -429,8 +411,8 @@ mod tests {
         }
     }
 
-    fn llama(heads: usize, kv_heads: usize) -> ModelConfig {
-        ModelConfig {
+    fn llama(heads: usize, kv_heads: usize) -> LlamaConfig {
+        LlamaConfig {
             vocab_size: 11,
             hidden_size: 8,
             intermediate_size: 12,
@@ -441,6 +423,13 @@ mod tests {
         }
     }
 
+    fn llama_blocks(params: &[Param], model: &LlamaConfig) -> Vec<usize> {
+        params
+            .iter()
+            .map(|p| adam_mini_block(&p.name, p.var.dims(), model).unwrap())
+            .collect()
+    }
+
     /// Adam-mini 1.1.1's partition on our names: second moments per head for q/k, per row
     /// for embeddings, head, v/o and MLP, one per norm.
     #[test]
@@ -448,7 +437,8 @@ mod tests {
         let model = llama(4, 2);
         let (_, params) =
             crate::model::Llama::new(&model, candle_core::DType::F32, &Device::Cpu, 0).unwrap();
-        let opt = Adam::adam_mini(&OptimizerConfig::default(), &params, &model).unwrap();
+        let blocks = llama_blocks(&params, &model);
+        let opt = Adam::adam_mini(&OptimizerConfig::default(), &params, &blocks).unwrap();
         let second_moments: HashMap<String, usize> = params
             .iter()
             .zip(&opt.blocks)
@@ -498,7 +488,8 @@ mod tests {
             .unwrap(),
         };
         let params = vec![w];
-        let mut opt = Adam::adam_mini(&config, &params, &llama(2, 2)).unwrap();
+        let mut opt =
+            Adam::adam_mini(&config, &params, &llama_blocks(&params, &llama(2, 2))).unwrap();
         assert_eq!(opt.blocks, vec![2]);
         let g = [0.3f64, -0.4, 1.0, 0.0];
         let grads = vec![Tensor::from_slice(&g, (2, 2), &Device::Cpu).unwrap()];
@@ -525,7 +516,8 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!((vmean[0] - 0.05 * 0.125).abs() < 1e-15 && (vmean[1] - 0.05 * 0.5).abs() < 1e-15);
-        let mut fresh = Adam::adam_mini(&config, &params, &llama(2, 2)).unwrap();
+        let mut fresh =
+            Adam::adam_mini(&config, &params, &llama_blocks(&params, &llama(2, 2))).unwrap();
         fresh.load_state(1, &state).unwrap();
         assert_eq!(
             fresh.moments[0].to_vec1::<f64>().unwrap(),

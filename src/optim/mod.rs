@@ -2,9 +2,11 @@
 
 pub mod adam;
 pub mod bsfa;
+mod config;
 mod fused;
 pub mod schedule;
 
+use crate::cpu::fusable;
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::{bail, Result};
@@ -13,8 +15,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use adam::Adam;
+pub use bsfa::{BsfaConfig, BsfaGroup, BsfaGroups};
+pub use config::{OptimizerConfig, OptimizerName};
 
-/// What every optimizer (AdamW, Adam-mini, and the later BSFA wrapper) offers the loop.
+/// What every optimizer (AdamW, Adam-mini, and the BSFA wrapper around either) offers the
+/// loop.
 pub trait Optimizer: Send {
     /// Updates `params` in place from `grads * grad_scale` (same order, same shapes) at
     /// learning rate `lr`. The scale carries gradient clipping (see [`clip_coefficient`]) into
@@ -80,43 +85,30 @@ impl StateTensor {
     }
 }
 
-/// Builds the optimizer the config names, wrapped in BSFA when `bsfa.enabled` (its state
-/// sharded over the ranks of `comm`).
+/// Builds the base optimizer `optimizer` names, wrapped in BSFA when `bsfa.enabled` (its
+/// state sharded over the ranks of `comm`). `blocks[i]` is the elements per Adam-mini block
+/// of parameter `i`, the model's partition (unused by AdamW).
 pub fn build(
-    config: &crate::config::RunConfig,
+    optimizer: &OptimizerConfig,
+    bsfa: &BsfaConfig,
     params: &[Param],
+    blocks: &[usize],
     comm: &Arc<dyn Communicator>,
 ) -> Result<Box<dyn Optimizer>> {
-    let opt = &config.optimizer;
-    let base: Box<dyn Optimizer> = match opt.name.as_str() {
-        "adamw" => Box::new(Adam::adamw(opt, params)?),
-        "adam-mini" if config.model.is_vit() => {
-            Box::new(Adam::adam_mini_vit(opt, params, &config.vit)?)
-        }
-        "adam-mini" => Box::new(Adam::adam_mini(opt, params, &config.model)?),
-        other => bail!(
-            "unknown optimizer '{other}'; available: {}",
-            OPTIMIZERS.join(", ")
-        ),
+    let base: Box<dyn Optimizer> = match optimizer.name {
+        OptimizerName::AdamW => Box::new(Adam::adamw(optimizer, params)?),
+        OptimizerName::AdamMini => Box::new(Adam::adam_mini(optimizer, params, blocks)?),
     };
-    if config.bsfa.enabled {
+    if bsfa.enabled {
         Ok(Box::new(bsfa::Bsfa::new(
             base,
-            &config.bsfa,
+            bsfa,
             params,
             Arc::clone(comm),
         )?))
     } else {
         Ok(base)
     }
-}
-
-/// The optimizer names `optimizer.name` accepts.
-pub const OPTIMIZERS: &[&str] = &["adamw", "adam-mini"];
-
-/// True where the fused CPU optimizer kernels apply.
-fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.

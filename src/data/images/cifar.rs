@@ -128,7 +128,9 @@ mod tests {
             std::fs::write(nested.join(format!("data_batch_{i}.bin")), bytes).unwrap();
         }
         std::fs::write(nested.join("test_batch.bin"), record(9)).unwrap();
-        let spec = format!("cifar10:{}", dir.path().display());
+        let spec = format!("cifar10:{}", dir.path().display())
+            .parse::<crate::data::DataSpec>()
+            .unwrap();
         let (train, val) = super::super::open_pair(&spec).unwrap();
         assert_eq!((train.len(), val.len(), train.num_classes()), (10, 1, 10));
         let (img, label) = train.load(3).unwrap();

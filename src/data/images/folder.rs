@@ -147,7 +147,9 @@ mod tests {
         let (img, label) = train.load(4).unwrap();
         assert_eq!((img.width, img.height, label), (24, 24, 1));
         assert!(train.path(0).ends_with("n01/img_0.JPEG"));
-        let spec = format!("imagefolder:{}", dir.path().display());
+        let spec = format!("imagefolder:{}", dir.path().display())
+            .parse::<crate::data::DataSpec>()
+            .unwrap();
         let (t, v) = open_pair(&spec).unwrap();
         assert_eq!((t.len(), v.len(), v.num_classes()), (9, 3, 3));
 
@@ -165,7 +167,7 @@ mod tests {
         assert!(err.contains("train has 3 classes and val 4"), "{err}");
         assert!(err.contains("only in val: [\"n04\"]"), "{err}");
         let val = ImageFolder::open(dir.path(), Split::Val).unwrap();
-        assert!(check_same_classes("x", &train, &val).is_err());
+        assert!(check_same_classes(&spec, &train, &val).is_err());
 
         // An empty class folder is an error naming it.
         std::fs::create_dir_all(dir.path().join("train/n00")).unwrap();

@@ -8,6 +8,7 @@
 //! them; [`pipeline`] decodes and augments on worker threads into batches.
 
 pub mod augment;
+pub mod augment_config;
 pub mod cifar;
 pub mod folder;
 pub mod mix;
@@ -17,11 +18,12 @@ pub mod randaugment;
 pub mod resize;
 pub mod synthetic;
 
+use crate::data::DataSpec;
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::ops::Range;
-use std::path::Path;
+
 use std::sync::Arc;
 
 /// An 8-bit RGB image: rows top to bottom, pixels interleaved `R, G, B`.
@@ -132,28 +134,21 @@ pub trait ImageSource: Send + Sync {
     }
 }
 
-/// The image source specs [`open`] accepts, for messages.
-pub const IMAGE_SOURCES: &str =
-    "'synthetic-images', 'imagefolder:DIR', 'parquet:DIR' or 'cifar10:DIR'";
-
 /// Opens split `split` of an image source: `synthetic-images` (the built-in set,
 /// [`synthetic`]), `imagefolder:DIR` (`DIR/train/<class>/*.JPEG`, `DIR/val/<class>/...`),
 /// `parquet:DIR` (hub parquet files `train-*.parquet` / `validation-*.parquet` under DIR)
 /// or `cifar10:DIR` (the CIFAR-10 binary batches).
-pub fn open(spec: &str, split: Split) -> Result<Arc<dyn ImageSource>> {
-    let source: Arc<dyn ImageSource> = if spec == "synthetic-images" {
-        Arc::new(synthetic::SyntheticImages::standard(split))
-    } else if let Some(dir) = spec
-        .strip_prefix("imagenet:")
-        .or_else(|| spec.strip_prefix("imagefolder:"))
-    {
-        Arc::new(folder::ImageFolder::open(Path::new(dir), split)?)
-    } else if let Some(dir) = spec.strip_prefix("parquet:") {
-        Arc::new(parquet::ParquetImages::open(Path::new(dir), split)?)
-    } else if let Some(dir) = spec.strip_prefix("cifar10:") {
-        Arc::new(cifar::Cifar10::open(Path::new(dir), split)?)
-    } else {
-        bail!("unknown image source '{spec}'; use {IMAGE_SOURCES}");
+pub fn open(spec: &DataSpec, split: Split) -> Result<Arc<dyn ImageSource>> {
+    let source: Arc<dyn ImageSource> = match spec {
+        DataSpec::SyntheticImages => Arc::new(synthetic::SyntheticImages::standard(split)),
+        DataSpec::ImageFolder(dir) => Arc::new(folder::ImageFolder::open(dir, split)?),
+        DataSpec::Parquet(dir) => Arc::new(parquet::ParquetImages::open(dir, split)?),
+        DataSpec::Cifar10(dir) => Arc::new(cifar::Cifar10::open(dir, split)?),
+        other => bail!(
+            "'{other}' is not an image source; a ViT trains on 'synthetic-images' (built in), \
+             'imagefolder:DIR' (train/<class>/*.JPEG and val/<class>/*.JPEG), 'parquet:DIR' \
+             (the hub's imagenet-1k parquet files) or 'cifar10:DIR'"
+        ),
     };
     if source.is_empty() {
         bail!("the {} split of '{spec}' holds no image", split.name());
@@ -163,7 +158,7 @@ pub fn open(spec: &str, split: Split) -> Result<Arc<dyn ImageSource>> {
 
 /// Opens the train and validation splits of `spec` and checks they agree on the classes:
 /// the same number, and the same names where the source has names.
-pub fn open_pair(spec: &str) -> Result<(Arc<dyn ImageSource>, Arc<dyn ImageSource>)> {
+pub fn open_pair(spec: &DataSpec) -> Result<(Arc<dyn ImageSource>, Arc<dyn ImageSource>)> {
     let train = open(spec, Split::Train)?;
     let val = open(spec, Split::Val)?;
     check_same_classes(spec, train.as_ref(), val.as_ref())?;
@@ -172,7 +167,7 @@ pub fn open_pair(spec: &str) -> Result<(Arc<dyn ImageSource>, Arc<dyn ImageSourc
 
 /// Errors when `train` and `val` disagree on the classes, naming the first difference.
 pub fn check_same_classes(
-    spec: &str,
+    spec: &DataSpec,
     train: &dyn ImageSource,
     val: &dyn ImageSource,
 ) -> Result<()> {
@@ -257,7 +252,10 @@ mod tests {
         assert_eq!(draw(Stream::Sample, 3, 4), draw(Stream::Sample, 3, 4));
         assert_ne!(draw(Stream::Sample, 3, 4), draw(Stream::Sample, 4, 3));
         assert_ne!(draw(Stream::Sample, 3, 4), draw(Stream::Mix, 3, 4));
-        let err = open("nope", Split::Train).err().unwrap().to_string();
-        assert!(err.contains("unknown image source 'nope'"), "{err}");
+        let err = open(&DataSpec::Builtin, Split::Train)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("'builtin' is not an image source"), "{err}");
     }
 }

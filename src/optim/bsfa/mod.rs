@@ -22,6 +22,7 @@
 //! directions, f32 or 4-bit through `quant`), `shard` (owners and what moves between ranks),
 //! `cpu` (what the CPU fast paths share).
 
+mod config;
 mod cpu;
 mod pca;
 mod projection;
@@ -29,16 +30,16 @@ pub mod quant;
 mod shard;
 mod state;
 
+pub use config::{BsfaConfig, BsfaGroup, BsfaGroups};
 pub use pca::top_directions;
 pub use projection::project;
 pub use shard::owners;
 pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
 
 use super::{Optimizer, StateTensor};
-use crate::config::BsfaConfig;
 use crate::dist::Communicator;
-use crate::model::{Param, ParamGroup};
-use anyhow::{bail, Context, Result};
+use crate::model::Param;
+use anyhow::Result;
 use candle_core::Tensor;
 use projection::Before;
 use shard::Shard;
@@ -186,19 +187,6 @@ impl Optimizer for Bsfa {
         let own: usize = self.blocks.iter().flatten().map(BlockState::bytes).sum();
         self.base.state_bytes() + own
     }
-}
-
-/// Which parameter groups BSFA applies to, from `bsfa.blocks`.
-pub fn parse_groups(spec: &str) -> Result<Vec<ParamGroup>> {
-    spec.split(',')
-        .map(|s| match s.trim() {
-            "norm" => Ok(ParamGroup::Norms),
-            "attn" => Ok(ParamGroup::Attention),
-            "mlp" => Ok(ParamGroup::Mlp),
-            other => bail!("bsfa.blocks: unknown block group '{other}'; use any of norm,attn,mlp"),
-        })
-        .collect::<Result<Vec<_>>>()
-        .context("invalid bsfa.blocks")
 }
 
 /// Random matrices and their comparison, for the unit tests of the kernels.

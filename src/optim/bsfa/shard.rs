@@ -6,7 +6,7 @@
 //! Every rank runs the same base optimizer step, so BSFA memory per rank falls as 1 / ranks
 //! while the result stays the one-rank result bit for bit.
 
-use crate::config::BsfaConfig;
+use super::BsfaConfig;
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::Result;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 /// first (ties by position), each to the rank holding the fewest elements so far (ties to
 /// the lowest rank). The same on every rank.
 pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec<Option<usize>>> {
-    let groups = config.groups()?;
+    let groups = config.groups();
     let mut order: Vec<usize> = (0..params.len())
         .filter(|&i| groups.contains(&params[i].group))
         .collect();

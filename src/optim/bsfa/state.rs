@@ -9,7 +9,7 @@
 
 use super::quant::{self, Quant4};
 use super::shard::owners;
-use crate::config::BsfaConfig;
+use super::BsfaConfig;
 use crate::model::Param;
 use crate::optim::StateTensor;
 use anyhow::{bail, Context, Result};

@@ -13,6 +13,8 @@
 //! fsynced, and only then is the folder renamed to its final name. A crash at any moment
 //! therefore leaves either a complete `step-*` folder or a temporary one that readers ignore.
 
+mod resume;
+
 use crate::config::RunConfig;
 use crate::data::SamplerPosition;
 use crate::dist::Communicator;
@@ -25,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+
+pub use resume::{open_resumed, set_aside_old_checkpoints};
 
 /// Version of the checkpoint layout this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -140,7 +144,7 @@ fn write_root_part(
         .collect();
     // `format: pt` is what `transformers` expects of a safetensors weights file.
     write_safetensors(&temp.join(MODEL_FILE), &weights, &[("format", "pt")])?;
-    failpoint("checkpoint-write", state.step);
+    crate::failpoint::hit(crate::failpoint::Point::CheckpointWrite, 0, state.step)?;
     let steps = optimizer.steps_taken().to_string();
     let mut tensors: Vec<(String, StateTensor)> = optimizer
         .state()?
@@ -334,28 +338,12 @@ impl Checkpoint {
     }
 }
 
-/// Where `--resume` points: `auto` is the newest complete checkpoint under `root` (None when
-/// there is none); anything else is a checkpoint folder.
-pub fn resolve_resume(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
-    if spec == "auto" {
-        return Ok(list(root)?.pop().map(|(_, dir)| dir));
-    }
-    let path = PathBuf::from(spec);
-    if !path.exists() {
-        bail!(
-            "--resume '{spec}' does not exist; pass a checkpoint folder (OUT/checkpoints/step-N) \
-             or 'auto'"
-        );
-    }
-    Ok(Some(path))
-}
-
 /// The optimizer a config builds, as recorded in checkpoints (e.g. `adam-mini+bsfa`).
 pub fn optimizer_kind(config: &RunConfig) -> String {
     if config.bsfa.enabled {
         format!("{}+bsfa", config.optimizer.name)
     } else {
-        config.optimizer.name.clone()
+        config.optimizer.name.to_string()
     }
 }
 
@@ -487,15 +475,4 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot sync folder '{}'", dir.display()))
-}
-
-/// Test hook: `BSFA_TRAIN_FAILPOINT=<name>:<step>` aborts the process at the named point of
-/// that step, as a `kill -9` landing there would. Lets tests crash a checkpoint half-written.
-fn failpoint(name: &str, step: usize) {
-    if let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") {
-        if spec == format!("{name}:{step}") {
-            eprintln!("failpoint {spec}: aborting");
-            std::process::abort();
-        }
-    }
 }

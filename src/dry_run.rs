@@ -1,0 +1,131 @@
+//! `--dry-run`: parameter counts and a training-memory estimate, without training.
+
+use crate::config::RunConfig;
+use crate::dist;
+use crate::model::{llama, vit, ParamCounts};
+use crate::optim::{self, BsfaConfig, OptimizerName};
+use crate::task;
+use anyhow::Result;
+use candle_core::{DType, Device};
+use serde_json::json;
+use std::sync::Arc;
+
+/// Prints parameter counts and a training-memory estimate without training.
+pub fn report(config: &RunConfig) -> Result<()> {
+    let params = task::params(config, &Device::Cpu)?;
+    let counts = ParamCounts::of(&params);
+    // State of every optimizer on this model, so their memory can be compared.
+    let mut state_by_optimizer = serde_json::Map::new();
+    let single: Arc<dyn dist::Communicator> = Arc::new(dist::SingleRank);
+    let blocks = task::adam_mini_blocks(config, &params)?;
+    let no_bsfa = BsfaConfig::default();
+    for name in OptimizerName::ALL {
+        let mut base = config.optimizer.clone();
+        base.name = name;
+        let optimizer = optim::build(&base, &no_bsfa, &params, &blocks, &single)?;
+        state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
+    }
+    // BSFA adds its full history and directions once warmed up, at the configured precision
+    // (`bsfa_extra`) and at both precisions for comparison.
+    let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, &params)?;
+    state_by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
+    for bits in [32, 4] {
+        let mut at = config.bsfa.clone();
+        at.bits = bits;
+        let bytes = optim::bsfa::steady_state_bytes(&at, &params)?;
+        state_by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
+    }
+    // BSFA sharded over data-parallel ranks: the largest rank's share.
+    let mut bsfa_per_rank = serde_json::Map::new();
+    for world in [1, 2, 4, 8] {
+        let shares = optim::bsfa::steady_state_bytes_per_rank(&config.bsfa, &params, world)?;
+        let largest = shares.iter().copied().max().unwrap_or(0);
+        bsfa_per_rank.insert(world.to_string(), json!(largest));
+    }
+    let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
+        .as_u64()
+        .map_or(0, |b| b as usize)
+        + if config.bsfa.enabled { bsfa_state } else { 0 };
+    let elem = DType::F32.size_in_bytes();
+    let weights = counts.total * elem;
+    // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
+    let accumulating = config.train.micro_batch() < config.train.batch_size;
+    let grads = counts.total * elem * if accumulating { 2 } else { 1 };
+    let activations = if config.model.is_vit() {
+        vit::activation_bytes(&config.vit, config.train.micro_batch(), elem)
+    } else {
+        llama::activation_bytes(
+            &config.model,
+            config.train.micro_batch(),
+            config.train.seq_len,
+            elem,
+        )
+    };
+    let total = weights + grads + optimizer_state + activations;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "parameters: {} ({:.2}M)",
+        counts.total,
+        counts.total as f64 / 1e6
+    );
+    for (group, n) in [
+        ("embeddings", counts.embeddings),
+        ("attention", counts.attention),
+        ("mlp", counts.mlp),
+        ("norms", counts.norms),
+        ("head", counts.head),
+    ] {
+        eprintln!("  {group:<11} {n:>12}");
+    }
+    eprintln!(
+        "estimated training memory (f32): {:.0} MiB = weights {:.0} + grads {:.0} + {} state {:.0} \
+         + activations {:.0} (micro-batch {} x {})",
+        mib(total),
+        mib(weights),
+        mib(grads),
+        config.optimizer.name,
+        mib(optimizer_state),
+        mib(activations),
+        config.train.micro_batch(),
+        config.train.seq_len
+    );
+    let by_optimizer: Vec<String> = state_by_optimizer
+        .iter()
+        .map(|(name, b)| {
+            format!(
+                "{name} {:.0} MiB",
+                mib(b.as_u64().map_or(0, |b| b as usize))
+            )
+        })
+        .collect();
+    eprintln!("optimizer state: {}", by_optimizer.join(", "));
+    let per_rank: Vec<String> = bsfa_per_rank
+        .iter()
+        .map(|(world, b)| {
+            format!(
+                "{world} ranks {:.0} MiB",
+                mib(b.as_u64().map_or(0, |b| b as usize))
+            )
+        })
+        .collect();
+    eprintln!(
+        "bsfa state per rank at bsfa.bits={}: {}",
+        config.bsfa.bits,
+        per_rank.join(", ")
+    );
+    let report = json!({
+        "dry_run": true,
+        "params": counts,
+        "memory_bytes": {
+            "weights": weights,
+            "grads": grads,
+            "optimizer_state": optimizer_state,
+            "optimizer_state_by_optimizer": state_by_optimizer,
+            "bsfa_extra_per_rank_by_ranks": bsfa_per_rank,
+            "activations_estimate": activations,
+            "total_estimate": total,
+        },
+    });
+    println!("{report}");
+    Ok(())
+}

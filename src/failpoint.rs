@@ -1,0 +1,47 @@
+//! Test hooks that make a process fail at a chosen point, as a crash, a bug or a hung peer
+//! would there. Set `BSFA_TRAIN_FAILPOINT` to `<kind>[:<rank>]:<step>`:
+//!
+//! | kind | where | what happens |
+//! |---|---|---|
+//! | `checkpoint-write` | while writing the checkpoint of `<step>` | the process aborts, as `kill -9` would |
+//! | `rank-abort` | after step `<step>` on rank `<rank>` | the rank aborts without a word to the others |
+//! | `rank-error` | same | the rank fails with an error, as on bad data |
+//! | `rank-hang` | same | the rank stops answering |
+
+use anyhow::{bail, Result};
+
+/// The points a failpoint can stop at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Half way through writing a checkpoint.
+    CheckpointWrite,
+    /// After an optimizer step.
+    AfterStep,
+}
+
+/// Fails as `BSFA_TRAIN_FAILPOINT` asks if it names `point` at `step` on `rank`; otherwise
+/// (and when unset) returns `Ok`.
+pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
+    let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") else {
+        return Ok(());
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (kind, at_rank, at_step) = match parts[..] {
+        [kind, at_step] => (kind, None, at_step),
+        [kind, at_rank, at_step] => (kind, Some(at_rank), at_step),
+        _ => return Ok(()),
+    };
+    let here = at_step == step.to_string() && at_rank.is_none_or(|r| r == rank.to_string());
+    match (point, kind) {
+        _ if !here => Ok(()),
+        (Point::CheckpointWrite, "checkpoint-write") | (Point::AfterStep, "rank-abort") => {
+            eprintln!("failpoint {spec}: aborting");
+            std::process::abort();
+        }
+        (Point::AfterStep, "rank-error") => bail!("failpoint {spec}: injected error"),
+        (Point::AfterStep, "rank-hang") => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,170 @@
+//! RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
+//!
+//! Layouts: `x` is `... x n` (rows of `n`), `w` is `n`; the result is shaped as `x`. The
+//! backward returns `dx` shaped as `x` and `dw` as `w`.
+
+use super::kernel::{check_row, sum_over_chunks};
+use crate::cpu::{float_dispatch, fusable, last_dim, owned, slice, Elem};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fusable(x) {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, RmsNorm { eps })
+    } else {
+        reference::rms_norm(x, weight, eps)
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+struct RmsNorm {
+    eps: f64,
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms<T: Elem>(x: &[T], eps: f64) -> T {
+    let n = T::from(x.len()).expect("row length fits the float type");
+    let ms = x.iter().fold(T::zero(), |a, &v| a + v * v) / n;
+    T::one() / (ms + T::from(eps).expect("eps fits the float type")).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Elem>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+            let n = w.len();
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+                let r = inv_rms(x, eps);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * r * w;
+                }
+            });
+            y
+        }
+        check_row(self.name(), xl, wl)?;
+        float_dispatch!(xs, self.name(), |T| Ok(owned(
+            run::<T>(slice(xs, xl)?, slice(ws, wl)?, self.eps),
+            xl.shape()
+        )))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGradInput { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&dy, &RmsNormGradWeight { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx = r * (w*dy) - x * r^3 * sum(w*dy*x) / n` per row, with `r = 1/rms(x)`.
+struct RmsNormGradInput {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormGradInput {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+            let n = w.len();
+            let nt = T::from(n).expect("row length fits the float type");
+            let mut dx = vec![T::zero(); x.len()];
+            dx.par_chunks_mut(n)
+                .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+                .for_each(|(dx, (x, dy))| {
+                    let r = inv_rms(x, eps);
+                    let dot = x
+                        .iter()
+                        .zip(dy)
+                        .zip(w)
+                        .fold(T::zero(), |a, ((&x, &d), &w)| a + w * d * x);
+                    let c = r * r * r * dot / nt;
+                    for (((dx, &x), &d), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                        *dx = r * w * d - x * c;
+                    }
+                });
+            dx
+        }
+        float_dispatch!(xs, self.name(), |T| Ok(owned(
+            run::<T>(slice(xs, xl)?, slice(ws, wl)?, slice(dys, dyl)?, self.eps),
+            xl.shape()
+        )))
+    }
+}
+
+/// `dw = sum over rows of dy * x * r`.
+struct RmsNormGradWeight {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormGradWeight {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Elem>(x: &[T], dy: &[T], n: usize, eps: f64) -> Vec<T> {
+            sum_over_chunks(x.len() / n, n, |rows, acc| {
+                for row in rows {
+                    let (x, dy) = (&x[row * n..][..n], &dy[row * n..][..n]);
+                    let r = inv_rms(x, eps);
+                    for ((a, &x), &d) in acc.iter_mut().zip(x).zip(dy) {
+                        *a += d * x * r;
+                    }
+                }
+            })
+        }
+        let n = last_dim(xl);
+        let shape = Shape::from(n);
+        float_dispatch!(xs, self.name(), |T| Ok(owned(
+            run::<T>(slice(xs, xl)?, slice(dys, dyl)?, n, self.eps),
+            &shape
+        )))
+    }
+}
+
+/// RMSNorm as candle primitives.
+pub mod reference {
+    use candle_core::{Result, Tensor, D};
+
+    /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_rms = (mean_square + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+    }
+}

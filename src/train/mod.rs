@@ -1,0 +1,126 @@
+//! The training loop, top to bottom: set up the task, optimizer and outputs (resuming
+//! from a checkpoint when asked), then step after step: update, log, evaluate, checkpoint.
+
+mod record;
+mod step;
+
+pub use record::Summary;
+pub use step::{StepOutcome, Trainer};
+
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::dist::{self, Job};
+use crate::failpoint::{self, Point};
+use crate::interrupt;
+use crate::optim::{self, schedule::lr_at};
+use crate::task::{self, Position};
+use anyhow::{Context, Result};
+use record::Recorder;
+use std::path::Path;
+use std::time::Instant;
+
+/// Trains as `config` says in this one process, writing `config.json`, `metrics.jsonl` and
+/// `checkpoints/` into its out folder. `resume` is `--resume`: `auto` or a checkpoint folder.
+pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
+    run_job(config, resume, &Job::single(config.train.device)?)
+}
+
+/// [`run`] as one rank of a data-parallel `job`: every rank calls it with the same config.
+/// Rank 0 alone writes the out folder; an error on any rank stops every rank.
+pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
+    let outcome = train(config, resume, job);
+    if let Err(e) = &outcome {
+        job.comm.abort(&format!("{e:#}"));
+    }
+    outcome
+}
+
+fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
+    let (mut trainer, mut recorder, start) = setup(config, resume, job)?;
+    let (steps, opt) = (config.train.steps, &config.optimizer);
+    for step in start..steps {
+        let started = Instant::now();
+        let lr = lr_at(step, steps, opt.warmup_steps, opt.lr, opt.min_lr_ratio);
+        let outcome = trainer.step(lr, interrupt::requested())?;
+        let done = step + 1;
+        failpoint::hit(Point::AfterStep, job.rank(), done)?;
+        recorder.step(done, lr, &outcome, started.elapsed())?;
+        if recorder.evaluates_at(done) {
+            recorder.evaluation(done, &trainer.task.evaluate(job.comm.as_ref())?)?;
+        }
+        if recorder.checkpoints_at(done) || outcome.stop.is_some() {
+            recorder.checkpoint(done, &trainer)?;
+        }
+        if let Some(signal) = outcome.stop {
+            recorder.stopped(signal, done);
+            break;
+        }
+    }
+    recorder.finish(&trainer, start)
+}
+
+/// Opens the checkpoint to resume (if any), the task, the optimizer and the outputs; every
+/// rank starts from the same weights. Returns the step training starts at.
+fn setup(
+    config: &RunConfig,
+    resume: Option<&str>,
+    job: &Job,
+) -> Result<(Trainer, Recorder, usize)> {
+    let (comm, root) = (job.comm.as_ref(), job.is_root());
+    let out = Path::new(&config.train.out);
+    let checkpoints = out.join("checkpoints");
+    // Read and check the checkpoint before anything in the out folder is touched.
+    let resumed = checkpoint::open_resumed(resume, &checkpoints, config, comm)?;
+    let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state))?;
+    if root {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
+    }
+    let position = resumed.as_ref().map_or(
+        Position::start(config.train.seed, config.model.is_vit()),
+        |ck| Position {
+            tokens: ck.state.data_position,
+            images: ck.state.image_position,
+        },
+    );
+    let (task, params) = task::open(config, &job.device, comm, position)?;
+    let blocks = task::adam_mini_blocks(config, &params)?;
+    let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &job.comm)?;
+    let mut trainer = Trainer {
+        task,
+        params,
+        optimizer,
+        comm: job.comm.clone(),
+        clip: config.optimizer.grad_clip,
+    };
+    let start = match &resumed {
+        Some(ck) => {
+            ck.load_model(&trainer.params)?;
+            ck.load_optimizer(trainer.optimizer.as_mut())?;
+            recorder.note(&format!(
+                "resuming from '{}' at step {}",
+                ck.dir.display(),
+                ck.state.step
+            ));
+            ck.state.step
+        }
+        None => {
+            if resume.is_some() {
+                recorder.note(&format!(
+                    "no checkpoint in '{}': starting fresh",
+                    checkpoints.display()
+                ));
+            }
+            if root {
+                if let Some(note) = checkpoint::set_aside_old_checkpoints(&checkpoints)? {
+                    recorder.note(&note);
+                }
+            }
+            0
+        }
+    };
+    // Every rank starts from rank 0's weights, as PyTorch's DDP does.
+    dist::broadcast_params(&trainer.params, comm)?;
+    let recorder = recorder.started(config, &trainer, resumed.map(|ck| ck.dir), start)?;
+    Ok((trainer, recorder, start))
+}
