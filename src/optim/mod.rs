@@ -2,10 +2,8 @@
 
 pub mod adam;
 pub mod bsfa;
-mod bsfa_config;
 mod config;
 mod fused;
-pub mod quant;
 pub mod schedule;
 
 use crate::cpu::fusable;
@@ -17,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use adam::Adam;
-pub use bsfa_config::{BsfaConfig, BsfaGroup, BsfaGroups};
+pub use bsfa::{BsfaConfig, BsfaGroup, BsfaGroups};
 pub use config::{OptimizerConfig, OptimizerName};
 
 /// What every optimizer (AdamW, Adam-mini, and the BSFA wrapper around either) offers the

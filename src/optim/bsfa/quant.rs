@@ -9,6 +9,8 @@
 //! The zero point is rounded down and the scale up to FP8, so every code fits in 0..=15
 //! without clipping and each value is reconstructed to within half a (decoded) step:
 //! `|x - x̂| <= norm * scale / 2`.
+//!
+//! This is the encoding only; which matrices are kept 4-bit, and how, is `state`'s.
 
 use anyhow::{bail, Result};
 use float8::F8E4M3;
@@ -33,12 +35,15 @@ static NIBBLES: [[f32; 2]; 256] = {
 /// A `rows x cols` matrix in 4-bit form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quant4 {
+    /// Rows held (one per stored update or direction).
     pub rows: usize,
+    /// Values per row.
     pub cols: usize,
     /// `rows x ceil(cols / 2)` bytes; value `2i` in the low nibble, `2i + 1` in the high one.
     pub codes: Vec<u8>,
-    /// Per row and group: FP8 E4M3 bits of the scale and of the zero point.
+    /// Per row and group: FP8 E4M3 bits of the scale.
     pub scales: Vec<u8>,
+    /// Per row and group: FP8 E4M3 bits of the zero point.
     pub zeros: Vec<u8>,
     /// Per row: the largest magnitude the row was divided by.
     pub norms: Vec<f32>,

@@ -1,0 +1,218 @@
+//! BSFA, the Bulk-Space-Filtration-Accelerator, around any base optimizer, with the
+//! block-wise PCA projector estimator (BPPE): the paper's Algorithms 1-3.
+//!
+//! Vocabulary, for every file of this module:
+//! - *block*: one parameter tensor BSFA covers (the groups `bsfa.blocks` lists; never the
+//!   embeddings or the output head, as in the paper). BSFA keeps state per block and nothing
+//!   across blocks.
+//! - *update*: a block's change in one base optimizer step, flattened (`numel` values).
+//! - *history*: a block's last `bsfa.history` updates (`rows x numel`, oldest first).
+//! - *directions*: `k <= bsfa.rank` orthonormal rows (`k x numel`) spanning the block's
+//!   estimated dominant subspace; its orthogonal complement is the *bulk*.
+//! - *owner*: the data-parallel rank that keeps a block's history and directions.
+//!
+//! Algorithm, every step: the base optimizer steps; the wrapper sees each block only before
+//! and after, and takes the difference as the update `v`. Every `bsfa.interval` steps it
+//! re-estimates the directions `U` as the top principal components of the centred history
+//! (`pca`). Once there are directions, the update becomes `gamma * v + (alpha - gamma) * U^T
+//! (U v)` (`projection`): scaled by `alpha` inside the dominant subspace and by `gamma` in
+//! the bulk. `v` itself joins the history.
+//!
+//! Files: `pca` (the estimate), `projection` (its use), `state` (the stored history and
+//! directions, f32 or 4-bit through `quant`), `shard` (owners and what moves between ranks),
+//! `cpu` (what the CPU fast paths share).
+
+mod config;
+mod cpu;
+mod pca;
+mod projection;
+pub mod quant;
+mod shard;
+mod state;
+
+pub use config::{BsfaConfig, BsfaGroup, BsfaGroups};
+pub use pca::top_directions;
+pub use projection::project;
+pub use shard::owners;
+pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
+
+use super::{Optimizer, StateTensor};
+use crate::dist::Communicator;
+use crate::model::Param;
+use anyhow::Result;
+use candle_core::Tensor;
+use projection::Before;
+use shard::Shard;
+use state::{BlockState, RowKind, Stored};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// BSFA around any base optimizer.
+pub struct Bsfa {
+    base: Box<dyn Optimizer>,
+    config: BsfaConfig,
+    /// Per parameter, in parameter order: its block's state, `None` where BSFA does not
+    /// apply or another rank owns the block.
+    blocks: Vec<Option<BlockState>>,
+    shard: Shard,
+    names: Vec<String>,
+    /// Per parameter: what its stored rows hold, to check and restore checkpointed state.
+    row_kinds: Vec<RowKind>,
+    steps: u64,
+}
+
+impl Bsfa {
+    /// Wraps `base`; BSFA applies to the parameter groups listed in `config.blocks`, and
+    /// this rank of `comm` keeps the state of the blocks [`owners`] gives it.
+    pub fn new(
+        base: Box<dyn Optimizer>,
+        config: &BsfaConfig,
+        params: &[Param],
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let shard = Shard::new(config, params, comm)?;
+        let blocks = shard
+            .owned()
+            .map(|owned| owned.then(|| BlockState::new(config.history)))
+            .collect();
+        Ok(Self {
+            base,
+            config: config.clone(),
+            blocks,
+            shard,
+            names: params.iter().map(|p| p.name.clone()).collect(),
+            row_kinds: params.iter().map(RowKind::of).collect(),
+            steps: 0,
+        })
+    }
+
+    /// Whether this step projects: from the first re-estimation that had more updates
+    /// than `rank` (the same on every rank, owner of a block or not).
+    fn projects_at(&self, step: u64) -> bool {
+        let (rank, history, interval) = (
+            self.config.rank as u64,
+            self.config.history as u64,
+            self.config.interval as u64,
+        );
+        history > rank && step >= (rank / interval + 1) * interval
+    }
+
+    /// The parameter index of a BSFA state key (`<param>.bsfa_<slot>[.<part>]`).
+    fn block_of(&self, key: &str) -> Option<usize> {
+        let (name, _) = key.split_once(".bsfa_")?;
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+impl Optimizer for Bsfa {
+    /// Algorithm 1: the base step, then the projection of its update in every BSFA block,
+    /// re-estimating the projectors every `interval` steps from the updates so far.
+    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        // The parameters before the base step: the update is the difference.
+        let before: Vec<Option<Before>> = params
+            .iter()
+            .zip(&self.blocks)
+            .map(|(p, b)| {
+                b.as_ref()
+                    .map(|_| Before::of(p.var.as_tensor()))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        self.base.step(params, grads, lr, grad_scale)?;
+        let refresh = self.steps > 0 && self.steps.is_multiple_of(self.config.interval as u64);
+        let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
+        for ((param, block), before) in params.iter().zip(&mut self.blocks).zip(before) {
+            let (Some(block), Some(before)) = (block, before) else {
+                continue;
+            };
+            if refresh && block.history.len() > self.config.rank {
+                let history = block.stacked_history()?.matrix()?;
+                let directions = top_directions(&history, self.config.rank)?;
+                block.directions = Some(Stored::keep(&directions, bits)?);
+            }
+            let update = projection::project_update(
+                &param.var,
+                before,
+                block.directions.as_ref(),
+                alpha,
+                gamma,
+            )?;
+            block.record(&update, self.config.history, bits)?;
+        }
+        if self.projects_at(self.steps) {
+            self.shard.share_projected(params)?;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+
+    /// The base optimizer's state, which every rank holds alike.
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.base.state()
+    }
+
+    /// The blocks this rank owns: `<p>.bsfa_history` and `<p>.bsfa_directions`, in full
+    /// precision or 4-bit (the layouts are in `state`'s module doc).
+    fn shard_state(&self) -> Result<Vec<(String, StateTensor)>> {
+        let mut out = self.base.shard_state()?;
+        for (name, block) in self.names.iter().zip(&self.blocks) {
+            let Some(block) = block else { continue };
+            out.extend(block.checkpoint(name)?);
+        }
+        Ok(out)
+    }
+
+    fn wants_state(&self, key: &str) -> bool {
+        match self.block_of(key) {
+            Some(i) => self.blocks[i].is_some(),
+            None => self.base.wants_state(key),
+        }
+    }
+
+    fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.base.load_state(steps_taken, state)?;
+        for ((name, block), row) in self.names.iter().zip(&mut self.blocks).zip(&self.row_kinds) {
+            let Some(block) = block else { continue };
+            block.load(name, state, &self.config, row)?;
+        }
+        self.steps = steps_taken;
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        let own: usize = self.blocks.iter().flatten().map(BlockState::bytes).sum();
+        self.base.state_bytes() + own
+    }
+}
+
+/// Random matrices and their comparison, for the unit tests of the kernels.
+#[cfg(test)]
+mod test_tensors {
+    use candle_core::{Device, Tensor};
+
+    /// A `rows x cols` f32 CPU matrix of values uniform in [-1, 1), fixed by `seed`.
+    pub(super) fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The largest absolute difference between `a` and `b`.
+    pub(super) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}
