@@ -7,7 +7,6 @@ use crate::config::RunConfig;
 use crate::data::TokenSegments;
 use crate::dist::{Job, SingleRank};
 use crate::model::ParamCounts;
-use crate::optim;
 use crate::task::{self, language, Position};
 use crate::train::Trainer;
 use anyhow::{bail, Result};
@@ -105,15 +104,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         let start = Position::start(train.seed, false);
         language::LanguageTask::start(config, corpus, device, comm, start)?
     };
-    let blocks = task::adam_mini_blocks(config, &params)?;
-    let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &job.comm)?;
-    let mut trainer = Trainer {
-        task,
-        params,
-        optimizer,
-        comm: job.comm.clone(),
-        clip: config.optimizer.grad_clip,
-    };
+    let mut trainer = Trainer::new(config, task, params, &job.comm)?;
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     let mut communication = vec![];

@@ -16,14 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Presets shipped inside the binary, as `(name, JSON)`.
-pub const PRESETS: &[(&str, &str)] = &[
-    ("tiny", include_str!("../configs/tiny.json")),
-    ("llama72m", include_str!("../configs/llama72m.json")),
-    ("llama134m", include_str!("../configs/llama134m.json")),
-    ("vit-s16", include_str!("../configs/vit-s16.json")),
-    ("vit-tiny", include_str!("../configs/vit-tiny.json")),
-];
+pub use crate::presets::PRESETS;
 
 /// Loop lengths, batch shape and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -31,15 +31,8 @@ pub struct EvalOptions {
 
 /// Evaluates the model of checkpoint `dir` on `spec` (`shards:PATH`, `text:PATH`, `builtin`).
 pub fn run(dir: &Path, spec: &DataSpec, options: &EvalOptions) -> Result<EvalReport> {
-    let ck = Checkpoint::open(dir, false)?;
+    let ck = Checkpoint::open_llama(dir, "eval")?;
     let config = &ck.state.config;
-    if config.model.is_vit() {
-        anyhow::bail!(
-            "`eval` handles LLaMA checkpoints; '{}' holds a ViT, whose validation loss and \
-             top-1/top-5 accuracy are in the run's metrics.jsonl",
-            dir.display()
-        );
-    }
     let seq_len = options.seq_len.unwrap_or(config.train.seq_len);
     let batch = options.batch_size.unwrap_or(config.train.micro_batch());
     if seq_len == 0 || batch == 0 || options.batches == Some(0) {

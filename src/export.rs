@@ -27,15 +27,8 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
             out.display()
         );
     }
-    let ck = Checkpoint::open(dir, false)?;
+    let ck = Checkpoint::open_llama(dir, "export")?;
     let config = &ck.state.config;
-    if config.model.is_vit() {
-        anyhow::bail!(
-            "`export` handles LLaMA checkpoints; '{}' holds a ViT, whose validation loss and \
-             top-1/top-5 accuracy are in the run's metrics.jsonl",
-            dir.display()
-        );
-    }
     // Building the model and loading into it checks every tensor's name and shape.
     let (_, params) = Llama::new(&config.model, DType::F32, &Device::Cpu, 0)?;
     ck.load_model(&params)?;

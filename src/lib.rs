@@ -27,5 +27,6 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod plot;
+mod presets;
 pub mod task;
 pub mod train;

@@ -391,6 +391,8 @@ fn vit_s16_preset_has_the_expected_parameter_count() {
         214_218
     );
     assert!(VitConfig::preset("vit-b16").is_err());
+    // The code default of the `vit` section is the shipped vit-tiny preset.
+    assert_eq!(VitConfig::default(), VitConfig::preset("vit-tiny").unwrap());
     let mut bad = config.clone();
     bad.patch_size = 15;
     assert!(bad

@@ -233,6 +233,20 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Opens the checkpoint at `dir` for `command` (`eval`, `export`), which handles LLaMA
+    /// checkpoints only: a ViT's is an error that says where its results are.
+    pub fn open_llama(dir: &Path, command: &str) -> Result<Self> {
+        let ck = Self::open(dir, false)?;
+        if ck.state.config.model.is_vit() {
+            bail!(
+                "`{command}` handles LLaMA checkpoints; '{}' holds a ViT, whose validation loss \
+                 and top-1/top-5 accuracy are in the run's metrics.jsonl",
+                dir.display()
+            );
+        }
+        Ok(ck)
+    }
+
     /// Reads the checkpoint folder `dir` (and its optimizer state when `with_optimizer`).
     /// Every error names the file and what is wrong with it.
     pub fn open(dir: &Path, with_optimizer: bool) -> Result<Self> {

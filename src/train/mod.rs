@@ -12,7 +12,7 @@ use crate::config::RunConfig;
 use crate::dist::{self, Job};
 use crate::failpoint::{self, Point};
 use crate::interrupt;
-use crate::optim::{self, schedule::lr_at};
+use crate::optim::schedule::lr_at;
 use crate::task::{self, Position};
 use anyhow::{Context, Result};
 use record::Recorder;
@@ -84,15 +84,7 @@ fn setup(
         },
     );
     let (task, params) = task::open(config, &job.device, comm, position)?;
-    let blocks = task::adam_mini_blocks(config, &params)?;
-    let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &job.comm)?;
-    let mut trainer = Trainer {
-        task,
-        params,
-        optimizer,
-        comm: job.comm.clone(),
-        clip: config.optimizer.grad_clip,
-    };
+    let mut trainer = Trainer::new(config, task, params, &job.comm)?;
     let start = match &resumed {
         Some(ck) => {
             ck.load_model(&trainer.params)?;

@@ -1,6 +1,7 @@
 //! One optimizer step: forward and backward over this rank's micro-batches, gradients
 //! averaged over the ranks, clipping, update.
 
+use crate::config::RunConfig;
 use crate::dist::{self, Communicator};
 use crate::model::{Model, Param};
 use crate::optim::{self, Optimizer};
@@ -45,6 +46,25 @@ pub struct StepOutcome {
 }
 
 impl Trainer {
+    /// A trainer for `task`'s `params` with the optimizer `config` names (Adam-mini over the
+    /// task's partition, wrapped in BSFA when enabled, its state sharded over `comm`).
+    pub fn new(
+        config: &RunConfig,
+        task: Box<dyn Task>,
+        params: Vec<Param>,
+        comm: &Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let blocks = crate::task::adam_mini_blocks(config, &params)?;
+        let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, comm)?;
+        Ok(Self {
+            task,
+            params,
+            optimizer,
+            comm: Arc::clone(comm),
+            clip: config.optimizer.grad_clip,
+        })
+    }
+
     /// One optimizer step on the task's next batch at learning rate `lr`. `stop` is a signal
     /// this rank received; the outcome carries the one the ranks agree on. It runs inside
     /// candle's CPU thread pool, so the many short parallel sections of a step (candle's and
