@@ -35,8 +35,8 @@ pub enum Architecture {
     Vit,
 }
 
-/// Which part of the network a parameter belongs to (used for reporting, weight decay
-/// and, later, per-block optimizer rules).
+/// Which part of the network a parameter belongs to (used for reporting and for the
+/// groups BSFA covers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamGroup {
