@@ -3,8 +3,9 @@
 //! A run's config is built in layers, each a JSON object with the same keys:
 //! code defaults, then the `--model` preset (`configs/*.json`), then `--config FILE`,
 //! then the dedicated CLI flags (`--lr`, `--steps`, ...), then every `--set key=value`.
-//! Only after all layers are merged is the result deserialised and validated, so every
-//! error names the key a user typed.
+//! Each value is type-checked as it is set (against the section types that the components
+//! own), and ranges are validated once all layers are merged, so every error names the key
+//! a user typed.
 
 use crate::data::images::augment_config::AugmentConfig;
 use crate::data::loader::LoaderShape;

@@ -4,10 +4,13 @@
 //! Components, each owning its typed config section: `model` (LLaMA, ViT and their
 //! differentiable ops), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule),
 //! `data` (tokenizers, corpora, token shards, image sources and pipelines), `dist` (data
-//! parallelism), `checkpoint` (safetensors checkpoints and the resume policy), `metrics`
-//! (metrics.jsonl and progress). `config` composes their sections into a run's config;
-//! `task` pairs a model with its data; `train` is the loop. The subcommands: `bench`,
-//! `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config keys.
+//! parallelism), `device` (`--device`, `--dtype`), `checkpoint` (safetensors checkpoints and
+//! the resume policy), `metrics` (metrics.jsonl and progress). `config` composes their
+//! sections into a run's config, starting from `presets`; `task` pairs a model with its data;
+//! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
+//! `bench`, `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config
+//! keys. Small helpers: `check` (config range checks), `cpu` (fused-kernel eligibility),
+//! `failpoint` (test hooks that crash a process at a chosen point).
 
 pub mod bench;
 mod check;

@@ -177,7 +177,10 @@ fn read_tokens(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
                 .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
         }
         other => {
-            bail!("'{other}' holds no text; a LLaMA trains on builtin, text:PATH or shards:PATH")
+            bail!(
+                "'{other}' holds no text; a LLaMA trains on builtin, text:PATH, shards:PATH, \
+             wikitext103 or openwebtext"
+            )
         }
     };
     if text.trim().is_empty() {

@@ -2,9 +2,9 @@
 //! averaged gradients, rank 0's weights everywhere, the step's agreed loss and stop signal,
 //! and a typed all-gather of small values.
 
-use super::Communicator;
+use super::{Communicator, PeerFailed};
 use crate::model::Param;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::path::PathBuf;
 
@@ -12,18 +12,48 @@ use std::path::PathBuf;
 /// collectives, small enough that the packed copy stays modest.
 const BUCKET_ELEMENTS: usize = 1 << 24;
 
-/// Every rank's `values`, in rank order (bit-exact: sent as little-endian bytes).
+/// Every rank's `values`, in rank order (bit-exact: sent as little-endian bytes). Ranks may
+/// send different counts; a part that is not whole numbers is an error naming its rank.
 pub fn all_gather_f64(comm: &dyn Communicator, values: &[f64]) -> Result<Vec<Vec<f64>>> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(comm
-        .all_gather_bytes(&bytes)?
+    comm.all_gather_bytes(&bytes)?
         .iter()
-        .map(|part| {
-            part.chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect()
+        .enumerate()
+        .map(|(rank, part)| {
+            if part.len() % 8 != 0 {
+                bail!(PeerFailed(format!(
+                    "rank {rank} sent {} bytes where f64 values were expected: is every rank \
+                     running the same build?",
+                    part.len()
+                )));
+            }
+            Ok(part
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8 bytes")))
+                .collect())
         })
-        .collect())
+        .collect()
+}
+
+/// [`all_gather_f64`] where every rank sends exactly `N` values.
+pub fn all_gather_array<const N: usize>(
+    comm: &dyn Communicator,
+    values: [f64; N],
+) -> Result<Vec<[f64; N]>> {
+    all_gather_f64(comm, &values)?
+        .into_iter()
+        .enumerate()
+        .map(|(rank, part)| {
+            <[f64; N]>::try_from(part).map_err(|part| {
+                PeerFailed(format!(
+                    "rank {rank} sent {} values where {N} were expected: is every rank running \
+                     the same build?",
+                    part.len()
+                ))
+                .into()
+            })
+        })
+        .collect()
 }
 
 /// The step's loss averaged over the ranks (in rank order, so alike everywhere) and the
@@ -33,9 +63,9 @@ pub fn agree(comm: &dyn Communicator, loss: f64, stop: Option<i32>) -> Result<(f
         return Ok((loss, stop));
     }
     // A signal number is a small integer: exact as an f64.
-    let parts = all_gather_f64(comm, &[loss, f64::from(stop.unwrap_or(0))])?;
-    let sum: f64 = parts.iter().map(|p| p[0]).sum();
-    let first_stop = parts.iter().map(|p| p[1] as i32).find(|&s| s != 0);
+    let parts = all_gather_array(comm, [loss, f64::from(stop.unwrap_or(0))])?;
+    let sum: f64 = parts.iter().map(|[loss, _]| loss).sum();
+    let first_stop = parts.iter().map(|&[_, s]| s as i32).find(|&s| s != 0);
     Ok((sum / parts.len() as f64, first_stop))
 }
 

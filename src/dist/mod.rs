@@ -12,7 +12,9 @@ pub mod launch;
 pub mod nccl;
 pub mod tcp;
 
-pub use collectives::{agree, all_gather_f64, average_gradients, broadcast_params, share_path};
+pub use collectives::{
+    agree, all_gather_array, all_gather_f64, average_gradients, broadcast_params, share_path,
+};
 
 use crate::device::DeviceKind;
 use anyhow::{Context, Result};

@@ -5,7 +5,6 @@ pub mod llama;
 pub mod ops;
 pub mod vit;
 
-/// The ViT's ops, at the path they had before the ops moved into [`ops`].
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -6,7 +6,7 @@ use crate::data::loader::{Loader, PREFETCH_STEPS};
 use crate::data::{self, Batcher, SamplerPosition, TokenSegments, Tokenizer};
 use crate::dist::{self, Communicator};
 use crate::model::{Llama, Model, Param};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -156,9 +156,15 @@ impl Task for LanguageTask {
             mine.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         }
         let losses = dist::all_gather_f64(comm, &mine)?;
-        let sum: f64 = (0..batches)
-            .map(|i| losses[i % comm.world()][i / comm.world()])
-            .sum();
+        let world = comm.world();
+        let sum = (0..batches)
+            .map(|i| {
+                losses[i % world]
+                    .get(i / world)
+                    .copied()
+                    .with_context(|| format!("rank {} sent too few evaluation losses", i % world))
+            })
+            .sum::<Result<f64>>()?;
         Ok(Evaluation {
             loss: sum / batches as f64,
             top1: None,

@@ -166,7 +166,7 @@ impl Task for VisionTask {
             accuracy.top5_correct as f64,
         ];
         let mut total = [0.0f64; 4];
-        for part in dist::all_gather_f64(comm, &mine)? {
+        for part in dist::all_gather_array(comm, mine)? {
             for (t, v) in total.iter_mut().zip(part) {
                 *t += v;
             }

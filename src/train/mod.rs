@@ -36,7 +36,8 @@ pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Su
 }
 
 fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
-    let (mut trainer, mut recorder, start) = setup(config, resume, job)?;
+    let wall = Instant::now();
+    let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     for step in start..steps {
         let started = Instant::now();
@@ -60,18 +61,19 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
 }
 
 /// Opens the checkpoint to resume (if any), the task, the optimizer and the outputs; every
-/// rank starts from the same weights. Returns the step training starts at.
+/// rank starts from the same weights. Returns the step training starts at; `wall` is when
+/// the run started, for the summary.
 fn setup(
     config: &RunConfig,
     resume: Option<&str>,
     job: &Job,
+    wall: Instant,
 ) -> Result<(Trainer, Recorder, usize)> {
     let (comm, root) = (job.comm.as_ref(), job.is_root());
     let out = Path::new(&config.train.out);
     let checkpoints = out.join("checkpoints");
     // Read and check the checkpoint before anything in the out folder is touched.
     let resumed = checkpoint::open_resumed(resume, &checkpoints, config, comm)?;
-    let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state))?;
     if root {
         std::fs::create_dir_all(out)
             .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
@@ -85,6 +87,7 @@ fn setup(
     );
     let (task, params) = task::open(config, &job.device, comm, position)?;
     let mut trainer = Trainer::new(config, task, params, &job.comm)?;
+    let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state), wall);
     let start = match &resumed {
         Some(ck) => {
             ck.load_model(&trainer.params)?;
@@ -113,6 +116,6 @@ fn setup(
     };
     // Every rank starts from rank 0's weights, as PyTorch's DDP does.
     dist::broadcast_params(&trainer.params, comm)?;
-    let recorder = recorder.started(config, &trainer, resumed.map(|ck| ck.dir), start)?;
+    let recorder = recorder.started(&trainer, resumed.map(|ck| ck.dir), start)?;
     Ok((trainer, recorder, start))
 }

@@ -80,8 +80,13 @@ pub struct Recorder {
 
 impl Recorder {
     /// The progress display, before anything is written; `resumed` is the checkpoint's
-    /// trainer state when the run resumes.
-    pub fn open(config: &RunConfig, job: &Job, resumed: Option<&TrainerState>) -> Result<Self> {
+    /// trainer state when the run resumes, `wall` when the run started.
+    pub fn open(
+        config: &RunConfig,
+        job: &Job,
+        resumed: Option<&TrainerState>,
+        wall: Instant,
+    ) -> Self {
         let root = job.is_root();
         let progress = if root {
             Progress::new(config.train.steps, resumed.map_or(0, |s| s.step))
@@ -89,7 +94,7 @@ impl Recorder {
             Progress::silent()
         };
         let out = PathBuf::from(&config.train.out);
-        Ok(Self {
+        Self {
             config: config.clone(),
             root,
             checkpoints: out.join("checkpoints"),
@@ -118,9 +123,9 @@ impl Recorder {
                 peak_rss_mib_per_rank: Vec::new(),
                 losses: Vec::new(),
             },
-            wall: Instant::now(),
+            wall,
             train_s: 0.0,
-        })
+        }
     }
 
     /// Shows a line above the progress display (rank 0 only).
@@ -132,11 +137,11 @@ impl Recorder {
     /// `config.json` and announces the run.
     pub fn started(
         mut self,
-        config: &RunConfig,
         trainer: &Trainer,
         resumed_dir: Option<PathBuf>,
         start: usize,
     ) -> Result<Self> {
+        let config = &self.config;
         let out = PathBuf::from(&config.train.out);
         let metrics_path = out.join("metrics.jsonl");
         if self.root {
@@ -306,11 +311,11 @@ impl Recorder {
             trainer.optimizer.state_bytes() as f64,
             crate::metrics::peak_rss_mib().unwrap_or(0.0),
         ];
-        for part in dist::all_gather_f64(trainer.comm.as_ref(), &mine)? {
+        for [bytes, rss] in dist::all_gather_array(trainer.comm.as_ref(), mine)? {
             self.summary
                 .optimizer_state_bytes_per_rank
-                .push(part[0] as usize);
-            self.summary.peak_rss_mib_per_rank.push(part[1]);
+                .push(bytes as usize);
+            self.summary.peak_rss_mib_per_rank.push(rss);
         }
         if self.root && start == self.config.train.steps {
             eprintln!(

@@ -4,7 +4,7 @@
 use crate::config::RunConfig;
 use crate::dist::{self, Communicator};
 use crate::model::{Model, Param};
-use crate::optim::{self, Optimizer};
+use crate::optim::{self, Optimizer, OptimizerName};
 use crate::task::Task;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -54,7 +54,11 @@ impl Trainer {
         params: Vec<Param>,
         comm: &Arc<dyn Communicator>,
     ) -> Result<Self> {
-        let blocks = crate::task::adam_mini_blocks(config, &params)?;
+        // Adam-mini's partition of the model; AdamW needs none.
+        let blocks = match config.optimizer.name {
+            OptimizerName::AdamMini => crate::task::adam_mini_blocks(config, &params)?,
+            OptimizerName::AdamW => Vec::new(),
+        };
         let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, comm)?;
         Ok(Self {
             task,

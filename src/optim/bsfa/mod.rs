@@ -70,7 +70,7 @@ impl Bsfa {
         params: &[Param],
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        let shard = Shard::new(config, params, comm)?;
+        let shard = Shard::new(config, params, comm);
         let blocks = shard
             .owned()
             .map(|owned| owned.then(|| BlockState::new(config.history)))

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// Each parameter's owner (`None` where the parameter is not a block): the blocks, largest
 /// first (ties by position), each to the rank holding the fewest elements so far (ties to
 /// the lowest rank). The same on every rank.
-pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec<Option<usize>>> {
+pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Vec<Option<usize>> {
     let groups = config.groups();
     let mut order: Vec<usize> = (0..params.len())
         .filter(|&i| groups.contains(&params[i].group))
@@ -31,7 +31,7 @@ pub fn owners(config: &BsfaConfig, params: &[Param], world: usize) -> Result<Vec
         load[rank] += params[i].var.elem_count();
         owners[i] = Some(rank);
     }
-    Ok(owners)
+    owners
 }
 
 /// This rank's view of the sharding: who owns each block, and the ranks to share with.
@@ -43,15 +43,11 @@ pub(super) struct Shard {
 
 impl Shard {
     /// The blocks of `params` dealt out over the ranks of `comm` (see [`owners`]).
-    pub(super) fn new(
-        config: &BsfaConfig,
-        params: &[Param],
-        comm: Arc<dyn Communicator>,
-    ) -> Result<Self> {
-        Ok(Self {
-            owners: owners(config, params, comm.world())?,
+    pub(super) fn new(config: &BsfaConfig, params: &[Param], comm: Arc<dyn Communicator>) -> Self {
+        Self {
+            owners: owners(config, params, comm.world()),
             comm,
-        })
+        }
     }
 
     /// Per parameter: whether this rank keeps its BSFA state.
