@@ -28,14 +28,6 @@ pub enum DataSpec {
 }
 
 impl DataSpec {
-    /// True for the image sources a ViT trains on.
-    pub fn is_images(&self) -> bool {
-        matches!(
-            self,
-            Self::SyntheticImages | Self::ImageFolder(_) | Self::Parquet(_) | Self::Cifar10(_)
-        )
-    }
-
     /// True for full-size photographs (ImageNet-like), evaluated on a centre crop.
     pub fn is_full_size_images(&self) -> bool {
         matches!(self, Self::ImageFolder(_) | Self::Parquet(_))

@@ -169,12 +169,14 @@ fn read_tokens(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     let text = match spec {
         DataSpec::Builtin => builtin::corpus(),
         DataSpec::Text(path) => {
-            let path = path.display();
-            let bytes = std::fs::read(path.to_string()).with_context(|| {
-                format!("cannot read data file '{path}' (check the path given to --data text:PATH)")
+            let shown = path.display();
+            let bytes = std::fs::read(path).with_context(|| {
+                format!(
+                    "cannot read data file '{shown}' (check the path given to --data text:PATH)"
+                )
             })?;
             String::from_utf8(bytes)
-                .with_context(|| format!("data file '{path}' is not valid UTF-8 text"))?
+                .with_context(|| format!("data file '{shown}' is not valid UTF-8 text"))?
         }
         other => {
             bail!(

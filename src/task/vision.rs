@@ -44,14 +44,6 @@ impl VisionTask {
         comm: &dyn Communicator,
         position: Position,
     ) -> Result<(Box<dyn Task>, Vec<Param>)> {
-        if !config.data.train.is_images() {
-            bail!(
-                "a ViT trains on images, not '{}': pass --data synthetic-images (built in), \
-                 imagefolder:DIR (train/<class>/*.JPEG and val/<class>/*.JPEG), parquet:DIR \
-                 (the hub's imagenet-1k parquet files) or cifar10:DIR",
-                config.data.train
-            );
-        }
         let (train, val) = images::open_pair(&config.data.train)?;
         if train.num_classes() != config.vit.num_classes {
             bail!(

@@ -145,9 +145,9 @@ pub fn open(spec: &DataSpec, split: Split) -> Result<Arc<dyn ImageSource>> {
         DataSpec::Parquet(dir) => Arc::new(parquet::ParquetImages::open(dir, split)?),
         DataSpec::Cifar10(dir) => Arc::new(cifar::Cifar10::open(dir, split)?),
         other => bail!(
-            "'{other}' is not an image source; a ViT trains on 'synthetic-images' (built in), \
-             'imagefolder:DIR' (train/<class>/*.JPEG and val/<class>/*.JPEG), 'parquet:DIR' \
-             (the hub's imagenet-1k parquet files) or 'cifar10:DIR'"
+            "a ViT trains on images, not '{other}': pass --data synthetic-images (built in), \
+             imagefolder:DIR (train/<class>/*.JPEG and val/<class>/*.JPEG), parquet:DIR (the \
+             hub's imagenet-1k parquet files) or cifar10:DIR"
         ),
     };
     if source.is_empty() {
@@ -256,6 +256,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("'builtin' is not an image source"), "{err}");
+        assert!(
+            err.contains("a ViT trains on images, not 'builtin'"),
+            "{err}"
+        );
     }
 }
