@@ -85,6 +85,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         bail!("--iters must be at least 1");
     }
     let device = &job.device;
+    let config = &config.on_device(device);
     let comm = job.comm.as_ref();
     let train = &config.train;
     // Random tokens for a LLaMA (no corpus to read); the run's images for a ViT.

@@ -131,7 +131,8 @@ pub struct BenchArgs {
 /// The flags shared by training and `bench`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model preset (tiny, llama72m, llama134m) or a path to a JSON config.
+    /// Model preset (tiny, llama72m, llama134m, vit-s16, vit-tiny) or a path to a JSON
+    /// config; with --bsfa, a preset runs the paper's BSFA setting for that model.
     #[arg(long, default_value = "tiny")]
     pub model: String,
     /// A run config JSON file (same keys as --set) merged over the preset.
@@ -179,7 +180,8 @@ pub struct RunArgs {
     /// Optimizer: adamw or adam-mini.
     #[arg(long)]
     pub optimizer: Option<String>,
-    /// Wrap the optimizer in BSFA (settings under the `bsfa.*` keys).
+    /// Wrap the optimizer in BSFA (settings under the `bsfa.*` keys); the base optimizer is
+    /// the preset's BSFA base (Adam-mini, as in the paper) unless --optimizer names one.
     #[arg(long)]
     pub bsfa: bool,
     /// Evaluate every N steps (and at the end).
@@ -213,8 +215,9 @@ pub struct RunArgs {
     /// Compute device: cpu, cuda, or auto (CUDA when built with it and a GPU is present).
     #[arg(long, value_name = "cpu|cuda|auto")]
     pub device: Option<String>,
-    /// Compute precision: f32, or bf16 (f32 master weights and optimizer state).
-    #[arg(long, value_name = "f32|bf16")]
+    /// Compute precision: f32, bf16 (f32 master weights and optimizer state), or auto (bf16
+    /// on CUDA, f32 on the CPU).
+    #[arg(long, value_name = "f32|bf16|auto")]
     pub dtype: Option<String>,
     /// Run N data-parallel ranks on this machine (like torchrun --nproc-per-node); each
     /// takes its share of every global batch.

@@ -1,8 +1,10 @@
 //! The typed run configuration and how it is resolved.
 //!
 //! A run's config is built in layers, each a JSON object with the same keys:
-//! code defaults, then the `--model` preset (`configs/*.json`), then `--config FILE`,
-//! then the dedicated CLI flags (`--lr`, `--steps`, ...), then every `--set key=value`.
+//! code defaults, then the `--model` preset (`configs/*.json`), then the preset's
+//! `with_bsfa` section when BSFA ends up enabled (the paper's BSFA run of that model: its
+//! base optimizer, k, l, T, alpha, gamma and steps), then `--config FILE`, then the
+//! dedicated CLI flags (`--lr`, `--steps`, ...), then every `--set key=value`.
 //! Each value is type-checked as it is set (against the section types that the components
 //! own), and ranges are validated once all layers are merged, so every error names the key
 //! a user typed.
@@ -50,8 +52,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// `cpu`, `cuda`, or `auto` (CUDA when built with it and a GPU is present).
     pub device: DeviceKind,
-    /// Compute precision: `f32`, or `bf16` (bf16 weights and activations in the forward and
-    /// backward passes; f32 master weights, gradients and optimizer state).
+    /// Compute precision: `f32`, `bf16` (bf16 weights and activations in the forward and
+    /// backward passes; f32 master weights, gradients and optimizer state), or `auto` (bf16
+    /// on CUDA, f32 on the CPU).
     pub dtype: Precision,
     /// Seconds a data-parallel rank waits for the others inside one collective (or at
     /// start-up) before it fails, naming the rank it waited for.
@@ -163,6 +166,18 @@ impl RunConfig {
         }
     }
 
+    /// This config as it runs on `device`: `train.dtype = auto` resolved (a ViT computes in
+    /// f32, the only precision its model has).
+    pub fn on_device(&self, device: &candle_core::Device) -> Self {
+        let mut config = self.clone();
+        config.train.dtype = if self.model.is_vit() && self.train.dtype == Precision::Auto {
+            Precision::F32
+        } else {
+            self.train.dtype.on(device)
+        };
+        config
+    }
+
     /// Checks every section, then what sections must agree on; messages name the key.
     pub fn validate(&self) -> Result<()> {
         self.optimizer.validate()?;
@@ -187,9 +202,19 @@ impl RunConfig {
     }
 }
 
+/// The key of a preset's layer that applies only when BSFA is enabled.
+pub const WITH_BSFA: &str = "with_bsfa";
+
 /// Builds a run config layer by layer; see the module docs for the order.
 pub struct ConfigBuilder {
+    /// Every layer merged so far.
     value: Value,
+    /// The code defaults and the preset alone (without its `with_bsfa` layer).
+    preset_value: Value,
+    /// The preset's `with_bsfa` layer, if it has one.
+    with_bsfa: Option<Value>,
+    /// Every assignment made after the preset, in order, to replay over `with_bsfa`.
+    assignments: Vec<(String, Value)>,
     preset: String,
 }
 
@@ -198,57 +223,68 @@ impl ConfigBuilder {
     /// file holding either a run config (`{"model": {...}, ...}`) or a flat Hugging Face
     /// `config.json` whose LLaMA keys become the `model` section.
     pub fn new(model: &str) -> Result<Self> {
-        let mut builder = Self {
-            value: serde_json::to_value(RunConfig::default())?,
-            preset: String::new(),
-        };
-        if let Some((name, text)) = PRESETS.iter().find(|(name, _)| *name == model) {
-            let layer: Value = serde_json::from_str(text)
-                .with_context(|| format!("built-in preset '{name}' is not valid JSON"))?;
-            builder.merge_layer(&layer, &format!("preset '{name}'"))?;
-            builder.preset = (*name).to_string();
-        } else if model.ends_with(".json") {
-            let layer = read_json(model)?;
-            let layer = if layer.get("model").is_some() {
-                layer
+        let (mut layer, source, preset) =
+            if let Some((name, text)) = PRESETS.iter().find(|(name, _)| *name == model) {
+                let layer: Value = serde_json::from_str(text)
+                    .with_context(|| format!("built-in preset '{name}' is not valid JSON"))?;
+                (layer, format!("preset '{name}'"), name.to_string())
+            } else if model.ends_with(".json") {
+                let layer = read_json(model)?;
+                let layer = if layer.get("model").is_some() {
+                    layer
+                } else {
+                    hf_model_layer(&layer)
+                };
+                let stem = std::path::Path::new(model)
+                    .file_stem()
+                    .map_or_else(|| "custom".into(), |s| s.to_string_lossy().into_owned());
+                (layer, model.to_string(), stem)
             } else {
-                hf_model_layer(&layer)
+                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!(
+                    "unknown --model '{model}': use one of {} or a path to a .json config",
+                    names.join(", ")
+                );
             };
-            builder.merge_layer(&layer, model)?;
-            builder.preset = std::path::Path::new(model)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "custom".into());
-        } else {
-            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-            bail!(
-                "unknown --model '{model}': use one of {} or a path to a .json config",
-                names.join(", ")
-            );
+        let with_bsfa = layer.as_object_mut().and_then(|m| m.remove(WITH_BSFA));
+        let mut value = serde_json::to_value(RunConfig::default())?;
+        merge(&mut value, &layer, &source)?;
+        if let Some(overlay) = &with_bsfa {
+            // Checked now, so that a broken layer fails whether or not BSFA is enabled.
+            merge(
+                &mut value.clone(),
+                overlay,
+                &format!("{source}, section '{WITH_BSFA}'"),
+            )?;
         }
-        Ok(builder)
+        Ok(Self {
+            preset_value: value.clone(),
+            value,
+            with_bsfa,
+            assignments: Vec::new(),
+            preset,
+        })
     }
 
     /// Merges a `--config run.json` file.
     pub fn merge_file(&mut self, path: &str) -> Result<()> {
         let layer = read_json(path)?;
-        self.merge_layer(&layer, path)
+        let mut keys = Vec::new();
+        flatten_keys(&layer, "", &mut keys);
+        if keys.is_empty() && !layer.is_object() {
+            bail!("{path}: expected a JSON object");
+        }
+        for (key, value) in keys {
+            self.set_value(&key, value)
+                .with_context(|| format!("in {path}"))?;
+        }
+        Ok(())
     }
 
     /// Sets one dotted key from a typed value (used for dedicated CLI flags).
     pub fn set_value(&mut self, key: &str, value: Value) -> Result<()> {
-        let slot = self.slot(key)?;
-        let shown = value.to_string();
-        let previous = std::mem::replace(slot, value);
-        // Every earlier value was accepted, so a type error can only be this key's; the
-        // section types say what each key takes (serde lists an enum's spellings).
-        if let Err(e) = serde_path_to_error::deserialize::<_, RunConfig>(&self.value) {
-            *self.slot(key)? = previous;
-            bail!(
-                "malformed value {shown} for config key '{key}': {}",
-                readable(&e.inner().to_string())
-            );
-        }
+        assign(&mut self.value, key, value.clone())?;
+        self.assignments.push((key.to_string(), value));
         Ok(())
     }
 
@@ -269,8 +305,19 @@ impl ConfigBuilder {
         &self.preset
     }
 
-    /// Deserialises, fills the automatic output folder and validates.
-    pub fn build(self) -> Result<RunConfig> {
+    /// Applies the preset's `with_bsfa` layer when BSFA is enabled, deserialises, fills the
+    /// automatic output folder and validates.
+    pub fn build(mut self) -> Result<RunConfig> {
+        let enabled = self.value["bsfa"]["enabled"] == Value::Bool(true);
+        if let (true, Some(overlay)) = (enabled, &self.with_bsfa) {
+            // The layer sits between the preset and everything the user set.
+            let mut value = self.preset_value.clone();
+            merge(&mut value, overlay, WITH_BSFA)?;
+            for (key, v) in &self.assignments {
+                assign(&mut value, key, v.clone())?;
+            }
+            self.value = value;
+        }
         let mut config: RunConfig = serde_json::from_value(self.value)
             .context("the merged configuration does not have the expected types")?;
         if config.train.out.is_empty() {
@@ -279,40 +326,58 @@ impl ConfigBuilder {
         config.validate()?;
         Ok(config)
     }
+}
 
-    fn merge_layer(&mut self, layer: &Value, source: &str) -> Result<()> {
-        let mut keys = Vec::new();
-        flatten_keys(layer, "", &mut keys);
-        if keys.is_empty() && !layer.is_object() {
-            bail!("{source}: expected a JSON object");
-        }
-        for (key, value) in keys {
-            self.set_value(&key, value)
-                .with_context(|| format!("in {source}"))?;
-        }
-        Ok(())
+/// Merges every key of `layer` into `root`; errors name `source`.
+fn merge(root: &mut Value, layer: &Value, source: &str) -> Result<()> {
+    let mut keys = Vec::new();
+    flatten_keys(layer, "", &mut keys);
+    if keys.is_empty() && !layer.is_object() {
+        bail!("{source}: expected a JSON object");
     }
+    for (key, value) in keys {
+        assign(root, &key, value).with_context(|| format!("in {source}"))?;
+    }
+    Ok(())
+}
 
-    fn slot(&mut self, key: &str) -> Result<&mut Value> {
-        let valid = valid_keys();
-        let mut node = &mut self.value;
-        for part in key.split('.') {
-            node = match node.as_object_mut().and_then(|m| m.get_mut(part)) {
-                Some(child) => child,
-                None => bail!(
-                    "unknown config key '{key}'; valid keys are: {}",
-                    valid.join(", ")
-                ),
-            };
-        }
-        if node.is_object() {
-            bail!(
-                "config key '{key}' is a section, not a value; valid keys are: {}",
+/// Sets the dotted `key` of `root` to `value`, which must have the key's type.
+fn assign(root: &mut Value, key: &str, value: Value) -> Result<()> {
+    let shown = value.to_string();
+    let previous = std::mem::replace(slot(root, key)?, value);
+    // Every earlier value was accepted, so a type error can only be this key's; the
+    // section types say what each key takes (serde lists an enum's spellings).
+    if let Err(e) = serde_path_to_error::deserialize::<_, RunConfig>(&*root) {
+        *slot(root, key)? = previous;
+        bail!(
+            "malformed value {shown} for config key '{key}': {}",
+            readable(&e.inner().to_string())
+        );
+    }
+    Ok(())
+}
+
+/// The value of the dotted `key` in `root`; an unknown key or a section is an error that
+/// lists the valid keys.
+fn slot<'a>(root: &'a mut Value, key: &str) -> Result<&'a mut Value> {
+    let valid = valid_keys();
+    let mut node = root;
+    for part in key.split('.') {
+        node = match node.as_object_mut().and_then(|m| m.get_mut(part)) {
+            Some(child) => child,
+            None => bail!(
+                "unknown config key '{key}'; valid keys are: {}",
                 valid.join(", ")
-            );
-        }
-        Ok(node)
+            ),
+        };
     }
+    if node.is_object() {
+        bail!(
+            "config key '{key}' is a section, not a value; valid keys are: {}",
+            valid.join(", ")
+        );
+    }
+    Ok(node)
 }
 
 /// Every settable dotted key, in declaration order.

@@ -47,13 +47,25 @@ pub enum Precision {
     /// bf16 weights and activations in the forward and backward passes; f32 master weights,
     /// gradients and optimizer state.
     Bf16,
+    /// bf16 on a GPU, f32 on the CPU (whose fused kernels compute in f32); resolved with
+    /// [`Precision::on`] once the device is known.
+    Auto,
 }
 
 impl Precision {
-    /// The candle type the model computes in.
+    /// This precision on `device`: `auto` becomes bf16 on CUDA and f32 elsewhere.
+    pub fn on(self, device: &Device) -> Self {
+        match self {
+            Self::Auto if device.is_cuda() => Self::Bf16,
+            Self::Auto => Self::F32,
+            fixed => fixed,
+        }
+    }
+
+    /// The candle type the model computes in (an unresolved `auto`: the CPU's f32).
     pub fn dtype(self) -> DType {
         match self {
-            Self::F32 => DType::F32,
+            Self::F32 | Self::Auto => DType::F32,
             Self::Bf16 => DType::BF16,
         }
     }
@@ -64,6 +76,7 @@ impl std::fmt::Display for Precision {
         f.write_str(match self {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
+            Self::Auto => "auto",
         })
     }
 }

@@ -10,8 +10,12 @@ use candle_core::{DType, Device};
 use serde_json::json;
 use std::sync::Arc;
 
-/// Prints parameter counts and a training-memory estimate without training.
+/// Prints what the run would be (its resolved config), parameter counts and a
+/// training-memory estimate, without training.
 pub fn report(config: &RunConfig) -> Result<()> {
+    let device = crate::device::select(config.train.device, 0)?;
+    let config = &config.on_device(&device);
+    eprintln!("{}", describe(config, &device));
     let params = task::params(config, &Device::Cpu)?;
     let counts = ParamCounts::of(&params);
     // State of every optimizer on this model, so their memory can be compared.
@@ -115,6 +119,7 @@ pub fn report(config: &RunConfig) -> Result<()> {
     );
     let report = json!({
         "dry_run": true,
+        "config": config,
         "params": counts,
         "memory_bytes": {
             "weights": weights,
@@ -128,4 +133,44 @@ pub fn report(config: &RunConfig) -> Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+/// One line saying what would run: optimizer and BSFA settings, data, precision, device
+/// and the loop's length.
+fn describe(config: &RunConfig, device: &Device) -> String {
+    let (opt, bsfa, train, data) = (&config.optimizer, &config.bsfa, &config.train, &config.data);
+    let method = if bsfa.enabled {
+        format!(
+            "{} + BSFA (k={}, l={}, T={}, alpha={}, gamma={}, {}-bit state, groups {})",
+            opt.name,
+            bsfa.rank,
+            bsfa.history,
+            bsfa.interval,
+            bsfa.alpha,
+            bsfa.gamma,
+            bsfa.bits,
+            String::from(bsfa.blocks.clone())
+        )
+    } else {
+        opt.name.to_string()
+    };
+    let (shape, tokenizer) = if config.model.is_vit() {
+        (format!("{} images", train.batch_size), String::new())
+    } else {
+        (
+            format!("{} x {} tokens", train.batch_size, train.seq_len),
+            format!(" ({} tokenizer)", data.tokenizer),
+        )
+    };
+    format!(
+        "run: {method}, lr {} ({} warmup steps, cosine to {}x), {} steps of {shape} from '{}'{tokenizer}, \
+         {} on {}",
+        opt.lr,
+        opt.warmup_steps,
+        opt.min_lr_ratio,
+        train.steps,
+        data.train,
+        train.dtype,
+        crate::device::name(device)
+    )
 }

@@ -412,3 +412,131 @@ fn plot_draws_runs_and_compares_them_with_the_first() {
     assert!(stderr(&o).contains("| adam-mini+bsfa |"));
     fails_with(&["plot", "/no/such/run"], "metrics.jsonl");
 }
+
+/// The `config` object of a `--dry-run`'s JSON line.
+fn dry_run_config(args: &[&str]) -> serde_json::Value {
+    let o = bsfa(&[args, &["--dry-run"]].concat());
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap();
+    report["config"].clone()
+}
+
+#[test]
+fn paper_presets_with_bsfa_resolve_to_the_papers_method() {
+    // (preset, gamma, dataset, BSFA steps, baseline steps): section 5.2 and Appendix A.3.
+    for (model, gamma, dataset, steps, baseline_steps) in [
+        ("llama72m", 4.0, "wikitext103", 50_000, 100_000),
+        ("llama134m", 2.0, "openwebtext", 50_000, 100_000),
+    ] {
+        let c = dry_run_config(&["--model", model, "--bsfa"]);
+        assert_eq!(c["optimizer"]["name"], "adam-mini", "{model}");
+        let b = &c["bsfa"];
+        assert_eq!(b["enabled"], true);
+        assert_eq!(
+            (&b["rank"], &b["history"], &b["interval"]),
+            (&50.into(), &60.into(), &10.into()),
+            "{model}"
+        );
+        assert_eq!(
+            (b["alpha"].as_f64(), b["gamma"].as_f64()),
+            (Some(0.5), Some(gamma))
+        );
+        assert_eq!(c["data"]["train"], dataset);
+        assert_eq!(c["data"]["tokenizer"], "gpt2");
+        assert_eq!(c["train"]["steps"], steps);
+        // The CPU computes in f32; `auto` is resolved in what the dry run shows.
+        assert_eq!(c["train"]["dtype"], "f32");
+        let baseline = dry_run_config(&["--model", model]);
+        assert_eq!(baseline["optimizer"]["name"], "adamw");
+        assert_eq!(baseline["bsfa"]["enabled"], false);
+        assert_eq!(baseline["train"]["steps"], baseline_steps);
+        assert_eq!(baseline["data"]["train"], dataset);
+    }
+    let vit = dry_run_config(&["--model", "vit-s16", "--bsfa"]);
+    assert_eq!(vit["optimizer"]["name"], "adam-mini");
+    assert_eq!(vit["bsfa"]["gamma"].as_f64(), Some(3.0));
+    assert_eq!(vit["bsfa"]["rank"], 50);
+}
+
+#[test]
+fn what_the_user_sets_overrides_the_presets_bsfa_layer() {
+    let c = dry_run_config(&["--model", "llama72m", "--bsfa", "--optimizer", "adamw"]);
+    assert_eq!(c["optimizer"]["name"], "adamw");
+    assert_eq!(c["bsfa"]["rank"], 50, "the rest of the layer still applies");
+    let c = dry_run_config(&[
+        "--model",
+        "llama72m",
+        "--bsfa",
+        "--set",
+        "bsfa.gamma=3",
+        "--steps",
+        "7",
+    ]);
+    assert_eq!(
+        (c["bsfa"]["gamma"].as_f64(), &c["train"]["steps"]),
+        (Some(3.0), &7.into())
+    );
+    // Enabled through --set instead of --bsfa: the same layer.
+    let c = dry_run_config(&["--model", "llama134m", "--set", "bsfa.enabled=true"]);
+    assert_eq!(
+        (c["optimizer"]["name"].as_str(), c["bsfa"]["gamma"].as_f64()),
+        (Some("adam-mini"), Some(2.0))
+    );
+    // A config file's choice of optimizer is the user's too.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("run.json");
+    std::fs::write(&file, r#"{"optimizer": {"name": "adamw"}}"#).unwrap();
+    let c = dry_run_config(&[
+        "--model",
+        "llama72m",
+        "--bsfa",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(c["optimizer"]["name"], "adamw");
+}
+
+#[test]
+fn dry_run_config_is_what_config_json_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = fast(&["--bsfa", "--steps", "2", "--out", out]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let shown = dry_run_config(&args);
+    let o = bsfa(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(shown, written);
+}
+
+#[test]
+fn an_unprepared_paper_dataset_offline_stops_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (model, dataset) in [("llama72m", "wikitext103"), ("llama134m", "openwebtext")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_bsfa-train"))
+            .args(["--model", model, "--bsfa", "--steps", "1", "--out"])
+            .arg(&out)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", dir.path().join("hf"))
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        for needle in [
+            format!("dataset '{dataset}'"),
+            format!("bsfa-train prepare --data {dataset} --tokenizer gpt2"),
+            "--data text:".into(),
+            "--data builtin".into(),
+        ] {
+            assert!(
+                err.contains(&needle),
+                "{model}: expected '{needle}' in: {err}"
+            );
+        }
+        assert!(!out.join("metrics.jsonl").exists(), "nothing trained");
+    }
+}

@@ -73,31 +73,76 @@ pub fn load(
 /// `wikitext103` / `openwebtext` become `shards:DIR` of their prepared shards (prepared now
 /// when missing and the hub is reachable); other specs are returned as they are.
 pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
-    let DataSpec::Dataset(spec) = spec else {
+    let DataSpec::Dataset(name) = spec else {
         return Ok(spec.clone());
     };
-    let dir = hub::shard_dir(data.data_dir.as_deref(), spec, &data.tokenizer);
-    if !dir.join(prepare::META_FILE).is_file() {
+    let dir = hub::shard_dir(data.data_dir.as_deref(), name, &data.tokenizer);
+    if !prepared(&dir) {
         if hub::offline() {
-            bail!(
-                "dataset '{spec}' is not prepared in '{}' and HF_HUB_OFFLINE is set. On a machine \
-                 with network access run `bsfa-train prepare --data {spec} --tokenizer {} --out \
-                 DIR`, then copy DIR to '{}' here (or train with --data shards:DIR)",
-                dir.display(),
-                data.tokenizer,
-                dir.display()
-            );
+            return Err(unprepared(
+                name,
+                data,
+                anyhow::anyhow!("HF_HUB_OFFLINE is set"),
+            ));
         }
-        eprintln!("preparing '{spec}' into '{}' (once)", dir.display());
+        eprintln!("preparing '{name}' into '{}' (once)", dir.display());
         prepare::run(&prepare::PrepareOptions {
-            source: spec.to_string(),
+            source: name.to_string(),
             tokenizer: data.tokenizer.clone(),
             out: dir.clone(),
             shard_tokens: prepare::DEFAULT_SHARD_TOKENS,
             val_tokens: prepare::DEFAULT_VAL_TOKENS,
-        })?;
+        })
+        .map_err(|e| unprepared(name, data, e))?;
     }
     Ok(DataSpec::Shards(dir))
+}
+
+/// True when `dir` holds prepared shards (`prepare` writes its meta file last).
+fn prepared(dir: &std::path::Path) -> bool {
+    dir.join(prepare::META_FILE).is_file()
+}
+
+/// `error` (the tokenizer or dataset could not be fetched), explained when `data` names a
+/// dataset (`wikitext103`, `openwebtext`) that is not prepared yet: which dataset, the
+/// `prepare` command that makes it, and how to train on local data instead.
+pub fn explain_unprepared(data: &DataConfig, error: anyhow::Error) -> anyhow::Error {
+    let named = std::iter::once(&data.train)
+        .chain(&data.val)
+        .find_map(|spec| match spec {
+            DataSpec::Dataset(name) => Some(name),
+            _ => None,
+        });
+    match named {
+        Some(name)
+            if !prepared(&hub::shard_dir(
+                data.data_dir.as_deref(),
+                name,
+                &data.tokenizer,
+            )) =>
+        {
+            unprepared(name, data, error)
+        }
+        _ => error,
+    }
+}
+
+fn unprepared(name: &str, data: &DataConfig, cause: anyhow::Error) -> anyhow::Error {
+    let dir = hub::shard_dir(data.data_dir.as_deref(), name, &data.tokenizer);
+    let data_dir = data
+        .data_dir
+        .as_ref()
+        .map_or(String::new(), |d| format!(" --data-dir {d}"));
+    anyhow::anyhow!(
+        "dataset '{name}' is not prepared in '{dir}' (for tokenizer '{tok}') and cannot be \
+         prepared now ({cause:#}). Prepare it where the Hugging Face hub is reachable: \
+         `bsfa-train prepare --data {name} --tokenizer {tok}{data_dir}` (then copy '{dir}' \
+         here, or pass --data-dir). Or train on local data instead: --data text:FILE (a UTF-8 \
+         text file) or --data shards:DIR (llm.c shards), or the built-in corpus with --data \
+         builtin --tokenizer bytes",
+        tok = data.tokenizer,
+        dir = dir.display(),
+    )
 }
 
 /// A token stream in independent segments: one per shard file, or one for a text source.

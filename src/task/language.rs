@@ -25,7 +25,8 @@ impl Corpus {
     /// Opens `data.train` (and the validation data) with the run's tokenizer. Rank 0 goes
     /// first: loading may download and prepare a dataset, which the other ranks then read.
     pub fn load(config: &RunConfig, comm: &dyn Communicator) -> Result<Self> {
-        let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
+        let tokenizer = Tokenizer::load(&config.data.tokenizer)
+            .map_err(|e| data::explain_unprepared(&config.data, e))?;
         check_vocab(config, &tokenizer)?;
         let root = comm.rank() == 0;
         if !root {

@@ -28,7 +28,7 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
 /// [`run`] as one rank of a data-parallel `job`: every rank calls it with the same config.
 /// Rank 0 alone writes the out folder; an error on any rank stops every rank.
 pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
-    let outcome = train(config, resume, job);
+    let outcome = train(&config.on_device(&job.device), resume, job);
     if let Err(e) = &outcome {
         job.comm.abort(&format!("{e:#}"));
     }

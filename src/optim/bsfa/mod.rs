@@ -127,8 +127,11 @@ impl Optimizer for Bsfa {
             };
             if refresh && block.history.len() > self.config.rank {
                 let history = block.stacked_history()?.matrix()?;
-                let directions = top_directions(&history, self.config.rank)?;
-                block.directions = Some(Stored::keep(&directions, bits)?);
+                // A history without variance (a frozen or constant block) gives no
+                // directions: the block keeps the identity projection.
+                block.directions = top_directions(&history, self.config.rank)?
+                    .map(|d| Stored::keep(&d, bits))
+                    .transpose()?;
             }
             let update = projection::project_update(
                 &param.var,

@@ -9,15 +9,24 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::cpu::{with_cpu_f32, CHUNK};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Top `rank` principal directions of `history` (`m x n`, one update per row), centred, as
-/// orthonormal rows (`rank x n`). Through the `m x m` Gram matrix: with `H` centred and
-/// `H H^T = W L W^T`, the directions are `L^-1/2 W^T H`. Directions whose variance is
-/// negligible against the largest are dropped, so fewer than `rank` rows may come back.
-pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
+/// orthonormal rows (`k x n`, `k <= rank`). Through the `m x m` Gram matrix: with `H`
+/// centred and `H H^T = W L W^T`, the directions are `L^-1/2 W^T H`.
+///
+/// Eigenvalues at or below the Gram matrix's rounding noise give no direction: their
+/// eigenvectors are noise, and `L^-1/2` would blow that noise up into rows that are not
+/// orthonormal. The floor is `m * eps * trace(G)` for the history's precision `eps`: each
+/// Gram entry `h_i . h_j` is rounded to about `eps |h_i| |h_j|`, so the rounding error
+/// matrix has a norm of at most about `eps * trace(G)`; the factor `m` is margin (in f32 the
+/// noise eigenvalues of rank-deficient histories measure 1e-8 of the trace, the floor at
+/// m = 60 is 7e-6). So a rank-deficient history yields fewer than `rank` rows, and one
+/// with no variance at all (a frozen or constant block) yields `None`: no directions, the
+/// identity projection.
+pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
     let (m, _) = history.dims2()?;
     let dtype = history.dtype();
     // The two large products run in the history's precision (f32 in training); the small
@@ -29,15 +38,15 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
         .flatten_all()?
         .to_vec1()?;
     let centred_gram = nalgebra::DMatrix::from_row_slice(m, m, &gram);
+    let floor = m as f64 * epsilon(dtype) * centred_gram.trace();
     let eigen = centred_gram.symmetric_eigen();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
-    let largest = eigen.eigenvalues[order[0]].max(0.0);
     let mut coefficients = Vec::with_capacity(rank * m);
     let mut kept = 0;
     for &i in order.iter().take(rank) {
         let lambda = eigen.eigenvalues[i];
-        if lambda.is_nan() || lambda <= largest * 1e-12 {
+        if lambda.is_nan() || lambda <= floor {
             break;
         }
         let scale = 1.0 / lambda.sqrt();
@@ -45,11 +54,21 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Tensor> {
         kept += 1;
     }
     if kept == 0 {
-        bail!("bsfa: the update history has no variance to estimate directions from");
+        return Ok(None);
     }
     let coefficients =
         Tensor::from_vec(coefficients, (kept, m), history.device())?.to_dtype(dtype)?;
-    Ok(coefficients.matmul(&centred)?)
+    Ok(Some(coefficients.matmul(&centred)?))
+}
+
+/// The relative rounding error of `dtype` (machine epsilon).
+fn epsilon(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON,
+        DType::F16 => 2f64.powi(-10),
+        DType::BF16 => 2f64.powi(-7),
+        _ => f32::EPSILON as f64,
+    }
 }
 
 /// `H - 1 mu^T`: every row minus the mean row. On the CPU in f32 a parallel pass (candle's
@@ -97,5 +116,28 @@ mod tests {
         let h = random(9, 2 * CHUNK + 77, 1);
         let by_definition = h.broadcast_sub(&h.mean_keepdim(0).unwrap()).unwrap();
         assert!(max_diff(&centre_rows(&h).unwrap(), &by_definition) < 1e-6);
+    }
+
+    /// A history of rank 3 yields 3 orthonormal directions when asked for 8: the other
+    /// eigenvalues of its f32 Gram matrix are rounding noise and give no direction.
+    #[test]
+    fn a_rank_deficient_history_yields_orthonormal_directions() {
+        let (m, n, r) = (12, 3000, 3);
+        let history = random(m, r, 8).matmul(&random(r, n, 7)).unwrap();
+        let u = top_directions(&history, 8).unwrap().unwrap();
+        assert_eq!(u.dims(), [r, n]);
+        let gram = u.matmul(&u.t().unwrap()).unwrap();
+        let identity = Tensor::eye(r, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(max_diff(&gram, &identity) < 1e-5);
+    }
+
+    /// A history without variance (every update the same) has no directions.
+    #[test]
+    fn a_history_without_variance_has_no_directions() {
+        let row = random(1, 100, 3);
+        let history = Tensor::cat(&[&row, &row, &row, &row], 0).unwrap();
+        assert!(top_directions(&history, 2).unwrap().is_none());
+        let zeros = Tensor::zeros((4, 100), DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(top_directions(&zeros, 2).unwrap().is_none());
     }
 }

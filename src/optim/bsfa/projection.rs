@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn cpu_kernel_matches_the_tensor_definition() {
         let n = 2 * CHUNK + 77;
-        let u = top_directions(&random(9, n, 1), 5).unwrap();
+        let u = top_directions(&random(9, n, 1), 5).unwrap().unwrap();
         let v = random(1, n, 2).squeeze(0).unwrap();
         let theta = random(1, n, 3).squeeze(0).unwrap();
         let (alpha, gamma) = (0.5, 3.0);
