@@ -29,6 +29,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Tokenize a text source into llm.c token shards (train/val) with a meta.json.
     Prepare(PrepareArgs),
+    /// Train a byte-level BPE tokenizer (GPT-2's scheme) on text; prints a JSON report.
+    Tokenizer(TokenizerArgs),
     /// Plot runs' loss curves to a PNG and compare them with the first run.
     Plot(PlotArgs),
 }
@@ -70,6 +72,26 @@ pub struct PrepareArgs {
     #[arg(long, default_value_t = crate::data::prepare::DEFAULT_VAL_TOKENS)]
     pub val_tokens: usize,
     /// Threads for tokenization (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `tokenizer`: the text to train on, the vocabulary size and where to write it.
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    /// Training text: text:PATH (a UTF-8 file or a folder of .txt files).
+    #[arg(long)]
+    pub data: String,
+    /// Held-out text the report measures bytes per token on (never trained on).
+    #[arg(long)]
+    pub val_data: Option<String>,
+    /// Vocabulary size, `<|endoftext|>` included.
+    #[arg(long, default_value_t = 8192)]
+    pub vocab_size: usize,
+    /// The tokenizer.json to write.
+    #[arg(long, default_value = "tokenizer.json")]
+    pub out: String,
+    /// Threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
 }

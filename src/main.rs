@@ -77,6 +77,18 @@ fn run(cli: &Cli) -> Result<u8> {
             println!("{}", serde_json::to_string(&meta)?);
             return Ok(0);
         }
+        Some(Command::Tokenizer(t)) => {
+            set_threads(t.threads);
+            let report = data::bpe::train(&data::bpe::BpeOptions {
+                train: t.data.parse()?,
+                val: t.val_data.as_deref().map(str::parse).transpose()?,
+                vocab_size: t.vocab_size,
+                out: PathBuf::from(&t.out),
+            })?;
+            eprintln!("wrote '{}'", t.out);
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(0);
+        }
         Some(Command::Plot(p)) => {
             let dirs: Vec<PathBuf> = p.runs.iter().map(PathBuf::from).collect();
             let rows = plot::run(&dirs, Path::new(&p.out), &p.title)?;

@@ -105,12 +105,14 @@ fn dry_run_reports_parameter_groups_of_the_presets() {
         assert_eq!(state["adamw"].as_f64().unwrap(), total * 8.0);
         let mini = state["adam-mini"].as_f64().unwrap();
         assert!(mini > total * 4.0 && mini < total * 4.02, "{model}: {mini}");
-        // BSFA keeps history + rank (40 + 30) vectors of every norm, attention and MLP block.
+        // BSFA keeps history + rank vectors of every norm, attention and MLP block.
         let covered = ["attention", "mlp", "norms"]
             .iter()
             .map(|g| p[g].as_f64().unwrap())
             .sum::<f64>();
-        assert_eq!(state["bsfa_extra"].as_f64().unwrap(), covered * 70.0 * 4.0);
+        let b = &report["config"]["bsfa"];
+        let rows = b["history"].as_f64().unwrap() + b["rank"].as_f64().unwrap();
+        assert_eq!(state["bsfa_extra"].as_f64().unwrap(), covered * rows * 4.0);
     }
 }
 
@@ -320,6 +322,35 @@ fn bsfa_flag_trains_and_is_recorded() {
             .unwrap();
     assert_eq!(config["bsfa"]["enabled"], true);
     assert_eq!(config["optimizer"]["name"], "adam-mini");
+    // One diagnostics line per re-estimation (after steps 2 and 4 of 0..6), per group.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let found: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("bsfa").is_some())
+        .collect();
+    assert_eq!(
+        found
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 5]
+    );
+    for record in &found {
+        let groups: Vec<&str> = record["bsfa"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                let energy = g["energy"].as_f64().unwrap();
+                assert!(energy > 0.0 && energy <= 1.0 + 1e-6, "{g}");
+                g["group"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(groups, ["norm", "attn", "mlp"]);
+    }
+    assert!(found[0]["bsfa"][0]["overlap"].is_null());
+    assert!(found[1]["bsfa"][0]["overlap"].as_f64().is_some());
 }
 
 #[test]
@@ -385,12 +416,16 @@ fn plot_draws_runs_and_compares_them_with_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let mut runs = Vec::new();
     for (name, extra) in [
-        ("adamw", vec![]),
-        ("bsfa", vec!["--optimizer", "adam-mini", "--bsfa"]),
+        ("adamw", vec!["--steps", "6"]),
+        (
+            "bsfa",
+            vec!["--steps", "6", "--optimizer", "adam-mini", "--bsfa"],
+        ),
+        ("adamw-short", vec!["--steps", "4", "--lr", "0.006"]),
     ] {
         let out = dir.path().join(name);
         let out = out.to_str().unwrap().to_string();
-        let mut args = vec!["--steps", "6", "--eval-every", "2", "--out", &out];
+        let mut args = vec!["--eval-every", "2", "--out", &out];
         args.extend(extra);
         let o = run_fast(&args);
         assert!(o.status.success(), "{}", stderr(&o));
@@ -398,14 +433,16 @@ fn plot_draws_runs_and_compares_them_with_the_first() {
     }
     let png = dir.path().join("curves.png");
     let png = png.to_str().unwrap();
-    let o = bsfa(&["plot", &runs[0], &runs[1], "--out", png]);
+    let o = bsfa(&["plot", &runs[0], &runs[1], &runs[2], "--out", png]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(&std::fs::read(png).unwrap()[1..4], b"PNG");
     let report: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows[0]["run"], "adamw");
+    // Runs that share an optimizer are told apart by the settings in which they differ.
+    assert_eq!(rows[0]["run"], "adamw lr=0.003 steps=6");
     assert_eq!(rows[1]["run"], "adam-mini+bsfa");
+    assert_eq!(rows[2]["run"], "adamw lr=0.006 steps=4");
     // The baseline reaches its own final loss, at the latest at its last evaluation.
     assert!(rows[0]["reaches_baseline_at"].as_u64().unwrap() <= 6);
     assert!(rows[0]["steps_ratio"].as_f64().unwrap() <= 1.0);
@@ -539,4 +576,74 @@ fn an_unprepared_paper_dataset_offline_stops_before_training() {
         }
         assert!(!out.join("metrics.jsonl").exists(), "nothing trained");
     }
+}
+
+#[test]
+fn tokenizer_trains_a_bpe_that_prepare_and_training_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = [
+        "the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far", "away",
+    ];
+    let sentence = |i: usize| {
+        (0..8)
+            .map(|j| words[(i * 7 + j * 3) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let train: String = (0..3000).map(|i| sentence(i) + ".\n").collect();
+    let val: String = (3000..3300).map(|i| sentence(i) + ".\n").collect();
+    let (train_path, val_path) = (dir.path().join("train.txt"), dir.path().join("val.txt"));
+    std::fs::write(&train_path, &train).unwrap();
+    std::fs::write(&val_path, &val).unwrap();
+    let tok = dir.path().join("tok").join("tokenizer.json");
+    let (train_spec, val_spec) = (
+        format!("text:{}", train_path.display()),
+        format!("text:{}", val_path.display()),
+    );
+    let o = bsfa(&[
+        "tokenizer",
+        "--data",
+        &train_spec,
+        "--val-data",
+        &val_spec,
+        "--vocab-size",
+        "300",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    // At most the size asked for: a small corpus runs out of pairs to merge first.
+    let size = report["vocab_size"].as_u64().unwrap();
+    assert!(size > 257 && size <= 300, "{report}");
+    assert_eq!(report["val_bytes"], val.len());
+    // Whole words became tokens: several bytes per token on text it never saw.
+    let per_token = report["val_bytes_per_token"].as_f64().unwrap();
+    assert!(per_token > 2.0, "{report}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    assert_eq!(json["added_tokens"][0]["content"], "<|endoftext|>");
+    assert_eq!(json["added_tokens"][0]["id"], 0);
+    assert_eq!(json["pre_tokenizer"]["type"], "ByteLevel");
+    // Training reads it as it is.
+    let out = dir.path().join("run");
+    let o = run_fast(&[
+        "--data",
+        &train_spec,
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--set",
+        "model.vocab_size=300",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fails_with(
+        &["tokenizer", "--data", &train_spec, "--vocab-size", "100"],
+        "must exceed 257",
+    );
+    fails_with(&["tokenizer", "--data", "builtin"], "--data text:PATH");
 }

@@ -1,5 +1,6 @@
 //! Token sources and batch sampling; `images` holds the ViT's image data.
 
+pub mod bpe;
 pub mod builtin;
 mod config;
 pub mod hub;

@@ -229,6 +229,27 @@ fn is_article_title(line: &str) -> bool {
     t.len() > 4 && t.starts_with("= ") && t.ends_with(" =") && !t.starts_with("= =")
 }
 
+/// The files of a `text:PATH` source: PATH itself, or the `.txt` files of the folder PATH
+/// in name order.
+pub fn text_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list '{}'", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("'{}' holds no .txt files", path.display());
+        }
+        Ok(files)
+    } else if path.is_file() {
+        Ok(vec![path.to_path_buf()])
+    } else {
+        bail!("text source '{}' does not exist", path.display());
+    }
+}
+
 /// The dataset name (for shard names) and the units to read, in order.
 fn plan(source: &str) -> Result<(String, Vec<Unit>)> {
     let stem = |p: &Path| {
@@ -237,22 +258,7 @@ fn plan(source: &str) -> Result<(String, Vec<Unit>)> {
     };
     if let Some(path) = source.strip_prefix("text:") {
         let path = Path::new(path);
-        let files = if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot list '{}'", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                bail!("'{}' holds no .txt files", path.display());
-            }
-            files
-        } else if path.is_file() {
-            vec![path.to_path_buf()]
-        } else {
-            bail!("text source '{}' does not exist", path.display());
-        };
+        let files = text_files(path)?;
         let units = files
             .into_iter()
             .map(|f| Unit {

@@ -29,6 +29,12 @@ pub trait Optimizer: Send {
     /// Optimizer steps taken so far.
     fn steps_taken(&self) -> u64;
 
+    /// What BSFA's latest re-estimation found, once, right after the step that made it
+    /// (`None` for optimizers without one, and between re-estimations).
+    fn take_diagnostics(&mut self) -> Option<Vec<bsfa::GroupDiagnostics>> {
+        None
+    }
+
     /// The state every data-parallel rank holds alike, by a stable name (`<param
     /// name>.<slot>`), for checkpoints (rank 0 writes it).
     fn state(&self) -> Result<Vec<(String, Tensor)>>;

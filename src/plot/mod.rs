@@ -20,11 +20,25 @@ pub struct RunCurves {
     pub train: Vec<(u64, f64)>,
     pub val: Vec<(u64, f64)>,
     pub step_ms: Vec<f64>,
+    /// BSFA's diagnostics per group (`metrics.jsonl`'s `bsfa` lines), empty without BSFA.
+    pub subspace: Vec<SubspaceCurves>,
+}
+
+/// One parameter group's BSFA diagnostics over a run.
+#[derive(Debug, Clone, Default)]
+pub struct SubspaceCurves {
+    /// `norm`, `attn` or `mlp`.
+    pub group: String,
+    /// Variance fraction the directions capture, per re-estimation.
+    pub energy: Vec<(u64, f64)>,
+    /// Overlap of consecutive subspaces, per re-estimation.
+    pub overlap: Vec<(u64, f64)>,
 }
 
 impl RunCurves {
     /// Reads `DIR/metrics.jsonl`; the label is the optimizer from `DIR/config.json`
-    /// (`adamw`, `adam-mini`, `adam-mini+bsfa`, with `4bit` when so), else the folder name.
+    /// (`adamw`, `adam-mini`, `adam-mini+bsfa`, with `4bit` when so), else the folder name
+    /// ([`run`] adds what tells runs with the same label apart).
     pub fn load(dir: &Path) -> Result<Self> {
         let metrics = dir.join("metrics.jsonl");
         let text = std::fs::read_to_string(&metrics).with_context(|| {
@@ -39,6 +53,7 @@ impl RunCurves {
             train: Vec::new(),
             val: Vec::new(),
             step_ms: Vec::new(),
+            subspace: Vec::new(),
         };
         for line in text.lines() {
             let Ok(record) = serde_json::from_str::<Value>(line) else {
@@ -56,11 +71,42 @@ impl RunCurves {
             if let Some(ms) = record.get("step_ms").and_then(Value::as_f64) {
                 run.step_ms.push(ms);
             }
+            for group in record
+                .get("bsfa")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                run.add_subspace(step, group);
+            }
         }
         if run.val.is_empty() {
             bail!("'{}' has no validation losses", metrics.display());
         }
         Ok(run)
+    }
+
+    fn add_subspace(&mut self, step: u64, group: &Value) {
+        let Some(name) = group.get("group").and_then(Value::as_str) else {
+            return;
+        };
+        let index = match self.subspace.iter().position(|c| c.group == name) {
+            Some(i) => i,
+            None => {
+                self.subspace.push(SubspaceCurves {
+                    group: name.to_string(),
+                    ..SubspaceCurves::default()
+                });
+                self.subspace.len() - 1
+            }
+        };
+        let curves = &mut self.subspace[index];
+        if let Some(e) = group.get("energy").and_then(Value::as_f64) {
+            curves.energy.push((step, e));
+        }
+        if let Some(o) = group.get("overlap").and_then(Value::as_f64) {
+            curves.overlap.push((step, o));
+        }
     }
 
     /// The last validation loss.
@@ -74,22 +120,71 @@ impl RunCurves {
     }
 }
 
+fn config_of(dir: &Path) -> Option<crate::config::RunConfig> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 fn label_of(dir: &Path) -> String {
-    let name = || {
-        dir.file_name()
-            .map_or("run".into(), |n| n.to_string_lossy().into_owned())
-    };
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
-        return name();
-    };
-    let Ok(config) = serde_json::from_str::<crate::config::RunConfig>(&text) else {
-        return name();
+    let Some(config) = config_of(dir) else {
+        return dir
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy().into_owned());
     };
     let mut label = crate::checkpoint::optimizer_kind(&config);
     if config.bsfa.enabled && config.bsfa.bits == 4 {
         label.push_str(" 4bit");
     }
     label
+}
+
+/// Where runs share a label, each gets the settings in which it differs from the others
+/// (`adamw lr=0.006 steps=400`), or failing that its folder name.
+fn distinguish(runs: &mut [RunCurves], dirs: &[PathBuf]) -> Result<()> {
+    let configs: Vec<_> = dirs.iter().map(|d| config_of(d)).collect();
+    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+    for (i, run) in runs.iter_mut().enumerate() {
+        let twins: Vec<usize> = (0..labels.len())
+            .filter(|&j| labels[j] == labels[i])
+            .collect();
+        if twins.len() < 2 {
+            continue;
+        }
+        // The keys in which any twin differs from this run (where it was written and on how
+        // many threads aside), in declaration order.
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(mine) = &configs[i] {
+            for &j in &twins {
+                if let Some(other) = &configs[j] {
+                    for (key, _, _) in crate::config::differences(mine, other)? {
+                        let bookkeeping = ["train.out", "train.threads"].contains(&key.as_str());
+                        if !bookkeeping && !keys.contains(&key) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        let order = crate::config::valid_keys();
+        keys.sort_by_key(|k| order.iter().position(|o| o == k));
+        let shown: Vec<String> = match &configs[i] {
+            Some(config) if !keys.is_empty() => {
+                let values = serde_json::to_value(config)?;
+                keys.iter()
+                    .map(|key| {
+                        let value = key.split('.').fold(&values, |v, part| &v[part]);
+                        let short = key.rsplit('.').next().unwrap_or(key);
+                        format!("{short}={value}")
+                    })
+                    .collect()
+            }
+            _ => vec![dirs[i]
+                .file_name()
+                .map_or("run".into(), |n| n.to_string_lossy().into_owned())],
+        };
+        run.label = format!("{} {}", labels[i], shown.join(" "));
+    }
+    Ok(())
 }
 
 /// A row of the comparison table.
@@ -109,10 +204,11 @@ pub fn run(dirs: &[PathBuf], png: &Path, title: &str) -> Result<Vec<Row>> {
     if dirs.is_empty() {
         bail!("plot needs at least one run folder");
     }
-    let runs: Vec<RunCurves> = dirs
+    let mut runs: Vec<RunCurves> = dirs
         .iter()
         .map(|d| RunCurves::load(d))
         .collect::<Result<_>>()?;
+    distinguish(&mut runs, dirs)?;
     draw(&runs, png, title)?;
     Ok(compare(&runs))
 }
@@ -146,22 +242,27 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Two panels (train loss, validation loss) against steps, one line per run.
+const COLORS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
+
+/// Two panels (train loss, validation loss) against steps, one line per run, and a third
+/// with the first BSFA run's subspace diagnostics when a run has them.
 fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
     // Registering twice (a second plot in one process) is harmless.
     let _ = plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT);
-    let root = BitMapBackend::new(png, (1400, 560)).into_drawing_area();
+    let with_bsfa = runs.iter().find(|r| !r.subspace.is_empty());
+    let columns = if with_bsfa.is_some() { 3 } else { 2 };
+    let root = BitMapBackend::new(png, (700 * columns as u32, 560)).into_drawing_area();
     let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw '{}': {e}", png.display());
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let root = root.titled(title, (FONT_NAME, 24)).map_err(|e| fail(&e))?;
-    let panels = root.split_evenly((1, 2));
-    let colors = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-    ];
+    let panels = root.split_evenly((1, columns));
+    let colors = COLORS;
     for (panel, (name, pick)) in panels.iter().zip([
         (
             "train loss",
@@ -215,7 +316,67 @@ fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
             .draw()
             .map_err(|e| fail(&e))?;
     }
+    if let (Some(run), Some(panel)) = (with_bsfa, panels.get(2)) {
+        draw_subspace(run, panel).map_err(|e| fail(&e))?;
+    }
     root.present().map_err(|e| fail(&e))?;
+    Ok(())
+}
+
+/// Per group, the variance fraction the directions capture (solid) and the overlap of
+/// consecutive subspaces (dashed), against steps.
+fn draw_subspace(
+    run: &RunCurves,
+    panel: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let max_step = run
+        .subspace
+        .iter()
+        .flat_map(|c| c.energy.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut chart = ChartBuilder::on(panel)
+        .caption(format!("BSFA subspaces: {}", run.label), (FONT_NAME, 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0u64..max_step, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("fraction")
+        .label_style((FONT_NAME, 14))
+        .draw()?;
+    for (i, curves) in run.subspace.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                curves.energy.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(format!("{}: variance captured", curves.group))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(DashedLineSeries::new(
+                curves.overlap.iter().copied(),
+                6,
+                4,
+                color.stroke_width(1),
+            ))?
+            .label(format!("{}: overlap with previous", curves.group))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT_NAME, 14))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 
@@ -229,6 +390,7 @@ mod tests {
             train: val.to_vec(),
             val: val.to_vec(),
             step_ms: vec![3.0, 1.0, 2.0],
+            subspace: Vec::new(),
         }
     }
 

@@ -215,6 +215,9 @@ impl Recorder {
                 "step_ms": step_s * 1e3,
             }))?;
         }
+        if let (Some(groups), Some(metrics)) = (&outcome.bsfa, &mut self.metrics) {
+            metrics.write(&json!({ "step": done, "bsfa": groups }))?;
+        }
         Ok(())
     }
 

@@ -43,6 +43,8 @@ pub struct StepOutcome {
     /// A stop signal one of the ranks received before this step ended: every rank agrees
     /// on it, so all of them checkpoint after the same step.
     pub stop: Option<i32>,
+    /// What BSFA's re-estimation in this step found, per group (only in such steps).
+    pub bsfa: Option<Vec<crate::optim::bsfa::GroupDiagnostics>>,
 }
 
 impl Trainer {
@@ -90,6 +92,7 @@ impl Trainer {
                 optimizer_s: 0.0,
                 communication_s: 0.0,
                 stop,
+                bsfa: None,
             };
             if !loss.is_finite() {
                 return Ok(outcome);
@@ -101,6 +104,7 @@ impl Trainer {
             outcome.grad_norm = norm;
             if norm.is_finite() {
                 self.optimizer.step(&self.params, &acc.grads, lr, clip)?;
+                outcome.bsfa = self.optimizer.take_diagnostics();
             }
             outcome.optimizer_s = started.elapsed().as_secs_f64();
             Ok(outcome)

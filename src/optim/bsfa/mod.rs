@@ -12,18 +12,20 @@
 //! - *owner*: the data-parallel rank that keeps a block's history and directions.
 //!
 //! Algorithm, every step: the base optimizer steps; the wrapper sees each block only before
-//! and after, and takes the difference as the update `v`. Every `bsfa.interval` steps it
-//! re-estimates the directions `U` as the top principal components of the centred history
-//! (`pca`). Once there are directions, the update becomes `gamma * v + (alpha - gamma) * U^T
-//! (U v)` (`projection`): scaled by `alpha` inside the dominant subspace and by `gamma` in
-//! the bulk. `v` itself joins the history.
+//! and after, and takes the difference as the update `v`. Every `bsfa.interval` steps (from
+//! step `interval` on, as the paper's Algorithm 1) it re-estimates the directions `U` as the
+//! top principal components of the centred history (`pca`), however many updates it holds,
+//! and notes what it found (`diagnostics`). Once there are directions, the update becomes
+//! `gamma * v + (alpha - gamma) * U^T (U v)` (`projection`): scaled by `alpha` inside the
+//! dominant subspace and by `gamma` in the bulk. `v` itself joins the history.
 //!
-//! Files: `pca` (the estimate), `projection` (its use), `state` (the stored history and
-//! directions, f32 or 4-bit through `quant`), `shard` (owners and what moves between ranks),
-//! `cpu` (what the CPU fast paths share).
+//! Files: `pca` (the estimate), `projection` (its use), `diagnostics` (what each estimate
+//! found), `state` (the stored history and directions, f32 or 4-bit through `quant`), `shard`
+//! (owners and what moves between ranks), `cpu` (what the CPU fast paths share).
 
 mod config;
 mod cpu;
+mod diagnostics;
 mod pca;
 mod projection;
 pub mod quant;
@@ -31,7 +33,8 @@ mod shard;
 mod state;
 
 pub use config::{BsfaConfig, BsfaGroup, BsfaGroups};
-pub use pca::top_directions;
+pub use diagnostics::GroupDiagnostics;
+pub use pca::{estimate, top_directions, Estimate};
 pub use projection::project;
 pub use shard::owners;
 pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
@@ -58,6 +61,10 @@ pub struct Bsfa {
     names: Vec<String>,
     /// Per parameter: what its stored rows hold, to check and restore checkpointed state.
     row_kinds: Vec<RowKind>,
+    /// Per parameter: its group, for the diagnostics.
+    groups: Vec<crate::model::ParamGroup>,
+    /// What the latest re-estimation found, until taken.
+    diagnostics: Option<Vec<GroupDiagnostics>>,
     steps: u64,
 }
 
@@ -82,19 +89,16 @@ impl Bsfa {
             shard,
             names: params.iter().map(|p| p.name.clone()).collect(),
             row_kinds: params.iter().map(RowKind::of).collect(),
+            groups: params.iter().map(|p| p.group).collect(),
+            diagnostics: None,
             steps: 0,
         })
     }
 
-    /// Whether this step projects: from the first re-estimation that had more updates
-    /// than `rank` (the same on every rank, owner of a block or not).
+    /// Whether this step may project: from the first re-estimation on, at step `interval`
+    /// (the same on every rank, owner of a block or not).
     fn projects_at(&self, step: u64) -> bool {
-        let (rank, history, interval) = (
-            self.config.rank as u64,
-            self.config.history as u64,
-            self.config.interval as u64,
-        );
-        history > rank && step >= (rank / interval + 1) * interval
+        step >= self.config.interval as u64
     }
 
     /// The parameter index of a BSFA state key (`<param>.bsfa_<slot>[.<part>]`).
@@ -121,15 +125,32 @@ impl Optimizer for Bsfa {
         self.base.step(params, grads, lr, grad_scale)?;
         let refresh = self.steps > 0 && self.steps.is_multiple_of(self.config.interval as u64);
         let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
-        for ((param, block), before) in params.iter().zip(&mut self.blocks).zip(before) {
+        let mut found = diagnostics::Accumulator::default();
+        for (((param, block), before), group) in params
+            .iter()
+            .zip(&mut self.blocks)
+            .zip(before)
+            .zip(&self.groups)
+        {
             let (Some(block), Some(before)) = (block, before) else {
                 continue;
             };
-            if refresh && block.history.len() > self.config.rank {
+            // As Algorithm 1 does: from the first interval on, with the updates there are
+            // (until the history is full, fewer than `history`, giving at most one
+            // direction fewer than there are updates).
+            if refresh {
                 let history = block.stacked_history()?.matrix()?;
+                let estimate = estimate(&history, self.config.rank)?;
+                let overlap = match (&block.directions, &estimate.directions) {
+                    (Some(old), Some(new)) => Some(diagnostics::overlap(&old.matrix()?, new)?),
+                    _ => None,
+                };
+                let kept = estimate.directions.as_ref().map_or(Ok(0), |d| d.dim(0))?;
+                found.add(*group, estimate.energy, overlap, kept);
                 // A history without variance (a frozen or constant block) gives no
                 // directions: the block keeps the identity projection.
-                block.directions = top_directions(&history, self.config.rank)?
+                block.directions = estimate
+                    .directions
                     .map(|d| Stored::keep(&d, bits))
                     .transpose()?;
             }
@@ -142,6 +163,9 @@ impl Optimizer for Bsfa {
             )?;
             block.record(&update, self.config.history, bits)?;
         }
+        if refresh {
+            self.diagnostics = Some(found.finish(self.shard.comm())?);
+        }
         if self.projects_at(self.steps) {
             self.shard.share_projected(params)?;
         }
@@ -151,6 +175,10 @@ impl Optimizer for Bsfa {
 
     fn steps_taken(&self) -> u64 {
         self.steps
+    }
+
+    fn take_diagnostics(&mut self) -> Option<Vec<GroupDiagnostics>> {
+        self.diagnostics.take()
     }
 
     /// The base optimizer's state, which every rank holds alike.

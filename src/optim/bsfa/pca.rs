@@ -27,6 +27,20 @@ use rayon::prelude::*;
 /// with no variance at all (a frozen or constant block) yields `None`: no directions, the
 /// identity projection.
 pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
+    Ok(estimate(history, rank)?.directions)
+}
+
+/// The directions [`top_directions`] gives, and the fraction of the centred history's
+/// variance they capture.
+pub struct Estimate {
+    /// Orthonormal rows (`k x n`), or `None` for a history without variance.
+    pub directions: Option<Tensor>,
+    /// Their eigenvalues over the Gram matrix's trace (0 without variance).
+    pub energy: f64,
+}
+
+/// [`top_directions`] with the variance they capture.
+pub fn estimate(history: &Tensor, rank: usize) -> Result<Estimate> {
     let (m, _) = history.dims2()?;
     let dtype = history.dtype();
     // The two large products run in the history's precision (f32 in training); the small
@@ -38,12 +52,13 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
         .flatten_all()?
         .to_vec1()?;
     let centred_gram = nalgebra::DMatrix::from_row_slice(m, m, &gram);
-    let floor = m as f64 * epsilon(dtype) * centred_gram.trace();
+    let trace = centred_gram.trace();
+    let floor = m as f64 * epsilon(dtype) * trace;
     let eigen = centred_gram.symmetric_eigen();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
     let mut coefficients = Vec::with_capacity(rank * m);
-    let mut kept = 0;
+    let (mut kept, mut captured) = (0, 0.0);
     for &i in order.iter().take(rank) {
         let lambda = eigen.eigenvalues[i];
         if lambda.is_nan() || lambda <= floor {
@@ -52,13 +67,20 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
         let scale = 1.0 / lambda.sqrt();
         coefficients.extend((0..m).map(|j| eigen.eigenvectors[(j, i)] * scale));
         kept += 1;
+        captured += lambda;
     }
     if kept == 0 {
-        return Ok(None);
+        return Ok(Estimate {
+            directions: None,
+            energy: 0.0,
+        });
     }
     let coefficients =
         Tensor::from_vec(coefficients, (kept, m), history.device())?.to_dtype(dtype)?;
-    Ok(Some(coefficients.matmul(&centred)?))
+    Ok(Estimate {
+        directions: Some(coefficients.matmul(&centred)?),
+        energy: captured / trace,
+    })
 }
 
 /// The relative rounding error of `dtype` (machine epsilon).

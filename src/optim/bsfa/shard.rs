@@ -42,6 +42,11 @@ pub(super) struct Shard {
 }
 
 impl Shard {
+    /// The ranks the blocks are dealt out over.
+    pub(super) fn comm(&self) -> &dyn Communicator {
+        self.comm.as_ref()
+    }
+
     /// The blocks of `params` dealt out over the ranks of `comm` (see [`owners`]).
     pub(super) fn new(config: &BsfaConfig, params: &[Param], comm: Arc<dyn Communicator>) -> Self {
         Self {
