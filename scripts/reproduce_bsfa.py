@@ -194,6 +194,9 @@ class Study:
     def run_all(self, specs):
         """Runs what has not run yet, `jobs` at a time; returns the records in order."""
         todo = [s for s in specs if s["name"] not in self.runs.get(s["size"], {})]
+        # Longest first (larger sizes, more steps), so the last runs do not leave a slot idle.
+        order = {size: i for i, size in enumerate(SIZES)}
+        todo.sort(key=lambda s: (-order.get(s["size"], 0), -s["steps"]))
         with concurrent.futures.ThreadPoolExecutor(self.args.jobs) as pool:
             for record in pool.map(self.train, todo):
                 self.runs.setdefault(record["size"], {})[record["name"]] = record
@@ -265,36 +268,35 @@ class Study:
             for size in sizes
         }
 
-        print("2. tuned baselines at every seed", file=sys.stderr)
-        baselines = {
-            size: {
-                m: self.run_all([self.spec(size, m, tuned[size][m], n, s) for s in seeds])
-                for m in ("adamw", "adam-mini")
-            }
-            for size in sizes
-        }
-
         smallest = sizes[0]
         lr0 = tuned[smallest]["adam-mini"]
         gammas = [float(g) for g in args.gammas.split(",")]
         ranks = [int(k) for k in args.ranks.split(",")]
         k0 = 50 if 50 in ranks else ranks[-1]
-        print(f"3. gamma sweep at {smallest} (k = {k0}), then k", file=sys.stderr)
-        gamma_sweep = self.run_all([self.spec(smallest, "bsfa", lr0, half, 0, g, k0) for g in gammas])
+        print(f"2. tuned baselines at every seed; gamma sweep at {smallest} (k = {k0})", file=sys.stderr)
+        baseline_specs = {
+            (size, m): [self.spec(size, m, tuned[size][m], n, s) for s in seeds]
+            for size in sizes for m in ("adamw", "adam-mini")
+        }
+        gamma_specs = [self.spec(smallest, "bsfa", lr0, half, 0, g, k0) for g in gammas]
+        self.run_all([x for specs in baseline_specs.values() for x in specs] + gamma_specs)
+        baselines = {size: {m: self.run_all(baseline_specs[(size, m)]) for m in ("adamw", "adam-mini")}
+                     for size in sizes}
+        gamma_sweep = self.run_all(gamma_specs)
         gamma = min(gamma_sweep, key=lambda r: r["final_val"])["gamma"]
+        print(f"3. k sweep at {smallest} (gamma {gamma:g})", file=sys.stderr)
         rank_sweep = self.run_all([self.spec(smallest, "bsfa", lr0, half, 0, gamma, k) for k in ranks])
         rank = min(rank_sweep, key=lambda r: r["final_val"])["rank"]
 
         print(f"4. AdamMini-BSFA (gamma {gamma:g}, k {rank}) at N/2 and N", file=sys.stderr)
-        bsfa = {
-            size: {
-                steps: self.run_all(
-                    [self.spec(size, "bsfa", tuned[size]["adam-mini"], steps, s, gamma, rank) for s in seeds]
-                )
-                for steps in (half, n)
-            }
-            for size in sizes
+        bsfa_specs = {
+            (size, steps): [self.spec(size, "bsfa", tuned[size]["adam-mini"], steps, s, gamma, rank)
+                            for s in seeds]
+            for size in sizes for steps in (half, n)
         }
+        self.run_all([x for specs in bsfa_specs.values() for x in specs])
+        bsfa = {size: {steps: self.run_all(bsfa_specs[(size, steps)]) for steps in (half, n)}
+                for size in sizes}
 
         report["chosen"] = {"gamma": gamma, "rank": rank, "history": rank + 10, "alpha": ALPHA,
                             "interval": 10, "chosen_at": smallest}

@@ -150,7 +150,7 @@ fn bad_config_input_is_a_clear_error() {
     );
     fails_with(&["--model", "gpt5", "--dry-run"], "unknown --model");
     fails_with(
-        &["--bsfa", "--set", "bsfa.rank=40", "--dry-run"],
+        &["--bsfa", "--set", "bsfa.rank=60", "--dry-run"],
         "below bsfa.history",
     );
     fails_with(

@@ -6,7 +6,9 @@ use crate::model::ParamGroup;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// The BSFA wrapper (`--bsfa`); defaults from the paper's LLaMA-72M setting.
+/// The BSFA wrapper (`--bsfa`). Defaults: the paper's k = 50, l = 60, T = 10, alpha = 0.5; gamma
+/// 1.5, the best of the reproduction study's sweep at its smallest model (docs/bsfa.md). The
+/// paper presets set their own gamma.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BsfaConfig {
@@ -35,8 +37,8 @@ impl Default for BsfaConfig {
             enabled: false,
             alpha: 0.5,
             gamma: 1.5,
-            rank: 30,
-            history: 40,
+            rank: 50,
+            history: 60,
             interval: 10,
             blocks: BsfaGroups(vec![BsfaGroup::Norm, BsfaGroup::Attn, BsfaGroup::Mlp]),
             bits: 32,
