@@ -52,7 +52,9 @@ ALPHA = 0.5  # the paper's setting in every experiment of section 5
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/reproduce-bsfa", help="output folder")
-    p.add_argument("--bin", default="target/release/bsfa-train", help="the bsfa-train binary")
+    target = os.environ.get("CARGO_TARGET_DIR", "target")
+    p.add_argument("--bin", default=os.path.join(target, "release", "bsfa-train"),
+                   help="the bsfa-train binary (default: cargo's release build)")
     p.add_argument("--sizes", default="S,M", help="model sizes, smallest first: XS, S, M, L")
     p.add_argument("--steps", type=int, default=400, help="N, the baseline's steps")
     p.add_argument("--seeds", type=int, default=3)
