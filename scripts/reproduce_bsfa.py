@@ -402,7 +402,7 @@ class Study:
                   "BSFA@N/2 − Adam-mini@N | BSFA@N − Adam-mini@N |", "|---|---|---|---|---|---|"]
         for size in sizes:
             s = report["sizes"][size]
-            gap = lambda key: fmt(s[key]).replace(" ± ", " ± ")
+            gap = lambda key: fmt(s[key])
             lines.append(
                 f"| {size} | {s['tuned_lr']['adamw']:g} | {s['tuned_lr']['adam-mini']:g} | "
                 f"{gap(f'gap_bsfa@{half}_minus_adamw@{n}')} | {gap(f'gap_bsfa@{half}_minus_adam-mini@{n}')} | "

@@ -22,6 +22,8 @@ pub struct RunCurves {
     pub step_ms: Vec<f64>,
     /// BSFA's diagnostics per group (`metrics.jsonl`'s `bsfa` lines), empty without BSFA.
     pub subspace: Vec<SubspaceCurves>,
+    /// The run's `config.json`, when it has a readable one.
+    pub config: Option<crate::config::RunConfig>,
 }
 
 /// One parameter group's BSFA diagnostics over a run.
@@ -48,8 +50,10 @@ impl RunCurves {
                 dir.display()
             )
         })?;
+        let config = config_of(dir);
         let mut run = Self {
-            label: label_of(dir),
+            label: label_of(dir, config.as_ref()),
+            config,
             train: Vec::new(),
             val: Vec::new(),
             step_ms: Vec::new(),
@@ -125,13 +129,13 @@ fn config_of(dir: &Path) -> Option<crate::config::RunConfig> {
     serde_json::from_str(&text).ok()
 }
 
-fn label_of(dir: &Path) -> String {
-    let Some(config) = config_of(dir) else {
+fn label_of(dir: &Path, config: Option<&crate::config::RunConfig>) -> String {
+    let Some(config) = config else {
         return dir
             .file_name()
             .map_or("run".into(), |n| n.to_string_lossy().into_owned());
     };
-    let mut label = crate::checkpoint::optimizer_kind(&config);
+    let mut label = crate::checkpoint::optimizer_kind(config);
     if config.bsfa.enabled && config.bsfa.bits == 4 {
         label.push_str(" 4bit");
     }
@@ -141,7 +145,7 @@ fn label_of(dir: &Path) -> String {
 /// Where runs share a label, each gets the settings in which it differs from the others
 /// (`adamw lr=0.006 steps=400`), or failing that its folder name.
 fn distinguish(runs: &mut [RunCurves], dirs: &[PathBuf]) -> Result<()> {
-    let configs: Vec<_> = dirs.iter().map(|d| config_of(d)).collect();
+    let configs: Vec<_> = runs.iter().map(|r| r.config.clone()).collect();
     let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
     for (i, run) in runs.iter_mut().enumerate() {
         let twins: Vec<usize> = (0..labels.len())
@@ -391,6 +395,7 @@ mod tests {
             val: val.to_vec(),
             step_ms: vec![3.0, 1.0, 2.0],
             subspace: Vec::new(),
+            config: None,
         }
     }
 
