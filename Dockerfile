@@ -4,11 +4,14 @@
 #
 #   docker build -t bsfa-train:cuda .                                    # H100/H200 (sm_90)
 #   docker build --build-arg CUDA_COMPUTE_CAP=80 -t bsfa-train:cuda .    # A100 (sm_80)
-#   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" bsfa-train:cuda train ...
+#   docker run --gpus all --ipc=host -e HF_HOME=/data -v "$PWD/data:/data" -v "$PWD/runs:/runs" \
+#     bsfa-train:cuda --model llama134m --bsfa --nproc-per-node 4 --out /runs/llama134m-bsfa
 #
-# The image runs as uid 10001; to write into bind-mounted host folders owned by you, add
-# `--user "$(id -u):$(id -g)"`. Multi-GPU runs on one host also want `--ipc=host` (NCCL's
-# shared memory).
+# The entry point is the binary: arguments go straight to it (training is the default
+# command; `prepare`, `eval`, `export`, `bench` are subcommands). `--ipc=host` gives NCCL the
+# shared memory it needs across the GPUs of one host. The image runs as uid 10001; to write
+# into bind-mounted host folders owned by you, add `--user "$(id -u):$(id -g)"`. `docker stop`
+# sends SIGTERM: every rank checkpoints and exits (`--resume auto` continues).
 #
 # The build needs no GPU. scripts/check_cuda_build.sh runs the same cargo build command on a
 # machine without Docker (keep the two the same; the script checks it).

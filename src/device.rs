@@ -10,14 +10,15 @@ use serde::{Deserialize, Serialize};
 pub enum DeviceKind {
     /// The CPU, with the fused kernels.
     Cpu,
-    /// CUDA device `LOCAL_RANK`.
+    /// The rank's CUDA device: local rank `LOCAL_RANK` among the GPUs it sees.
     Cuda,
     /// CUDA when this build has it and a GPU is present, else the CPU.
     Auto,
 }
 
-/// The device for `spec` on a rank whose local rank is `local_rank` (its GPU ordinal).
-pub fn select(spec: DeviceKind, local_rank: usize) -> Result<Device> {
+/// The device for `spec` on a rank whose GPU is CUDA ordinal `gpu` (see
+/// [`crate::dist::env::gpu_ordinal`]).
+pub fn select(spec: DeviceKind, gpu: usize) -> Result<Device> {
     match spec {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda => {
@@ -27,12 +28,16 @@ pub fn select(spec: DeviceKind, local_rank: usize) -> Result<Device> {
                      `cargo build --release --features cuda,nccl` (or use the Docker image)"
                 );
             }
-            Device::new_cuda(local_rank).with_context(|| {
-                format!("cannot open CUDA device {local_rank} (LOCAL_RANK); is a GPU visible?")
+            Device::new_cuda(gpu).with_context(|| {
+                format!(
+                    "cannot open CUDA device {gpu} (this rank's local rank among the GPUs it \
+                     sees, CUDA_VISIBLE_DEVICES='{}'); is a GPU visible?",
+                    std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+                )
             })
         }
         DeviceKind::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
-            select(DeviceKind::Cuda, local_rank)
+            select(DeviceKind::Cuda, gpu)
         }
         DeviceKind::Auto => Ok(Device::Cpu),
     }

@@ -7,6 +7,9 @@
 //! | `rank-abort` | after step `<step>` on rank `<rank>` | the rank aborts without a word to the others |
 //! | `rank-error` | same | the rank fails with an error, as on bad data |
 //! | `rank-hang` | same | the rank stops answering |
+//!
+//! A failpoint fires in a launcher's first attempt only: the ranks torchrun restarts
+//! (`TORCHELASTIC_RESTART_COUNT` above 0) run on, as after a transient crash.
 
 use anyhow::{bail, Result};
 
@@ -25,6 +28,9 @@ pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
     let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") else {
         return Ok(());
     };
+    if std::env::var("TORCHELASTIC_RESTART_COUNT").is_ok_and(|c| c.trim() != "0") {
+        return Ok(());
+    }
     let parts: Vec<&str> = spec.split(':').collect();
     let (kind, at_rank, at_step) = match parts[..] {
         [kind, at_step] => (kind, None, at_step),

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 struct Flags {
     requested: Arc<AtomicBool>,
@@ -51,5 +52,40 @@ pub fn signal_name(signal: i32) -> &'static str {
         signal_hook::consts::SIGINT => "SIGINT",
         signal_hook::consts::SIGTERM => "SIGTERM",
         _ => "a signal",
+    }
+}
+
+/// The error of a wait that a signal cut short (joining the job, waiting for data).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {} before training started", signal_name(*.0))]
+pub struct Interrupted(pub i32);
+
+/// Fails with [`Interrupted`] once a stop was requested: long waits call it, so that a
+/// signal ends them within moments instead of after their timeout.
+pub fn check() -> Result<()> {
+    match requested() {
+        Some(signal) => Err(Interrupted(signal).into()),
+        None => Ok(()),
+    }
+}
+
+/// The signal that cut a wait short, if `e` is (or was caused by) an [`Interrupted`].
+pub fn interrupted_by(e: &anyhow::Error) -> Option<i32> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Interrupted>())
+        .map(|i| i.0)
+}
+
+/// Sleeps `pause` unless a stop is requested, in steps short enough to notice one; fails
+/// with [`Interrupted`] then.
+pub fn sleep(pause: Duration) -> Result<()> {
+    let until = Instant::now() + pause;
+    loop {
+        check()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
 }

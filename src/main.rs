@@ -1,6 +1,7 @@
 use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::dist::{self, Job};
+use bsfa_train::model::Architecture;
 use bsfa_train::{bench, data, eval, export, interrupt, plot, train};
 use clap::Parser;
 use serde_json::json;
@@ -30,10 +31,16 @@ fn main() -> ExitCode {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             // Ranks of a job share one terminal: say whose error this is.
-            match dist::env::from_env() {
-                Ok(Some(layout)) => eprintln!("error (rank {}): {e:#}", layout.rank),
-                _ => eprintln!("error: {e:#}"),
+            let whose = match dist::env::from_env() {
+                Ok(Some(layout)) => format!(" (rank {})", layout.rank),
+                _ => String::new(),
+            };
+            if let Some(signal) = interrupt::interrupted_by(&e) {
+                // Asked to stop before training began: nothing to checkpoint.
+                eprintln!("stopped{whose}: {e:#}");
+                return ExitCode::from((128 + signal) as u8);
             }
+            eprintln!("error{whose}: {e:#}");
             if dist::caused_by_peer(&e) {
                 return ExitCode::from(dist::PEER_FAILED_STATUS);
             }
@@ -115,10 +122,16 @@ fn run(cli: &Cli) -> Result<u8> {
         None => &cli.run,
     };
     let config = args.resolve()?;
-    if let Some(nproc) = args.nproc_per_node {
-        // Inside a job already (our launcher, torchrun, srun): the flag has done its part.
-        if dist::env::from_env()?.is_none() && !args.dry_run {
-            return dist::launch::run(nproc, &without_nproc_flag(std::env::args_os().skip(1)));
+    if !args.dry_run {
+        // A node to start (our flag, or a Kubeflow pod given several processes); inside a
+        // job already (our launcher, torchrun, srun, mpirun) the flag has done its part.
+        let node = match (dist::env::placement()?, args.nproc_per_node) {
+            (dist::env::Placement::Node(node), _) => Some(node),
+            (dist::env::Placement::Alone, Some(nproc)) => Some(dist::launch::single_node(nproc)?),
+            _ => None,
+        };
+        if let Some(node) = node {
+            return dist::launch::run(&node, &without_nproc_flag(std::env::args_os().skip(1)));
         }
     }
     let threads = set_threads(config.train.threads);
@@ -127,6 +140,11 @@ fn run(cli: &Cli) -> Result<u8> {
         return Ok(0);
     }
     interrupt::install()?;
+    if config.model.architecture == Architecture::Llama {
+        // Before joining: preparing a dataset can take far longer than any wait for the
+        // other ranks is allowed to.
+        data::prepare_named(&config.data)?;
+    }
     let timeout = Duration::from_secs(config.train.dist_timeout_s);
     let job = Job::from_env(config.train.device, timeout)?;
     if let Some(Command::Bench(b)) = &cli.command {
@@ -169,15 +187,21 @@ fn without_nproc_flag(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
 }
 
 /// Sizes the compute thread pool and returns the thread count: `--threads`, else the share
-/// of the cores the launcher gave this rank, else every core.
+/// of the cores our launcher gave this rank, else an equal share of the cores among the
+/// ranks on this machine (other launchers), else every core.
 fn set_threads(threads: Option<usize>) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = threads
         .or_else(|| {
             std::env::var("BSFA_RANK_THREADS")
                 .ok()
                 .and_then(|t| t.parse().ok())
         })
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .or_else(|| {
+            let layout = dist::env::from_env().ok().flatten()?;
+            Some((cores / layout.local_world).max(1))
+        })
+        .unwrap_or(cores);
     // Candle sizes its thread pool from this variable when it first computes, so it must be
     // set before any tensor work.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

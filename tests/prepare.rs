@@ -322,8 +322,8 @@ fn bad_sources_are_clear_errors() {
 
 /// A stand-in for the hub on 127.0.0.1: serves `files` (repository path -> bytes) of the
 /// dataset `Salesforce/wikitext` and `tokenizer.json` of the model `gpt2`, with the headers
-/// hf-hub needs. It stops by itself after `lifetime`.
-fn hub_server(files: HashMap<String, Vec<u8>>, lifetime: Duration) -> String {
+/// hf-hub needs, each request answered after `delay`. It stops by itself after `lifetime`.
+fn hub_server(files: HashMap<String, Vec<u8>>, lifetime: Duration, delay: Duration) -> String {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let port = server.server_addr().to_ip().unwrap().port();
     std::thread::spawn(move || {
@@ -333,6 +333,7 @@ fn hub_server(files: HashMap<String, Vec<u8>>, lifetime: Duration) -> String {
             let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
+            std::thread::sleep(delay);
             let url = request.url().to_string();
             let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k, v).unwrap();
             if url.starts_with("/api/datasets/Salesforce/wikitext/revision/main") {
@@ -389,10 +390,18 @@ fn hub_server(files: HashMap<String, Vec<u8>>, lifetime: Duration) -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-#[test]
-fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok_path = dir.path().join("tok.json");
+/// A small WikiText-103 as the hub serves it (three parquet splits, and another config of
+/// the repository that must not be read), with the `gpt2` tokenizer: a word tokenizer of
+/// 300 tokens. Returns the files, the tokenizer and the articles (rows) in split order:
+/// 26 train, 2 validation, 2 test.
+fn small_wikitext(
+    dir: &Path,
+) -> (
+    HashMap<String, Vec<u8>>,
+    tokenizers::Tokenizer,
+    Vec<Vec<String>>,
+) {
+    let tok_path = dir.join("tok.json");
     let tok = word_tokenizer(&tok_path, 300);
     // WikiText rows are lines; ` = Title = ` starts an article.
     let articles: Vec<Vec<String>> = (0..30)
@@ -424,7 +433,7 @@ fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
         ("validation-00000-of-00001", &val_rows),
         ("test-00000-of-00001", &test_rows),
     ] {
-        let path = dir.path().join(format!("{name}.parquet"));
+        let path = dir.join(format!("{name}.parquet"));
         write_string_column(&path, "text", rows, 50).unwrap();
         files.insert(
             format!("wikitext/wikitext-103-raw-v1/{name}.parquet"),
@@ -440,7 +449,14 @@ fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
         "gpt2/tokenizer.json".into(),
         std::fs::read(&tok_path).unwrap(),
     );
-    let endpoint = hub_server(files, Duration::from_secs(120));
+    (files, tok, articles)
+}
+
+#[test]
+fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, tok, articles) = small_wikitext(dir.path());
+    let endpoint = hub_server(files, Duration::from_secs(120), Duration::ZERO);
     let home = dir.path().join("hf_home");
     let home = home.to_str().unwrap();
     let online = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HOME", home)];
@@ -536,4 +552,106 @@ fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
             "bsfa-train prepare --data wikitext103",
         ],
     );
+}
+
+/// The ranks of a job prepare a named dataset before they join, so preparing may take far
+/// longer than `--dist-timeout`; one rank prepares, the others wait for it, and a signal
+/// ends that wait at once.
+#[test]
+fn ranks_prepare_once_before_joining_and_a_signal_ends_their_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _, _) = small_wikitext(dir.path());
+    // Each request takes 1.5 s: preparing takes several times the 3 s bound on joining.
+    let endpoint = hub_server(files, Duration::from_secs(120), Duration::from_millis(1500));
+    let home = dir.path().join("hf_home");
+    let home = home.to_str().unwrap();
+    let out = dir.path().join("run");
+    let train = |out: &Path| -> Vec<String> {
+        [
+            "--data",
+            "wikitext103",
+            "--tokenizer",
+            "gpt2",
+            "--set",
+            "model.vocab_size=320",
+            "--set",
+            "model.hidden_size=32",
+            "--set",
+            "model.num_hidden_layers=1",
+            "--set",
+            "model.intermediate_size=64",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--eval-batches",
+            "1",
+            "--steps",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--dist-timeout",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let train_args = train(&out);
+    let train_args: Vec<&str> = train_args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let output = bsfa(
+        &train_args,
+        &[("HF_ENDPOINT", &endpoint), ("HF_HOME", home)],
+    );
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let summary = ok(output);
+    assert_eq!(summary["ranks"], 2);
+    assert!(
+        took > Duration::from_secs(6),
+        "preparing took only {took:?}"
+    );
+    assert_eq!(
+        stderr.matches("preparing 'wikitext103'").count(),
+        1,
+        "{stderr}"
+    );
+    // Every rank reuses the shards, with the hub out of reach.
+    let again = dir.path().join("again");
+    let again_args = train(&again);
+    let again_args: Vec<&str> = again_args.iter().map(String::as_str).collect();
+    let output = bsfa(&again_args, &[("HF_HUB_OFFLINE", "1"), ("HF_HOME", home)]);
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("preparing"));
+    assert_eq!(ok(output)["ranks"], 2);
+
+    // Another process prepares (it holds the lock): a SIGTERM ends the wait.
+    let fresh = dir.path().join("fresh_home");
+    let lock_path = fresh.join("hub/bsfa-train/wikitext103-gpt2.lock");
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    lock.lock().unwrap();
+    let child = Command::new(BIN)
+        .args(train(&dir.path().join("waits")))
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HOME", &fresh)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let signalled = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let stopped_in = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{stderr}");
+    assert!(
+        stderr.contains("stopped by SIGTERM before training started"),
+        "{stderr}"
+    );
+    assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
 }

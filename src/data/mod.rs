@@ -6,6 +6,7 @@ mod config;
 pub mod hub;
 pub mod images;
 pub mod loader;
+mod lock;
 pub mod parquet_file;
 pub mod parquet_text;
 pub mod prepare;
@@ -86,6 +87,11 @@ pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
                 anyhow::anyhow!("HF_HUB_OFFLINE is set"),
             ));
         }
+        // Every rank of a job may get here at once: one prepares, the others wait.
+        let _lock = lock::exclusive(&dir.with_extension("lock"), &format!("'{name}'"))?;
+        if prepared(&dir) {
+            return Ok(DataSpec::Shards(dir));
+        }
         eprintln!("preparing '{name}' into '{}' (once)", dir.display());
         prepare::run(&prepare::PrepareOptions {
             source: name.to_string(),
@@ -97,6 +103,16 @@ pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
         .map_err(|e| unprepared(name, data, e))?;
     }
     Ok(DataSpec::Shards(dir))
+}
+
+/// Prepares the named datasets (`wikitext103`, `openwebtext`) of `data` that are not
+/// prepared yet. Ranks call it before they join their job: preparing can take hours, far
+/// beyond the bound on waits for other ranks, and ranks sharing a file system prepare once.
+pub fn prepare_named(data: &DataConfig) -> Result<()> {
+    for spec in std::iter::once(&data.train).chain(&data.val) {
+        resolve_dataset(spec, data)?;
+    }
+    Ok(())
 }
 
 /// True when `dir` holds prepared shards (`prepare` writes its meta file last).

@@ -1,90 +1,410 @@
-//! Where a process learns its place in a job: the variables torchrun (and our own
-//! `--nproc-per-node` launcher) set, or those of a Slurm `srun` step.
+//! Where a process learns its place in a job, from the variables its launcher set:
+//!
+//! | launcher | rank, world | local rank, local world | rank 0's host |
+//! |---|---|---|---|
+//! | torchrun, `--nproc-per-node` | `RANK`, `WORLD_SIZE` | `LOCAL_RANK`, `LOCAL_WORLD_SIZE` | `MASTER_ADDR` |
+//! | plain variables (Kubeflow PyTorchJob) | `RANK`, `WORLD_SIZE` | one rank per pod (all local when `MASTER_ADDR` is loopback) | `MASTER_ADDR` |
+//! | Open MPI | `OMPI_COMM_WORLD_RANK`, `_SIZE` | `OMPI_COMM_WORLD_LOCAL_RANK`, `_LOCAL_SIZE` | `MASTER_ADDR`, or loopback on one node |
+//! | MPICH, Intel MPI (PMI) | `PMI_RANK`, `PMI_SIZE` | `MPI_LOCALRANKID`, `MPI_LOCALNRANKS` | same |
+//! | MVAPICH2 | `MV2_COMM_WORLD_RANK`, `_SIZE` | `MV2_COMM_WORLD_LOCAL_RANK`, `_LOCAL_SIZE` | same |
+//! | Slurm `srun` | `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS` | `SLURM_LOCALID`, `SLURM_STEP_TASKS_PER_NODE` | first host of `SLURM_STEP_NODELIST` |
+//!
+//! The first launcher in this order whose variables are set wins: torchrun and MPI run
+//! inside Slurm allocations and inherit its variables. `MASTER_ADDR` and `MASTER_PORT`
+//! always win when set. A Kubeflow pod with `PET_NPROC_PER_NODE` above one and no
+//! `LOCAL_RANK` is a node whose ranks this process starts ([`Placement::Node`]), as torchrun
+//! would.
 
+use super::hostlist;
 use anyhow::{bail, Context, Result};
 
 /// Port rank 0 listens on when `MASTER_PORT` is unset (torchrun's default).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// Base of the ports Slurm steps derive from their job id when `MASTER_PORT` is unset.
+const SLURM_PORT_BASE: u16 = 15000;
+
+/// Ports above the base that Slurm job ids spread over.
+const SLURM_PORT_SPAN: u64 = 40000;
+
+/// The launcher whose variables placed this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// torchrun, `python -m torch.distributed.run`, or our `--nproc-per-node`.
+    Torchrun,
+    /// `RANK` and `WORLD_SIZE` alone, as a Kubeflow PyTorchJob sets them.
+    Plain,
+    /// Open MPI's `mpirun`.
+    OpenMpi,
+    /// MPICH's or Intel MPI's Hydra (`PMI_*`).
+    Pmi,
+    /// MVAPICH2's `mpirun_rsh`.
+    Mvapich,
+    /// A Slurm `srun` step.
+    Slurm,
+}
+
+impl Launcher {
+    /// The name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Torchrun => "torchrun",
+            Self::Plain => "RANK/WORLD_SIZE",
+            Self::OpenMpi => "Open MPI",
+            Self::Pmi => "MPICH/PMI",
+            Self::Mvapich => "MVAPICH2",
+            Self::Slurm => "Slurm",
+        }
+    }
+}
 
 /// This process's rank in a multi-process job and how to reach rank 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankEnv {
     pub rank: usize,
     pub world: usize,
-    /// Rank on this machine: picks the GPU.
+    /// Rank on this machine.
     pub local_rank: usize,
     /// Ranks on this machine: share its cores.
     pub local_world: usize,
+    /// The CUDA ordinal of this rank's GPU among those it can see.
+    pub gpu: usize,
     /// Host of rank 0.
     pub master_addr: String,
     pub master_port: u16,
+    pub launcher: Launcher,
+    /// Set when torchrun's agent serves its store on `MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE`): the restart count of this attempt. Rank 0 then
+    /// listens on a free port and publishes it in that store.
+    pub agent_store_attempt: Option<u64>,
 }
 
-/// Reads the job layout from the environment: torchrun's `RANK`, `WORLD_SIZE`,
-/// `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` first, else a Slurm step's
-/// `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, `SLURM_STEP_NUM_NODES`. None for a
-/// single process (no such variables, or a world of one).
-pub fn from_env() -> Result<Option<RankEnv>> {
+/// The ranks of one node that this process starts itself, as torchrun would: our
+/// `--nproc-per-node`, or a Kubeflow pod given `PET_NPROC_PER_NODE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLaunch {
+    /// Ranks on this node.
+    pub nproc: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    /// None: pick a free port (one node only).
+    pub master_port: Option<u16>,
+}
+
+/// What the environment makes of this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No launcher, or a world of one.
+    Alone,
+    /// One rank of a job.
+    Rank(RankEnv),
+    /// A node whose ranks this process must start.
+    Node(NodeLaunch),
+}
+
+/// Reads this process's placement from its environment (see the module's table).
+pub fn placement() -> Result<Placement> {
     from_vars(|name| std::env::var(name).ok())
 }
 
-/// [`from_env`] over any variable lookup, for tests.
-pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>> {
-    let number = |name: &str| -> Result<Option<usize>> {
-        var(name)
-            .map(|v| {
-                v.trim().parse::<usize>().with_context(|| {
-                    format!("environment variable {name}='{v}' is not a non-negative integer")
-                })
-            })
-            .transpose()
+/// The rank layout alone: None unless this process is one rank of a multi-rank job.
+pub fn from_env() -> Result<Option<RankEnv>> {
+    Ok(match placement()? {
+        Placement::Rank(env) => Some(env),
+        _ => None,
+    })
+}
+
+/// [`placement`] over any variable lookup, for tests.
+pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Placement> {
+    let vars = Vars(&var);
+    let Some(ranks) = ranks(&vars)? else {
+        return Ok(Placement::Alone);
     };
-    let (rank, world, local_rank, local_world, launcher) =
-        if let Some(world) = number("WORLD_SIZE")? {
-            let rank = number("RANK")?.context("WORLD_SIZE is set but RANK is not")?;
-            let local_rank = number("LOCAL_RANK")?.unwrap_or(rank);
-            let local_world = number("LOCAL_WORLD_SIZE")?.unwrap_or(world);
-            (rank, world, local_rank, local_world, "torchrun")
-        } else if let Some(world) = number("SLURM_STEP_NUM_TASKS")? {
-            let rank = number("SLURM_PROCID")?
-                .context("SLURM_STEP_NUM_TASKS is set but SLURM_PROCID is not")?;
-            let local_rank = number("SLURM_LOCALID")?.unwrap_or(0);
-            let nodes = number("SLURM_STEP_NUM_NODES")?.unwrap_or(1).max(1);
-            (rank, world, local_rank, world.div_ceil(nodes), "slurm")
-        } else {
-            return Ok(None);
-        };
+    if let Some(node) = kubeflow_node(&vars, &ranks)? {
+        return Ok(Placement::Node(node));
+    }
+    let (rank, world, launcher) = (ranks.rank, ranks.world, ranks.launcher);
     if world == 0 || rank >= world {
-        bail!("rank {rank} is not below the world size {world} (from the {launcher} environment)");
+        bail!(
+            "rank {rank} is not below the world size {world} (from the {} variables)",
+            launcher.name()
+        );
     }
     if world == 1 {
-        return Ok(None);
+        return Ok(Placement::Alone);
     }
-    let master_addr = match var("MASTER_ADDR") {
-        Some(addr) if !addr.trim().is_empty() => addr.trim().to_string(),
-        _ if launcher == "slurm" && number("SLURM_STEP_NUM_NODES")?.unwrap_or(1) <= 1 => {
-            "127.0.0.1".to_string()
+    let master_addr = master_addr(&vars, &ranks)?;
+    let (local_rank, local_world) = match ranks.local {
+        Some(local) => local,
+        // One rank per pod or host, unless every rank is on this one (loopback).
+        None if is_loopback(&master_addr) => (rank, world),
+        None => (0, 1),
+    };
+    if local_rank >= local_world.max(1) {
+        bail!(
+            "local rank {local_rank} is not below the local world size {local_world} (from \
+             the {} variables)",
+            launcher.name()
+        );
+    }
+    let agent_store_attempt = match vars.get("TORCHELASTIC_USE_AGENT_STORE").as_deref() {
+        Some("True" | "true" | "1") if launcher == Launcher::Torchrun => {
+            Some(vars.number("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0) as u64)
         }
-        _ => bail!(
-            "MASTER_ADDR is not set: every rank needs rank 0's host name. Under Slurm, e.g. \
-             `export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)`"
-        ),
+        _ => None,
     };
-    let master_port = match var("MASTER_PORT") {
-        Some(port) => port
-            .trim()
-            .parse::<u16>()
-            .with_context(|| format!("MASTER_PORT='{port}' is not a port number"))?,
-        None => DEFAULT_MASTER_PORT,
-    };
-    Ok(Some(RankEnv {
+    Ok(Placement::Rank(RankEnv {
         rank,
         world,
         local_rank,
         local_world: local_world.max(1),
+        gpu: gpu_ordinal(
+            local_rank,
+            local_world,
+            vars.get("CUDA_VISIBLE_DEVICES").as_deref(),
+        ),
+        master_port: master_port(&vars, launcher)?,
         master_addr,
-        master_port,
+        launcher,
+        agent_store_attempt,
     }))
+}
+
+/// The CUDA ordinal of local rank `local_rank` among the GPUs it sees. Every rank of a node
+/// seeing all of its GPUs takes the one at its local rank; a rank that sees fewer GPUs than
+/// there are local ranks was given its own (Slurm's `--gpus-per-task`, one GPU per
+/// container) and takes the first.
+pub fn gpu_ordinal(local_rank: usize, local_world: usize, visible: Option<&str>) -> usize {
+    let seen = visible.map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count());
+    match seen {
+        Some(seen) if seen < local_world.max(1) => 0,
+        _ => local_rank,
+    }
+}
+
+/// Variable lookups with the parse errors users need.
+struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Vars<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).map(|v| v.trim().to_string())
+    }
+
+    fn number(&self, name: &str) -> Result<Option<usize>> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<usize>().with_context(|| {
+                    format!("environment variable {name}='{v}' is not a non-negative integer")
+                })
+            })
+            .transpose()
+    }
+
+    fn required(&self, name: &str, because: &str) -> Result<usize> {
+        self.number(name)?
+            .with_context(|| format!("{because} is set but {name} is not"))
+    }
+}
+
+/// Rank and world as one launcher's variables give them.
+struct Ranks {
+    rank: usize,
+    world: usize,
+    local: Option<(usize, usize)>,
+    launcher: Launcher,
+}
+
+fn ranks(vars: &Vars) -> Result<Option<Ranks>> {
+    if let Some(world) = vars.number("WORLD_SIZE")? {
+        let rank = vars.required("RANK", "WORLD_SIZE")?;
+        let local = match vars.number("LOCAL_RANK")? {
+            Some(local_rank) => Some((
+                local_rank,
+                vars.number("LOCAL_WORLD_SIZE")?.unwrap_or(world),
+            )),
+            None => None,
+        };
+        let torchrun = local.is_some() || vars.get("TORCHELASTIC_RUN_ID").is_some();
+        let launcher = if torchrun {
+            Launcher::Torchrun
+        } else {
+            Launcher::Plain
+        };
+        return Ok(Some(Ranks {
+            rank,
+            world,
+            local,
+            launcher,
+        }));
+    }
+    for (launcher, prefix_rank, prefix_size, local_rank, local_size) in [
+        (
+            Launcher::OpenMpi,
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
+        ),
+        (
+            Launcher::Pmi,
+            "PMI_RANK",
+            "PMI_SIZE",
+            "MPI_LOCALRANKID",
+            "MPI_LOCALNRANKS",
+        ),
+        (
+            Launcher::Mvapich,
+            "MV2_COMM_WORLD_RANK",
+            "MV2_COMM_WORLD_SIZE",
+            "MV2_COMM_WORLD_LOCAL_RANK",
+            "MV2_COMM_WORLD_LOCAL_SIZE",
+        ),
+    ] {
+        if let Some(world) = vars.number(prefix_size)? {
+            let rank = vars.required(prefix_rank, prefix_size)?;
+            let local = match (vars.number(local_rank)?, vars.number(local_size)?) {
+                (Some(r), Some(n)) => Some((r, n)),
+                _ => None,
+            };
+            return Ok(Some(Ranks {
+                rank,
+                world,
+                local,
+                launcher,
+            }));
+        }
+    }
+    if let Some(world) = vars.number("SLURM_STEP_NUM_TASKS")? {
+        let rank = vars.required("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")?;
+        let local_rank = vars.number("SLURM_LOCALID")?.unwrap_or(0);
+        let local_world = match vars.get("SLURM_STEP_TASKS_PER_NODE") {
+            Some(list) => {
+                hostlist::tasks_on_node(&list, vars.number("SLURM_NODEID")?.unwrap_or(0))?
+            }
+            None => world.div_ceil(vars.number("SLURM_STEP_NUM_NODES")?.unwrap_or(1).max(1)),
+        };
+        return Ok(Some(Ranks {
+            rank,
+            world,
+            local: Some((local_rank, local_world)),
+            launcher: Launcher::Slurm,
+        }));
+    }
+    Ok(None)
+}
+
+/// A Kubeflow PyTorchJob pod running this binary itself (not torchrun) with
+/// `PET_NPROC_PER_NODE` above one: `RANK` is then the pod's node rank and `WORLD_SIZE`
+/// counts every process of every pod.
+fn kubeflow_node(vars: &Vars, ranks: &Ranks) -> Result<Option<NodeLaunch>> {
+    if ranks.launcher != Launcher::Plain {
+        return Ok(None);
+    }
+    let nproc = match vars.get("PET_NPROC_PER_NODE") {
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n > 1 => n,
+            // `auto` or 1: one process per pod, as `RANK` and `WORLD_SIZE` say.
+            _ => return Ok(None),
+        },
+        None => return Ok(None),
+    };
+    let node_rank = vars.number("PET_NODE_RANK")?.unwrap_or(ranks.rank);
+    let nnodes = match vars.get("PET_NNODES") {
+        Some(n) => n.parse::<usize>().with_context(|| {
+            format!(
+                "PET_NNODES='{n}': elastic node ranges need torchrun in the pod; run \
+                 `torchrun bsfa-train ...` as the container's command"
+            )
+        })?,
+        None => ranks.world / nproc,
+    };
+    if nnodes * nproc != ranks.world || node_rank >= nnodes {
+        bail!(
+            "the Kubeflow variables disagree: WORLD_SIZE={} but PET_NNODES={nnodes} x \
+             PET_NPROC_PER_NODE={nproc}, node rank {node_rank}",
+            ranks.world
+        );
+    }
+    let master_addr = vars
+        .get("PET_MASTER_ADDR")
+        .or_else(|| vars.get("MASTER_ADDR"))
+        .filter(|a| !a.is_empty())
+        .context("a Kubeflow pod needs MASTER_ADDR (the operator sets it)")?;
+    let port = vars
+        .get("PET_MASTER_PORT")
+        .or_else(|| vars.get("MASTER_PORT"));
+    let master_port = port.map(|p| parse_port(&p)).transpose()?;
+    Ok(Some(NodeLaunch {
+        nproc,
+        nnodes,
+        node_rank,
+        master_addr,
+        master_port: Some(master_port.unwrap_or(DEFAULT_MASTER_PORT)),
+    }))
+}
+
+fn master_addr(vars: &Vars, ranks: &Ranks) -> Result<String> {
+    if let Some(addr) = vars.get("MASTER_ADDR").filter(|a| !a.is_empty()) {
+        return Ok(addr);
+    }
+    let single_node = ranks.local.is_some_and(|(_, n)| n == ranks.world);
+    match ranks.launcher {
+        Launcher::Slurm => {
+            let list = vars
+                .get("SLURM_STEP_NODELIST")
+                .or_else(|| vars.get("SLURM_JOB_NODELIST"))
+                .or_else(|| vars.get("SLURM_NODELIST"));
+            match list {
+                Some(list) => hostlist::first_host(&list),
+                None if single_node => Ok("127.0.0.1".into()),
+                None => bail!(
+                    "a Slurm step over several nodes without SLURM_STEP_NODELIST: set \
+                     MASTER_ADDR to the first node's host name"
+                ),
+            }
+        }
+        _ if single_node => Ok("127.0.0.1".into()),
+        Launcher::OpenMpi | Launcher::Pmi | Launcher::Mvapich => bail!(
+            "MASTER_ADDR is not set: ranks on several hosts need rank 0's host name, e.g. \
+             `mpirun -x MASTER_ADDR=$(hostname) ...` (Open MPI) or `mpiexec -genv MASTER_ADDR \
+             $(hostname) ...` (MPICH)"
+        ),
+        _ => bail!(
+            "MASTER_ADDR is not set: every rank needs rank 0's host name (torchrun and the \
+             Kubeflow operator set it)"
+        ),
+    }
+}
+
+fn master_port(vars: &Vars, launcher: Launcher) -> Result<u16> {
+    if let Some(port) = vars.get("MASTER_PORT") {
+        return parse_port(&port);
+    }
+    // Several jobs may share a node: a port from the job id keeps their steps apart.
+    match (launcher, vars.number("SLURM_JOB_ID")?) {
+        (Launcher::Slurm, Some(job)) => {
+            let step = vars.number("SLURM_STEP_ID")?.unwrap_or(0) as u64;
+            let spread = (job as u64 * 8 + step) % SLURM_PORT_SPAN;
+            Ok(SLURM_PORT_BASE + spread as u16)
+        }
+        _ => Ok(DEFAULT_MASTER_PORT),
+    }
+}
+
+fn parse_port(port: &str) -> Result<u16> {
+    port.trim()
+        .parse::<u16>()
+        .with_context(|| format!("MASTER_PORT='{port}' is not a port number"))
+}
+
+/// Whether `host` names this machine's loopback interface.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -92,7 +412,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn layout(vars: &[(&str, &str)]) -> Result<Option<RankEnv>> {
+    fn layout(vars: &[(&str, &str)]) -> Result<Placement> {
         let vars: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -100,19 +420,29 @@ mod tests {
         from_vars(|name| vars.get(name).cloned())
     }
 
+    fn rank_env(vars: &[(&str, &str)]) -> RankEnv {
+        match layout(vars) {
+            Ok(Placement::Rank(env)) => env,
+            other => panic!("not a rank: {other:?}"),
+        }
+    }
+
     #[test]
-    fn torchrun_variables_win_over_slurm() -> Result<()> {
-        let env = layout(&[
+    fn torchrun_variables_win_over_mpi_and_slurm() {
+        let env = rank_env(&[
             ("RANK", "3"),
             ("WORLD_SIZE", "8"),
             ("LOCAL_RANK", "1"),
             ("LOCAL_WORLD_SIZE", "2"),
             ("MASTER_ADDR", "node7"),
             ("MASTER_PORT", "1234"),
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
             ("SLURM_PROCID", "0"),
             ("SLURM_STEP_NUM_TASKS", "2"),
-        ])?
-        .expect("a multi-rank job");
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ]);
         assert_eq!(
             env,
             RankEnv {
@@ -120,26 +450,51 @@ mod tests {
                 world: 8,
                 local_rank: 1,
                 local_world: 2,
+                gpu: 1,
                 master_addr: "node7".into(),
-                master_port: 1234
+                master_port: 1234,
+                launcher: Launcher::Torchrun,
+                agent_store_attempt: Some(2),
             }
         );
-        Ok(())
     }
 
     #[test]
-    fn slurm_step_on_one_node_needs_no_master_addr() -> Result<()> {
-        let env = layout(&[
+    fn slurm_steps_find_rank_zero_and_their_node() {
+        let env = rank_env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_STEP_NUM_TASKS", "7"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "2"),
+            ("SLURM_STEP_NUM_NODES", "3"),
+            ("SLURM_STEP_TASKS_PER_NODE", "3,2(x2)"),
+            ("SLURM_STEP_NODELIST", "gpu[07-09],cpu1"),
+            ("SLURM_JOB_ID", "123456"),
+            ("SLURM_STEP_ID", "1"),
+            ("CUDA_VISIBLE_DEVICES", "3"),
+        ]);
+        assert_eq!(
+            (env.rank, env.world, env.local_rank, env.local_world),
+            (5, 7, 1, 2)
+        );
+        assert_eq!(env.master_addr, "gpu07");
+        // 15000 + (123456 * 8 + 1) mod 40000
+        assert_eq!(env.master_port, 42649);
+        assert_eq!(env.gpu, 0, "--gpus-per-task: each task sees its own GPU");
+        assert_eq!(env.launcher, Launcher::Slurm);
+        // One node without a node list; MASTER_ADDR and MASTER_PORT win when set.
+        let env = rank_env(&[
             ("SLURM_PROCID", "1"),
             ("SLURM_STEP_NUM_TASKS", "4"),
             ("SLURM_LOCALID", "1"),
             ("SLURM_STEP_NUM_NODES", "1"),
-        ])?
-        .expect("a multi-rank job");
-        assert_eq!((env.rank, env.world, env.local_rank), (1, 4, 1));
-        assert_eq!(env.local_world, 4);
-        assert_eq!(env.master_addr, "127.0.0.1");
-        assert_eq!(env.master_port, DEFAULT_MASTER_PORT);
+            ("MASTER_PORT", "999"),
+        ]);
+        assert_eq!((env.local_world, env.gpu), (4, 1));
+        assert_eq!(
+            (env.master_addr.as_str(), env.master_port),
+            ("127.0.0.1", 999)
+        );
         let err = layout(&[
             ("SLURM_PROCID", "1"),
             ("SLURM_STEP_NUM_TASKS", "8"),
@@ -147,19 +502,137 @@ mod tests {
         ])
         .unwrap_err();
         assert!(format!("{err:#}").contains("MASTER_ADDR"), "{err:#}");
-        Ok(())
+    }
+
+    #[test]
+    fn kubeflow_pods_use_their_own_gpu_or_start_their_node() {
+        // One process per pod: pod 3 is local rank 0.
+        let env = rank_env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "job-master-0"),
+            ("MASTER_PORT", "23456"),
+            ("PET_NPROC_PER_NODE", "auto"),
+        ]);
+        assert_eq!((env.local_rank, env.local_world, env.gpu), (0, 1, 0));
+        assert_eq!(env.launcher, Launcher::Plain);
+        // Plain variables on one machine stay local.
+        let env = rank_env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ]);
+        assert_eq!((env.local_rank, env.local_world), (1, 2));
+        // PET_NPROC_PER_NODE > 1 without torchrun: this pod starts its ranks.
+        let node = layout(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "8"),
+            ("MASTER_ADDR", "job-master-0"),
+            ("MASTER_PORT", "23456"),
+            ("PET_NPROC_PER_NODE", "4"),
+            ("PET_NNODES", "2"),
+            ("PET_NODE_RANK", "1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            node,
+            Placement::Node(NodeLaunch {
+                nproc: 4,
+                nnodes: 2,
+                node_rank: 1,
+                master_addr: "job-master-0".into(),
+                master_port: Some(23456),
+            })
+        );
+        let err = layout(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "6"),
+            ("MASTER_ADDR", "m"),
+            ("PET_NPROC_PER_NODE", "4"),
+            ("PET_NNODES", "2"),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("disagree"), "{err:#}");
+    }
+
+    #[test]
+    fn mpi_launchers() {
+        let env = rank_env(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_STEP_NUM_TASKS", "1"),
+        ]);
+        assert_eq!(
+            (env.rank, env.world, env.local_rank, env.local_world),
+            (1, 2, 1, 2)
+        );
+        assert_eq!(
+            env.master_addr, "127.0.0.1",
+            "one node needs no MASTER_ADDR"
+        );
+        assert_eq!(env.launcher, Launcher::OpenMpi);
+        let env = rank_env(&[
+            ("PMI_RANK", "2"),
+            ("PMI_SIZE", "4"),
+            ("MPI_LOCALRANKID", "0"),
+            ("MPI_LOCALNRANKS", "2"),
+            ("MASTER_ADDR", "h0"),
+        ]);
+        assert_eq!(
+            (env.rank, env.local_rank, env.master_addr.as_str()),
+            (2, 0, "h0")
+        );
+        let err = layout(&[
+            ("PMI_RANK", "2"),
+            ("PMI_SIZE", "4"),
+            ("MPI_LOCALRANKID", "0"),
+            ("MPI_LOCALNRANKS", "2"),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("-x MASTER_ADDR"), "{err:#}");
+        let env = rank_env(&[
+            ("MV2_COMM_WORLD_RANK", "1"),
+            ("MV2_COMM_WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+        ]);
+        assert_eq!((env.rank, env.launcher), (1, Launcher::Mvapich));
+    }
+
+    #[test]
+    fn gpu_ordinals() {
+        assert_eq!(gpu_ordinal(3, 4, None), 3);
+        assert_eq!(gpu_ordinal(3, 4, Some("0,1,2,3")), 3);
+        assert_eq!(gpu_ordinal(3, 4, Some("5")), 0);
+        assert_eq!(gpu_ordinal(1, 2, Some("4,5,6,7")), 1);
     }
 
     #[test]
     fn single_process_and_bad_values() -> Result<()> {
-        assert_eq!(layout(&[])?, None);
-        assert_eq!(layout(&[("RANK", "0"), ("WORLD_SIZE", "1")])?, None);
+        assert_eq!(layout(&[])?, Placement::Alone);
+        assert_eq!(
+            layout(&[("RANK", "0"), ("WORLD_SIZE", "1")])?,
+            Placement::Alone
+        );
         let err = layout(&[("RANK", "2"), ("WORLD_SIZE", "2")]).unwrap_err();
         assert!(format!("{err:#}").contains("not below"), "{err:#}");
         let err = layout(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err();
         assert!(format!("{err:#}").contains("RANK='x'"), "{err:#}");
         let err = layout(&[("WORLD_SIZE", "2")]).unwrap_err();
         assert!(format!("{err:#}").contains("RANK is not"), "{err:#}");
+        let err = layout(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "70000"),
+        ])
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("MASTER_PORT='70000'"),
+            "{err:#}"
+        );
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
-//! `--nproc-per-node N`: runs N ranks of this same command on this machine, as torchrun
-//! does, and watches them. A rank that fails stops the others; a signal to the launcher
-//! (Ctrl-C, `docker stop`) is passed on once to every rank, which checkpoint and exit.
+//! `--nproc-per-node N` (or a Kubeflow pod's `PET_NPROC_PER_NODE`): runs this node's ranks
+//! of this same command, as torchrun does, and watches them. A rank that fails stops the
+//! others; a signal to the launcher (Ctrl-C, `docker stop`) is passed on once to every rank,
+//! which checkpoint and exit.
 
+use super::env::NodeLaunch;
 use super::PEER_FAILED_STATUS;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -15,31 +17,54 @@ use std::time::{Duration, Instant};
 /// killed.
 const GRACE: Duration = Duration::from_secs(15);
 
-/// Spawns `nproc` copies of this binary with `args` (the command line without
+/// The node of `--nproc-per-node N` on one machine: rank 0 on loopback, at `MASTER_PORT`
+/// or else a free port.
+pub fn single_node(nproc: usize) -> Result<NodeLaunch> {
+    let port = std::env::var("MASTER_PORT").ok();
+    let master_port = port
+        .map(|p| {
+            p.trim()
+                .parse::<u16>()
+                .with_context(|| format!("MASTER_PORT='{p}' is not a port number"))
+        })
+        .transpose()?;
+    Ok(NodeLaunch {
+        nproc,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port,
+    })
+}
+
+/// Spawns `node.nproc` copies of this binary with `args` (the command line without
 /// `--nproc-per-node`) and torchrun's variables, waits for all of them, and returns the
 /// exit status for the launcher: 0 when every rank succeeded, rank 0's status after a
 /// signal, otherwise non-zero after naming the first rank that failed.
-pub fn run(nproc: usize, args: &[OsString]) -> Result<u8> {
+pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
+    let nproc = node.nproc;
     if nproc == 0 {
         bail!("--nproc-per-node must be at least 1");
     }
     let exe = std::env::current_exe().context("cannot find this program's path to start ranks")?;
-    let port = match std::env::var("MASTER_PORT") {
-        Ok(port) => port,
-        Err(_) => free_port()?.to_string(),
+    let port = match node.master_port {
+        Some(port) => port,
+        None => free_port()?,
     };
+    let world = node.nnodes * nproc;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut children: Vec<Child> = Vec::with_capacity(nproc);
-    for rank in 0..nproc {
+    for local_rank in 0..nproc {
+        let rank = node.node_rank * nproc + local_rank;
         let mut command = Command::new(&exe);
         command
             .args(args)
             .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", nproc.to_string())
-            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local_rank.to_string())
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
+            .env("MASTER_ADDR", &node.master_addr)
+            .env("MASTER_PORT", port.to_string())
             // A terminal's Ctrl-C reaches only the launcher, which passes it on exactly once
             // (a second signal would make a rank exit without its checkpoint).
             .process_group(0);

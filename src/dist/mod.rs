@@ -7,6 +7,7 @@
 
 mod collectives;
 pub mod env;
+mod hostlist;
 pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -117,7 +118,7 @@ impl Job {
         let Some(layout) = env::from_env()? else {
             return Self::single(device);
         };
-        let device = crate::device::select(device, layout.local_rank)?;
+        let device = crate::device::select(device, layout.gpu)?;
         let tcp = tcp::TcpCommunicator::connect(&layout, timeout).with_context(|| {
             format!(
                 "rank {} of {} could not join the job",

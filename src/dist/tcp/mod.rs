@@ -15,6 +15,7 @@
 
 mod frame;
 mod rendezvous;
+mod store;
 #[cfg(test)]
 mod tests;
 mod values;
@@ -24,7 +25,7 @@ use super::{Communicator, PeerFailed};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use frame::{recv, send, Failure, Op, ABORT, DATA};
-use rendezvous::{accept_all, connect_to_root, Peer};
+use rendezvous::{join, Peer};
 use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -47,18 +48,11 @@ pub struct TcpCommunicator {
 }
 
 impl TcpCommunicator {
-    /// Joins the job `env` describes: rank 0 listens on `MASTER_PORT` and waits for every
+    /// Joins the job `env` describes: rank 0 listens (see `rendezvous`) and waits for every
     /// other rank, which connect (retrying until rank 0 is up). `timeout` bounds both the
-    /// start and every wait for a peer inside a collective.
+    /// start and every wait for a peer inside a collective; a signal ends the start.
     pub fn connect(env: &RankEnv, timeout: Duration) -> Result<Self> {
-        let peers = if env.rank == 0 {
-            accept_all(env, timeout)?
-        } else {
-            vec![Peer {
-                rank: 0,
-                stream: connect_to_root(env, timeout)?,
-            }]
-        };
+        let peers = join(env, timeout)?;
         for peer in &peers {
             peer.stream.set_nodelay(true)?;
             peer.stream.set_read_timeout(Some(timeout))?;

@@ -2,6 +2,7 @@
 //! rank can fail.
 
 use super::*;
+use crate::dist::env::Launcher;
 use candle_core::{DType, Device};
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -30,8 +31,11 @@ fn on_ranks<T: Send + 'static>(
                     world,
                     local_rank: rank,
                     local_world: world,
+                    gpu: rank,
                     master_addr: "127.0.0.1".into(),
                     master_port: port,
+                    launcher: Launcher::Torchrun,
+                    agent_store_attempt: None,
                 };
                 let comm = TcpCommunicator::connect(&env, timeout).expect("rendezvous");
                 body(comm)
