@@ -9,6 +9,8 @@ mod collectives;
 pub mod env;
 mod hostlist;
 pub mod launch;
+#[cfg(any(feature = "nccl", test))]
+mod lockstep;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod tcp;
@@ -126,7 +128,7 @@ impl Job {
             )
         })?;
         Ok(Self {
-            comm: connect_device(tcp, &device)?,
+            comm: connect_device(tcp, &device, timeout)?,
             device,
         })
     }
@@ -143,17 +145,26 @@ impl Job {
 }
 
 #[cfg(feature = "nccl")]
-fn connect_device(tcp: tcp::TcpCommunicator, device: &Device) -> Result<Arc<dyn Communicator>> {
+fn connect_device(
+    tcp: tcp::TcpCommunicator,
+    device: &Device,
+    timeout: Duration,
+) -> Result<Arc<dyn Communicator>> {
     if device.is_cuda() {
         return Ok(Arc::new(nccl::NcclCommunicator::new(
             Box::new(tcp),
             device,
+            timeout,
         )?));
     }
     Ok(Arc::new(tcp))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn connect_device(tcp: tcp::TcpCommunicator, _device: &Device) -> Result<Arc<dyn Communicator>> {
+fn connect_device(
+    tcp: tcp::TcpCommunicator,
+    _device: &Device,
+    _timeout: Duration,
+) -> Result<Arc<dyn Communicator>> {
     Ok(Arc::new(tcp))
 }
