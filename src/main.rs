@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             };
             if let Some(signal) = interrupt::interrupted_by(&e) {
                 // Asked to stop before training began: nothing to checkpoint.
-                eprintln!("stopped{whose}: {e:#}");
+                eprintln!("interrupted{whose}: {e:#}");
                 return ExitCode::from((128 + signal) as u8);
             }
             eprintln!("error{whose}: {e:#}");

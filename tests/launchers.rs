@@ -252,17 +252,29 @@ fn torchrun_restarts_a_crashed_job_from_its_checkpoint() {
 
 /// Starts `commands`, sends SIGTERM to `signalled` (the launcher processes) once three steps
 /// are logged in `out`, and checks that everything stops within [`SHUTDOWN_LIMIT`] with a
-/// checkpoint that resumes exactly as a run that never stopped. Returns the shutdown time.
-fn stops_and_resumes(dir: &Path, out: &Path, commands: Vec<Command>, what: &str) -> Duration {
+/// checkpoint that resumes exactly as a run that never stopped. Returns the start-up time
+/// (until the first step is logged) and the shutdown time (from the signal until every
+/// launcher process exited).
+fn stops_and_resumes(
+    dir: &Path,
+    out: &Path,
+    commands: Vec<Command>,
+    what: &str,
+) -> (Duration, Duration) {
     let children = start(commands);
     let started = Instant::now();
+    let mut startup = None;
     while logged_steps(out) < 3 {
+        if startup.is_none() && logged_steps(out) > 0 {
+            startup = Some(started.elapsed());
+        }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "{what}: no progress"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
+    let startup = startup.unwrap_or_else(|| started.elapsed());
     for child in &children {
         // SAFETY: kill(2) on a child this test spawned and has not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -307,7 +319,7 @@ fn stops_and_resumes(dir: &Path, out: &Path, commands: Vec<Command>, what: &str)
         losses(&straight),
         "{what}: resumed run differs"
     );
-    took
+    (startup, took)
 }
 
 /// The step of the newest checkpoint in `out`.
@@ -335,9 +347,10 @@ fn sigterm_to_torchrun_leaves_a_resumable_checkpoint() {
         &strings(&["--nproc-per-node", "2", "--master-port", &port]),
         &long_job(&out),
     );
-    let took = stops_and_resumes(dir.path(), &out, vec![command], "torchrun");
+    let (startup, took) = stops_and_resumes(dir.path(), &out, vec![command], "torchrun");
     eprintln!(
-        "torchrun stopped in {:.2} s after SIGTERM",
+        "torchrun: first step after {:.2} s; stopped {:.2} s after SIGTERM",
+        startup.as_secs_f64(),
         took.as_secs_f64()
     );
 }
@@ -379,10 +392,11 @@ fn mpirun_of_open_mpi_and_mpich_match_and_stop_on_sigterm() {
         same_losses(reference, &out, name);
         let stopped = dir.path().join(format!("{name}-stopped"));
         let command = mpirun(&program, &long_job(&stopped), free_port());
-        let shutdown = stops_and_resumes(dir.path(), &stopped, vec![command], name);
+        let (startup, shutdown) = stops_and_resumes(dir.path(), &stopped, vec![command], name);
         eprintln!(
-            "{name}: {STEPS} steps in {:.1} s; stopped in {:.2} s after SIGTERM",
+            "{name}: {STEPS} steps in {:.1} s; first step after {:.2} s; stopped {:.2} s after SIGTERM",
             took.as_secs_f64(),
+            startup.as_secs_f64(),
             shutdown.as_secs_f64()
         );
     }
@@ -469,10 +483,12 @@ fn srun_and_kubeflow_stand_ins_match_and_stop_on_sigterm() {
         all_succeeded(&outputs, what);
         same_losses(&reference, &out, what);
         let stopped = dir.path().join(format!("stand-in-{i}-stopped"));
-        let shutdown = stops_and_resumes(dir.path(), &stopped, commands(&long_job(&stopped)), what);
+        let (startup, shutdown) =
+            stops_and_resumes(dir.path(), &stopped, commands(&long_job(&stopped)), what);
         eprintln!(
-            "{what}: {STEPS} steps in {:.1} s; stopped in {:.2} s after SIGTERM",
+            "{what}: {STEPS} steps in {:.1} s; first step after {:.2} s; stopped {:.2} s after SIGTERM",
             took.as_secs_f64(),
+            startup.as_secs_f64(),
             shutdown.as_secs_f64()
         );
     }

@@ -481,30 +481,8 @@ fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
     // Training finds the prepared shards in the cache, with the hub out of reach.
     let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HOME", home)];
     let out = dir.path().join("run");
-    let train = [
-        "--data",
-        "wikitext103",
-        "--tokenizer",
-        "gpt2",
-        "--set",
-        "model.vocab_size=320",
-        "--set",
-        "model.hidden_size=32",
-        "--set",
-        "model.num_hidden_layers=1",
-        "--set",
-        "model.intermediate_size=64",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--eval-batches",
-        "1",
-        "--steps",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let train = wikitext_run(&out, &[]);
+    let train: Vec<&str> = train.iter().map(String::as_str).collect();
     let summary = ok(bsfa(&train, &offline));
     assert_eq!(summary["steps"], 2);
 
@@ -554,6 +532,38 @@ fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
     );
 }
 
+/// A 2-step run of a small LLaMA on `wikitext103` with the `gpt2` tokenizer, into `out`.
+fn wikitext_run(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut run: Vec<String> = [
+        "--data",
+        "wikitext103",
+        "--tokenizer",
+        "gpt2",
+        "--set",
+        "model.vocab_size=320",
+        "--set",
+        "model.hidden_size=32",
+        "--set",
+        "model.num_hidden_layers=1",
+        "--set",
+        "model.intermediate_size=64",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-batches",
+        "1",
+        "--steps",
+        "2",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    run.extend(["--out".into(), out.display().to_string()]);
+    run
+}
+
 /// The ranks of a job prepare a named dataset before they join, so preparing may take far
 /// longer than `--dist-timeout`; one rank prepares, the others wait for it, and a signal
 /// ends that wait at once.
@@ -566,39 +576,8 @@ fn ranks_prepare_once_before_joining_and_a_signal_ends_their_wait() {
     let home = dir.path().join("hf_home");
     let home = home.to_str().unwrap();
     let out = dir.path().join("run");
-    let train = |out: &Path| -> Vec<String> {
-        [
-            "--data",
-            "wikitext103",
-            "--tokenizer",
-            "gpt2",
-            "--set",
-            "model.vocab_size=320",
-            "--set",
-            "model.hidden_size=32",
-            "--set",
-            "model.num_hidden_layers=1",
-            "--set",
-            "model.intermediate_size=64",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--eval-batches",
-            "1",
-            "--steps",
-            "2",
-            "--nproc-per-node",
-            "2",
-            "--dist-timeout",
-            "3",
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let two = ["--nproc-per-node", "2", "--dist-timeout", "3"];
+    let train = |out: &Path| wikitext_run(out, &two);
     let train_args = train(&out);
     let train_args: Vec<&str> = train_args.iter().map(String::as_str).collect();
     let started = Instant::now();

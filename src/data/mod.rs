@@ -109,6 +109,10 @@ pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
 /// prepared yet. Ranks call it before they join their job: preparing can take hours, far
 /// beyond the bound on waits for other ranks, and ranks sharing a file system prepare once.
 pub fn prepare_named(data: &DataConfig) -> Result<()> {
+    if hub::offline() {
+        // Nothing can be prepared; loading explains what is missing (tokenizer or data).
+        return Ok(());
+    }
     for spec in std::iter::once(&data.train).chain(&data.val) {
         resolve_dataset(spec, data)?;
     }

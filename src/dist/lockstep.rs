@@ -9,6 +9,7 @@
 //! the control collective itself, which names it as well.
 
 use super::{Communicator, PeerFailed};
+use crate::interrupt::Interrupted;
 use anyhow::{bail, Context, Result};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -48,7 +49,13 @@ impl Wait<'_> {
             let reports = control.all_gather_bytes(&encode(&mine));
             if let Err(message) = mine {
                 // Every other rank has just read why (unless the control channel failed too).
-                bail!("{message}");
+                // A signal stays recognisable, so the process exits as signalled.
+                return Err(
+                    match crate::interrupt::requested().filter(|_| self.interruptible) {
+                        Some(signal) => anyhow::Error::new(Interrupted(signal)).context(message),
+                        None => anyhow::anyhow!("{message}"),
+                    },
+                );
             }
             let reports = reports.with_context(|| format!("waiting for {}", self.phase))?;
             if all_done(&reports)? {
