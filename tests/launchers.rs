@@ -4,7 +4,7 @@
 //!
 //! Real launchers where the machine has them: torchrun (`BSFA_TORCHRUN`, or `torchrun` on
 //! the PATH), Open MPI's `mpirun.openmpi` and MPICH's `mpirun.mpich`. `.ci/run` installs
-//! them and sets `BSFA_REQUIRE_LAUNCHERS=1`, so that CI fails where a developer's machine
+//! them and sets `BSFA_REQUIRE_TOOLS=1`, so that CI fails where a developer's machine
 //! skips. Slurm's `srun` and a Kubeflow PyTorchJob are played by stand-ins that set the
 //! variables those launchers set and stop ranks as they do: SIGTERM to every rank, SIGKILL
 //! after the grace period.
@@ -33,7 +33,7 @@ fn long_job(out: &Path) -> Vec<String> {
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
 
 /// A launcher program: from the variable `var`, else the first of `names` on the PATH.
-/// None (the caller skips) when there is none, unless `BSFA_REQUIRE_LAUNCHERS` is set.
+/// None (the caller skips) when there is none, unless `BSFA_REQUIRE_TOOLS` is set.
 fn launcher(var: &str, names: &[&str]) -> Option<PathBuf> {
     let found = std::env::var_os(var).map(PathBuf::from).or_else(|| {
         let path = std::env::var_os("PATH")?;
@@ -45,8 +45,8 @@ fn launcher(var: &str, names: &[&str]) -> Option<PathBuf> {
     });
     if found.is_none() {
         assert!(
-            std::env::var_os("BSFA_REQUIRE_LAUNCHERS").is_none(),
-            "none of {names:?} is on the PATH (or in {var}), and BSFA_REQUIRE_LAUNCHERS is set"
+            std::env::var_os("BSFA_REQUIRE_TOOLS").is_none(),
+            "none of {names:?} is on the PATH (or in {var}), and BSFA_REQUIRE_TOOLS is set"
         );
         eprintln!("skipped: none of {names:?} on this machine (set {var} to run it)");
     }

