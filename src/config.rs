@@ -59,6 +59,8 @@ pub struct TrainConfig {
     /// Seconds a data-parallel rank waits for the others inside one collective (or at
     /// start-up) before it fails, naming the rank it waited for.
     pub dist_timeout_s: u64,
+    /// Mirror every metrics line into TensorBoard event files in `OUT/tb/`.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +81,7 @@ impl Default for TrainConfig {
             device: DeviceKind::Auto,
             dtype: Precision::F32,
             dist_timeout_s: 1800,
+            tensorboard: true,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! differentiable ops), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule),
 //! `data` (tokenizers, corpora, token shards, image sources and pipelines), `dist` (data
 //! parallelism), `device` (`--device`, `--dtype`), `checkpoint` (safetensors checkpoints and
-//! the resume policy), `metrics` (metrics.jsonl and progress). `config` composes their
+//! the resume policy), `metrics` (metrics.jsonl and progress, mirrored into `tensorboard` event files). `config` composes their
 //! sections into a run's config, starting from `presets`; `task` pairs a model with its data;
 //! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
 //! `bench`, `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config
@@ -32,4 +32,5 @@ pub mod optim;
 pub mod plot;
 mod presets;
 pub mod task;
+pub mod tensorboard;
 pub mod train;

@@ -1,5 +1,6 @@
 //! Run outputs: `metrics.jsonl` for machines, a progress bar on stderr for people.
 
+use crate::tensorboard::EventWriter;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
@@ -8,45 +9,54 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Appends one JSON object per line and flushes each, so a crash loses nothing written.
+/// Appends one JSON object per line and flushes each, so a crash loses nothing written;
+/// optionally mirrors every line into TensorBoard event files.
 pub struct MetricsLog {
     file: File,
     path: PathBuf,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsLog {
-    /// Creates (truncating) the log at `path`.
-    pub fn create(path: &Path) -> Result<Self> {
+    /// Creates (truncating) the log at `path`, and a fresh event file in `tensorboard` when
+    /// given.
+    pub fn create(path: &Path, tensorboard: Option<&Path>) -> Result<Self> {
         let file = File::create(path)
             .with_context(|| format!("cannot create metrics file '{}'", path.display()))?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            tensorboard: tensorboard
+                .map(|dir| EventWriter::create(dir, []))
+                .transpose()?,
         })
     }
 
     /// Reopens the log of a resumed run at `path`, dropping the records of steps after
     /// `step` (written after the checkpoint the run resumes from), so that no step appears
-    /// twice. The kept lines are rewritten atomically before appending resumes.
-    pub fn resume(path: &Path, step: usize) -> Result<Self> {
+    /// twice. The kept lines are rewritten atomically before appending resumes, and the
+    /// TensorBoard events (when `tensorboard` is given) are rewritten from them.
+    pub fn resume(path: &Path, step: usize, tensorboard: Option<&Path>) -> Result<Self> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e).with_context(|| format!("cannot read '{}'", path.display())),
         };
-        let kept: String = text
+        // A torn last line (a crash mid-write) is not valid JSON: dropped.
+        let kept: Vec<(&str, Value)> = text
             .lines()
-            .filter(|line| {
-                // A torn last line (a crash mid-write) is not valid JSON: dropped.
-                serde_json::from_str::<Value>(line).is_ok_and(|record| {
-                    record
-                        .get("step")
-                        .and_then(Value::as_u64)
-                        .is_none_or(|s| s <= step as u64)
-                })
+            .filter_map(|line| Some((line, serde_json::from_str::<Value>(line).ok()?)))
+            .filter(|(_, record)| {
+                record
+                    .get("step")
+                    .and_then(Value::as_u64)
+                    .is_none_or(|s| s <= step as u64)
             })
-            .map(|line| format!("{line}\n"))
             .collect();
+        let tensorboard = tensorboard
+            .map(|dir| EventWriter::create(dir, kept.iter().map(|(_, record)| record)))
+            .transpose()?;
+        let kept: String = kept.iter().map(|(line, _)| format!("{line}\n")).collect();
         let temp = path.with_extension("jsonl.tmp");
         std::fs::write(&temp, kept)
             .and_then(|_| std::fs::rename(&temp, path))
@@ -58,14 +68,19 @@ impl MetricsLog {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            tensorboard,
         })
     }
 
-    /// Writes `record` as one line.
+    /// Writes `record` as one line (and its numbers as TensorBoard scalars).
     pub fn write(&mut self, record: &Value) -> Result<()> {
         writeln!(self.file, "{record}")
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write to '{}'", self.path.display()))
+            .with_context(|| format!("cannot write to '{}'", self.path.display()))?;
+        match &mut self.tensorboard {
+            Some(events) => events.write(record),
+            None => Ok(()),
+        }
     }
 
     /// Where the log lives.

@@ -145,9 +145,11 @@ impl Recorder {
         let out = PathBuf::from(&config.train.out);
         let metrics_path = out.join("metrics.jsonl");
         if self.root {
+            let tensorboard = config.train.tensorboard.then(|| out.join("tb"));
+            let tensorboard = tensorboard.as_deref();
             self.metrics = Some(match start {
-                0 => MetricsLog::create(&metrics_path)?,
-                step => MetricsLog::resume(&metrics_path, step)?,
+                0 => MetricsLog::create(&metrics_path, tensorboard)?,
+                step => MetricsLog::resume(&metrics_path, step, tensorboard)?,
             });
             let path = out.join("config.json");
             std::fs::write(&path, serde_json::to_string_pretty(config)?)
