@@ -52,7 +52,11 @@ pub struct BenchReport {
     /// Training FLOPs per token, as nanoGPT counts them: `6 N + 12 layers hidden seq` with `N`
     /// the parameters besides the input embedding.
     pub flops_per_token: f64,
-    /// Model FLOPs utilisation against `--peak-tflops` per rank, when given.
+    /// Peak dense TFLOP/s of one rank's device (see [`crate::mfu::peak`]), when known.
+    pub peak_tflops: Option<f64>,
+    /// Where `peak_tflops` comes from: `--peak-tflops`, a datasheet, or a measurement.
+    pub peak_tflops_source: Option<String>,
+    /// Model FLOPs utilisation against `peak_tflops` per rank, when known.
     pub mfu: Option<f64>,
 }
 
@@ -66,8 +70,6 @@ pub struct BenchOptions {
     pub iters: usize,
     /// Steps to time the data loader alone (0: skip).
     pub loader_steps: usize,
-    /// Peak dense TFLOP/s of one rank's device, for MFU.
-    pub peak_tflops: Option<f64>,
 }
 
 /// Runs `warmup` untimed and `iters` timed training steps of `config`'s model as this rank
@@ -79,7 +81,6 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         warmup,
         iters,
         loader_steps,
-        peak_tflops,
     } = *options;
     if iters == 0 {
         bail!("--iters must be at least 1");
@@ -129,9 +130,11 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
     let counts = ParamCounts::of(&trainer.params);
-    let flops_per_token = flops_per_token(config, counts.total - counts.embeddings);
-    let mfu = peak_tflops
-        .map(|peak| flops_per_token * tokens_per_s / (peak * 1e12 * comm.world() as f64));
+    let flops_per_token = crate::mfu::flops_per_token(config, counts.total - counts.embeddings);
+    let peak = crate::mfu::peak(config, device)?;
+    let mfu = peak
+        .as_ref()
+        .map(|peak| flops_per_token * tokens_per_s / (peak.tflops * 1e12 * comm.world() as f64));
     Ok(BenchReport {
         params: counts.total,
         batch_size: train.batch_size,
@@ -155,21 +158,10 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         loader_tokens_per_s,
         loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),
         flops_per_token,
+        peak_tflops: peak.as_ref().map(|p| p.tflops),
+        peak_tflops_source: peak.map(|p| p.source),
         mfu,
     })
-}
-
-/// Training FLOPs per token as nanoGPT counts them (`6 N + 12 layers hidden seq`, `N` the
-/// parameters besides the input embedding); for a ViT per image (`seq` tokens each).
-fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
-    let n = non_embedding as f64;
-    if config.model.is_vit() {
-        let v = &config.vit;
-        let seq = v.seq_len() as f64;
-        return seq * (6.0 * n + 12.0 * (v.num_hidden_layers * v.hidden_size) as f64 * seq);
-    }
-    let m = &config.model;
-    6.0 * n + 12.0 * (m.num_hidden_layers * m.hidden_size * config.train.seq_len) as f64
 }
 
 /// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training

@@ -144,10 +144,6 @@ pub struct BenchArgs {
     /// Also time the data loader alone for this many steps on --data (0: skip).
     #[arg(long, default_value_t = 0)]
     pub loader_steps: usize,
-    /// Peak dense TFLOP/s of one rank's device at the run's dtype (e.g. 989 for an H100 SXM
-    /// in bf16), to report model FLOPs utilisation.
-    #[arg(long)]
-    pub peak_tflops: Option<f64>,
 }
 
 /// The flags shared by training and `bench`.
@@ -248,6 +244,10 @@ pub struct RunArgs {
     /// Seconds a rank waits for the others in one collective before failing.
     #[arg(long, value_name = "SECONDS")]
     pub dist_timeout: Option<u64>,
+    /// Peak dense TFLOP/s of one rank's device at the run's dtype, for model FLOPs
+    /// utilisation (default: a known GPU's datasheet figure; on the CPU, measured).
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
     /// Print parameter counts and a memory estimate, then exit without training.
     #[arg(long)]
     pub dry_run: bool,
@@ -260,7 +260,7 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 25] = [
+        let flags: [(&str, Option<Value>); 26] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
@@ -301,6 +301,7 @@ impl RunArgs {
             ("train.device", self.device.as_ref().map(|v| json!(v))),
             ("train.dtype", self.dtype.as_ref().map(|v| json!(v))),
             ("train.dist_timeout_s", self.dist_timeout.map(|v| json!(v))),
+            ("train.peak_tflops", self.peak_tflops.map(|v| json!(v))),
         ];
         for (key, value) in flags {
             if let Some(value) = value {

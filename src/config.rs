@@ -61,6 +61,9 @@ pub struct TrainConfig {
     pub dist_timeout_s: u64,
     /// Mirror every metrics line into TensorBoard event files in `OUT/tb/`.
     pub tensorboard: bool,
+    /// Peak dense TFLOP/s of one rank's device, for MFU (null: a known GPU's datasheet
+    /// figure, or measured on the CPU).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +85,7 @@ impl Default for TrainConfig {
             dtype: Precision::F32,
             dist_timeout_s: 1800,
             tensorboard: true,
+            peak_tflops: None,
         }
     }
 }
@@ -125,6 +129,12 @@ impl TrainConfig {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");
             }
+        }
+        if self
+            .peak_tflops
+            .is_some_and(|p| !(p > 0.0 && p.is_finite()))
+        {
+            bail!("train.peak_tflops must be a positive number of TFLOP/s");
         }
         if !self.batch_size.is_multiple_of(self.micro_batch()) {
             bail!(

@@ -5,7 +5,8 @@
 //! differentiable ops), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule),
 //! `data` (tokenizers, corpora, token shards, image sources and pipelines), `dist` (data
 //! parallelism), `device` (`--device`, `--dtype`), `checkpoint` (safetensors checkpoints and
-//! the resume policy), `metrics` (metrics.jsonl and progress, mirrored into `tensorboard` event files). `config` composes their
+//! the resume policy), `metrics` (metrics.jsonl and progress, mirrored into `tensorboard` event files; `mfu`
+//! the FLOPs and memory figures in them). `config` composes their
 //! sections into a run's config, starting from `presets`; `task` pairs a model with its data;
 //! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
 //! `bench`, `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config
@@ -27,6 +28,7 @@ pub mod export;
 pub mod failpoint;
 pub mod interrupt;
 pub mod metrics;
+pub mod mfu;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -153,7 +153,6 @@ fn run(cli: &Cli) -> Result<u8> {
             warmup: b.warmup,
             iters: b.iters,
             loader_steps: b.loader_steps,
-            peak_tflops: b.peak_tflops,
         };
         let report = bench::run(&job, &config, &options)?;
         if job.is_root() {

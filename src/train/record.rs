@@ -60,6 +60,14 @@ pub struct Summary {
     pub optimizer_state_bytes_per_rank: Vec<usize>,
     /// Peak resident memory of each rank's process, MiB (0 where unknown).
     pub peak_rss_mib_per_rank: Vec<f64>,
+    /// Training FLOPs per token (per image for a ViT), see [`crate::mfu::flops_per_token`].
+    pub flops_per_token: f64,
+    /// Peak dense TFLOP/s of one rank's device that MFU is measured against, when known.
+    pub peak_tflops: Option<f64>,
+    /// Where `peak_tflops` comes from: `--peak-tflops`, a datasheet, or a measurement.
+    pub peak_tflops_source: Option<String>,
+    /// Model FLOPs utilisation over this process's steps, when the peak is known.
+    pub mfu: Option<f64>,
     /// Train loss of every optimizer step this process ran, for tests and scripts.
     #[serde(skip)]
     pub losses: Vec<f64>,
@@ -76,6 +84,10 @@ pub struct Recorder {
     wall: Instant,
     /// Seconds spent in training steps, for the mean throughput.
     train_s: f64,
+    /// The device this rank computes on, for its peak FLOP/s and memory.
+    device: candle_core::Device,
+    /// The highest memory reading so far (MiB): a GPU reports only the current use.
+    peak_mem_mib: f64,
 }
 
 impl Recorder {
@@ -121,10 +133,16 @@ impl Recorder {
                 dtype: config.train.dtype,
                 optimizer_state_bytes_per_rank: Vec::new(),
                 peak_rss_mib_per_rank: Vec::new(),
+                flops_per_token: f64::NAN,
+                peak_tflops: None,
+                peak_tflops_source: None,
+                mfu: None,
                 losses: Vec::new(),
             },
             wall,
             train_s: 0.0,
+            device: job.device.clone(),
+            peak_mem_mib: 0.0,
         }
     }
 
@@ -156,7 +174,16 @@ impl Recorder {
                 .with_context(|| format!("cannot write '{}'", path.display()))?;
         }
         self.summary.checkpoint = resumed_dir.map(|dir| dir.display().to_string());
-        self.summary.params = ParamCounts::of(&trainer.params).total;
+        let counts = ParamCounts::of(&trainer.params);
+        self.summary.params = counts.total;
+        self.summary.flops_per_token =
+            crate::mfu::flops_per_token(config, counts.total - counts.embeddings);
+        if self.root {
+            if let Some(peak) = crate::mfu::peak(config, &self.device)? {
+                self.summary.peak_tflops = Some(peak.tflops);
+                self.summary.peak_tflops_source = Some(peak.source);
+            }
+        }
         let train = &config.train;
         let world = trainer.comm.world();
         let ranks = if world > 1 {
@@ -207,20 +234,45 @@ impl Recorder {
             || done == self.config.train.steps
             || self.summary.losses.len() == 1;
         self.progress.step(done, loss, tokens_per_s, log_now);
-        if let (true, Some(metrics)) = (log_now, &mut self.metrics) {
-            metrics.write(&json!({
+        if log_now && self.metrics.is_some() {
+            let mut record = json!({
                 "step": done,
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "step_ms": step_s * 1e3,
-            }))?;
+            });
+            self.add_utilisation(&mut record, tokens_per_s);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.write(&record)?;
+            }
         }
         if let (Some(groups), Some(metrics)) = (&outcome.bsfa, &mut self.metrics) {
             metrics.write(&json!({ "step": done, "bsfa": groups }))?;
         }
         Ok(())
+    }
+
+    /// Adds to a step's metrics line the achieved TFLOP/s of all ranks, MFU against the
+    /// peak (when known) and this rank's memory now and at its peak.
+    fn add_utilisation(&mut self, record: &mut serde_json::Value, tokens_per_s: f64) {
+        let tflops = self.summary.flops_per_token * tokens_per_s / 1e12;
+        record["tflops"] = json!(tflops);
+        if let Some(mfu) = self.mfu(tokens_per_s) {
+            record["mfu"] = json!(mfu);
+        }
+        if let Some((now, peak)) = crate::mfu::memory_mib(&self.device) {
+            self.peak_mem_mib = self.peak_mem_mib.max(peak);
+            record["mem_mib"] = json!(now);
+            record["peak_mem_mib"] = json!(self.peak_mem_mib);
+        }
+    }
+
+    /// MFU at `tokens_per_s` (all ranks), against every rank's peak.
+    fn mfu(&self, tokens_per_s: f64) -> Option<f64> {
+        let peak = self.summary.peak_tflops? * 1e12 * self.summary.ranks as f64;
+        Some(self.summary.flops_per_token * tokens_per_s / peak)
     }
 
     /// Whether to evaluate after step `done`: every `eval_every` steps and after the last.
@@ -333,6 +385,7 @@ impl Recorder {
         let units = self.config.units_per_step() * summary.losses.len();
         summary.tokens_per_s = units as f64 / self.train_s;
         summary.wall_s = self.wall.elapsed().as_secs_f64();
+        self.summary.mfu = self.mfu(self.summary.tokens_per_s);
         Ok(self.summary)
     }
 

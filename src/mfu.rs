@@ -1,0 +1,177 @@
+//! Model FLOPs utilisation and memory: the model's training FLOPs per token, the peak FLOP/s
+//! of one rank's device, and what a process holds in memory.
+
+use crate::config::RunConfig;
+use crate::device::Precision;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Training FLOPs per token as nanoGPT counts them: `6 N + 12 layers hidden seq` (`N` the
+/// parameters besides the input embedding; the second term is attention's scores and
+/// weighted sum, forward and backward); for a ViT per image (`seq` tokens each).
+pub fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
+    let n = non_embedding as f64;
+    if config.model.is_vit() {
+        let v = &config.vit;
+        let seq = v.seq_len() as f64;
+        return seq * (6.0 * n + 12.0 * (v.num_hidden_layers * v.hidden_size) as f64 * seq);
+    }
+    let m = &config.model;
+    6.0 * n + 12.0 * (m.num_hidden_layers * m.hidden_size * config.train.seq_len) as f64
+}
+
+/// The peak dense FLOP/s of one rank's device that MFU is measured against.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peak {
+    pub tflops: f64,
+    /// Where the figure comes from: `--peak-tflops`, a GPU's datasheet, or a measurement.
+    pub source: String,
+}
+
+/// The peak of `device` at `dtype`: `train.peak_tflops` when set; on a known NVIDIA GPU its
+/// datasheet's dense figure; on the CPU the rate of a short f32 matrix product on this
+/// process's threads (measured here, so it says what this machine reaches, not a spec).
+/// None on a GPU this table does not know (set `--peak-tflops`).
+pub fn peak(config: &RunConfig, device: &Device) -> Result<Option<Peak>> {
+    if let Some(tflops) = config.train.peak_tflops {
+        return Ok(Some(Peak {
+            tflops,
+            source: "--peak-tflops".into(),
+        }));
+    }
+    let dtype = config.train.dtype.on(device);
+    if device.is_cpu() {
+        let tflops = measure_cpu_tflops()?;
+        return Ok(Some(Peak {
+            tflops,
+            source: "measured: f32 matmul 1024^3 on this process's threads".into(),
+        }));
+    }
+    Ok(gpu_name(device).and_then(|name| {
+        datasheet_tflops(&name, dtype).map(|tflops| Peak {
+            tflops,
+            source: format!("datasheet: {name}, dense {dtype}"),
+        })
+    }))
+}
+
+/// Dense tensor-core TFLOP/s of common NVIDIA GPUs from their datasheets: bf16, and f32 as
+/// it runs without TF32 (candle's default).
+fn datasheet_tflops(name: &str, dtype: Precision) -> Option<f64> {
+    const TABLE: &[(&str, f64, f64)] = &[
+        // (name contains, bf16, f32)
+        ("H200", 989.0, 67.0),
+        ("H100 PCIe", 756.0, 51.0),
+        ("H100", 989.0, 67.0),
+        ("GH200", 989.0, 67.0),
+        ("B200", 2250.0, 80.0),
+        ("A100", 312.0, 19.5),
+        ("A10", 125.0, 31.2),
+        ("L40S", 362.0, 91.6),
+        ("L40", 181.0, 90.5),
+        ("L4", 121.0, 30.3),
+        ("RTX 4090", 165.0, 82.6),
+        ("RTX 3090", 71.0, 35.6),
+    ];
+    let (_, bf16, f32) = TABLE.iter().find(|(key, _, _)| name.contains(key))?;
+    Some(match dtype {
+        Precision::Bf16 => *bf16,
+        _ => *f32,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_name(device: &Device) -> Option<String> {
+    let cuda = device.as_cuda_device().ok()?;
+    cuda.cuda_stream().context().name().ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_name(_device: &Device) -> Option<String> {
+    None
+}
+
+/// TFLOP/s of the best of three 1024 x 1024 x 1024 f32 matrix products (after one to warm
+/// up), about 0.1 s on two cores.
+fn measure_cpu_tflops() -> Result<f64> {
+    const N: usize = 1024;
+    let a = Tensor::ones((N, N), DType::F32, &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for round in 0..4 {
+        let started = Instant::now();
+        let c = a.matmul(&a)?;
+        // Reading one value waits for the product.
+        c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        if round > 0 {
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (N * N * N) as f64 / best / 1e12)
+}
+
+/// What this process holds in memory, MiB: now and at its peak. On the CPU its resident
+/// set (`VmRSS`, `VmHWM`); on a GPU the device's used memory (all processes on it) now,
+/// with the peak of the readings so far kept by the caller.
+pub fn memory_mib(device: &Device) -> Option<(f64, f64)> {
+    if device.is_cpu() {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let field = |name: &str| -> Option<f64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / 1024.0)
+        };
+        return Some((field("VmRSS:")?, field("VmHWM:")?));
+    }
+    gpu_used_mib(device).map(|used| (used, used))
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_used_mib(device: &Device) -> Option<f64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some((total - free) as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_used_mib(_device: &Device) -> Option<f64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datasheet_lookup_prefers_the_specific_name() {
+        assert_eq!(
+            datasheet_tflops("NVIDIA H100 PCIe", Precision::Bf16),
+            Some(756.0)
+        );
+        assert_eq!(
+            datasheet_tflops("NVIDIA H100 80GB HBM3", Precision::Bf16),
+            Some(989.0)
+        );
+        assert_eq!(datasheet_tflops("NVIDIA H200", Precision::F32), Some(67.0));
+        assert_eq!(
+            datasheet_tflops("NVIDIA L40S", Precision::Bf16),
+            Some(362.0)
+        );
+        assert_eq!(datasheet_tflops("Tesla T4", Precision::Bf16), None);
+    }
+
+    #[test]
+    fn cpu_peak_is_measured_and_plausible() -> Result<()> {
+        let tflops = measure_cpu_tflops()?;
+        // Between 1 GFLOP/s and 100 TFLOP/s on any CPU.
+        assert!((1e-3..100.0).contains(&tflops), "{tflops}");
+        Ok(())
+    }
+
+    #[test]
+    fn memory_of_this_process_is_known_on_linux() {
+        let (now, peak) = memory_mib(&Device::Cpu).expect("/proc/self/status");
+        assert!(now > 0.0 && peak >= now, "{now} {peak}");
+    }
+}
