@@ -540,8 +540,10 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
         assert_eq!(
             devices.len(),
             params.len() + bsfa_blocks * (history + 1),
-            "{sets:?}: {:?}",
-            devices.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            "{sets:?}: {} parameters, {bsfa_blocks} BSFA blocks; listed: {} ... {}",
+            params.len(),
+            devices.first().map_or("", |d| d.0.as_str()),
+            devices.last().map_or("", |d| d.0.as_str())
         );
         for (name, d) in &devices {
             assert!(d.same_device(&device), "{sets:?}: {name}");

@@ -422,6 +422,10 @@ fn trains_from_token_shards_with_their_val_split() {
     ] {
         assert!(err.contains(needle), "'{needle}' not in: {err}");
     }
+    assert!(
+        !err.contains("step 1/"),
+        "found only after training started: {err}"
+    );
     // A damaged shard stops the run before training, naming the file.
     let bytes = std::fs::read(&val).unwrap();
     std::fs::write(&val, &bytes[..bytes.len() - 7]).unwrap();
