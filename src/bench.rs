@@ -96,12 +96,14 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
         let vocab = config.model.vocab_size as u32;
         let corpus = language::Corpus {
-            train: TokenSegments::Memory(
+            train: TokenSegments::from_tokens(
                 (0..train.batch_size * (train.seq_len + 1) * 4)
                     .map(|_| rng.random_range(0..vocab))
                     .collect(),
-            ),
-            val: TokenSegments::Memory(Vec::new()),
+                "random tokens",
+                config.model.vocab_size,
+            )?,
+            val: TokenSegments::from_tokens(Vec::new(), "random tokens", config.model.vocab_size)?,
         };
         let start = Position::start(train.seed, false);
         language::LanguageTask::start(config, corpus, device, comm, start)?

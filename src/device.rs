@@ -12,7 +12,8 @@ pub enum DeviceKind {
     Cpu,
     /// The rank's CUDA device: local rank `LOCAL_RANK` among the GPUs it sees.
     Cuda,
-    /// CUDA when this build has it and a GPU is present, else the CPU.
+    /// CUDA when this build has it and the driver reports a GPU, else the CPU (a CUDA build
+    /// says so in a one-line note on stderr).
     Auto,
 }
 
@@ -36,11 +37,40 @@ pub fn select(spec: DeviceKind, gpu: usize) -> Result<Device> {
                 )
             })
         }
-        DeviceKind::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
-            select(DeviceKind::Cuda, gpu)
-        }
-        DeviceKind::Auto => Ok(Device::Cpu),
+        // candle's `cuda_is_available()` only says whether the build has CUDA; ask the
+        // driver how many GPUs this process sees instead. A GPU present but not this rank's
+        // ordinal is an error (as `cuda` is), not a silent CPU rank in a GPU job.
+        DeviceKind::Auto => match cuda_devices() {
+            Ok(n) if n > 0 => select(DeviceKind::Cuda, gpu),
+            Ok(_) if !cfg!(feature = "cuda") => Ok(Device::Cpu),
+            found => {
+                let why = match found {
+                    Ok(_) => "the driver reports no GPU".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                eprintln!("note: --device auto: no usable CUDA device ({why}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+        },
     }
+}
+
+/// CUDA devices this process sees, as the driver reports them (0 in a build without CUDA);
+/// an error when the driver cannot be initialised (no driver, only the link-time stub
+/// library, a broken install).
+pub fn cuda_devices() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        // The code alone (e.g. CUDA_ERROR_NO_DEVICE, CUDA_ERROR_STUB_LIBRARY): the driver's
+        // description is unavailable exactly when it cannot start.
+        let code = |e: result::DriverError| anyhow::anyhow!("{:?}", e.0);
+        result::init().map_err(code)?;
+        let n = result::device::get_count().map_err(code)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(0)
 }
 
 /// The model's compute precision (`train.dtype`).
@@ -92,5 +122,24 @@ pub fn name(device: &Device) -> String {
         Device::Cpu => "cpu".into(),
         Device::Cuda(_) => "cuda".into(),
         Device::Metal(_) => "metal".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` opens a GPU when the driver reports one and falls back to the CPU otherwise:
+    /// in a CUDA build run without a GPU (the compile-only toolchain's stub driver, or a
+    /// machine without GPUs) it must not fail.
+    #[test]
+    fn auto_falls_back_to_the_cpu_without_a_gpu() {
+        let device = select(DeviceKind::Auto, 0).unwrap();
+        let gpus = cuda_devices().unwrap_or(0);
+        assert_eq!(device.is_cuda(), gpus > 0, "{gpus} GPUs");
+        if !cfg!(feature = "cuda") {
+            assert_eq!(gpus, 0);
+            assert!(device.is_cpu());
+        }
     }
 }

@@ -4,10 +4,10 @@
 //! targets. A shard folder is read shard by shard; a text source is tokenized whole.
 
 use crate::checkpoint::Checkpoint;
-use crate::data::{DataSpec, TokenSegments, Tokenizer};
+use crate::data::{self, DataSpec, TokenSegments, Tokenizer};
 use crate::model::Llama;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::Path;
 
@@ -70,20 +70,12 @@ pub fn run(dir: &Path, spec: &DataSpec, options: &EvalOptions) -> Result<EvalRep
         .peekable();
     let (mut sum, mut count) = (0.0f64, 0u64);
     let mut batches = 0;
-    let mut window = Vec::with_capacity(seq_len + 1);
     device.with_context(|| -> Result<()> {
         while windows.peek().is_some() && options.batches.is_none_or(|m| batches < m) {
-            let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-            let mut rows = 0;
-            for (segment, start) in windows.by_ref().take(batch) {
-                window.clear();
-                tokens.read(segment, start, seq_len + 1, &mut window);
-                inputs.extend_from_slice(&window[..seq_len]);
-                targets.extend_from_slice(&window[1..]);
-                rows += 1;
-            }
-            let inputs = Tensor::from_vec(inputs, (rows, seq_len), &device)?;
-            let targets = Tensor::from_vec(targets, (rows, seq_len), &device)?;
+            let chosen: Vec<(usize, usize)> = windows.by_ref().take(batch).collect();
+            let rows = chosen.len();
+            // Ids are checked against the vocabulary on the host before they become tensors.
+            let (inputs, targets) = data::batch_of(&tokens, &chosen, seq_len, &device)?;
             let loss = model.loss(&inputs, &targets)?.detach();
             let n = (rows * seq_len) as u64;
             sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;

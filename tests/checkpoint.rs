@@ -2,6 +2,8 @@
 //! checkpoint write, SIGTERM, then `--resume auto` must log exactly the losses of an
 //! uninterrupted run; damaged or mismatched checkpoints are clear errors that change nothing.
 
+mod common;
+
 use bsfa_train::checkpoint::{self, read_safetensors};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -467,4 +469,88 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
         .map(|c| c.0)
         .collect();
     assert_eq!(fresh, vec![4, 8]);
+}
+
+/// After a resume every restored tensor sits on the parameters' device: the weights, Adam's
+/// moments and BSFA's history and directions (f32 and 4-bit), each one visited. Checkpoints
+/// are read on the host, and on CUDA a tensor left there fails (`Var::set` refuses it, a CPU
+/// moment breaks the first step). On a CPU-only machine every device is the CPU, so this
+/// guards the code path (every state tensor is listed and compared, and the resume runs
+/// through `Checkpoint::restore`'s check); a CUDA run proves the placement itself.
+#[test]
+fn resume_restores_every_state_tensor_on_the_parameters_device() {
+    use bsfa_train::dist::{Communicator, SingleRank};
+    use bsfa_train::{optim, task};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (steps, history) = (6, 4);
+    for (i, sets) in [
+        &["optimizer.name=\"adamw\""][..],
+        &["optimizer.name=\"adam-mini\"", "bsfa.enabled=true"][..],
+        &[
+            "optimizer.name=\"adam-mini\"",
+            "bsfa.enabled=true",
+            "bsfa.bits=4",
+        ][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("run{i}"));
+        let mut all = vec![
+            "train.steps=6".to_string(),
+            "bsfa.rank=2".into(),
+            format!("bsfa.history={history}"),
+            "bsfa.interval=2".into(),
+        ];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let config = common::small_config(&out, &all);
+        bsfa_train::train::run(&config, None).unwrap();
+
+        let device = bsfa_train::device::select(config.train.device, 0).unwrap();
+        let config = config.on_device(&device);
+        let params = task::params(&config, &device).unwrap();
+        let blocks = match config.optimizer.name {
+            optim::OptimizerName::AdamMini => task::adam_mini_blocks(&config, &params).unwrap(),
+            optim::OptimizerName::AdamW => Vec::new(),
+        };
+        let comm: Arc<dyn Communicator> = Arc::new(SingleRank);
+        let mut optimizer =
+            optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &comm).unwrap();
+        let ck =
+            checkpoint::Checkpoint::open(&out.join("checkpoints/step-00000006"), true).unwrap();
+        ck.restore(&params, optimizer.as_mut()).unwrap();
+
+        for p in &params {
+            assert!(p.var.device().same_device(&device), "{}", p.name);
+        }
+        let devices = optimizer.state_devices();
+        // Adam: one moments tensor per parameter; BSFA: per block, its full history (one
+        // tensor per update) and its directions.
+        let bsfa_blocks = if config.bsfa.enabled {
+            optim::bsfa::owners(&config.bsfa, &params, 1)
+                .iter()
+                .flatten()
+                .count()
+        } else {
+            0
+        };
+        assert!(steps > history && (!config.bsfa.enabled || bsfa_blocks > 0));
+        assert_eq!(
+            devices.len(),
+            params.len() + bsfa_blocks * (history + 1),
+            "{sets:?}: {} parameters, {bsfa_blocks} BSFA blocks; listed: {} ... {}",
+            params.len(),
+            devices.first().map_or("", |d| d.0.as_str()),
+            devices.last().map_or("", |d| d.0.as_str())
+        );
+        for (name, d) in &devices {
+            assert!(d.same_device(&device), "{sets:?}: {name}");
+        }
+        assert_eq!(
+            optim::check_state_devices(optimizer.as_ref(), &device).unwrap(),
+            devices.len()
+        );
+    }
 }

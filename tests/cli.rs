@@ -405,6 +405,27 @@ fn trains_from_token_shards_with_their_val_split() {
         "{}",
         stderr(&o)
     );
+    // Ids outside the model's vocabulary stop the run before training (on a GPU they would
+    // be a device-side assert), naming the shard, the id, the vocabulary and the fix.
+    let wide = dir.path().join("wide");
+    std::fs::create_dir(&wide).unwrap();
+    let mut bad = ids[..30_000].to_vec();
+    bad[12_345] = 300;
+    bsfa_train::data::shards::write(&wide.join("w_train_000000.bin"), &bad, 1000).unwrap();
+    bsfa_train::data::shards::write(&wide.join("w_val_000000.bin"), &ids[..5_000], 256).unwrap();
+    let wide_spec = format!("shards:{}", wide.display());
+    let err = fails_with(&["--data", &wide_spec, "--out", out], "w_train_000000.bin");
+    for needle in [
+        "id 300 at position 12345",
+        "vocabulary of 256",
+        "model.vocab_size=320",
+    ] {
+        assert!(err.contains(needle), "'{needle}' not in: {err}");
+    }
+    assert!(
+        !err.contains("step 1/"),
+        "found only after training started: {err}"
+    );
     // A damaged shard stops the run before training, naming the file.
     let bytes = std::fs::read(&val).unwrap();
     std::fs::write(&val, &bytes[..bytes.len() - 7]).unwrap();

@@ -312,7 +312,23 @@ impl Checkpoint {
         })
     }
 
-    /// Copies the checkpoint's weights into `params`, checking names and shapes.
+    /// Restores a run from this checkpoint: the weights into `params`, the optimizer state
+    /// into `optimizer`, then checks that every restored tensor lives on the parameters'
+    /// device (see [`crate::optim::check_state_devices`]): tensors are read on the host, and
+    /// a CUDA run must get them on its GPU.
+    pub fn restore(&self, params: &[Param], optimizer: &mut dyn Optimizer) -> Result<()> {
+        self.load_model(params)?;
+        self.load_optimizer(optimizer)?;
+        if let Some(first) = params.first() {
+            crate::optim::check_state_devices(optimizer, first.var.device())
+                .with_context(|| format!("resuming from '{}'", self.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the checkpoint's weights into `params`, checking names and shapes. The
+    /// weights are read on the host and land on each parameter's own device and dtype
+    /// (`Var::set` refuses a tensor on another device).
     pub fn load_model(&self, params: &[Param]) -> Result<()> {
         let file = self.dir.join(MODEL_FILE);
         for p in params {
@@ -329,13 +345,16 @@ impl Checkpoint {
                     p.var.dims()
                 );
             }
-            p.var.set(&t.to_dtype(p.var.dtype())?)?;
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
         }
         Ok(())
     }
 
     /// Restores `optimizer` from the checkpoint's optimizer state: the tensors it wants,
-    /// from the shared file and every rank's shard, whatever rank count wrote them.
+    /// from the shared file and every rank's shard, whatever rank count wrote them. The
+    /// tensors are handed over on the host; [`Optimizer::load_state`] moves them to the
+    /// parameters' device.
     pub fn load_optimizer(&self, optimizer: &mut dyn Optimizer) -> Result<()> {
         let file = self.dir.join(OPTIMIZER_FILE);
         let (files, steps) = self

@@ -138,7 +138,7 @@ mod tests {
     use super::*;
 
     fn tokens() -> Arc<TokenSegments> {
-        Arc::new(TokenSegments::Memory((0..5000).collect()))
+        Arc::new(TokenSegments::from_tokens((0..5000).collect(), "test", 5000).unwrap())
     }
 
     fn rows(t: &Tensor) -> Vec<Vec<u32>> {

@@ -48,13 +48,13 @@ pub fn load(
     let val_fraction = data.val_fraction;
     let open = |spec, split| TokenSegments::open(spec, tokenizer, split, vocab_size);
     let mut train = open(train_spec, "train")?;
-    let val = match (val_spec, &mut train) {
-        (Some(spec), _) => open(spec, "val")?,
-        (None, TokenSegments::Shards(_)) => open(train_spec, "val")?,
-        (None, TokenSegments::Memory(tokens)) => {
-            let held_out = ((tokens.len() as f64) * val_fraction) as usize;
-            TokenSegments::Memory(tokens.split_off(tokens.len() - held_out))
-        }
+    let val = match val_spec {
+        Some(spec) => open(spec, "val")?,
+        // Text: the last `val_fraction` of it; shards: the folder's `_val_` shards.
+        None => match train.hold_out(val_fraction) {
+            Some(held_out) => held_out,
+            None => open(train_spec, "val")?,
+        },
     };
     for (what, tokens, spec) in [
         ("training", &train, train_spec),
@@ -168,14 +168,28 @@ fn unprepared(name: &str, data: &DataConfig, cause: anyhow::Error) -> anyhow::Er
 
 /// A token stream in independent segments: one per shard file, or one for a text source.
 /// Windows never cross a segment boundary.
-pub enum TokenSegments {
+///
+/// Every id is below the model's vocabulary: checked whole when the stream is opened, and
+/// again on the host (one max per window) before a batch becomes a tensor, in
+/// [`batch_of`]. An id outside the vocabulary would otherwise be a device-side assert on
+/// CUDA (the embedding's gather, the loss' index), which leaves the context unusable rather
+/// than returning an error.
+pub struct TokenSegments {
+    segments: Segments,
+    /// The `--data` source the tokens come from, for errors.
+    source: String,
+    /// The model's vocabulary size: every id is below it.
+    vocab_size: usize,
+}
+
+enum Segments {
     Memory(Vec<u32>),
     Shards(Vec<shards::Shard>),
 }
 
 impl TokenSegments {
     /// Opens `builtin`, `text:PATH` (tokenized whole) or `shards:PATH` (a `.bin` file, or the
-    /// `_<split>_` shards of a folder, checked against `vocab_size`).
+    /// `_<split>_` shards of a folder), checking every id against `vocab_size`.
     pub fn open(
         spec: &DataSpec,
         tokenizer: &Tokenizer,
@@ -190,17 +204,50 @@ impl TokenSegments {
             for shard in &opened {
                 shard.check_vocab(vocab_size)?;
             }
-            Ok(Self::Shards(opened))
+            Ok(Self {
+                segments: Segments::Shards(opened),
+                source: spec.to_string(),
+                vocab_size,
+            })
         } else {
-            Ok(Self::Memory(read_tokens(spec, tokenizer)?))
+            Self::from_tokens(read_tokens(spec, tokenizer)?, &spec.to_string(), vocab_size)
         }
+    }
+
+    /// Tokens already in memory, from `source` (for errors), checked against `vocab_size`.
+    pub fn from_tokens(tokens: Vec<u32>, source: &str, vocab_size: usize) -> Result<Self> {
+        let out = Self {
+            segments: Segments::Memory(tokens),
+            source: source.to_string(),
+            vocab_size,
+        };
+        if let Segments::Memory(tokens) = &out.segments {
+            if let Some(pos) = tokens.iter().position(|&id| id as usize >= vocab_size) {
+                return Err(out.out_of_vocabulary(tokens[pos], &format!("position {pos}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// For a source in memory: its last `fraction` of tokens, split off as a stream of their
+    /// own (a held-out validation set). `None` for shards, which have their own split.
+    fn hold_out(&mut self, fraction: f64) -> Option<Self> {
+        let Segments::Memory(tokens) = &mut self.segments else {
+            return None;
+        };
+        let held_out = ((tokens.len() as f64) * fraction) as usize;
+        Some(Self {
+            segments: Segments::Memory(tokens.split_off(tokens.len() - held_out)),
+            source: self.source.clone(),
+            vocab_size: self.vocab_size,
+        })
     }
 
     /// Tokens per segment.
     pub fn segment_lens(&self) -> Vec<usize> {
-        match self {
-            Self::Memory(tokens) => vec![tokens.len()],
-            Self::Shards(shards) => shards.iter().map(|s| s.len()).collect(),
+        match &self.segments {
+            Segments::Memory(tokens) => vec![tokens.len()],
+            Segments::Shards(shards) => shards.iter().map(|s| s.len()).collect(),
         }
     }
 
@@ -224,10 +271,44 @@ impl TokenSegments {
 
     /// Appends tokens `start .. start + len` of segment `segment` to `out`.
     pub fn read(&self, segment: usize, start: usize, len: usize, out: &mut Vec<u32>) {
-        match self {
-            Self::Memory(tokens) => out.extend_from_slice(&tokens[start..start + len]),
-            Self::Shards(shards) => shards[segment].read(start, len, out),
+        match &self.segments {
+            Segments::Memory(tokens) => out.extend_from_slice(&tokens[start..start + len]),
+            Segments::Shards(shards) => shards[segment].read(start, len, out),
         }
+    }
+
+    /// The vocabulary size every id is checked against.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Fails unless every id of the window read at `start` of `segment` is inside the
+    /// vocabulary: the host-side check before a batch is uploaded (a max per window).
+    fn check_window(&self, window: &[u32], segment: usize, start: usize) -> Result<()> {
+        let max = window.iter().copied().max().unwrap_or(0);
+        if (max as usize) < self.vocab_size {
+            return Ok(());
+        }
+        let pos = window.iter().position(|&id| id == max).unwrap_or(0) + start;
+        let at = match &self.segments {
+            Segments::Shards(shards) => {
+                format!("position {pos} of '{}'", shards[segment].path().display())
+            }
+            Segments::Memory(_) => format!("position {pos}"),
+        };
+        Err(self.out_of_vocabulary(max, &at))
+    }
+
+    /// The error for id `id` found at `at`: which source, which id, the vocabulary, the fix.
+    fn out_of_vocabulary(&self, id: u32, at: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the data '{}' holds token id {id} at {at}, outside the model's vocabulary of {} \
+             (model.vocab_size); raise model.vocab_size above {id} (--set \
+             model.vocab_size={}) or use data tokenized with the model's tokenizer",
+            self.source,
+            self.vocab_size,
+            (id as usize + 1).div_ceil(64) * 64
+        )
     }
 }
 
@@ -322,7 +403,8 @@ impl<'a> Batcher<'a> {
     }
 }
 
-/// Inputs and targets (`windows.len() x seq_len`, u32) of the given windows.
+/// Inputs and targets (`windows.len() x seq_len`, u32) of the given windows, on `device`.
+/// Every id is checked against the vocabulary on the host first (see [`TokenSegments`]).
 pub fn batch_of(
     tokens: &TokenSegments,
     windows: &[(usize, usize)],
@@ -335,6 +417,7 @@ pub fn batch_of(
     for &(segment, start) in windows {
         window.clear();
         tokens.read(segment, start, seq_len + 1, &mut window);
+        tokens.check_window(&window, segment, start)?;
         inputs.extend_from_slice(&window[..seq_len]);
         targets.extend_from_slice(&window[1..]);
     }
@@ -351,7 +434,7 @@ mod tests {
 
     #[test]
     fn targets_are_inputs_shifted_by_one_and_seek_replays() {
-        let tokens = TokenSegments::Memory((0..100).collect());
+        let tokens = TokenSegments::from_tokens((0..100).collect(), "test", 100).unwrap();
         let mut b = Batcher::new(&tokens, 7);
         let (x, y) = b.next_batch(3, 10, &Device::Cpu).unwrap();
         let x: Vec<Vec<u32>> = x.to_vec2().unwrap();
@@ -415,6 +498,53 @@ mod tests {
             err.contains("d_train_000001.bin") || err.contains("d_train_000002.bin"),
             "{err}"
         );
+    }
+
+    /// Ids outside the model's vocabulary never reach a tensor: a text source is checked when
+    /// opened, and every batch on the host before upload (here: shards whose bound is lowered
+    /// after opening, as if a shard changed under a run), each error naming the source, the id,
+    /// the vocabulary and the fix.
+    #[test]
+    fn ids_outside_the_vocabulary_are_host_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("t.txt");
+        std::fs::write(&text, "abc~").unwrap();
+        let spec: DataSpec = format!("text:{}", text.display()).parse().unwrap();
+        let err = TokenSegments::open(&spec, &Tokenizer::Bytes, "val", 100)
+            .err()
+            .unwrap()
+            .to_string();
+        for needle in [
+            "t.txt",
+            "token id 126 at position 3",
+            "vocabulary of 100",
+            "model.vocab_size=128",
+        ] {
+            assert!(err.contains(needle), "'{needle}' not in: {err}");
+        }
+        assert!(TokenSegments::open(&spec, &Tokenizer::Bytes, "val", 127).is_ok());
+
+        let ids: Vec<u32> = (0..40).map(|i| if i == 17 { 2000 } else { i }).collect();
+        shards::write(&dir.path().join("s_train_000000.bin"), &ids, 4096).unwrap();
+        let spec: DataSpec = format!("shards:{}", dir.path().display()).parse().unwrap();
+        let mut tokens = TokenSegments::open(&spec, &Tokenizer::Bytes, "train", 4096).unwrap();
+        let window = [(0, 10)];
+        assert!(batch_of(&tokens, &window, 8, &Device::Cpu).is_ok());
+        tokens.vocab_size = 1000;
+        let err = batch_of(&tokens, &window, 8, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        for needle in [
+            "token id 2000",
+            "position 17 of",
+            "s_train_000000.bin",
+            "of 1000",
+        ] {
+            assert!(err.contains(needle), "'{needle}' not in: {err}");
+        }
+        // A window that does not reach the bad id is fine.
+        assert!(batch_of(&tokens, &[(0, 0)], 8, &Device::Cpu).is_ok());
     }
 
     #[test]

@@ -128,11 +128,12 @@ impl Shard {
             if let Some(pos) = ids.iter().position(|&id| id as usize >= vocab_size) {
                 bail!(
                     "token shard '{}' holds id {} at position {}, outside the model's \
-                     vocabulary of {vocab_size}; raise model.vocab_size or prepare the data \
-                     with the model's tokenizer",
+                     vocabulary of {vocab_size} (model.vocab_size); raise model.vocab_size \
+                     (--set model.vocab_size={}) or prepare the data with the model's tokenizer",
                     self.path.display(),
                     ids[pos],
-                    start + pos
+                    start + pos,
+                    (ids[pos] as usize + 1).div_ceil(64) * 64
                 );
             }
         }

@@ -21,7 +21,7 @@ use super::OptimizerConfig;
 use super::{fusable, Optimizer};
 use crate::model::{LlamaConfig, Param, VitConfig};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 /// Adam with bias correction, decoupled weight decay, and second moments shared by blocks.
@@ -277,12 +277,26 @@ impl Optimizer for Adam {
                         shape
                     );
                 }
-                parts.push(t.flatten_all()?.to_dtype(self.moments[i].dtype())?);
+                // Checkpoints are read on the host; the moments live with the parameter.
+                let moments = &self.moments[i];
+                parts.push(
+                    t.flatten_all()?
+                        .to_dtype(moments.dtype())?
+                        .to_device(moments.device())?,
+                );
             }
             self.moments[i] = Tensor::cat(&parts, 0)?;
         }
         self.step = steps_taken;
         Ok(())
+    }
+
+    fn state_devices(&self) -> Vec<(String, Device)> {
+        self.names
+            .iter()
+            .zip(&self.moments)
+            .map(|(name, m)| (format!("{name}.moments"), m.device().clone()))
+            .collect()
     }
 
     fn state_bytes(&self) -> usize {
@@ -297,7 +311,7 @@ impl Optimizer for Adam {
 mod tests {
     use super::*;
     use crate::model::ParamGroup;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn param(name: &str, values: &[f64], shape: &[usize]) -> Param {
         let t = Tensor::from_slice(values, shape, &Device::Cpu).unwrap();

@@ -10,7 +10,7 @@ use crate::cpu::fusable;
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -57,6 +57,33 @@ pub trait Optimizer: Send {
 
     /// Bytes held by the optimizer state.
     fn state_bytes(&self) -> usize;
+
+    /// Where each state tensor this rank holds lives, by a descriptive name: the device it
+    /// computes on (4-bit BSFA state: the device it is dequantized to). Checked after a
+    /// resume by [`check_state_devices`]; the default (no state) suits wrappers without
+    /// tensors of their own.
+    fn state_devices(&self) -> Vec<(String, Device)> {
+        Vec::new()
+    }
+}
+
+/// Fails, naming the tensor, when a state tensor of `optimizer` is not on `device` (the
+/// parameters'). Checkpoints are read on the host, so every restored tensor must be moved to
+/// the parameters' device; on a GPU a tensor left behind would fail in the first step, far
+/// from its cause. Returns how many tensors were checked. (On a CPU-only machine every
+/// tensor is on the CPU: there this guards the code path, not the placement.)
+pub fn check_state_devices(optimizer: &dyn Optimizer, device: &Device) -> Result<usize> {
+    let devices = optimizer.state_devices();
+    for (name, d) in &devices {
+        if !d.same_device(device) {
+            bail!(
+                "optimizer state '{name}' is on {} but the parameters are on {}",
+                crate::device::name(d),
+                crate::device::name(device)
+            );
+        }
+    }
+    Ok(devices.len())
 }
 
 /// An optimizer state tensor on its way to a checkpoint: whole, or as equal rows that stay
@@ -118,17 +145,46 @@ pub fn build(
 }
 
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.
+///
+/// One host read per step: each gradient's sum of squares stays a (0-dim, f64) tensor on
+/// the gradients' device, the sums are added there in parameter order, and only the total
+/// is read back (on a GPU a read is a sync, which per parameter would stall the stream
+/// once per tensor). On the CPU the fused kernel gives each sum, and adding them in order
+/// from zero is what candle's f64 sum does, so the norm is the one a running host sum gives.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads {
-        let squares = if fusable(g) {
-            g.contiguous()?.apply_op1_no_bwd(&fused::SumSquares)?
-        } else {
-            g.sqr()?.sum_all()?
-        };
-        sum += squares.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    norm_with(grads, sum_of_squares)
+}
+
+/// The square root of the sum over `grads` of `squares(g)` (0-dim f64 tensors), added on
+/// the device and read once.
+fn norm_with(grads: &[Tensor], squares: fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sum.sqrt())
+    let parts = grads.iter().map(squares).collect::<Result<Vec<_>>>()?;
+    let total = Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(total.sqrt())
+}
+
+/// The sum of squares of `g` as a 0-dim f64 tensor on `g`'s device, without a host read:
+/// the fused kernel on the CPU, candle ops elsewhere.
+fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
+    if fusable(g) {
+        Ok(g.contiguous()?.apply_op1_no_bwd(&fused::SumSquares)?)
+    } else {
+        tensor_sum_of_squares(g)
+    }
+}
+
+/// [`sum_of_squares`] with candle ops, for any device: in f32 or f64 (a half-precision
+/// gradient is widened first: a sum of thousands of squares in bf16 stalls far below its
+/// value, as its 8-bit mantissa cannot add small terms to a large total).
+fn tensor_sum_of_squares(g: &Tensor) -> Result<Tensor> {
+    let g = match g.dtype() {
+        DType::F32 | DType::F64 => g.clone(),
+        _ => g.to_dtype(DType::F32)?,
+    };
+    Ok(g.sqr()?.sum_all()?.to_dtype(DType::F64)?)
 }
 
 /// The global gradient norm and the factor that clips it to `max_norm` (0 disables), with
@@ -144,4 +200,73 @@ pub fn clip_coefficient(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
             1.0
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grads(dtype: DType) -> Vec<Tensor> {
+        let device = Device::Cpu;
+        [(3usize, 50usize), (1, 7), (40, 41)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| {
+                let values: Vec<f32> = (0..r * c)
+                    .map(|j| ((j * 37 + i * 11) % 101) as f32 / 50.0 - 1.0)
+                    .collect();
+                Tensor::from_vec(values, (r, c), &device)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// On the CPU the one-read norm is bit for bit the per-parameter running sum it
+    /// replaced, so CPU runs log the same gradient norms and clip alike.
+    #[test]
+    fn global_norm_is_the_running_host_sum_on_the_cpu() {
+        let grads = grads(DType::F32);
+        let mut running = 0.0f64;
+        for g in &grads {
+            running += sum_of_squares(g).unwrap().to_scalar::<f64>().unwrap();
+        }
+        assert_eq!(global_norm(&grads).unwrap(), running.sqrt());
+        assert_eq!(global_norm(&[]).unwrap(), 0.0);
+    }
+
+    /// The tensor path (CUDA tensors, or any type the fused kernel does not take) gives the
+    /// same norm, up to its f32 sums.
+    #[test]
+    fn tensor_path_norm_matches_the_fused_one() {
+        let fused = global_norm(&grads(DType::F32)).unwrap();
+        let exact: f64 = grads(DType::F64)
+            .iter()
+            .map(|g| {
+                g.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!((fused - exact).abs() <= 1e-12 * exact, "{fused} vs {exact}");
+        // bf16 gradients are not fusable: they take the tensor path, summed in f32 (bf16
+        // rounding of the values themselves is the difference; a bf16 sum was 30% low).
+        let bf16 = global_norm(&grads(DType::BF16)).unwrap();
+        assert!((bf16 - exact).abs() <= 1e-2 * exact, "{bf16} vs {exact}");
+        // What a CUDA run computes, here on the CPU's f32 gradients.
+        let tensor_path = norm_with(&grads(DType::F32), tensor_sum_of_squares).unwrap();
+        assert!(
+            (tensor_path - exact).abs() <= 1e-6 * exact,
+            "{tensor_path} vs {exact}"
+        );
+        let (norm, coef) = clip_coefficient(&grads(DType::F32), 1.0).unwrap();
+        assert_eq!(norm, fused);
+        assert!((coef - 1.0 / (fused + 1e-6)).abs() < 1e-15);
+    }
 }

@@ -90,8 +90,7 @@ fn setup(
     let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state), wall);
     let start = match &resumed {
         Some(ck) => {
-            ck.load_model(&trainer.params)?;
-            ck.load_optimizer(trainer.optimizer.as_mut())?;
+            ck.restore(&trainer.params, trainer.optimizer.as_mut())?;
             recorder.note(&format!(
                 "resuming from '{}' at step {}",
                 ck.dir.display(),

@@ -214,6 +214,15 @@ impl Optimizer for Bsfa {
         Ok(())
     }
 
+    fn state_devices(&self) -> Vec<(String, candle_core::Device)> {
+        let mut out = self.base.state_devices();
+        for (name, block) in self.names.iter().zip(&self.blocks) {
+            let Some(block) = block else { continue };
+            out.extend(block.devices(name));
+        }
+        out
+    }
+
     fn state_bytes(&self) -> usize {
         let own: usize = self.blocks.iter().flatten().map(BlockState::bytes).sum();
         self.base.state_bytes() + own

@@ -52,6 +52,14 @@ impl Stored {
         }
     }
 
+    /// The device the matrix computes on (4-bit: the one it is dequantized to).
+    fn device(&self) -> &Device {
+        match self {
+            Self::Full(t) => t.device(),
+            Self::Bits4 { device, .. } => device,
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Self::Full(t) => t.elem_count() * t.dtype().size_in_bytes(),
@@ -133,8 +141,9 @@ impl Stored {
                 return Ok(None);
             };
             return match t.dims() {
+                // Read on the host, kept on the parameter's device.
                 &[rows, cols] if rows <= max_rows && cols == *numel => {
-                    Ok(Some(Self::Full(t.to_dtype(*dtype)?)))
+                    Ok(Some(Self::Full(t.to_dtype(*dtype)?.to_device(device)?)))
                 }
                 dims => bail!(
                     "optimizer state '{key}' has shape {dims:?}, expected at most \
@@ -274,6 +283,21 @@ impl BlockState {
         let key = format!("{name}.bsfa_directions");
         self.directions = Stored::read(state, &key, config.bits, config.rank, row, "rank")?;
         Ok(())
+    }
+
+    /// The device of every stored matrix of the block of parameter `name`, named as in
+    /// checkpoints (history rows by their index).
+    pub(super) fn devices(&self, name: &str) -> Vec<(String, Device)> {
+        let history = self
+            .history
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{name}.bsfa_history[{i}]"), s.device().clone()));
+        let directions = self
+            .directions
+            .iter()
+            .map(|s| (format!("{name}.bsfa_directions"), s.device().clone()));
+        history.chain(directions).collect()
     }
 
     /// Bytes held.

@@ -1,0 +1,187 @@
+//! `--dtype bf16` end to end on the CPU, through the binary as a user runs it: a small LLaMA
+//! learns, checkpoints, resumes bit for bit after a stop, and `eval` reads its checkpoint.
+//! bf16 is the precision `--dtype auto` picks on a GPU: here its code path (bf16 compute,
+//! f32 master weights, gradients and optimizer state) runs on the CPU.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
+const STEPS: usize = 30;
+
+/// A small bf16 run with Adam-mini + BSFA (re-estimating every 4 steps, so a resume restores
+/// history and directions), every step logged, a checkpoint every 15 steps.
+fn args(out: &Path) -> Vec<String> {
+    args_in("bf16", out)
+}
+
+/// [`args`] computing in `dtype`.
+fn args_in(dtype: &str, out: &Path) -> Vec<String> {
+    [
+        "--dtype",
+        dtype,
+        "--set",
+        "model.hidden_size=64",
+        "--set",
+        "model.num_hidden_layers=2",
+        "--set",
+        "model.intermediate_size=172",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "15",
+        "--threads",
+        "2",
+        "--optimizer",
+        "adam-mini",
+        "--bsfa",
+        "--set",
+        "bsfa.rank=3",
+        "--set",
+        "bsfa.history=6",
+        "--set",
+        "bsfa.interval=4",
+        "--steps",
+        &STEPS.to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String], failpoint: Option<&str>) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    if let Some(spec) = failpoint {
+        command.env("BSFA_TRAIN_FAILPOINT", spec);
+    }
+    command.output().expect("binary runs")
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// Every metrics record, in file order.
+fn records(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The training losses, by step.
+fn losses(records: &[Value]) -> Vec<(u64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // A straight run.
+    let straight = dir.path().join("straight");
+    let o = ok(run(&args(&straight), None));
+    let summary: Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["steps"], STEPS as u64);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["train"]["dtype"], "bf16");
+    let expected = records(&straight);
+    let loss = losses(&expected);
+    assert_eq!(loss.len(), STEPS);
+    assert!(loss.iter().all(|(_, l)| l.is_finite()), "{loss:?}");
+    // It learns: from about ln 256 = 5.5 (uniform over bytes) clearly down.
+    let first = loss[0].1;
+    let last: f64 = loss[STEPS - 5..].iter().map(|(_, l)| l).sum::<f64>() / 5.0;
+    assert!(first > 5.0, "first loss {first}");
+    assert!(last < first - 1.5, "loss {first} -> {last} (last 5 steps)");
+    let val: Vec<f64> = expected
+        .iter()
+        .filter_map(|r| r.get("val_loss")?.as_f64())
+        .collect();
+    assert_eq!(val.len(), 3, "{expected:?}");
+    assert!(val[2] < val[0], "{val:?}");
+    // The model really computes in bf16: the first loss (same weights, same batch) is the
+    // f32 run's up to bf16 rounding, not equal to it.
+    let f32_run = dir.path().join("f32");
+    ok(run(&args_in("f32", &f32_run), None));
+    let f32_first = losses(&records(&f32_run))[0].1;
+    assert!(
+        first != f32_first && (first - f32_first).abs() < 0.05,
+        "first loss bf16 {first} vs f32 {f32_first}"
+    );
+    let ckpts = straight.join("checkpoints");
+    for step in ["step-00000015", "step-00000030"] {
+        assert!(
+            ckpts.join(step).join("model.safetensors").is_file(),
+            "{step}"
+        );
+    }
+
+    // The same run stopped right after step 16 (its checkpoint of step 15 written), then
+    // resumed: the metrics are the straight run's, bit for bit.
+    let stopped = dir.path().join("stopped");
+    let o = run(&args(&stopped), Some("rank-error:16"));
+    assert!(!o.status.success(), "the failpoint did not stop the run");
+    let steps_logged = losses(&records(&stopped)).len();
+    assert_eq!(steps_logged, 15, "stopped after step 16, before logging it");
+    let resumed = ok(run(
+        &[args(&stopped), vec!["--resume".into(), "auto".into()]].concat(),
+        None,
+    ));
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(err.contains("step-00000015' at step 15"), "{err}");
+    assert_eq!(records(&stopped).len(), expected.len());
+    for (got, want) in records(&stopped).iter().zip(&expected) {
+        for key in ["step", "loss", "grad_norm", "val_loss", "bsfa"] {
+            assert_eq!(got.get(key), want.get(key), "{key}: {got} vs {want}");
+        }
+    }
+
+    // `eval` reads the bf16 run's checkpoint (its f32 master weights).
+    let o = ok(Command::new(BIN)
+        .args([
+            "eval",
+            "--checkpoint",
+            ckpts.join("step-00000030").to_str().unwrap(),
+            "--data",
+            "builtin",
+            "--eval-batches",
+            "4",
+        ])
+        .output()
+        .unwrap());
+    let report: Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let eval_loss = report["val_loss"].as_f64().unwrap();
+    assert_eq!(report["tokens"], 4 * 8 * 64);
+    // Other windows than the run's validation, in f32: close to the run's, far below the start.
+    assert!(
+        eval_loss.is_finite() && eval_loss < first - 1.0,
+        "eval loss {eval_loss}, first training loss {first}"
+    );
+    assert!(
+        (eval_loss - val[2]).abs() < 0.5,
+        "eval loss {eval_loss} vs the run's final val loss {}",
+        val[2]
+    );
+}
