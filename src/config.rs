@@ -12,7 +12,7 @@
 use crate::data::images::augment_config::AugmentConfig;
 use crate::data::loader::LoaderShape;
 use crate::data::DataConfig;
-use crate::device::{DeviceKind, Precision};
+use crate::device::{DeviceKind, Kernels, Precision};
 use crate::model::{LlamaConfig, VitConfig};
 use crate::optim::{BsfaConfig, OptimizerConfig};
 use anyhow::{bail, Context, Result};
@@ -56,6 +56,10 @@ pub struct TrainConfig {
     /// backward passes; f32 master weights, gradients and optimizer state), or `auto` (bf16
     /// on CUDA, f32 on the CPU).
     pub dtype: Precision,
+    /// `auto` (the fused CPU kernels where they apply), `fused` (those, or an error), or
+    /// `reference` (the CPU runs the candle compositions a CUDA run executes). Process-wide:
+    /// see [`Kernels::apply`].
+    pub kernels: Kernels,
     /// Seconds a data-parallel rank waits for the others inside one collective (or at
     /// start-up) before it fails, naming the rank it waited for.
     pub dist_timeout_s: u64,
@@ -83,6 +87,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             device: DeviceKind::Auto,
             dtype: Precision::F32,
+            kernels: Kernels::Auto,
             dist_timeout_s: 1800,
             tensorboard: true,
             peak_tflops: None,
@@ -143,7 +148,9 @@ impl TrainConfig {
                 self.batch_size
             );
         }
-        Ok(())
+        // `auto` devices and precisions are checked again once resolved, when a run starts.
+        self.kernels
+            .check(self.device != DeviceKind::Cuda, self.dtype)
     }
 }
 
@@ -491,6 +498,32 @@ mod tests {
         assert_eq!(c.model.hidden_size, 64);
         assert_eq!(c.optimizer.weight_decay, 0.0);
         assert_eq!(c.train.out, "runs/tiny");
+    }
+
+    #[test]
+    fn fused_kernels_are_refused_on_a_gpu_or_in_bf16() {
+        for (set, fix) in [
+            ("train.device=cuda", "--device cpu"),
+            ("train.dtype=bf16", "--dtype f32"),
+        ] {
+            let mut b = ConfigBuilder::new("tiny").unwrap();
+            b.apply_set("train.kernels=fused").unwrap();
+            b.apply_set(set).unwrap();
+            let err = b.build().unwrap_err().to_string();
+            assert!(
+                err.contains("train.kernels = fused") && err.contains(fix),
+                "{err}"
+            );
+        }
+        // `auto` passes until resolved: f32 on the CPU, which the fused kernels serve.
+        let mut b = ConfigBuilder::new("tiny").unwrap();
+        b.apply_set("train.kernels=fused").unwrap();
+        b.apply_set("train.dtype=auto").unwrap();
+        let config = b.build().unwrap();
+        let cpu = candle_core::Device::Cpu;
+        let on_cpu = config.on_device(&cpu).train;
+        assert!(on_cpu.kernels.check(true, on_cpu.dtype).is_ok());
+        assert!(Kernels::Fused.check(true, Precision::Bf16).is_err());
     }
 
     #[test]

@@ -1,16 +1,35 @@
-//! Helpers shared by our fused CPU kernels (`model::ops`, `optim::fused`).
+//! Helpers shared by our fused CPU kernels (`model::ops`, `optim::fused`), and the one
+//! switch that decides, for the whole process, whether they run at all.
 
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::{Float, NumAssign};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Element types the kernels are written for.
 pub(crate) trait Elem: WithDType + Float + NumAssign + Send + Sync {}
 impl Elem for f32 {}
 impl Elem for f64 {}
 
-/// True where the fused CPU kernels apply: f32 or f64 tensors on the CPU.
+/// `train.kernels = reference`: every [`fusable`] decision says no, so the CPU runs the
+/// reference compositions and tensor-op updates a CUDA run executes. Process-wide because
+/// the ops are plain functions of tensors that never see a run's config; set when a run
+/// starts, by [`crate::device::Kernels::apply`].
+static REFERENCE_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Turns the fused kernels off (`true`) or on again for every op and optimizer step of the
+/// process.
+pub(crate) fn set_reference_only(on: bool) {
+    // Relaxed is enough: it is set before a run computes, and the compute threads start
+    // (or receive their work) after that, which orders the store before their loads.
+    REFERENCE_ONLY.store(on, Ordering::Relaxed);
+}
+
+/// True where the fused CPU kernels apply: f32 or f64 tensors on the CPU, unless
+/// `train.kernels = reference` turned them off for the process.
 pub(crate) fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    !REFERENCE_ONLY.load(Ordering::Relaxed)
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The contiguous slice of `storage` described by `layout`.

@@ -116,6 +116,65 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// The `train.kernels` setting: which implementation of the model ops and optimizer updates
+/// a run executes. Every op has two: a fused CPU kernel (f32/f64 on the CPU) and a reference
+/// composition of candle primitives, which is what runs on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// The fused kernels wherever they apply (f32 on the CPU), the reference elsewhere.
+    Auto,
+    /// The fused kernels, and an error at start-up for a run they cannot serve (a GPU, bf16).
+    Fused,
+    /// The reference compositions and tensor-op updates everywhere: on the CPU, exactly the
+    /// ops a CUDA run executes.
+    Reference,
+}
+
+impl Kernels {
+    /// Fails when `fused` is asked of a run on a GPU (`on_cpu` false) or in bf16; the message
+    /// names the fix. An unresolved `auto` device or precision passes: the config check calls
+    /// this before the device is known, [`Kernels::apply`] again once it is.
+    pub fn check(self, on_cpu: bool, precision: Precision) -> Result<()> {
+        if self != Self::Fused {
+            return Ok(());
+        }
+        if !on_cpu {
+            bail!(
+                "train.kernels = fused: the fused kernels run on the CPU only, and this run is on \
+                 a GPU; use train.kernels=auto (or reference), or --device cpu"
+            );
+        }
+        if precision == Precision::Bf16 {
+            bail!(
+                "train.kernels = fused: the fused kernels compute in f32, and this run computes \
+                 in bf16; use --dtype f32, or train.kernels=auto (or reference)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes this the choice of the whole process, for a run on `device` computing in
+    /// `precision` (resolved): the ops read it, not a config, so it holds for every op and
+    /// optimizer step until the next run starts, and runs sharing a process at the same time
+    /// must agree on it. `fused` where the fused kernels cannot run is an error.
+    pub fn apply(self, device: &Device, precision: Precision) -> Result<()> {
+        self.check(device.is_cpu(), precision)?;
+        crate::cpu::set_reference_only(self == Self::Reference);
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Fused => "fused",
+            Self::Reference => "reference",
+        })
+    }
+}
+
 /// A device's name for messages and summaries.
 pub fn name(device: &Device) -> String {
     match device {

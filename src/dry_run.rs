@@ -1,6 +1,7 @@
 //! `--dry-run`: parameter counts and a training-memory estimate, without training.
 
 use crate::config::RunConfig;
+use crate::device::Kernels;
 use crate::dist;
 use crate::model::{llama, vit, ParamCounts};
 use crate::optim::{self, BsfaConfig, OptimizerName};
@@ -15,6 +16,11 @@ use std::sync::Arc;
 pub fn report(config: &RunConfig) -> Result<()> {
     let device = crate::device::select(config.train.device, 0)?;
     let config = &config.on_device(&device);
+    // Only checked: a dry run computes nothing.
+    config
+        .train
+        .kernels
+        .check(device.is_cpu(), config.train.dtype)?;
     eprintln!("{}", describe(config, &device));
     let params = task::params(config, &Device::Cpu)?;
     let counts = ParamCounts::of(&params);
@@ -136,7 +142,7 @@ pub fn report(config: &RunConfig) -> Result<()> {
 }
 
 /// One line saying what would run: optimizer and BSFA settings, data, precision, device
-/// and the loop's length.
+/// (and kernels, when not `auto`) and the loop's length.
 fn describe(config: &RunConfig, device: &Device) -> String {
     let (opt, bsfa, train, data) = (&config.optimizer, &config.bsfa, &config.train, &config.data);
     let method = if bsfa.enabled {
@@ -162,9 +168,13 @@ fn describe(config: &RunConfig, device: &Device) -> String {
             format!(" ({} tokenizer)", data.tokenizer),
         )
     };
+    let kernels = match train.kernels {
+        Kernels::Auto => String::new(),
+        chosen => format!(", {chosen} kernels"),
+    };
     format!(
         "run: {method}, lr {} ({} warmup steps, cosine to {}x), {} steps of {shape} from '{}'{tokenizer}, \
-         {} on {}",
+         {} on {}{kernels}",
         opt.lr,
         opt.warmup_steps,
         opt.min_lr_ratio,

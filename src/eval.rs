@@ -5,6 +5,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::data::{self, DataSpec, TokenSegments, Tokenizer};
+use crate::device::Precision;
 use crate::model::Llama;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -45,6 +46,8 @@ pub fn run(dir: &Path, spec: &DataSpec, options: &EvalOptions) -> Result<EvalRep
         );
     }
     let device = Device::Cpu;
+    // The ops the run itself evaluated with, so its val losses are reproduced.
+    config.train.kernels.apply(&device, Precision::F32)?;
     let (model, params) = Llama::new(&config.model, DType::F32, &device, config.train.seed)?;
     ck.load_model(&params)?;
     // Text sources need the run's tokenizer; shards are already ids.

@@ -81,8 +81,9 @@ impl Adam {
         })
     }
 
-    /// The update with candle tensor ops, for devices without the fused kernel; returns
-    /// the new parameter (flat) and moments.
+    /// The update with candle tensor ops, for devices without the fused kernel (and every
+    /// device under `train.kernels = reference`); returns the new parameter (flat) and
+    /// moments.
     fn update_with_tensor_ops(
         &self,
         theta: &Tensor,

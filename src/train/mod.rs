@@ -37,6 +37,10 @@ pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Su
 
 fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
     let wall = Instant::now();
+    config
+        .train
+        .kernels
+        .apply(&job.device, config.train.dtype)?;
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     for step in start..steps {

@@ -4,7 +4,8 @@
 //! no backward pass: gradients silently stop at them. Each op here runs our fused CPU kernel
 //! (a candle `CustomOp` with a hand-written backward) for f32/f64 CPU tensors, and otherwise
 //! its `reference` composition of candle primitives, which all have a backward and are the
-//! oracle the fused kernels are tested against (finite differences check both).
+//! oracle the fused kernels are tested against (finite differences check both). The
+//! reference is what a GPU runs; `train.kernels = reference` makes the CPU run it too.
 //!
 //! LLaMA:
 //! - [`linear`](linear()): `x @ w^T`, without bias.

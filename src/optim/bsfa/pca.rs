@@ -9,6 +9,7 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::cpu::{with_cpu_f32, CHUNK};
+use crate::cpu::fusable;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -97,31 +98,34 @@ fn epsilon(dtype: DType) -> f64 {
 /// broadcast subtraction took half of a re-estimation), elsewhere tensor ops.
 fn centre_rows(history: &Tensor) -> Result<Tensor> {
     let (m, n) = history.dims2()?;
-    let fast = with_cpu_f32(history, |h| {
-        let mut out = h.to_vec();
-        // Column means over the rows, then subtraction, in column chunks.
-        let mut mean = vec![0.0f32; n];
-        mean.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(c, mean)| {
-                let (start, len) = (c * CHUNK, mean.len());
-                for row in h.chunks_exact(n) {
-                    for (acc, x) in mean.iter_mut().zip(&row[start..start + len]) {
-                        *acc += x;
+    // Under `train.kernels = reference` the tensor ops a GPU runs, on the CPU too.
+    let fast = fusable(history).then(|| {
+        with_cpu_f32(history, |h| {
+            let mut out = h.to_vec();
+            // Column means over the rows, then subtraction, in column chunks.
+            let mut mean = vec![0.0f32; n];
+            mean.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, mean)| {
+                    let (start, len) = (c * CHUNK, mean.len());
+                    for row in h.chunks_exact(n) {
+                        for (acc, x) in mean.iter_mut().zip(&row[start..start + len]) {
+                            *acc += x;
+                        }
                     }
-                }
-                for acc in mean.iter_mut() {
-                    *acc /= m as f32;
+                    for acc in mean.iter_mut() {
+                        *acc /= m as f32;
+                    }
+                });
+            out.par_chunks_mut(n).for_each(|row| {
+                for (x, mu) in row.iter_mut().zip(&mean) {
+                    *x -= mu;
                 }
             });
-        out.par_chunks_mut(n).for_each(|row| {
-            for (x, mu) in row.iter_mut().zip(&mean) {
-                *x -= mu;
-            }
-        });
-        out
+            out
+        })
     });
-    match fast {
+    match fast.flatten() {
         Some(values) => Ok(Tensor::from_vec(values, (m, n), history.device())?),
         None => Ok(history.broadcast_sub(&history.mean_keepdim(0)?)?),
     }

@@ -4,12 +4,14 @@
 //! + v`), that is `theta += (gamma - 1) v + (alpha - gamma) U^T (U v)`.
 //!
 //! Two paths: f32 parameters on the CPU take a fused rayon kernel that reads f32 or 4-bit
-//! directions in place, in column chunks; anything else (a CUDA tensor, another type) takes
-//! candle tensor ops on dequantized directions.
+//! directions in place, in column chunks; anything else (a CUDA tensor, another type, or
+//! every tensor under `train.kernels = reference`) takes candle tensor ops on dequantized
+//! directions.
 
 use super::cpu::{with_cpu_f32, CHUNK};
 use super::quant::Quant4;
 use super::state::Stored;
+use crate::cpu::fusable;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
@@ -33,9 +35,14 @@ pub(super) enum Before {
 }
 
 impl Before {
-    /// Copies `param` as it is now.
+    /// Copies `param` as it is now. The choice of path is made here, once per step: under
+    /// `train.kernels = reference` no tensor is fusable and every block takes the tensor
+    /// path, as on a GPU.
     pub(super) fn of(param: &Tensor) -> Result<Self> {
-        match with_cpu_f32(param, <[f32]>::to_vec) {
+        let fast = fusable(param)
+            .then(|| with_cpu_f32(param, <[f32]>::to_vec))
+            .flatten();
+        match fast {
             Some(values) => Ok(Self::CpuF32(values)),
             None => Ok(Self::Tensor(param.flatten_all()?.copy()?)),
         }
