@@ -88,6 +88,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let device = &job.device;
     let config = &config.on_device(device);
     config.train.kernels.apply(device, config.train.dtype)?;
+    crate::device::allow_tf32(config.train.tf32);
     let comm = job.comm.as_ref();
     let train = &config.train;
     // Random tokens for a LLaMA (no corpus to read); the run's images for a ViT.

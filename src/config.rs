@@ -68,6 +68,10 @@ pub struct TrainConfig {
     /// Peak dense TFLOP/s of one rank's device, for MFU (null: a known GPU's datasheet
     /// figure, or measured on the CPU).
     pub peak_tflops: Option<f64>,
+    /// Let CUDA's f32 matrix products run on TF32 tensor cores (PyTorch's `allow_tf32`):
+    /// several times faster, with 10-bit mantissas in the products. Off by default, as in
+    /// PyTorch; no effect on the CPU or in bf16.
+    pub tf32: bool,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +95,7 @@ impl Default for TrainConfig {
             dist_timeout_s: 1800,
             tensorboard: true,
             peak_tflops: None,
+            tf32: false,
         }
     }
 }

@@ -184,6 +184,12 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// Lets (or forbids) CUDA's f32 matrix products use TF32 (`train.tf32`), for the whole
+/// process; candle's default is strict f32. Nothing to do on the CPU.
+pub fn allow_tf32(enabled: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(enabled);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use finite_differences::{check_all_coordinates, check_parameter, random, scalar, values};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use ranks::{args, logged, ok, run, worst_relative_difference};
+use ranks::{args, logged, ok, run, spawn, worst_relative_difference};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -38,24 +38,39 @@ use std::sync::Arc;
 
 /// Losses and val losses of a 20-step run of `ranks::args` (Adam-mini + BSFA, projecting
 /// from step 4) with `train.kernels = kernels` and the `extra` flags.
-fn losses(dir: &Path, kernels: &str, extra: &[&str]) -> Vec<(u64, &'static str, f64)> {
+fn losses(
+    dir: &Path,
+    kernels: &str,
+    steps: usize,
+    extra: &[&str],
+) -> Vec<(u64, &'static str, f64)> {
     let out = dir.join(kernels);
     let setting = format!("train.kernels={kernels}");
     // One thread per run: the tests of this file run two at a time on two cores.
     let mut flags = vec!["--threads", "1", "--set", &setting];
     flags.extend_from_slice(extra);
-    ok(run(&args(&out, 20, &flags)));
+    ok(run(&args(&out, steps, &flags)));
     logged(&out)
 }
 
-/// The same run with fused and with reference kernels logs the same losses (20 train, 2
-/// val) within 1e-5 relative, but not bitwise: the two paths round differently, so equal
-/// logs would mean the reference path never ran.
+/// The same 20-step run with fused and with reference kernels logs the same losses (20
+/// train, 2 val) within 1e-5 relative, but not bitwise: the two paths round differently, so
+/// equal logs would mean the reference path never ran.
 fn reference_follows_fused(what: &str, extra: &[&str]) {
+    reference_follows_fused_over(what, 20, extra);
+}
+
+/// [`reference_follows_fused`] over `steps` steps (a multiple of the evaluation interval,
+/// 10).
+fn reference_follows_fused_over(what: &str, steps: usize, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let fused = losses(dir.path(), "fused", extra);
-    let reference = losses(dir.path(), "reference", extra);
-    assert_eq!(fused.len(), 20 + 2, "{what}: 20 losses and 2 val losses");
+    let fused = losses(dir.path(), "fused", steps, extra);
+    let reference = losses(dir.path(), "reference", steps, extra);
+    assert_eq!(
+        fused.len(),
+        steps + steps / 10,
+        "{what}: losses and val losses"
+    );
     assert_eq!(reference.len(), fused.len(), "{what}");
     assert_ne!(
         fused, reference,
@@ -109,6 +124,41 @@ fn vit_tiny_reference_follows_fused() {
         "vit-tiny",
         &["--model", "vit-tiny", "--set", "vit.num_hidden_layers=2"],
     );
+}
+
+/// AdamW's tensor-op path (Adam-mini with blocks of one) under BSFA's tensor-op projection,
+/// over 30 steps: seven re-estimations.
+#[test]
+fn adamw_and_bsfa_tensor_paths_follow_fused_over_30_steps() {
+    reference_follows_fused_over(
+        "AdamW + BSFA, 30 steps",
+        30,
+        &["--set", "optimizer.name=adamw"],
+    );
+}
+
+/// A run resumed under reference kernels continues bit for bit: the restore puts every
+/// tensor on the parameters' device (and checks it) on the path a CUDA resume takes.
+#[test]
+fn resume_under_reference_kernels_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = losses(dir.path(), "reference", 20, &[]);
+    let out = dir.path().join("resumed");
+    let flags = ["--threads", "1", "--set", "train.kernels=reference"];
+    // Dies after step 13, as kill -9 would; the checkpoint of step 10 remains.
+    let crashed = spawn(
+        &args(&out, 20, &flags),
+        &[("BSFA_TRAIN_FAILPOINT", "rank-abort:13".into())],
+    )
+    .wait_with_output()
+    .unwrap();
+    assert!(!crashed.status.success());
+    ok(run(&args(
+        &out,
+        20,
+        &[&flags[..], &["--resume", "auto"]].concat(),
+    )));
+    assert_eq!(logged(&out), straight);
 }
 
 // ---------------------------------------------------------------------------------------

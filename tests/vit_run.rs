@@ -97,7 +97,14 @@ fn vit_resume_continues_exactly() {
         rs.into_iter()
             .map(|mut r| {
                 let o = r.as_object_mut().unwrap();
-                for timing in ["tokens_per_s", "step_ms"] {
+                for timing in [
+                    "tokens_per_s",
+                    "step_ms",
+                    "tflops",
+                    "mfu",
+                    "mem_mib",
+                    "peak_mem_mib",
+                ] {
                     o.remove(timing);
                 }
                 r

@@ -41,6 +41,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         .train
         .kernels
         .apply(&job.device, config.train.dtype)?;
+    crate::device::allow_tf32(config.train.tf32);
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     for step in start..steps {
