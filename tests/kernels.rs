@@ -162,6 +162,247 @@ fn resume_under_reference_kernels_is_exact() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The model ops against their reference compositions: the cases both the rerouting check
+// and the check over several row chunks (below) run.
+
+/// Which side of an [`OpCase`] runs: the model op, or its reference composition of candle
+/// primitives.
+#[derive(Clone, Copy)]
+enum Side {
+    Op,
+    Reference,
+}
+
+/// A model op and its reference composition on fixed random inputs: compared are the
+/// output and the gradients of `inputs` of the output's sum weighted by `r`.
+struct OpCase {
+    what: String,
+    inputs: Vec<Var>,
+    r: Tensor,
+    run: Box<dyn Fn(Side) -> candle_core::Result<Tensor>>,
+}
+
+impl OpCase {
+    fn new(
+        what: impl Into<String>,
+        inputs: &[&Var],
+        r: &Tensor,
+        run: impl Fn(Side) -> candle_core::Result<Tensor> + 'static,
+    ) -> Self {
+        OpCase {
+            what: what.into(),
+            inputs: inputs.iter().map(|&v| v.clone()).collect(),
+            r: r.clone(),
+            run: Box::new(run),
+        }
+    }
+
+    fn op(&self) -> Tensor {
+        (self.run)(Side::Op).unwrap()
+    }
+
+    fn reference(&self) -> Tensor {
+        (self.run)(Side::Reference).unwrap()
+    }
+}
+
+/// The sizes of [`op_cases`]' inputs: `batch × seq` rows of `hidden` features, in `dtype`.
+#[derive(Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    /// The ViT attention's heads (a divisor of `hidden`).
+    vit_heads: usize,
+    dtype: DType,
+}
+
+/// A variable of random values in `[-scale, scale)`, in `dtype`.
+fn var(shape: &[usize], scale: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Var {
+    Var::from_tensor(&random_in(shape, scale, dtype, rng)).unwrap()
+}
+
+/// Random values in `[-scale, scale)`, in `dtype`.
+fn random_in(shape: &[usize], scale: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
+    random(shape, scale, rng).to_dtype(dtype).unwrap()
+}
+
+/// Every model op with its reference composition, on random inputs of the sizes `z`.
+fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
+    let Sizes {
+        batch: b,
+        seq: s,
+        hidden: h,
+        vit_heads,
+        dtype,
+    } = z;
+    let x = var(&[b, s, h], 1.5, dtype, rng);
+    let mut cases = Vec::new();
+
+    let w = var(&[10, h], 1.0, dtype, rng);
+    let r = random_in(&[b, s, 10], 1.0, dtype, rng);
+    cases.push(OpCase::new("linear", &[&x, &w], &r, {
+        let (x, w) = (x.clone(), w.clone());
+        move |side| match side {
+            Side::Op => ops::linear(&x, &w),
+            Side::Reference => ops::reference::linear(&x, &w),
+        }
+    }));
+
+    let bias = var(&[10], 1.0, dtype, rng);
+    cases.push(OpCase::new("linear with bias", &[&x, &w, &bias], &r, {
+        let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+        move |side| match side {
+            Side::Op => vit_ops::linear(&x, &w, &bias),
+            Side::Reference => vit_ops::reference::linear(&x, &w, &bias),
+        }
+    }));
+
+    let norm = var(&[h], 1.5, dtype, rng);
+    let r = random_in(&[b, s, h], 1.0, dtype, rng);
+    cases.push(OpCase::new("rms_norm", &[&x, &norm], &r, {
+        let (x, norm) = (x.clone(), norm.clone());
+        move |side| match side {
+            Side::Op => ops::rms_norm(&x, &norm, 1e-5),
+            Side::Reference => ops::reference::rms_norm(&x, &norm, 1e-5),
+        }
+    }));
+
+    let shift = var(&[h], 1.0, dtype, rng);
+    cases.push(OpCase::new("layer_norm", &[&x, &norm, &shift], &r, {
+        let (x, norm, shift) = (x.clone(), norm.clone(), shift.clone());
+        move |side| match side {
+            Side::Op => vit_ops::layer_norm(&x, &norm, &shift, 1e-6),
+            Side::Reference => vit_ops::reference::layer_norm(&x, &norm, &shift, 1e-6),
+        }
+    }));
+
+    cases.push(OpCase::new("gelu", &[&x], &r, {
+        let x = x.clone();
+        move |side| match side {
+            Side::Op => vit_ops::gelu(&x),
+            Side::Reference => vit_ops::reference::gelu(&x),
+        }
+    }));
+
+    let (wg, wu) = (
+        var(&[12, h], 1.0, dtype, rng),
+        var(&[12, h], 1.0, dtype, rng),
+    );
+    let r = random_in(&[b, s, 12], 1.0, dtype, rng);
+    cases.push(OpCase::new("swiglu", &[&x, &wg, &wu], &r, {
+        let (x, wg, wu) = (x.clone(), wg.clone(), wu.clone());
+        move |side| match side {
+            Side::Op => ops::swiglu(&x, &wg, &wu),
+            Side::Reference => ops::reference::swiglu(&x, &wg, &wu),
+        }
+    }));
+
+    cases.push(attention_case(z, rng));
+
+    let rows = var(&[b * s, h], 1.5, dtype, rng);
+    let head = var(&[30, h], 1.5, dtype, rng);
+    let targets: Vec<u32> = (0..b * s).map(|_| rng.random_range(0..30)).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let one = Tensor::new(1f64, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    cases.push(OpCase::new(
+        "linear_cross_entropy",
+        &[&rows, &head],
+        &one,
+        {
+            let (rows, head) = (rows.clone(), head.clone());
+            move |side| match side {
+                Side::Op => ops::linear_cross_entropy(&rows, &head, &targets),
+                Side::Reference => {
+                    let logits = ops::reference::linear(&rows, &head)?;
+                    ops::reference::cross_entropy(&logits, &targets)
+                }
+            }
+        },
+    ));
+
+    // The ViT's attention block: projections with biases over all `batch × seq` rows.
+    let (wq, wk, wv) = (
+        var(&[h, h], 1.0, dtype, rng),
+        var(&[h, h], 1.0, dtype, rng),
+        var(&[h, h], 1.0, dtype, rng),
+    );
+    let (bq, bv) = (var(&[h], 1.0, dtype, rng), var(&[h], 1.0, dtype, rng));
+    // The key bias is no input: its gradient is zero by the maths (see vit_gradients.rs).
+    let bk = random_in(&[h], 1.0, dtype, rng);
+    let r = random_in(&[b, s, h], 1.0, dtype, rng);
+    cases.push(OpCase::new(
+        "vit self_attention",
+        &[&x, &wq, &bq, &wk, &wv, &bv],
+        &r,
+        {
+            let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
+            let (bq, bv) = (bq.clone(), bv.clone());
+            move |side| match side {
+                Side::Op => {
+                    vit_ops::self_attention(&x, (&wq, &bq), (&wk, &bk), (&wv, &bv), vit_heads)
+                }
+                Side::Reference => {
+                    let w = Tensor::cat(&[&*wq, &*wk, &*wv], 0)?;
+                    let b = Tensor::cat(&[&*bq, &bk, &*bv], 0)?;
+                    let qkv = vit_ops::reference::linear(&x, &w, &b)?;
+                    vit_ops::reference::attention(&qkv, vit_heads)
+                }
+            }
+        },
+    ));
+    cases
+}
+
+/// Grouped-query causal attention (4 query heads, 2 key/value heads of 4 dimensions),
+/// projections and rotary embeddings included, on random inputs of the sizes `z`.
+fn attention_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
+    let Sizes {
+        batch: b,
+        seq: s,
+        hidden: h,
+        dtype,
+        ..
+    } = z;
+    let (heads, kv_heads, dim) = (4, 2, 4);
+    let (cos, sin) = ops::rope_tables(dim, s, 10000.0, dtype, &Device::Cpu).unwrap();
+    let x = var(&[b, s, h], 1.0, dtype, rng);
+    let (wq, wk, wv) = (
+        var(&[heads * dim, h], 1.0, dtype, rng),
+        var(&[kv_heads * dim, h], 1.0, dtype, rng),
+        var(&[kv_heads * dim, h], 1.0, dtype, rng),
+    );
+    let r = random_in(&[b, s, heads * dim], 1.0, dtype, rng);
+    OpCase::new(
+        format!("attention over {s} positions"),
+        &[&x, &wq, &wk, &wv],
+        &r,
+        {
+            let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
+            move |side| match side {
+                Side::Op => ops::attention(&x, (&wq, &wk, &wv), (&cos, &sin), heads, kv_heads),
+                Side::Reference => {
+                    let lin = |w: &Tensor| ops::reference::linear(&x, w);
+                    let (q, k, v) = (lin(&wq)?, lin(&wk)?, lin(&wv)?);
+                    ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), heads, kv_heads)
+                }
+            }
+        },
+    )
+}
+
+/// `cases` but the one named `what` (which must be there).
+fn without(mut cases: Vec<OpCase>, what: &str) -> Vec<OpCase> {
+    let before = cases.len();
+    cases.retain(|c| c.what != what);
+    assert_eq!(cases.len() + 1, before, "no single case {what}");
+    cases
+}
+
+// ---------------------------------------------------------------------------------------
 // The switch itself, in processes of their own.
 
 /// Names the test a rerun of this binary runs (and that may set `train.kernels`).
@@ -213,21 +454,18 @@ fn output_and_gradients(inputs: &[Var], r: &Tensor, f: &dyn Fn() -> Tensor) -> V
     all
 }
 
-/// Under `reference`, `op` is bitwise its reference `composition`, forward and backward;
-/// under `auto` it is not (its fused kernel rounds differently), so the switch is what
-/// made it take the composition.
-fn rerouted(
-    what: &str,
-    inputs: &[Var],
-    r: &Tensor,
-    op: &dyn Fn() -> Tensor,
-    composition: &dyn Fn() -> Tensor,
-) {
-    let expected = output_and_gradients(inputs, r, composition);
+/// Under `reference`, the case's op is bitwise its reference composition, forward and
+/// backward; under `auto` it is not (its fused kernel rounds differently), so the switch is
+/// what made it take the composition.
+fn rerouted(case: &OpCase) {
+    let OpCase {
+        what, inputs, r, ..
+    } = case;
+    let expected = output_and_gradients(inputs, r, &|| case.reference());
     use_kernels(Kernels::Auto);
-    let fused = output_and_gradients(inputs, r, op);
+    let fused = output_and_gradients(inputs, r, &|| case.op());
     use_kernels(Kernels::Reference);
-    let reference = output_and_gradients(inputs, r, op);
+    let reference = output_and_gradients(inputs, r, &|| case.op());
     assert!(
         reference == expected,
         "{what}: under reference, not the composition"
@@ -238,11 +476,6 @@ fn rerouted(
     );
 }
 
-/// A variable of random f32 values in `[-scale, scale)`.
-fn var32(shape: &[usize], scale: f64, rng: &mut ChaCha8Rng) -> Var {
-    Var::from_tensor(&random(shape, scale, rng).to_dtype(DType::F32).unwrap()).unwrap()
-}
-
 /// Every model op takes its reference composition under `train.kernels = reference`.
 #[test]
 fn reference_setting_reroutes_every_model_op() {
@@ -250,150 +483,21 @@ fn reference_setting_reroutes_every_model_op() {
         return;
     }
     let mut rng = ChaCha8Rng::seed_from_u64(21);
-    let rng = &mut rng;
     // 80 rows: the bias gradient sums more than one of the fused kernels' 64-row chunks
     // (which it adds in another order than candle's sum).
-    let (b, s) = (2, 40);
-    let x = var32(&[b, s, 12], 1.0, rng);
-    let xt = x.as_tensor();
-
+    let sizes = Sizes {
+        batch: 2,
+        seq: 40,
+        hidden: 12,
+        vit_heads: 3,
+        dtype: DType::F32,
+    };
     // The bias-free linear layer's fused kernel makes the gemm calls of its composition,
     // bitwise the same forward and backward: which one runs can neither be seen nor matter.
-    // It is checked inside the layers below.
-    let w = var32(&[7, 12], 1.0, rng);
-    let wt = w.as_tensor();
-
-    let norm = var32(&[12], 1.0, rng);
-    let r = random(&[b, s, 12], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let nt = norm.as_tensor();
-    rerouted(
-        "rms_norm",
-        &[x.clone(), norm.clone()],
-        &r,
-        &|| ops::rms_norm(xt, nt, 1e-5).unwrap(),
-        &|| ops::reference::rms_norm(xt, nt, 1e-5).unwrap(),
-    );
-
-    let (wg, wu) = (var32(&[10, 12], 1.0, rng), var32(&[10, 12], 1.0, rng));
-    let r = random(&[b, s, 10], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let (gt, ut) = (wg.as_tensor(), wu.as_tensor());
-    rerouted(
-        "swiglu",
-        &[x.clone(), wg.clone(), wu.clone()],
-        &r,
-        &|| ops::swiglu(xt, gt, ut).unwrap(),
-        &|| ops::reference::swiglu(xt, gt, ut).unwrap(),
-    );
-
-    let (heads, kv_heads, dim) = (4, 2, 4);
-    let (cos, sin) = ops::rope_tables(dim, s, 10000.0, DType::F32, &Device::Cpu).unwrap();
-    let (wq, wk, wv) = (
-        var32(&[heads * dim, 12], 1.0, rng),
-        var32(&[kv_heads * dim, 12], 1.0, rng),
-        var32(&[kv_heads * dim, 12], 1.0, rng),
-    );
-    let r = random(&[b, s, heads * dim], 1.0, rng)
-        .to_dtype(DType::F32)
-        .unwrap();
-    let w3 = (wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
-    rerouted(
-        "attention",
-        &[x.clone(), wq.clone(), wk.clone(), wv.clone()],
-        &r,
-        &|| ops::attention(xt, w3, (&cos, &sin), heads, kv_heads).unwrap(),
-        &|| {
-            let lin = |w: &Tensor| ops::reference::linear(xt, w).unwrap();
-            let (q, k, v) = (lin(w3.0), lin(w3.1), lin(w3.2));
-            ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), heads, kv_heads).unwrap()
-        },
-    );
-
-    let rows = xt.reshape((b * s, 12)).unwrap();
-    let rows = Var::from_tensor(&rows).unwrap();
-    let head = var32(&[30, 12], 1.0, rng);
-    let targets: Vec<u32> = (0..b * s).map(|_| rng.random_range(0..30)).collect();
-    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
-    let (rt, ht) = (rows.as_tensor(), head.as_tensor());
-    let one = Tensor::new(1f32, &Device::Cpu).unwrap();
-    rerouted(
-        "linear_cross_entropy",
-        &[rows.clone(), head.clone()],
-        &one,
-        &|| ops::linear_cross_entropy(rt, ht, &targets).unwrap(),
-        &|| {
-            let logits = ops::reference::linear(rt, ht).unwrap();
-            ops::reference::cross_entropy(&logits, &targets).unwrap()
-        },
-    );
-
-    let bias = var32(&[7], 1.0, rng);
-    let r = random(&[b, s, 7], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let bt = bias.as_tensor();
-    rerouted(
-        "vit linear",
-        &[x.clone(), w.clone(), bias.clone()],
-        &r,
-        &|| vit_ops::linear(xt, wt, bt).unwrap(),
-        &|| vit_ops::reference::linear(xt, wt, bt).unwrap(),
-    );
-
-    let (ln_w, ln_b) = (var32(&[12], 1.0, rng), var32(&[12], 1.0, rng));
-    let r = random(&[b, s, 12], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let (lw, lb) = (ln_w.as_tensor(), ln_b.as_tensor());
-    rerouted(
-        "layer_norm",
-        &[x.clone(), ln_w.clone(), ln_b.clone()],
-        &r,
-        &|| vit_ops::layer_norm(xt, lw, lb, 1e-6).unwrap(),
-        &|| vit_ops::reference::layer_norm(xt, lw, lb, 1e-6).unwrap(),
-    );
-
-    rerouted(
-        "gelu",
-        std::slice::from_ref(&x),
-        &r,
-        &|| vit_ops::gelu(xt).unwrap(),
-        &|| vit_ops::reference::gelu(xt).unwrap(),
-    );
-
-    let (wq, wk, wv) = (
-        var32(&[12, 12], 1.0, rng),
-        var32(&[12, 12], 1.0, rng),
-        var32(&[12, 12], 1.0, rng),
-    );
-    let (bq, bv) = (var32(&[12], 1.0, rng), var32(&[12], 1.0, rng));
-    // The key bias is no input: its gradient is zero by the maths (see vit_gradients.rs).
-    let bk = random(&[12], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let r = random(&[b, s, 12], 1.0, rng).to_dtype(DType::F32).unwrap();
-    let three = |a: &Tensor, b: &Tensor, c: &Tensor| Tensor::cat(&[a, b, c], 0).unwrap();
-    rerouted(
-        "vit self_attention",
-        &[
-            x.clone(),
-            wq.clone(),
-            bq.clone(),
-            wk.clone(),
-            wv.clone(),
-            bv.clone(),
-        ],
-        &r,
-        &|| {
-            vit_ops::self_attention(
-                xt,
-                (wq.as_tensor(), bq.as_tensor()),
-                (wk.as_tensor(), &bk),
-                (wv.as_tensor(), bv.as_tensor()),
-                3,
-            )
-            .unwrap()
-        },
-        &|| {
-            let w = three(wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
-            let b = three(bq.as_tensor(), &bk, bv.as_tensor());
-            let qkv = vit_ops::reference::linear(xt, &w, &b).unwrap();
-            vit_ops::reference::attention(&qkv, 3).unwrap()
-        },
-    );
+    // It is checked inside the other ops' cases.
+    for case in without(op_cases(sizes, &mut rng), "linear") {
+        rerouted(&case);
+    }
 }
 
 /// Plain SGD in tensor ops: the same under either setting, so that what differs between
@@ -821,17 +925,14 @@ fn vit_reference_ops_match_finite_differences() {
 const BATCH: usize = 3;
 const SEQ: usize = 61;
 
-/// `fused` and `reference` agree to f64 rounding, forward and in the gradients of every
-/// input (the sum of the output weighted by `r`).
-fn fused_matches_reference(
-    what: &str,
-    inputs: &[Var],
-    r: &Tensor,
-    fused: &dyn Fn() -> Tensor,
-    reference: &dyn Fn() -> Tensor,
-) {
-    let a = output_and_gradients(inputs, r, fused);
-    let b = output_and_gradients(inputs, r, reference);
+/// The case's op (fused kernels) and its reference composition agree to f64 rounding,
+/// forward and in the gradients of every input.
+fn fused_matches_reference(case: &OpCase) {
+    let OpCase {
+        what, inputs, r, ..
+    } = case;
+    let a = output_and_gradients(inputs, r, &|| case.op());
+    let b = output_and_gradients(inputs, r, &|| case.reference());
     for (k, (a, b)) in a.iter().zip(&b).enumerate() {
         let part = if k == 0 {
             "output".into()
@@ -851,146 +952,24 @@ fn fused_matches_reference(
 #[test]
 fn fused_gradients_over_several_row_chunks_match_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(33);
-    let rng = &mut rng;
-    let h = 16;
-    let x = var64(&[BATCH, SEQ, h], 1.5, rng);
-    let xt = x.as_tensor();
-
-    let w = var64(&[10, h], 1.0, rng);
-    let r = random(&[BATCH, SEQ, 10], 1.0, rng);
-    let wt = w.as_tensor();
-    fused_matches_reference(
-        "linear",
-        &[x.clone(), w.clone()],
-        &r,
-        &|| ops::linear(xt, wt).unwrap(),
-        &|| ops::reference::linear(xt, wt).unwrap(),
-    );
-
-    let bias = var64(&[10], 1.0, rng);
-    let bt = bias.as_tensor();
-    fused_matches_reference(
-        "linear with bias",
-        &[x.clone(), w.clone(), bias.clone()],
-        &r,
-        &|| vit_ops::linear(xt, wt, bt).unwrap(),
-        &|| vit_ops::reference::linear(xt, wt, bt).unwrap(),
-    );
-
-    let norm = var64(&[h], 1.5, rng);
-    let nt = norm.as_tensor();
-    let r = random(&[BATCH, SEQ, h], 1.0, rng);
-    fused_matches_reference(
-        "rms_norm",
-        &[x.clone(), norm.clone()],
-        &r,
-        &|| ops::rms_norm(xt, nt, 1e-5).unwrap(),
-        &|| ops::reference::rms_norm(xt, nt, 1e-5).unwrap(),
-    );
-
-    let shift = var64(&[h], 1.0, rng);
-    let st = shift.as_tensor();
-    fused_matches_reference(
-        "layer_norm",
-        &[x.clone(), norm.clone(), shift.clone()],
-        &r,
-        &|| vit_ops::layer_norm(xt, nt, st, 1e-6).unwrap(),
-        &|| vit_ops::reference::layer_norm(xt, nt, st, 1e-6).unwrap(),
-    );
-
-    let (wg, wu) = (var64(&[12, h], 1.0, rng), var64(&[12, h], 1.0, rng));
-    let (gt, ut) = (wg.as_tensor(), wu.as_tensor());
-    let r = random(&[BATCH, SEQ, 12], 1.0, rng);
-    fused_matches_reference(
-        "swiglu",
-        &[x.clone(), wg.clone(), wu.clone()],
-        &r,
-        &|| ops::swiglu(xt, gt, ut).unwrap(),
-        &|| ops::reference::swiglu(xt, gt, ut).unwrap(),
-    );
-
-    let rows = var64(&[BATCH * SEQ, h], 1.5, rng);
-    let head = var64(&[30, h], 1.5, rng);
-    let targets: Vec<u32> = (0..BATCH * SEQ).map(|_| rng.random_range(0..30)).collect();
-    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
-    let (rt, ht) = (rows.as_tensor(), head.as_tensor());
-    let one = Tensor::new(1f64, &Device::Cpu).unwrap();
-    fused_matches_reference(
-        "linear_cross_entropy",
-        &[rows.clone(), head.clone()],
-        &one,
-        &|| ops::linear_cross_entropy(rt, ht, &targets).unwrap(),
-        &|| {
-            let logits = ops::reference::linear(rt, ht).unwrap();
-            ops::reference::cross_entropy(&logits, &targets).unwrap()
-        },
-    );
-
-    // Grouped-query causal attention over 61 and 130 positions: its query rows are chunked
-    // too.
-    for seq in [SEQ, 130] {
-        let (heads, kv_heads, dim) = (4, 2, 4);
-        let (cos, sin) = ops::rope_tables(dim, seq, 10000.0, DType::F64, &Device::Cpu).unwrap();
-        let x = var64(&[2, seq, h], 1.0, rng);
-        let (wq, wk, wv) = (
-            var64(&[heads * dim, h], 1.0, rng),
-            var64(&[kv_heads * dim, h], 1.0, rng),
-            var64(&[kv_heads * dim, h], 1.0, rng),
-        );
-        let r = random(&[2, seq, heads * dim], 1.0, rng);
-        let (xt, w3) = (
-            x.as_tensor(),
-            (wq.as_tensor(), wk.as_tensor(), wv.as_tensor()),
-        );
-        fused_matches_reference(
-            &format!("attention over {seq} positions"),
-            &[x.clone(), wq.clone(), wk.clone(), wv.clone()],
-            &r,
-            &|| ops::attention(xt, w3, (&cos, &sin), heads, kv_heads).unwrap(),
-            &|| {
-                let lin = |w: &Tensor| ops::reference::linear(xt, w).unwrap();
-                let (q, k, v) = (lin(w3.0), lin(w3.1), lin(w3.2));
-                ops::reference::causal_attention(&q, &k, &v, (&cos, &sin), heads, kv_heads).unwrap()
-            },
-        );
+    let sizes = Sizes {
+        batch: BATCH,
+        seq: SEQ,
+        hidden: 16,
+        vit_heads: 4,
+        dtype: DType::F64,
+    };
+    // gelu is elementwise: no weight gradient, no row chunks.
+    let mut cases = without(op_cases(sizes, &mut rng), "gelu");
+    // Grouped-query causal attention over 130 positions as well as 61: its query rows are
+    // chunked too.
+    let longer = Sizes {
+        batch: 2,
+        seq: 130,
+        ..sizes
+    };
+    cases.push(attention_case(longer, &mut rng));
+    for case in &cases {
+        fused_matches_reference(case);
     }
-
-    // The ViT's attention block: projections with biases over all 183 rows.
-    let (wq, wk, wv) = (
-        var64(&[h, h], 1.0, rng),
-        var64(&[h, h], 1.0, rng),
-        var64(&[h, h], 1.0, rng),
-    );
-    let (bq, bv) = (var64(&[h], 1.0, rng), var64(&[h], 1.0, rng));
-    let bk = random(&[h], 1.0, rng);
-    let r = random(&[BATCH, SEQ, h], 1.0, rng);
-    let three = |a: &Tensor, b: &Tensor, c: &Tensor| Tensor::cat(&[a, b, c], 0).unwrap();
-    fused_matches_reference(
-        "vit self_attention",
-        &[
-            x.clone(),
-            wq.clone(),
-            bq.clone(),
-            wk.clone(),
-            wv.clone(),
-            bv.clone(),
-        ],
-        &r,
-        &|| {
-            vit_ops::self_attention(
-                xt,
-                (wq.as_tensor(), bq.as_tensor()),
-                (wk.as_tensor(), &bk),
-                (wv.as_tensor(), bv.as_tensor()),
-                4,
-            )
-            .unwrap()
-        },
-        &|| {
-            let w = three(wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
-            let b = three(bq.as_tensor(), &bk, bv.as_tensor());
-            vit_ops::reference::attention(&vit_ops::reference::linear(xt, &w, &b).unwrap(), 4)
-                .unwrap()
-        },
-    );
 }
