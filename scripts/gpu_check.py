@@ -251,7 +251,8 @@ class GpuMemory:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--binary", type=Path, default=ROOT / "target/release/bsfa-train")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    parser.add_argument("--binary", type=Path, default=target / "release/bsfa-train")
     parser.add_argument("--nccl-test", help="tests/nccl.rs built with --features cuda,nccl")
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--dry-run", action="store_true")
