@@ -3,6 +3,9 @@
 //! bf16 is the precision `--dtype auto` picks on a GPU: here its code path (bf16 compute,
 //! f32 master weights, gradients and optimizer state) runs on the CPU.
 
+mod ranks;
+
+use ranks::ok;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -10,54 +13,16 @@ use std::process::{Command, Output};
 const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 const STEPS: usize = 30;
 
-/// A small bf16 run with Adam-mini + BSFA (re-estimating every 4 steps, so a resume restores
-/// history and directions), every step logged, a checkpoint every 15 steps.
+/// The small Adam-mini + BSFA run of the multi-rank tests (re-estimating every 4 steps, so a
+/// resume restores history and directions; every step logged, a checkpoint every 10 steps),
+/// in bf16.
 fn args(out: &Path) -> Vec<String> {
     args_in("bf16", out)
 }
 
 /// [`args`] computing in `dtype`.
 fn args_in(dtype: &str, out: &Path) -> Vec<String> {
-    [
-        "--dtype",
-        dtype,
-        "--set",
-        "model.hidden_size=64",
-        "--set",
-        "model.num_hidden_layers=2",
-        "--set",
-        "model.intermediate_size=172",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "64",
-        "--eval-every",
-        "10",
-        "--eval-batches",
-        "2",
-        "--log-every",
-        "1",
-        "--checkpoint-every",
-        "15",
-        "--threads",
-        "2",
-        "--optimizer",
-        "adam-mini",
-        "--bsfa",
-        "--set",
-        "bsfa.rank=3",
-        "--set",
-        "bsfa.history=6",
-        "--set",
-        "bsfa.interval=4",
-        "--steps",
-        &STEPS.to_string(),
-        "--out",
-        &out.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ranks::args(out, STEPS, &["--dtype", dtype, "--threads", "2"])
 }
 
 fn run(args: &[String], failpoint: Option<&str>) -> Output {
@@ -67,11 +32,6 @@ fn run(args: &[String], failpoint: Option<&str>) -> Output {
         command.env("BSFA_TRAIN_FAILPOINT", spec);
     }
     command.output().expect("binary runs")
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
 }
 
 /// Every metrics record, in file order.
@@ -130,26 +90,26 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
         "first loss bf16 {first} vs f32 {f32_first}"
     );
     let ckpts = straight.join("checkpoints");
-    for step in ["step-00000015", "step-00000030"] {
+    for step in ["step-00000010", "step-00000020", "step-00000030"] {
         assert!(
             ckpts.join(step).join("model.safetensors").is_file(),
             "{step}"
         );
     }
 
-    // The same run stopped right after step 16 (its checkpoint of step 15 written), then
+    // The same run stopped right after step 11 (its checkpoint of step 10 written), then
     // resumed: the metrics are the straight run's, bit for bit.
     let stopped = dir.path().join("stopped");
-    let o = run(&args(&stopped), Some("rank-error:16"));
+    let o = run(&args(&stopped), Some("rank-error:11"));
     assert!(!o.status.success(), "the failpoint did not stop the run");
     let steps_logged = losses(&records(&stopped)).len();
-    assert_eq!(steps_logged, 15, "stopped after step 16, before logging it");
+    assert_eq!(steps_logged, 10, "stopped after step 11, before logging it");
     let resumed = ok(run(
         &[args(&stopped), vec!["--resume".into(), "auto".into()]].concat(),
         None,
     ));
     let err = String::from_utf8_lossy(&resumed.stderr);
-    assert!(err.contains("step-00000015' at step 15"), "{err}");
+    assert!(err.contains("step-00000010' at step 10"), "{err}");
     assert_eq!(records(&stopped).len(), expected.len());
     for (got, want) in records(&stopped).iter().zip(&expected) {
         for key in ["step", "loss", "grad_norm", "val_loss", "bsfa"] {
