@@ -244,6 +244,10 @@ pub struct RunArgs {
     /// Seconds a rank waits for the others in one collective before failing.
     #[arg(long, value_name = "SECONDS")]
     pub dist_timeout: Option<u64>,
+    /// Trace N training steps (after the first) into OUT/trace.json, for chrome://tracing or
+    /// ui.perfetto.dev.
+    #[arg(long, value_name = "STEPS")]
+    pub profile: Option<usize>,
     /// Peak dense TFLOP/s of one rank's device at the run's dtype, for model FLOPs
     /// utilisation (default: a known GPU's datasheet figure; on the CPU, measured).
     #[arg(long, value_name = "TFLOPS")]
@@ -260,7 +264,7 @@ impl RunArgs {
         if let Some(path) = &self.config {
             builder.merge_file(path)?;
         }
-        let flags: [(&str, Option<Value>); 26] = [
+        let flags: [(&str, Option<Value>); 27] = [
             ("data.train", self.data.as_ref().map(|v| json!(v))),
             ("data.val", self.val_data.as_ref().map(|v| json!(v))),
             ("data.tokenizer", self.tokenizer.as_ref().map(|v| json!(v))),
@@ -302,6 +306,7 @@ impl RunArgs {
             ("train.dtype", self.dtype.as_ref().map(|v| json!(v))),
             ("train.dist_timeout_s", self.dist_timeout.map(|v| json!(v))),
             ("train.peak_tflops", self.peak_tflops.map(|v| json!(v))),
+            ("train.profile_steps", self.profile.map(|v| json!(v))),
         ];
         for (key, value) in flags {
             if let Some(value) = value {

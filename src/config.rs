@@ -72,6 +72,9 @@ pub struct TrainConfig {
     /// several times faster, with 10-bit mantissas in the products. Off by default, as in
     /// PyTorch; no effect on the CPU or in bf16.
     pub tf32: bool,
+    /// Trace this many training steps (after the first) into `OUT/trace.json`, a Chrome /
+    /// Perfetto trace (0: none).
+    pub profile_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -96,6 +99,7 @@ impl Default for TrainConfig {
             tensorboard: true,
             peak_tflops: None,
             tf32: false,
+            profile_steps: 0,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
 //! `bench`, `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config
 //! keys. Small helpers: `check` (config range checks), `cpu` (fused-kernel eligibility),
-//! `failpoint` (test hooks that crash a process at a chosen point).
+//! `failpoint` (test hooks that crash a process at a chosen point), `profile` (`--profile`:
+//! a Chrome trace of a few steps).
 
 pub mod bench;
 mod check;
@@ -33,6 +34,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 mod presets;
+pub mod profile;
 pub mod task;
 pub mod tensorboard;
 pub mod train;

@@ -13,6 +13,7 @@ use crate::dist::{self, Job};
 use crate::failpoint::{self, Point};
 use crate::interrupt;
 use crate::optim::schedule::lr_at;
+use crate::profile::Profiler;
 use crate::task::{self, Position};
 use anyhow::{Context, Result};
 use record::Recorder;
@@ -44,18 +45,32 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     crate::device::allow_tf32(config.train.tf32);
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
+    let out = std::path::Path::new(&config.train.out);
+    let mut profiler = job
+        .is_root()
+        .then(|| Profiler::new(config.train.profile_steps, start, out))
+        .flatten();
     for step in start..steps {
         let started = Instant::now();
-        let lr = lr_at(step, steps, opt.warmup_steps, opt.lr, opt.min_lr_ratio);
-        let outcome = trainer.step(lr, interrupt::requested())?;
         let done = step + 1;
+        if let Some(profiler) = &mut profiler {
+            profiler.before(done);
+        }
+        let lr = lr_at(step, steps, opt.warmup_steps, opt.lr, opt.min_lr_ratio);
+        let outcome = tracing::info_span!("step", step = done)
+            .in_scope(|| trainer.step(lr, interrupt::requested()))?;
         failpoint::hit(Point::AfterStep, job.rank(), done)?;
         recorder.step(done, lr, &outcome, started.elapsed())?;
         if recorder.evaluates_at(done) {
-            recorder.evaluation(done, &trainer.task.evaluate(job.comm.as_ref())?)?;
+            let evaluation = tracing::info_span!("evaluation")
+                .in_scope(|| trainer.task.evaluate(job.comm.as_ref()))?;
+            recorder.evaluation(done, &evaluation)?;
         }
         if recorder.checkpoints_at(done) || outcome.stop.is_some() {
-            recorder.checkpoint(done, &trainer)?;
+            tracing::info_span!("checkpoint").in_scope(|| recorder.checkpoint(done, &trainer))?;
+        }
+        if let Some(profiler) = &mut profiler {
+            profiler.after(done, done == steps || outcome.stop.is_some())?;
         }
         if let Some(signal) = outcome.stop {
             recorder.stopped(signal, done);

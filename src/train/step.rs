@@ -77,37 +77,44 @@ impl Trainer {
     /// our kernels') find their worker threads awake. A non-finite loss or gradient norm is
     /// returned without updating anything, on every rank alike.
     pub fn step(&mut self, lr: f64, stop: Option<i32>) -> Result<StepOutcome> {
-        let micro_batches = self.task.next_batch()?;
+        let micro_batches = tracing::info_span!("data wait").in_scope(|| self.task.next_batch())?;
         let model = self.task.model();
         let comm = self.comm.as_ref();
+        // The step runs on candle's thread pool: it takes this thread's tracing subscriber
+        // (the profiler's) along.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         model.device().with_context(|| {
-            let mut acc = accumulate_gradients(model, &self.params, &micro_batches)?;
-            let started = Instant::now();
-            let (loss, stop) = dist::agree(comm, acc.loss, stop)?;
-            let mut outcome = StepOutcome {
-                loss,
-                grad_norm: f64::NAN,
-                forward_s: acc.forward_s,
-                backward_s: acc.backward_s,
-                optimizer_s: 0.0,
-                communication_s: 0.0,
-                stop,
-                bsfa: None,
-            };
-            if !loss.is_finite() {
-                return Ok(outcome);
-            }
-            dist::average_gradients(&mut acc.grads, comm)?;
-            outcome.communication_s = started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            let (norm, clip) = optim::clip_coefficient(&acc.grads, self.clip)?;
-            outcome.grad_norm = norm;
-            if norm.is_finite() {
-                self.optimizer.step(&self.params, &acc.grads, lr, clip)?;
-                outcome.bsfa = self.optimizer.take_diagnostics();
-            }
-            outcome.optimizer_s = started.elapsed().as_secs_f64();
-            Ok(outcome)
+            tracing::dispatcher::with_default(&dispatch, || {
+                let mut acc = accumulate_gradients(model, &self.params, &micro_batches)?;
+                let started = Instant::now();
+                let (loss, stop) = dist::agree(comm, acc.loss, stop)?;
+                let mut outcome = StepOutcome {
+                    loss,
+                    grad_norm: f64::NAN,
+                    forward_s: acc.forward_s,
+                    backward_s: acc.backward_s,
+                    optimizer_s: 0.0,
+                    communication_s: 0.0,
+                    stop,
+                    bsfa: None,
+                };
+                if !loss.is_finite() {
+                    return Ok(outcome);
+                }
+                tracing::info_span!("all-reduce gradients")
+                    .in_scope(|| dist::average_gradients(&mut acc.grads, comm))?;
+                outcome.communication_s = started.elapsed().as_secs_f64();
+                let started = Instant::now();
+                let _optimizer = tracing::info_span!("optimizer").entered();
+                let (norm, clip) = optim::clip_coefficient(&acc.grads, self.clip)?;
+                outcome.grad_norm = norm;
+                if norm.is_finite() {
+                    self.optimizer.step(&self.params, &acc.grads, lr, clip)?;
+                    outcome.bsfa = self.optimizer.take_diagnostics();
+                }
+                outcome.optimizer_s = started.elapsed().as_secs_f64();
+                Ok(outcome)
+            })
         })
     }
 }
@@ -144,8 +151,10 @@ fn accumulate_gradients(
         let weight = inputs.dims()[0] as f64 / sequences as f64;
         let (inputs, targets) = (inputs.to_device(device)?, targets.to_device(device)?);
         let started = Instant::now();
+        let forward = tracing::info_span!("forward").entered();
         let loss = model.loss(&inputs, &targets)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        drop(forward);
         out.forward_s += started.elapsed().as_secs_f64();
         if !value.is_finite() {
             out.loss = value;
@@ -153,6 +162,7 @@ fn accumulate_gradients(
         }
         out.loss += value * weight;
         let started = Instant::now();
+        let _backward = tracing::info_span!("backward").entered();
         let mut store = (loss * weight)?.backward()?;
         for (slot, param) in grads.iter_mut().zip(params) {
             // Detached: a gradient computed from tracked tensors would otherwise keep this

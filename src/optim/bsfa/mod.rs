@@ -139,6 +139,7 @@ impl Optimizer for Bsfa {
             // (until the history is full, fewer than `history`, giving at most one
             // direction fewer than there are updates).
             if refresh {
+                let _span = tracing::info_span!("bsfa re-estimation").entered();
                 let history = block.stacked_history()?.matrix()?;
                 let estimate = estimate(&history, self.config.rank)?;
                 let overlap = match (&block.directions, &estimate.directions) {
@@ -167,7 +168,8 @@ impl Optimizer for Bsfa {
             self.diagnostics = Some(found.finish(self.shard.comm())?);
         }
         if self.projects_at(self.steps) {
-            self.shard.share_projected(params)?;
+            tracing::info_span!("bsfa share projected")
+                .in_scope(|| self.shard.share_projected(params))?;
         }
         self.steps += 1;
         Ok(())

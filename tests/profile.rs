@@ -1,0 +1,110 @@
+//! `--profile STEPS`: a Chrome trace of STEPS steps after the first, with the phases of a
+//! step as nested spans, readable as the trace event format defines it (`B`/`E` pairs with
+//! microsecond timestamps).
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
+
+#[test]
+fn a_profile_traces_the_phases_of_the_chosen_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = Command::new(BIN)
+        .args([
+            "--set",
+            "model.hidden_size=32",
+            "--set",
+            "model.num_hidden_layers=1",
+            "--set",
+            "model.intermediate_size=64",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "1",
+            "--checkpoint-every",
+            "3",
+            "--optimizer",
+            "adam-mini",
+            "--bsfa",
+            "--set",
+            "bsfa.rank=2",
+            "--set",
+            "bsfa.history=4",
+            "--set",
+            "bsfa.interval=2",
+            "--profile",
+            "3",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("profile of steps 2-4"), "{stderr}");
+    let events: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trace.json")).unwrap()).unwrap();
+    // Every span opens and closes, in order, on one thread.
+    let mut open: Vec<(String, f64)> = Vec::new();
+    let mut spans: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["ph"] == "B" || e["ph"] == "E") {
+        let (name, ts) = (
+            e["name"].as_str().unwrap().to_string(),
+            e["ts"].as_f64().unwrap(),
+        );
+        if e["ph"] == "B" {
+            open.push((name, ts));
+        } else {
+            let (opened, start) = open.pop().expect("an E without its B");
+            assert_eq!(opened, name, "spans must nest");
+            assert!(ts >= start);
+            spans.entry(name).or_default().push((start, ts));
+        }
+    }
+    assert!(open.is_empty(), "unclosed spans: {open:?}");
+    let steps: Vec<String> = events
+        .iter()
+        .filter(|e| e["name"] == "step" && e["ph"] == "B")
+        .map(|e| e["args"]["step"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(steps, ["2", "3", "4"]);
+    for phase in [
+        "data wait",
+        "forward",
+        "backward",
+        "all-reduce gradients",
+        "optimizer",
+    ] {
+        assert_eq!(spans[phase].len(), 3, "{phase} once per step");
+    }
+    // Re-estimations at steps 2 and 4, one span per block; a checkpoint and an evaluation
+    // after step 3.
+    assert!(spans["bsfa re-estimation"].len() >= 2);
+    assert_eq!(spans["checkpoint"].len(), 1);
+    assert_eq!(spans["evaluation"].len(), 1);
+
+    // Without --profile, no trace.
+    let plain = dir.path().join("plain");
+    let output = Command::new(BIN)
+        .args([
+            "--steps",
+            "2",
+            "--set",
+            "model.num_hidden_layers=1",
+            "--out",
+        ])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(!plain.join("trace.json").exists());
+}
