@@ -414,7 +414,7 @@ fn rank_command(job: &[String], vars: &[(&str, String)]) -> Command {
 }
 
 /// Slurm's variables for task `rank` of a 2-task step on one node (`srun -n 2`).
-fn srun_vars(rank: usize, job_id: u16) -> Vec<(&'static str, String)> {
+fn srun_vars(rank: usize, job_id: u32) -> Vec<(&'static str, String)> {
     vec![
         ("SLURM_PROCID", rank.to_string()),
         ("SLURM_LOCALID", rank.to_string()),
@@ -459,8 +459,14 @@ fn node_pod_vars(port: u16) -> Vec<(&'static str, String)> {
 fn srun_and_kubeflow_stand_ins_match_and_stop_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let reference = reference(dir.path());
-    // A port no other test picks: Slurm derives it from the job id.
-    let job_id = free_port();
+    // Slurm derives the port from the job id (15000 + 8 job mod 40000): one whose port is
+    // free now.
+    let job_id = (std::process::id()..)
+        .find(|job| {
+            let port = 15000 + (u64::from(*job) * 8 % 40000) as u16;
+            std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+        })
+        .unwrap();
     type Layout = Box<dyn Fn(usize, u16) -> Vec<(&'static str, String)>>;
     let stand_ins: [(&str, usize, Layout); 3] = [
         ("srun", 2, Box::new(move |rank, _| srun_vars(rank, job_id))),
