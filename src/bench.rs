@@ -136,9 +136,9 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let counts = ParamCounts::of(&trainer.params);
     let flops_per_token = crate::mfu::flops_per_token(config, counts.total - counts.embeddings);
     let peak = crate::mfu::peak(config, device)?;
-    let mfu = peak
-        .as_ref()
-        .map(|peak| flops_per_token * tokens_per_s / (peak.tflops * 1e12 * comm.world() as f64));
+    let mfu = peak.as_ref().map(|peak| {
+        crate::mfu::utilisation(flops_per_token, tokens_per_s, peak.tflops, comm.world())
+    });
     Ok(BenchReport {
         params: counts.total,
         batch_size: train.batch_size,

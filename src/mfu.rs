@@ -22,6 +22,12 @@ pub fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
     6.0 * n + 12.0 * (m.num_hidden_layers * m.hidden_size * config.train.seq_len) as f64
 }
 
+/// Model FLOPs utilisation: the model FLOP/s of `tokens_per_s` (all ranks) over the peak
+/// of all `ranks` devices.
+pub fn utilisation(flops_per_token: f64, tokens_per_s: f64, peak_tflops: f64, ranks: usize) -> f64 {
+    flops_per_token * tokens_per_s / (peak_tflops * 1e12 * ranks as f64)
+}
+
 /// The peak dense FLOP/s of one rank's device that MFU is measured against.
 #[derive(Debug, Clone, Serialize)]
 pub struct Peak {

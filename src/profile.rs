@@ -7,7 +7,6 @@
 //! share projected` inside); `evaluation` and `checkpoint` between steps. The first step of
 //! a run is skipped (it pays for allocation and thread start-up); the next STEPS are traced.
 
-use anyhow::Result;
 use std::path::{Path, PathBuf};
 use tracing::subscriber::DefaultGuard;
 use tracing_chrome::{ChromeLayerBuilder, FlushGuard};
@@ -47,7 +46,7 @@ impl Profiler {
 
     /// Call after step `step` and its evaluation and checkpoint: after the last profiled
     /// step (or when the run stops early, `last`), finishes the trace file.
-    pub fn after(&mut self, step: usize, last: bool) -> Result<()> {
+    pub fn after(&mut self, step: usize, last: bool) {
         if (step >= self.until || last) && self.active.is_some() {
             // The default subscriber first: the flush guard then writes the closing bracket.
             if let Some((default, flush)) = self.active.take() {
@@ -61,6 +60,5 @@ impl Profiler {
                 self.path.display()
             );
         }
-        Ok(())
     }
 }

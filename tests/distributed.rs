@@ -130,10 +130,7 @@ fn ranks_started_by_an_outside_launcher_detect_dead_and_silent_peers() {
         ("rank-hang", "rank 1 of 2 sent nothing for 3 s"),
     ] {
         let out = dir.path().join(kind);
-        let port = {
-            let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-            listener.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let ranks: Vec<Child> = (0..2)
             .map(|rank| {
                 spawn(

@@ -10,12 +10,14 @@
 //! after the grace period.
 
 mod ranks;
+mod tools;
 
 use ranks::*;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use tools::tool;
 
 /// Steps of every compared run: a checkpoint at 10, an evaluation at 10.
 const STEPS: usize = 12;
@@ -31,32 +33,6 @@ fn long_job(out: &Path) -> Vec<String> {
 
 /// The longest any launcher may take to stop its ranks after a SIGTERM.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
-
-/// A launcher program: from the variable `var`, else the first of `names` on the PATH.
-/// None (the caller skips) when there is none, unless `BSFA_REQUIRE_TOOLS` is set.
-fn launcher(var: &str, names: &[&str]) -> Option<PathBuf> {
-    let found = std::env::var_os(var).map(PathBuf::from).or_else(|| {
-        let path = std::env::var_os("PATH")?;
-        names.iter().find_map(|name| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("BSFA_REQUIRE_TOOLS").is_none(),
-            "none of {names:?} is on the PATH (or in {var}), and BSFA_REQUIRE_TOOLS is set"
-        );
-        eprintln!("skipped: none of {names:?} on this machine (set {var} to run it)");
-    }
-    found
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 /// The losses of the `--nproc-per-node 2` run every launcher must reproduce.
 fn reference(dir: &Path) -> Vec<(u64, &'static str, f64)> {
@@ -138,7 +114,7 @@ fn python_module(torchrun: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn torchrun_single_and_multi_node_match_nproc_per_node() {
-    let Some(program) = launcher("BSFA_TORCHRUN", &["torchrun"]) else {
+    let Some(program) = tool("BSFA_TORCHRUN", &["torchrun"]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -221,7 +197,7 @@ fn torchrun_single_and_multi_node_match_nproc_per_node() {
 
 #[test]
 fn torchrun_restarts_a_crashed_job_from_its_checkpoint() {
-    let Some(program) = launcher("BSFA_TORCHRUN", &["torchrun"]) else {
+    let Some(program) = tool("BSFA_TORCHRUN", &["torchrun"]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -336,7 +312,7 @@ fn latest_checkpoint(out: &Path) -> usize {
 
 #[test]
 fn sigterm_to_torchrun_leaves_a_resumable_checkpoint() {
-    let Some(program) = launcher("BSFA_TORCHRUN", &["torchrun"]) else {
+    let Some(program) = tool("BSFA_TORCHRUN", &["torchrun"]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -377,7 +353,7 @@ fn mpirun_of_open_mpi_and_mpich_match_and_stop_on_sigterm() {
         ("BSFA_MPIRUN_OPENMPI", "mpirun.openmpi"),
         ("BSFA_MPIRUN_MPICH", "mpirun.mpich"),
     ] {
-        let Some(program) = launcher(var, &[name]) else {
+        let Some(program) = tool(var, &[name]) else {
             continue;
         };
         let reference = reference_losses.get_or_insert_with(|| reference(dir.path()));

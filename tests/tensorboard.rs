@@ -4,11 +4,14 @@
 //! `scripts/install_test_tools.sh`; skipped without it unless `BSFA_REQUIRE_TOOLS`). Every
 //! number of every metrics line must be there once per step, also after a crash and resume.
 
+mod tools;
+
 use bsfa_train::tensorboard::masked_crc;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use tools::tool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
@@ -190,18 +193,6 @@ fn read_with_tensorboard(python: &Path, out: &Path) -> Scalars {
     scalars
 }
 
-fn python() -> Option<PathBuf> {
-    let found = std::env::var_os("BSFA_PYTHON").map(PathBuf::from);
-    if found.is_none() {
-        assert!(
-            std::env::var_os("BSFA_REQUIRE_TOOLS").is_none(),
-            "BSFA_PYTHON is not set, and BSFA_REQUIRE_TOOLS is"
-        );
-        eprintln!("skipped TensorBoard's reader: BSFA_PYTHON is not set");
-    }
-    found
-}
-
 #[test]
 fn every_metric_is_an_event_once_also_after_a_crash_and_resume() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,13 +214,13 @@ fn every_metric_is_an_event_once_also_after_a_crash_and_resume() {
     let (version, ours) = read_events(&files[0]);
     assert_eq!(version, "brain.Event:2");
     assert_eq!(ours, expected, "the events differ from metrics.jsonl");
-    if let Some(python) = python() {
+    if let Some(python) = tool("BSFA_PYTHON", &[]) {
         assert_eq!(read_with_tensorboard(&python, &out), expected);
     }
     // A torn last record (a crash mid-write) leaves the rest readable.
     let bytes = std::fs::read(&files[0]).unwrap();
     std::fs::write(&files[0], &bytes[..bytes.len() - 7]).unwrap();
-    if let Some(python) = python() {
+    if let Some(python) = tool("BSFA_PYTHON", &[]) {
         let read = read_with_tensorboard(&python, &out);
         assert!(read.len() < expected.len() && read.len() + 8 > expected.len());
     }

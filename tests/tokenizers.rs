@@ -6,10 +6,13 @@
 //! `scripts/install_test_tools.sh` installs both and sets `BSFA_GPT2_ENCODER` and
 //! `BSFA_PYTHON`; without them the tests skip, unless `BSFA_REQUIRE_TOOLS` is set (CI).
 
+mod tools;
+
 use bsfa_train::data::Tokenizer;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+use tools::tool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
@@ -27,19 +30,6 @@ const TEXTS: &[&str] = &[
     "",
     " ",
 ];
-
-/// A tool from the variable `var`; None (the caller skips) unless `BSFA_REQUIRE_TOOLS`.
-fn tool(var: &str) -> Option<PathBuf> {
-    let found = std::env::var_os(var).map(PathBuf::from);
-    if found.is_none() {
-        assert!(
-            std::env::var_os("BSFA_REQUIRE_TOOLS").is_none(),
-            "{var} is not set, and BSFA_REQUIRE_TOOLS is: run scripts/install_test_tools.sh"
-        );
-        eprintln!("skipped: {var} is not set (scripts/install_test_tools.sh sets it)");
-    }
-    found
-}
 
 /// Runs `program args` with `input` on stdin and parses its stdout as JSON.
 fn run_json(program: &Path, args: &[&str], input: &str) -> serde_json::Value {
@@ -99,7 +89,7 @@ fn gpt2_tokenizer_json(encoder_dir: &Path, out: &Path) {
 
 #[test]
 fn gpt2_ids_match_openais_encoder() {
-    let Some(encoder) = tool("BSFA_GPT2_ENCODER") else {
+    let Some(encoder) = tool("BSFA_GPT2_ENCODER", &[]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -127,7 +117,7 @@ fn gpt2_ids_match_openais_encoder() {
 
 #[test]
 fn a_trained_tokenizer_loads_in_transformers_with_the_same_ids() {
-    let Some(python) = tool("BSFA_PYTHON") else {
+    let Some(python) = tool("BSFA_PYTHON", &[]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

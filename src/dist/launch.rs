@@ -21,13 +21,7 @@ const GRACE: Duration = Duration::from_secs(15);
 /// or else a free port.
 pub fn single_node(nproc: usize) -> Result<NodeLaunch> {
     let port = std::env::var("MASTER_PORT").ok();
-    let master_port = port
-        .map(|p| {
-            p.trim()
-                .parse::<u16>()
-                .with_context(|| format!("MASTER_PORT='{p}' is not a port number"))
-        })
-        .transpose()?;
+    let master_port = port.as_deref().map(super::env::parse_port).transpose()?;
     Ok(NodeLaunch {
         nproc,
         nnodes: 1,

@@ -70,7 +70,7 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
             tracing::info_span!("checkpoint").in_scope(|| recorder.checkpoint(done, &trainer))?;
         }
         if let Some(profiler) = &mut profiler {
-            profiler.after(done, done == steps || outcome.stop.is_some())?;
+            profiler.after(done, done == steps || outcome.stop.is_some());
         }
         if let Some(signal) = outcome.stop {
             recorder.stopped(signal, done);

@@ -271,8 +271,13 @@ impl Recorder {
 
     /// MFU at `tokens_per_s` (all ranks), against every rank's peak.
     fn mfu(&self, tokens_per_s: f64) -> Option<f64> {
-        let peak = self.summary.peak_tflops? * 1e12 * self.summary.ranks as f64;
-        Some(self.summary.flops_per_token * tokens_per_s / peak)
+        let summary = &self.summary;
+        Some(crate::mfu::utilisation(
+            summary.flops_per_token,
+            tokens_per_s,
+            summary.peak_tflops?,
+            summary.ranks,
+        ))
     }
 
     /// Whether to evaluate after step `done`: every `eval_every` steps and after the last.
