@@ -6,6 +6,7 @@ use bsfa_train::{bench, data, eval, export, interrupt, plot, train};
 use clap::Parser;
 use serde_json::json;
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,12 +36,20 @@ fn main() -> ExitCode {
                 Ok(Some(layout)) => format!(" (rank {})", layout.rank),
                 _ => String::new(),
             };
-            if let Some(signal) = interrupt::interrupted_by(&e) {
+            let interrupted = interrupt::interrupted_by(&e);
+            let kind = if interrupted.is_some() {
+                "interrupted"
+            } else {
+                "error"
+            };
+            // One write per line: `eprintln!` writes its pieces one by one, and the lines of
+            // ranks sharing a terminal or a pipe would interleave mid-line.
+            let line = format!("{kind}{whose}: {e:#}\n");
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            if let Some(signal) = interrupted {
                 // Asked to stop before training began: nothing to checkpoint.
-                eprintln!("interrupted{whose}: {e:#}");
                 return ExitCode::from((128 + signal) as u8);
             }
-            eprintln!("error{whose}: {e:#}");
             if dist::caused_by_peer(&e) {
                 return ExitCode::from(dist::PEER_FAILED_STATUS);
             }
