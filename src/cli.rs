@@ -33,6 +33,64 @@ pub enum Command {
     Tokenizer(TokenizerArgs),
     /// Plot runs' loss curves to a PNG and compare them with the first run.
     Plot(PlotArgs),
+    /// Continue a prompt with a checkpoint's model; the text streams to stdout, a JSON report
+    /// (ids, tokens/s, why it stopped) goes to stderr.
+    Sample(SampleArgs),
+}
+
+/// `sample`: which model, the prompt, and how to pick tokens.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A checkpoint folder (OUT/checkpoints/step-N), a run folder (OUT: its newest
+    /// checkpoint) or a Hugging Face folder written by `export`.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Text to continue (printed first).
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to write (fewer if the model writes its end-of-text token or the context is
+    /// full).
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 always picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Draw among the K most likely tokens only.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Draw among the most likely tokens whose probabilities sum to P only (nucleus).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Tokenizer (default: the run's, or the Hugging Face folder's tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Re-run the whole context through the training model for every token instead of
+    /// caching keys and values (slow; a cross-check).
+    #[arg(long)]
+    pub no_kv_cache: bool,
+    /// Compute device: cpu, cuda, or auto.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    pub device: String,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl SampleArgs {
+    /// The sampling options these flags give.
+    pub fn options(&self) -> crate::sample::SampleOptions {
+        crate::sample::SampleOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            kv_cache: !self.no_kv_cache,
+        }
+    }
 }
 
 /// `plot`: run folders and the image to write.

@@ -75,6 +75,13 @@ pub struct TrainConfig {
     /// Trace this many training steps (after the first) into `OUT/trace.json`, a Chrome /
     /// Perfetto trace (0: none).
     pub profile_steps: usize,
+    /// LLaMA runs: every N steps (and after the last) the model continues `sample_prompt`
+    /// with `sample_tokens` tokens, printed and logged to `metrics.jsonl` (0: never).
+    pub sample_every: usize,
+    /// The text training samples continue.
+    pub sample_prompt: String,
+    /// Tokens each training sample writes.
+    pub sample_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -100,6 +107,9 @@ impl Default for TrainConfig {
             peak_tflops: None,
             tf32: false,
             profile_steps: 0,
+            sample_every: 0,
+            sample_prompt: "The".into(),
+            sample_tokens: 64,
         }
     }
 }
@@ -139,6 +149,7 @@ impl TrainConfig {
             ("threads", self.threads.unwrap_or(1)),
             ("keep_checkpoints", self.keep_checkpoints),
             ("dist_timeout_s", self.dist_timeout_s as usize),
+            ("sample_tokens", self.sample_tokens),
         ] {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");
@@ -149,6 +160,9 @@ impl TrainConfig {
             .is_some_and(|p| !(p > 0.0 && p.is_finite()))
         {
             bail!("train.peak_tflops must be a positive number of TFLOP/s");
+        }
+        if self.sample_every > 0 && self.sample_prompt.is_empty() {
+            bail!("train.sample_prompt is empty: samples continue a text, give it one");
         }
         if !self.batch_size.is_multiple_of(self.micro_batch()) {
             bail!(
@@ -460,6 +474,44 @@ fn read_json(path: &str) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file '{path}'"))?;
     serde_json::from_str(&text).with_context(|| format!("'{path}' is not valid JSON"))
+}
+
+/// The LLaMA a Hugging Face `config.json` (`flat`, read from `path`) describes: its keys
+/// over our defaults. Settings our LLaMA does not implement are errors, not ignored.
+pub fn llama_from_hf(flat: &Value, path: &std::path::Path) -> Result<LlamaConfig> {
+    let unsupported = [
+        ("model_type", Value::from("llama")),
+        ("hidden_act", Value::from("silu")),
+        ("rope_scaling", Value::Null),
+        ("attention_bias", Value::Bool(false)),
+        ("mlp_bias", Value::Bool(false)),
+    ];
+    for (key, plain) in unsupported {
+        match flat.get(key) {
+            Some(v) if *v != plain => bail!(
+                "'{}' sets {key} = {v}; this LLaMA supports only {key} = {plain}",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    let layer = hf_model_layer(flat);
+    let model: LlamaConfig = serde_json::from_value(layer["model"].clone())
+        .with_context(|| format!("'{}' is not a LLaMA config", path.display()))?;
+    model
+        .validate()
+        .with_context(|| format!("in '{}'", path.display()))?;
+    if let Some(head_dim) = flat.get("head_dim").and_then(Value::as_u64) {
+        if head_dim != model.head_dim() as u64 {
+            bail!(
+                "'{}' sets head_dim = {head_dim}; this LLaMA needs hidden_size / \
+                 num_attention_heads = {}",
+                path.display(),
+                model.head_dim()
+            );
+        }
+    }
+    Ok(model)
 }
 
 /// Picks the LLaMA keys out of a flat Hugging Face `config.json`; the rest of such a

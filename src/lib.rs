@@ -9,7 +9,7 @@
 //! the FLOPs and memory figures in them). `config` composes their
 //! sections into a run's config, starting from `presets`; `task` pairs a model with its data;
 //! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
-//! `bench`, `eval`, `export`, `plot`, and `dry_run` (`--dry-run`); `cli` maps flags to config
+//! `bench`, `eval`, `export`, `plot`, `sample`, and `dry_run` (`--dry-run`); `cli` maps flags to config
 //! keys. Small helpers: `check` (config range checks), `cpu` (fused-kernel eligibility),
 //! `failpoint` (test hooks that crash a process at a chosen point), `profile` (`--profile`:
 //! a Chrome trace of a few steps).
@@ -35,6 +35,7 @@ pub mod optim;
 pub mod plot;
 mod presets;
 pub mod profile;
+pub mod sample;
 pub mod task;
 pub mod tensorboard;
 pub mod train;

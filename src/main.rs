@@ -2,7 +2,7 @@ use anyhow::Result;
 use bsfa_train::cli::{Cli, Command};
 use bsfa_train::dist::{self, Job};
 use bsfa_train::model::Architecture;
-use bsfa_train::{bench, data, eval, export, interrupt, plot, train};
+use bsfa_train::{bench, data, eval, export, interrupt, plot, sample, train};
 use clap::Parser;
 use serde_json::json;
 use std::ffi::OsString;
@@ -121,6 +121,24 @@ fn run(cli: &Cli) -> Result<u8> {
                 );
             }
             println!("{}", json!({"png": p.out, "rows": rows}));
+            return Ok(0);
+        }
+        Some(Command::Sample(s)) => {
+            set_threads(s.threads);
+            let kind = serde_json::from_value(json!(s.device))?;
+            let device = bsfa_train::device::select(kind, 0)?;
+            let generator =
+                sample::Generator::open(Path::new(&s.checkpoint), s.tokenizer.as_deref(), &device)?;
+            let prompt = generator.prompt(&s.prompt)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(s.prompt.as_bytes())?;
+            out.flush()?;
+            let report = generator.generate(&prompt, &s.options(), &mut |piece| {
+                out.write_all(piece.as_bytes())?;
+                Ok(out.flush()?)
+            })?;
+            writeln!(out)?;
+            eprintln!("{}", serde_json::to_string(&report)?);
             return Ok(0);
         }
         Some(Command::Export(e)) => {

@@ -69,14 +69,14 @@ fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// `(step, loss, val_loss or BSFA diagnostics)` of every metrics record, in file order.
+/// `(step, loss, val_loss, BSFA diagnostics or sample)` of every metrics record, in file order.
 fn logged(out: &Path) -> Vec<(u64, String)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
             let r: Value = serde_json::from_str(l).unwrap();
-            let (key, value) = ["loss", "val_loss", "bsfa"]
+            let (key, value) = ["loss", "val_loss", "bsfa", "sample"]
                 .into_iter()
                 .find_map(|k| r.get(k).map(|v| (k, v)))
                 .unwrap();
@@ -134,12 +134,13 @@ fn kill_9_at_random_moments_then_resume_logs_the_uninterrupted_losses() {
         ok(run(&args(&reference, STEPS, optimizer)));
         let full = started.elapsed();
         let expected = logged(&reference);
+        // A line per step, 4 evaluations and the final step's training sample.
         assert_eq!(
             expected
                 .iter()
                 .filter(|(_, v)| !v.starts_with("bsfa="))
                 .count(),
-            STEPS + 4
+            STEPS + 5
         );
         let mut killed_mid_run = 0;
         for trial in 0..trials() {

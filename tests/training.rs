@@ -22,7 +22,8 @@ fn loss_drops_on_builtin_data() {
         s.final_val_loss
     );
 
-    // Outputs: the resolved config and one metrics line per step plus the final eval.
+    // Outputs: the resolved config and one metrics line per step, the final eval and the
+    // final training sample (the `tiny` preset samples every 100 steps and after the last).
     let written: RunConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
@@ -32,13 +33,15 @@ fn loss_drops_on_builtin_data() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 61);
+    assert_eq!(lines.len(), 62);
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
     }
     assert_eq!(lines[59]["step"], 60);
     assert_eq!(lines[60]["val_loss"].as_f64().unwrap(), s.final_val_loss);
     assert!(lines[60].get("val_ppl").is_some());
+    assert_eq!(lines[61]["step"], 60);
+    assert!(!lines[61]["sample"].as_str().unwrap().is_empty());
 }
 
 #[test]

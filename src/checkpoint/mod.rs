@@ -330,25 +330,7 @@ impl Checkpoint {
     /// weights are read on the host and land on each parameter's own device and dtype
     /// (`Var::set` refuses a tensor on another device).
     pub fn load_model(&self, params: &[Param]) -> Result<()> {
-        let file = self.dir.join(MODEL_FILE);
-        for p in params {
-            let t = self
-                .model
-                .get(&p.name)
-                .with_context(|| format!("'{}' has no tensor '{}'", file.display(), p.name))?;
-            if t.shape() != p.var.shape() {
-                bail!(
-                    "tensor '{}' in '{}' has shape {:?}, the model needs {:?}",
-                    p.name,
-                    file.display(),
-                    t.dims(),
-                    p.var.dims()
-                );
-            }
-            p.var
-                .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
-        }
-        Ok(())
+        load_weights(params, &self.model, &self.dir.join(MODEL_FILE))
     }
 
     /// Restores `optimizer` from the checkpoint's optimizer state: the tensors it wants,
@@ -369,6 +351,33 @@ impl Checkpoint {
             .load_state(*steps, &tensors)
             .with_context(|| format!("cannot restore the optimizer from '{}'", file.display()))
     }
+}
+
+/// Copies `tensors` (read from `file`, named in errors) into `params` by name, checking
+/// that each is there with the parameter's shape; each lands on its parameter's device and
+/// dtype (`Var::set` refuses a tensor on another device). Extra tensors are ignored.
+pub fn load_weights(
+    params: &[Param],
+    tensors: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<()> {
+    for p in params {
+        let t = tensors
+            .get(&p.name)
+            .with_context(|| format!("'{}' has no tensor '{}'", file.display(), p.name))?;
+        if t.shape() != p.var.shape() {
+            bail!(
+                "tensor '{}' in '{}' has shape {:?}, the model needs {:?}",
+                p.name,
+                file.display(),
+                t.dims(),
+                p.var.dims()
+            );
+        }
+        p.var
+            .set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+    }
+    Ok(())
 }
 
 /// The optimizer a config builds, as recorded in checkpoints (e.g. `adam-mini+bsfa`).

@@ -74,17 +74,43 @@ impl Tokenizer {
     pub fn document_separator(&self) -> Result<(u32, String)> {
         match self {
             Self::Bytes => Ok((u32::from(b'\n'), "\n".into())),
-            Self::HuggingFace { source, inner } => {
+            Self::HuggingFace { source, .. } => self.end_of_text().with_context(|| {
+                format!(
+                    "tokenizer '{source}' has no end-of-text token (<|endoftext|>, </s>, <eos> \
+                     or <|end_of_text|>) to separate documents with"
+                )
+            }),
+        }
+    }
+
+    /// The id and text of the tokenizer's end-of-text token, if it has one (the bytes
+    /// tokenizer has none).
+    pub fn end_of_text(&self) -> Option<(u32, String)> {
+        match self {
+            Self::Bytes => None,
+            Self::HuggingFace { inner, .. } => {
                 ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
                     .iter()
                     .find_map(|t| inner.token_to_id(t).map(|id| (id, t.to_string())))
-                    .with_context(|| {
-                        format!(
-                            "tokenizer '{source}' has no end-of-text token (<|endoftext|>, </s>, \
-                             <eos> or <|end_of_text|>) to separate documents with"
-                        )
-                    })
             }
+        }
+    }
+
+    /// The text of `ids`, special tokens included; bytes that are not valid UTF-8 (such as
+    /// the first bytes of an unfinished character) become U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Self::Bytes => {
+                let bytes = ids
+                    .iter()
+                    .map(|&id| u8::try_from(id))
+                    .collect::<std::result::Result<Vec<u8>, _>>()
+                    .context("the bytes tokenizer has ids 0-255 only")?;
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Self::HuggingFace { source, inner } => inner
+                .decode(ids, false)
+                .map_err(|e| anyhow::anyhow!("tokenizer '{source}' cannot decode: {e}")),
         }
     }
 

@@ -1,5 +1,5 @@
 //! The training loop, top to bottom: set up the task, optimizer and outputs (resuming
-//! from a checkpoint when asked), then step after step: update, log, evaluate, checkpoint.
+//! from a checkpoint when asked), then step after step: update, log, evaluate, sample, checkpoint.
 
 mod record;
 mod step;
@@ -14,6 +14,7 @@ use crate::failpoint::{self, Point};
 use crate::interrupt;
 use crate::optim::schedule::lr_at;
 use crate::profile::Profiler;
+use crate::sample::TrainingSampler;
 use crate::task::{self, Position};
 use anyhow::{Context, Result};
 use record::Recorder;
@@ -46,6 +47,10 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     let out = std::path::Path::new(&config.train.out);
+    let sampler = match job.is_root() {
+        true => TrainingSampler::new(config, &trainer.params)?,
+        false => None,
+    };
     let mut profiler = job
         .is_root()
         .then(|| Profiler::new(config.train.profile_steps, start, out))
@@ -65,6 +70,10 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
             let evaluation = tracing::info_span!("evaluation")
                 .in_scope(|| trainer.task.evaluate(job.comm.as_ref()))?;
             recorder.evaluation(done, &evaluation)?;
+        }
+        if let Some(sampler) = sampler.as_ref().filter(|_| recorder.samples_at(done)) {
+            let sample = tracing::info_span!("sample").in_scope(|| sampler.write())?;
+            recorder.sample(done, &sample)?;
         }
         if recorder.checkpoints_at(done) || outcome.stop.is_some() {
             tracing::info_span!("checkpoint").in_scope(|| recorder.checkpoint(done, &trainer))?;

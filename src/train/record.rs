@@ -9,6 +9,7 @@ use crate::dist::{self, Job};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::ParamCounts;
+use crate::sample::Sample;
 use crate::task::Evaluation;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -313,6 +314,27 @@ impl Recorder {
             "step {done}: val_loss {val_loss:.4} (ppl {:.2}){accuracy}",
             val_loss.exp()
         ));
+        Ok(())
+    }
+
+    /// Whether to write a training sample after step `done`: every `sample_every` steps
+    /// and after the last (never when it is 0).
+    pub fn samples_at(&self, done: usize) -> bool {
+        let every = self.config.train.sample_every;
+        every > 0 && (done.is_multiple_of(every) || done == self.config.train.steps)
+    }
+
+    /// Prints and logs the sample written after step `done`.
+    pub fn sample(&mut self, done: usize, sample: &Sample) -> Result<()> {
+        let prompt = &self.config.train.sample_prompt;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.write(&json!({
+                "step": done,
+                "sample_prompt": prompt,
+                "sample": sample.text,
+            }))?;
+        }
+        self.note(&format!("step {done}: sample: {prompt}{}", sample.text));
         Ok(())
     }
 
