@@ -8,7 +8,7 @@
 mod ranks;
 
 use anyhow::Result;
-use bsfa_train::dist::env::{Launcher, RankEnv};
+use bsfa_train::dist::env::RankEnv;
 use bsfa_train::dist::nccl::NcclCommunicator;
 use bsfa_train::dist::tcp::TcpCommunicator;
 use bsfa_train::dist::{Communicator, SingleRank};
@@ -22,18 +22,7 @@ fn gpus() -> usize {
 
 /// Rank `rank` of `world` threads, joined over TCP at `port`.
 fn tcp_rank(rank: usize, world: usize, port: u16) -> Result<TcpCommunicator> {
-    let env = RankEnv {
-        rank,
-        world,
-        local_rank: rank,
-        local_world: world,
-        gpu: rank,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        launcher: Launcher::Torchrun,
-        agent_store_attempt: None,
-    };
-    TcpCommunicator::connect(&env, Duration::from_secs(60))
+    TcpCommunicator::connect(&RankEnv::local(rank, world, port), Duration::from_secs(60))
 }
 
 /// What each rank's collectives gave: NCCL on its GPU, TCP on the CPU, for the same inputs.

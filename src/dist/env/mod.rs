@@ -79,6 +79,24 @@ pub struct RankEnv {
     pub agent_store_attempt: Option<u64>,
 }
 
+impl RankEnv {
+    /// Rank `rank` of a `world`-rank job whose ranks all run on this machine (threads or
+    /// processes), rank 0 listening on `127.0.0.1:port`, rank `r` on GPU `r`.
+    pub fn local(rank: usize, world: usize, port: u16) -> Self {
+        Self {
+            rank,
+            world,
+            local_rank: rank,
+            local_world: world,
+            gpu: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            launcher: Launcher::Torchrun,
+            agent_store_attempt: None,
+        }
+    }
+}
+
 /// The ranks of one node that this process starts itself, as torchrun would: our
 /// `--nproc-per-node`, or a Kubeflow pod given `PET_NPROC_PER_NODE`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,6 @@
 //! rank can fail.
 
 use super::*;
-use crate::dist::env::Launcher;
 use candle_core::{DType, Device};
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -26,17 +25,7 @@ fn on_ranks<T: Send + 'static>(
         .map(|rank| {
             let body = Arc::clone(&body);
             std::thread::spawn(move || {
-                let env = RankEnv {
-                    rank,
-                    world,
-                    local_rank: rank,
-                    local_world: world,
-                    gpu: rank,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    launcher: Launcher::Torchrun,
-                    agent_store_attempt: None,
-                };
+                let env = RankEnv::local(rank, world, port);
                 let comm = TcpCommunicator::connect(&env, timeout).expect("rendezvous");
                 body(comm)
             })
