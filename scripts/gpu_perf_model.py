@@ -41,8 +41,6 @@ MIN_KERNEL = 2e-6       # shortest kernel on the GPU timeline
 LAUNCH = 5e-6           # host time per kernel launch / memset / small copy (candle + driver)
 SYNC = 10e-6            # one host <-> device round trip (to_scalar)
 INDEX_ADD_ITER = 0.5e-6 # candle's index_add: one thread per column, a dependent loop over tokens
-DEQUANT = 0.25e-9       # host 4-bit decoding per value (16 cores, ~4 ns per value and core)
-QUANT = 0.5e-9          # host 4-bit encoding per value (16 cores)
 EIGEN = 255e-6          # nalgebra symmetric_eigen of a 60 x 60 Gram matrix (measured, docs/bsfa.md)
 MASK_HOST = 1.5e-3      # causal_mask: 1M f32 built on one core, per layer and micro-batch
 
@@ -741,6 +739,19 @@ def adam(block_of):
         S.k("copy", nbytes=2 * f * n)                       # Var::set
 
 
+def dequantize4(rows, n):
+    """Quant4Tensors::dequantize of rows x n on the device: about 15 launches; per value, the
+    u8 -> f32 widening, nibble split, interleave, padding, scale and zero-point passes move
+    about 46 bytes."""
+    S.k("dequantize4", nbytes=46 * rows * n, calls=15)
+
+
+def quantize4(rows, n):
+    """Quant4Tensors::quantize of rows x n on the device: about 70 launches (FP8 rounding by
+    comparison with device constants, no host copies); about 110 bytes moved per value."""
+    S.k("quantize4", nbytes=110 * rows * n, calls=70)
+
+
 def bsfa(bits):
     """Bsfa::step on device tensors, per covered block (norms, attention, MLP), per step."""
     S.phase, S.group = "opt", "BSFA projection"
@@ -753,9 +764,7 @@ def bsfa(bits):
     for _, n in covered:
         S.k("sub", nbytes=12 * n)                           # update = after - before
         if bits == 4:
-            # Stored::matrix(): dequantize on the host, Tensor::from_vec (H2D) of k x n f32
-            S.k("h2d-data", gpu=4 * k * n / PCIE)
-            host[0] += k * n * DEQUANT                      # host dequantization
+            dequantize4(k, n)                               # Stored::matrix() of U
         S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U v
         S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U^T (U v)
         S.k("affine", nbytes=8 * n)
@@ -764,15 +773,13 @@ def bsfa(bits):
         S.k("add", nbytes=12 * n)                           # after + correction
         S.k("copy", nbytes=8 * n)                           # Var::set
         if bits == 4:
-            S.k("d2h", gpu=4 * n / PCIE)                    # Stored::keep: to_vec1, quantize
-            S.k("sync", gpu=SYNC)
-            host[0] += n * QUANT
+            quantize4(1, n)                                 # Stored::keep of the update
     S.group = "BSFA re-estimation (per T)"
     re_kernels_start = len(S.kernels)
     for _, n in covered:
         if bits == 4:
-            S.k("h2d-data", gpu=4 * m * n / PCIE)           # stacked history, dequantized
-            host[1] += m * n * DEQUANT
+            S.k("copy2d", nbytes=2 * (0.5 + 2 / 64) * m * n + 8 * m, calls=4 * m)  # concat
+            dequantize4(m, n)                               # stacked history
         else:
             S.k("copy2d", nbytes=8 * n * m, calls=m)        # Tensor::cat of l rows
         S.k("h2d-layout", gpu=MIN_KERNEL)
@@ -788,16 +795,14 @@ def bsfa(bits):
         S.k("cast", nbytes=12 * k * m)
         S.k("gemm", flops=2.0 * k * m * n, nbytes=4 * m * n + 4 * k * n, peak=PEAK_FP32)
         if bits == 4:
-            S.k("h2d-data", gpu=4 * k * n / PCIE)           # old directions for the overlap
-            host[1] += k * n * DEQUANT
+            dequantize4(k, n)                               # old directions for the overlap
         S.k("gemm", flops=2.0 * k * k * n, nbytes=8 * k * n, peak=PEAK_FP32)       # overlap
         S.k("cast", nbytes=12 * k * k)
         S.k("sqr", nbytes=16 * k * k)
         S.k("reduce-sum", nbytes=8 * k * k)
         S.k("sync", gpu=SYNC)
         if bits == 4:
-            S.k("d2h", gpu=4 * k * n / PCIE)                # Stored::keep of the directions
-            host[1] += k * n * QUANT
+            quantize4(k, n)                                 # Stored::keep of the directions
     return host, re_kernels_start
 
 
@@ -1031,6 +1036,8 @@ def main():
     mom_mini = param_bytes + 4 * blocks_mini
     covered = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in ("norm", "attn", "mlp"))
     bsfa32_state = 4 * (BSFA_K + BSFA_L) * covered
+    # 4-bit rows on the device: half a byte per value, a scale and a zero byte per 64 values
+    bsfa4_state = (0.5 + 2 / 64) * (BSFA_K + BSFA_L) * covered
     runtime = GIB                     # CUDA context, cuBLAS workspace
     usable = 81559 * 2**20 * 0.95     # 5% left to allocator fragmentation
     print()
@@ -1039,7 +1046,7 @@ def main():
           f"untracked operands, held to the end: {orphan_bytes / GIB:.1f} GiB")
     print(f"parameters f32 {param_bytes / GIB:.2f} GiB; gradient accumulator {param_bytes / GIB:.2f} "
           f"GiB; AdamW moments {mom_adamw / GIB:.2f} GiB; Adam-mini {mom_mini / GIB:.2f} GiB; BSFA "
-          f"f32 state {bsfa32_state / GIB:.1f} GiB (4-bit: host memory); runtime 1 GiB")
+          f"f32 state {bsfa32_state / GIB:.1f} GiB (4-bit: {bsfa4_state / GIB:.1f} GiB); runtime 1 GiB")
     # after the fusions: about what the fused CPU path keeps (llama::activation_bytes without
     # its vocabulary term, in bf16), one f32 logits chunk of 1024 rows, gradients in flight
     fused_act = N * (12 * C + 3 * I) * L * 2 + 1024 * V * 4 + 2 * N * C * 4
@@ -1049,7 +1056,7 @@ def main():
     print("|---|---|---|---|---|")
     for name, fixed in [("AdamW", 2 * param_bytes + mom_adamw + runtime),
                         ("Adam-mini + BSFA f32", 2 * param_bytes + mom_mini + bsfa32_state + runtime),
-                        ("Adam-mini + BSFA 4-bit", 2 * param_bytes + mom_mini + runtime)]:
+                        ("Adam-mini + BSFA 4-bit", 2 * param_bytes + mom_mini + bsfa4_state + runtime)]:
         peak = fixed + act_peak
         mb = int((usable - fixed) // (act_peak / B))
         while 480 % mb:               # train.micro_batch_size must divide train.batch_size

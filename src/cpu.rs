@@ -1,7 +1,7 @@
 //! Helpers shared by our fused CPU kernels (`model::ops`, `optim::fused`), and the one
 //! switch that decides, for the whole process, whether they run at all.
 
-use candle_core::{CpuStorage, DType, Error, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Error, Layout, Result, Shape, Tensor, WithDType};
 use num_traits::{Float, NumAssign};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,9 +27,14 @@ pub(crate) fn set_reference_only(on: bool) {
 /// True where the fused CPU kernels apply: f32 or f64 tensors on the CPU, unless
 /// `train.kernels = reference` turned them off for the process.
 pub(crate) fn fusable(t: &Tensor) -> bool {
+    fusable_on(t.device(), t.dtype())
+}
+
+/// [`fusable`] for a tensor of type `dtype` on `device`, before it exists.
+pub(crate) fn fusable_on(device: &Device, dtype: DType) -> bool {
     !REFERENCE_ONLY.load(Ordering::Relaxed)
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
+        && device.is_cpu()
+        && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// The contiguous slice of `storage` described by `layout`.

@@ -141,10 +141,28 @@ fn adamw_and_bsfa_tensor_paths_follow_fused_over_30_steps() {
 /// tensor on the parameters' device (and checks it) on the path a CUDA resume takes.
 #[test]
 fn resume_under_reference_kernels_is_exact() {
+    resumed_under_reference_continues_exactly(&[]);
+}
+
+/// The same with 4-bit BSFA state, which the tensor path keeps as tensors on the
+/// parameters' device (encoded and decoded by tensor ops, as on a GPU) and checkpoints in
+/// the host form's layout.
+#[test]
+fn resume_with_4bit_state_under_reference_kernels_is_exact() {
+    resumed_under_reference_continues_exactly(&FOUR_BIT);
+}
+
+/// A 20-step run under reference kernels with `extra` flags, killed after step 13 and
+/// resumed from its step-10 checkpoint, logs what the run without the crash logs.
+fn resumed_under_reference_continues_exactly(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let straight = losses(dir.path(), "reference", 20, &[]);
+    let straight = losses(dir.path(), "reference", 20, extra);
     let out = dir.path().join("resumed");
-    let flags = ["--threads", "1", "--set", "train.kernels=reference"];
+    let flags = [
+        &["--threads", "1", "--set", "train.kernels=reference"],
+        extra,
+    ]
+    .concat();
     // Dies after step 13, as kill -9 would; the checkpoint of step 10 remains.
     let crashed = spawn(
         &args(&out, 20, &flags),

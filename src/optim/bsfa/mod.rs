@@ -20,7 +20,8 @@
 //! dominant subspace and by `gamma` in the bulk. `v` itself joins the history.
 //!
 //! Files: `pca` (the estimate), `projection` (its use), `diagnostics` (what each estimate
-//! found), `state` (the stored history and directions, f32 or 4-bit through `quant`), `shard`
+//! found), `state` (the stored history and directions, f32 or 4-bit through `quant` on the
+//! host or `quant_tensor` on the parameters' device), `shard`
 //! (owners and what moves between ranks), `cpu` (what the CPU fast paths share).
 
 mod config;
@@ -29,6 +30,7 @@ mod diagnostics;
 mod pca;
 mod projection;
 pub mod quant;
+mod quant_tensor;
 mod shard;
 mod state;
 

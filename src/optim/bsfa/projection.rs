@@ -75,13 +75,14 @@ pub(super) fn project_update(
                 Ok(Tensor::from_vec(theta, after.shape(), after.device())?)
             };
             match directions {
-                Some(Stored::Full(u)) => {
-                    let theta = with_cpu_f32(u, |u| projected(&RowsRef::Full(u)))
-                        .context("bsfa: directions are not f32 on the CPU")??;
-                    param.set(&theta)?;
-                }
                 Some(Stored::Bits4 { q, .. }) => {
                     param.set(&projected(&RowsRef::Bits4(q))?)?;
+                }
+                Some(stored) => {
+                    let u = stored.matrix()?;
+                    let theta = with_cpu_f32(&u, |u| projected(&RowsRef::Full(u)))
+                        .context("bsfa: directions are not f32 on the CPU")??;
+                    param.set(&theta)?;
                 }
                 None => {}
             }

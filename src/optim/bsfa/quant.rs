@@ -229,22 +229,7 @@ impl Quant4 {
 
     /// The inverse of [`Quant4::to_tensors`] for rows of `cols` values; shapes are checked.
     pub fn from_tensors(t: [&candle_core::Tensor; 4], cols: usize) -> Result<Self> {
-        use candle_core::DType;
-        let rows = t[3].dims1()?;
-        let (c, g) = (cols.div_ceil(2), groups(cols));
-        for (tensor, dims, dtype) in [
-            (t[0], [rows, c], DType::U8),
-            (t[1], [rows, g], DType::U8),
-            (t[2], [rows, g], DType::U8),
-        ] {
-            if tensor.dims() != dims || tensor.dtype() != dtype {
-                bail!(
-                    "4-bit state has shape {:?} ({:?}), expected {dims:?} ({dtype:?})",
-                    tensor.dims(),
-                    tensor.dtype()
-                );
-            }
-        }
+        let rows = check_layout(t, cols)?;
         let bytes =
             |t: &candle_core::Tensor| -> Result<Vec<u8>> { Ok(t.flatten_all()?.to_vec1()?) };
         Ok(Self {
@@ -253,7 +238,7 @@ impl Quant4 {
             codes: bytes(t[0])?,
             scales: bytes(t[1])?,
             zeros: bytes(t[2])?,
-            norms: t[3].to_dtype(DType::F32)?.to_vec1()?,
+            norms: t[3].to_dtype(candle_core::DType::F32)?.to_vec1()?,
         })
     }
 
@@ -263,23 +248,47 @@ impl Quant4 {
     }
 }
 
-/// The largest FP8 E4M3 value at or below `x` (|x| <= 448).
-fn fp8_down(x: f32) -> F8E4M3 {
-    let r = F8E4M3::from_f32(x);
-    if r.to_f32() <= x {
-        r
-    } else {
-        step(r, false)
+/// The rows of the four arrays of [`Quant4::to_tensors`] for rows of `cols` values, once
+/// their shapes and types are checked.
+pub(super) fn check_layout(t: [&candle_core::Tensor; 4], cols: usize) -> Result<usize> {
+    use candle_core::DType;
+    let rows = t[3].dims1()?;
+    let (c, g) = (cols.div_ceil(2), groups(cols));
+    for (tensor, dims, dtype) in [
+        (t[0], [rows, c], DType::U8),
+        (t[1], [rows, g], DType::U8),
+        (t[2], [rows, g], DType::U8),
+    ] {
+        if tensor.dims() != dims || tensor.dtype() != dtype {
+            bail!(
+                "4-bit state has shape {:?} ({:?}), expected {dims:?} ({dtype:?})",
+                tensor.dims(),
+                tensor.dtype()
+            );
+        }
     }
+    Ok(rows)
 }
 
-/// The smallest FP8 E4M3 value at or above `x` (|x| <= 448).
-fn fp8_up(x: f32) -> F8E4M3 {
+/// The largest FP8 E4M3 value at or below `x` (|x| <= 448); zero as +0.
+pub(super) fn fp8_down(x: f32) -> F8E4M3 {
     let r = F8E4M3::from_f32(x);
-    if r.to_f32() >= x {
-        r
+    positive_zero(if r.to_f32() <= x { r } else { step(r, false) })
+}
+
+/// The smallest FP8 E4M3 value at or above `x` (|x| <= 448); zero as +0.
+pub(super) fn fp8_up(x: f32) -> F8E4M3 {
+    let r = F8E4M3::from_f32(x);
+    positive_zero(if r.to_f32() >= x { r } else { step(r, true) })
+}
+
+/// `v`, with -0 written as +0: one byte per value, whichever encoder wrote it (the tensor
+/// encoder's sign test sees no sign on a zero).
+fn positive_zero(v: F8E4M3) -> F8E4M3 {
+    if v.to_bits() == 0x80 {
+        F8E4M3::from_bits(0)
     } else {
-        step(r, true)
+        v
     }
 }
 

@@ -8,8 +8,10 @@
 //! `<key>.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
 
 use super::quant::{self, Quant4};
+use super::quant_tensor::Quant4Tensors;
 use super::shard::owners;
 use super::BsfaConfig;
+use crate::cpu::{fusable, fusable_on};
 use crate::model::Param;
 use crate::optim::StateTensor;
 use anyhow::{bail, Context, Result};
@@ -17,13 +19,19 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{HashMap, VecDeque};
 
 /// A matrix BSFA keeps (`rows x numel`): in full precision, or 4-bit (`bsfa.bits = 4`) and
-/// dequantized only when used.
+/// dequantized only when used. 4-bit state lives where it is used: on the host for the CPU
+/// kernels, which read it in place; as tensors on the parameter's device for the tensor
+/// path (a GPU, or `train.kernels = reference`), so that it never crosses to the host.
 pub(super) enum Stored {
     Full(Tensor),
     Bits4 {
         q: Quant4,
         dtype: DType,
         device: Device,
+    },
+    Bits4Tensors {
+        q: Quant4Tensors,
+        dtype: DType,
     },
 }
 
@@ -32,6 +40,12 @@ impl Stored {
     pub(super) fn keep(t: &Tensor, bits: usize) -> Result<Self> {
         if bits == 32 {
             return Ok(Self::Full(t.clone()));
+        }
+        if !fusable(t) {
+            return Ok(Self::Bits4Tensors {
+                q: Quant4Tensors::quantize(t)?,
+                dtype: t.dtype(),
+            });
         }
         let cols = t.dim(1)?;
         let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -49,14 +63,16 @@ impl Stored {
             Self::Bits4 { q, dtype, device } => {
                 Ok(Tensor::from_vec(q.dequantize(), (q.rows, q.cols), device)?.to_dtype(*dtype)?)
             }
+            Self::Bits4Tensors { q, dtype } => Ok(q.dequantize()?.to_dtype(*dtype)?),
         }
     }
 
-    /// The device the matrix computes on (4-bit: the one it is dequantized to).
+    /// The device the matrix computes on (4-bit on the host: the one it is dequantized to).
     fn device(&self) -> &Device {
         match self {
             Self::Full(t) => t.device(),
             Self::Bits4 { device, .. } => device,
+            Self::Bits4Tensors { q, .. } => q.device(),
         }
     }
 
@@ -64,10 +80,11 @@ impl Stored {
         match self {
             Self::Full(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Self::Bits4 { q, .. } => q.bytes(),
+            Self::Bits4Tensors { q, .. } => q.bytes(),
         }
     }
 
-    /// The rows of several matrices of one precision, as one matrix.
+    /// The rows of several matrices of one form, as one matrix.
     fn stack(parts: &[&Stored]) -> Result<Self> {
         match parts.first() {
             Some(Self::Bits4 { dtype, device, .. }) => {
@@ -75,13 +92,26 @@ impl Stored {
                     .iter()
                     .filter_map(|s| match s {
                         Self::Bits4 { q, .. } => Some(q),
-                        Self::Full(_) => None,
+                        _ => None,
                     })
                     .collect();
                 Ok(Self::Bits4 {
                     q: Quant4::concat(&qs)?,
                     dtype: *dtype,
                     device: device.clone(),
+                })
+            }
+            Some(Self::Bits4Tensors { dtype, .. }) => {
+                let qs: Vec<&Quant4Tensors> = parts
+                    .iter()
+                    .filter_map(|s| match s {
+                        Self::Bits4Tensors { q, .. } => Some(q),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(Self::Bits4Tensors {
+                    q: Quant4Tensors::concat(&qs)?,
+                    dtype: *dtype,
                 })
             }
             _ => {
@@ -104,20 +134,30 @@ impl Stored {
                     device: device.clone(),
                 })
                 .collect()),
+            Self::Bits4Tensors { q, dtype } => (0..q.rows()?)
+                .map(|r| {
+                    Ok(Self::Bits4Tensors {
+                        q: q.row(r)?,
+                        dtype,
+                    })
+                })
+                .collect(),
         }
     }
 
     /// Checkpoint tensors under `key`: the matrix itself, or for 4-bit the four arrays of
-    /// [`Quant4::to_tensors`] under `key.<suffix>`.
+    /// [`Quant4::to_tensors`] under `key.<suffix>` (the same from either form).
     fn tensors(&self, key: &str) -> Result<Vec<(String, Tensor)>> {
-        match self {
-            Self::Full(t) => Ok(vec![(key.to_string(), t.clone())]),
-            Self::Bits4 { q, .. } => Ok(QUANT_SUFFIXES
-                .iter()
-                .zip(q.to_tensors()?)
-                .map(|(suffix, t)| (format!("{key}.{suffix}"), t))
-                .collect()),
-        }
+        let quant = match self {
+            Self::Full(t) => return Ok(vec![(key.to_string(), t.clone())]),
+            Self::Bits4 { q, .. } => q.to_tensors()?,
+            Self::Bits4Tensors { q, .. } => q.to_tensors(),
+        };
+        Ok(QUANT_SUFFIXES
+            .iter()
+            .zip(quant)
+            .map(|(suffix, t)| (format!("{key}.{suffix}"), t))
+            .collect())
     }
 
     /// The matrix a checkpoint holds under `key` (`None` if absent), checked against `bits`
@@ -161,19 +201,27 @@ impl Stored {
             }
             return Ok(None);
         };
-        let q = Quant4::from_tensors([codes, scales, zeros, norms], *numel)
+        let arrays = [codes, scales, zeros, norms];
+        let rows = quant::check_layout(arrays, *numel)
             .with_context(|| format!("optimizer state '{key}'"))?;
-        if q.rows > max_rows {
+        if rows > max_rows {
             bail!(
-                "optimizer state '{key}' has {} rows, expected at most {max_rows} \
-                 (bsfa.{setting} changed?)",
-                q.rows
+                "optimizer state '{key}' has {rows} rows, expected at most {max_rows} \
+                 (bsfa.{setting} changed?)"
             );
         }
-        Ok(Some(Self::Bits4 {
-            q,
-            dtype: *dtype,
-            device: device.clone(),
+        // In the form `keep` gives the parameter's rows.
+        Ok(Some(if fusable_on(device, *dtype) {
+            Self::Bits4 {
+                q: Quant4::from_tensors(arrays, *numel)?,
+                dtype: *dtype,
+                device: device.clone(),
+            }
+        } else {
+            Self::Bits4Tensors {
+                q: Quant4Tensors::from_tensors(arrays, *numel, device)?,
+                dtype: *dtype,
+            }
         }))
     }
 }
@@ -248,7 +296,7 @@ impl BlockState {
             .iter()
             .map(|s| match s {
                 Stored::Full(t) => Some(t.clone()),
-                Stored::Bits4 { .. } => None,
+                _ => None,
             })
             .collect();
         match full {
@@ -334,4 +382,70 @@ pub fn steady_state_bytes_per_rank(
         bytes[owner] += (config.history + config.rank) * row;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::bsfa::test_tensors::random;
+
+    /// 4-bit state the CPU kernels cannot read (here bf16; on a GPU, every tensor) is kept
+    /// as tensors where it lies; its checkpoint arrays are the host form's, and restore to
+    /// either form with the same values.
+    #[test]
+    fn four_bit_state_is_kept_where_it_is_used_and_checkpoints_alike() {
+        let (rows, cols) = (3, 64 * 2 + 9);
+        let values = (random(rows, cols, 5) * 1e-3).unwrap();
+        let bf16 = values.to_dtype(DType::BF16).unwrap();
+        let kept = Stored::keep(&bf16, 4).unwrap();
+        assert!(matches!(kept, Stored::Bits4Tensors { .. }));
+        let host = Stored::keep(&bf16.to_dtype(DType::F32).unwrap(), 4).unwrap();
+        assert!(matches!(host, Stored::Bits4 { .. }));
+        let state: HashMap<String, Tensor> = kept.tensors("w").unwrap().into_iter().collect();
+        let host_state: HashMap<String, Tensor> = host.tensors("w").unwrap().into_iter().collect();
+        for suffix in QUANT_SUFFIXES {
+            let key = format!("w.{suffix}");
+            let (a, b) = (&state[&key], &host_state[&key]);
+            assert_eq!(a.dims(), b.dims(), "{key}");
+            let diff = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{key}");
+        }
+        let row = |dtype| RowKind {
+            numel: cols,
+            dtype,
+            device: Device::Cpu,
+        };
+        let f32_values = |s: &Stored| -> Vec<f32> {
+            let m = s.matrix().unwrap().to_dtype(DType::F32).unwrap();
+            m.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let as_bf16 = Stored::read(&state, "w", 4, rows, &row(DType::BF16), "history")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(as_bf16, Stored::Bits4Tensors { .. }));
+        assert_eq!(f32_values(&as_bf16), f32_values(&kept));
+        let as_f32 = Stored::read(&state, "w", 4, rows, &row(DType::F32), "history")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(as_f32, Stored::Bits4 { .. }));
+        let host_rounded: Vec<f32> = Tensor::new(f32_values(&as_f32).as_slice(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(host_rounded, f32_values(&kept));
+        // Rows split and stacked again (the history's round trip) keep the values.
+        let rows_back = Stored::stack(&kept.into_rows().unwrap().iter().collect::<Vec<_>>());
+        assert_eq!(f32_values(&rows_back.unwrap()), f32_values(&as_bf16));
+    }
 }
