@@ -14,6 +14,8 @@ Steps, each recorded (ok / failed / skipped, seconds, figures) and none stopping
   bench      llama134m, bf16, 12 x 1024 tokens: AdamW, Adam-mini, Adam-mini + BSFA (f32 and
              4-bit state): ms/step, tokens/s, MFU, peak GPU memory, BSFA's overhead and the
              time of one re-estimation (from the mean minus the median optimizer time)
+  memory     --dry-run's peak GPU memory for the bench's AdamW run (measured on the CPU)
+             against the peak nvidia-smi saw in it
 
 --dry-run runs every step on the CPU (the fused kernels standing in for CUDA, small sizes),
 so that CI checks the script; only the CUDA calls themselves are left untested.
@@ -206,6 +208,24 @@ class Check:
             rows[name]["bsfa_overhead"] = rows[name]["ms_per_step"] / base - 1.0
         return {"runs": rows}
 
+    def memory(self):
+        """--dry-run's peak GPU memory for the bench's AdamW run, measured on the CPU, against
+        the peak nvidia-smi saw during that run."""
+        if self.dry:
+            shape = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64",
+                     "--gpu-memory", "1"]
+        else:
+            shape = ["--model", "llama134m", "--dtype", "bf16", "--batch-size", "12",
+                     "--seq-len", "1024"]
+        report, _ = self.run([*shape, *self.device, "--optimizer", "adamw", "--dry-run"],
+                             timeout=300)
+        predicted = report["gpu_memory"]["peak_bytes"] / 2**20
+        seen = self.report["steps"].get("bench", {}).get("runs", {}).get("adamw", {})
+        seen = seen.get("peak_gpu_memory_mib")
+        return {"predicted_peak_mib": predicted, "nvidia_smi_peak_mib": seen,
+                "predicted_over_seen": predicted / seen if seen else None,
+                "measured_s": report["gpu_memory"]["measured_s"]}
+
     def main(self):
         self.step("device", self.device_info)
         gpus = self.report["steps"]["device"].get("gpus", 0)
@@ -214,6 +234,7 @@ class Check:
         self.step("resume", self.resume)
         self.step("nccl", lambda: self.nccl(gpus))
         self.step("bench", self.bench)
+        self.step("memory", self.memory)
         self.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.save()
         shutil.rmtree(self.work, ignore_errors=True)

@@ -313,6 +313,11 @@ pub struct RunArgs {
     /// Print parameter counts and a memory estimate, then exit without training.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dry-run: measure the step's peak GPU memory (the GPU's ops, run on the CPU at
+    /// 1-2 layers and extrapolated) and suggest the largest micro-batch that fits GIB
+    /// gibibytes per GPU. On a GPU, --dry-run does this for the device's own memory.
+    #[arg(long, value_name = "GIB", requires = "dry_run")]
+    pub gpu_memory: Option<f64>,
 }
 
 impl RunArgs {

@@ -73,6 +73,23 @@ pub fn cuda_devices() -> Result<usize> {
     Ok(0)
 }
 
+/// Total memory of `device` in bytes, when it is a CUDA device (the driver's figure).
+pub fn cuda_memory(device: &Device) -> Result<Option<usize>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let code = |e: result::DriverError| anyhow::anyhow!("{:?}", e.0);
+        let ordinal = i32::try_from(gpu_id)?;
+        let handle = result::device::get(ordinal).map_err(code)?;
+        // SAFETY: `handle` is a device the driver just returned, and the driver is
+        // initialised (the device exists).
+        let bytes = unsafe { result::device::total_mem(handle) }.map_err(code)?;
+        return Ok(Some(bytes));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// The model's compute precision (`train.dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -3,18 +3,22 @@
 use crate::config::RunConfig;
 use crate::device::Kernels;
 use crate::dist;
+use crate::memory::{Heap, StepPeak, CUDA_RUNTIME_BYTES};
 use crate::model::{llama, vit, ParamCounts};
 use crate::optim::{self, BsfaConfig, OptimizerName};
 use crate::task;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use serde_json::json;
 use std::sync::Arc;
 
 /// Prints what the run would be (its resolved config), parameter counts and a
-/// training-memory estimate, without training.
-pub fn report(config: &RunConfig) -> Result<()> {
+/// training-memory estimate, without training. With `gpu_memory_gib`, or on a GPU (its own
+/// memory), it also measures the step's peak GPU memory with `heap`, the process's counting
+/// allocator (see [`crate::memory`]), and suggests the largest micro-batch that fits.
+pub fn report(config: &RunConfig, heap: &dyn Heap, gpu_memory_gib: Option<f64>) -> Result<()> {
     let device = crate::device::select(config.train.device, 0)?;
+    let as_given = config;
     let config = &config.on_device(&device);
     // Only checked: a dry run computes nothing.
     config
@@ -123,6 +127,21 @@ pub fn report(config: &RunConfig) -> Result<()> {
         config.bsfa.bits,
         per_rank.join(", ")
     );
+    let budget = match gpu_memory_gib {
+        Some(gib) if !(gib > 0.0 && gib.is_finite()) => {
+            bail!("--gpu-memory must be a positive number of GiB, got {gib}")
+        }
+        Some(gib) => Some(gib * (1u64 << 30) as f64),
+        None => crate::device::cuda_memory(&device)?.map(|b| b as f64),
+    };
+    let gpu = match budget {
+        Some(budget) => {
+            let accumulation = if accumulating { weights } else { 0 };
+            let fixed = (weights + optimizer_state + accumulation) as f64 + CUDA_RUNTIME_BYTES;
+            Some(gpu_peak(as_given, heap, budget, fixed)?)
+        }
+        None => None,
+    };
     let report = json!({
         "dry_run": true,
         "config": config,
@@ -136,9 +155,81 @@ pub fn report(config: &RunConfig) -> Result<()> {
             "activations_estimate": activations,
             "total_estimate": total,
         },
+        "gpu_memory": gpu,
     });
     println!("{report}");
     Ok(())
+}
+
+/// The step's peak GPU memory on the reference path at the run's micro-batch, in the
+/// precision `config` gives a GPU (the
+/// measured step peak plus `fixed`: weights, optimizer state, accumulation buffer, CUDA's
+/// own), printed with the largest micro-batch dividing `train.batch_size` that fits
+/// `budget` bytes less 5% (the allocator's fragmentation); also returned for the JSON line.
+fn gpu_peak(
+    config: &RunConfig,
+    heap: &dyn Heap,
+    budget: f64,
+    fixed: f64,
+) -> Result<serde_json::Value> {
+    let layers = if config.model.is_vit() {
+        config.vit.num_hidden_layers
+    } else {
+        config.model.num_hidden_layers
+    };
+    let dtype = crate::memory::gpu_precision(config);
+    eprintln!(
+        "measuring the step's peak GPU memory: the GPU's ops in {dtype} on the CPU, 1-2 layers, \
+         micro-batches 2-3 ..."
+    );
+    let step = StepPeak::measure(config, heap)?;
+    let micro_batch = config.train.micro_batch();
+    let peak = fixed + step.bytes(layers, micro_batch);
+    let usable = budget * 0.95;
+    let fits = (1..=config.train.batch_size)
+        .filter(|m| config.train.batch_size.is_multiple_of(*m))
+        .filter(|m| fixed + step.bytes(layers, *m) <= usable)
+        .max();
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    eprintln!(
+        "peak GPU memory (reference path, {dtype}): {:.1} GiB at micro-batch {micro_batch} = \
+         {:.1} GiB fixed (weights, optimizer state, CUDA) + {:.1} GiB for the step, {:.2} GiB \
+         per sequence; measured in {:.0} s",
+        gib(peak),
+        gib(fixed),
+        gib(step.bytes(layers, micro_batch)),
+        gib(step.per_sequence(layers)),
+        step.seconds
+    );
+    match fits {
+        Some(m) if m >= micro_batch => eprintln!(
+            "fits {:.1} GiB (5% kept free); the largest micro-batch that fits is {m} \
+             (--set train.micro_batch_size={m}, {:.1} GiB)",
+            gib(budget),
+            gib(fixed + step.bytes(layers, m))
+        ),
+        Some(m) => eprintln!(
+            "does not fit {:.1} GiB (5% kept free): use --set train.micro_batch_size={m} \
+             ({:.1} GiB)",
+            gib(budget),
+            gib(fixed + step.bytes(layers, m))
+        ),
+        None => eprintln!(
+            "does not fit {:.1} GiB even one sequence at a time: use more GPUs' memory per \
+             rank, a shorter --seq-len, or 4-bit BSFA state",
+            gib(budget)
+        ),
+    }
+    Ok(json!({
+        "budget_bytes": budget,
+        "peak_bytes": peak,
+        "fixed_bytes": fixed,
+        "step_bytes": step.bytes(layers, micro_batch),
+        "per_sequence_bytes": step.per_sequence(layers),
+        "fits": peak <= usable,
+        "largest_micro_batch": fits,
+        "measured_s": step.seconds,
+    }))
 }
 
 /// One line saying what would run: optimizer and BSFA settings, data, precision, device

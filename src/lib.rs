@@ -28,6 +28,7 @@ pub mod eval;
 pub mod export;
 pub mod failpoint;
 pub mod interrupt;
+pub mod memory;
 pub mod metrics;
 pub mod mfu;
 pub mod model;

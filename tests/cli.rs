@@ -668,3 +668,41 @@ fn tokenizer_trains_a_bpe_that_prepare_and_training_use() {
     );
     fails_with(&["tokenizer", "--data", "builtin"], "--data text:PATH");
 }
+
+/// `--dry-run --gpu-memory` reports the measured GPU peak and the largest micro-batch that
+/// fits the budget, in its JSON line; a budget below the fixed part fits nothing; a budget
+/// that is not a positive number is refused.
+#[test]
+fn dry_run_suggests_a_micro_batch_that_fits_the_gpu() {
+    let run = |gib: f64| -> serde_json::Value {
+        let o = bsfa(&[
+            "--dry-run",
+            "--gpu-memory",
+            &gib.to_string(),
+            "--batch-size",
+            "32",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line = String::from_utf8(o.stdout).unwrap();
+        let report: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        report["gpu_memory"].clone()
+    };
+    let gib = 1073741824.0;
+    let roomy = run(4.0);
+    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap();
+    let (fixed, step) = (number(&roomy, "fixed_bytes"), number(&roomy, "step_bytes"));
+    let per_sequence = number(&roomy, "per_sequence_bytes");
+    assert!(per_sequence > 0.0 && fixed > gib, "{roomy}");
+    assert_eq!(roomy["largest_micro_batch"], 32);
+    assert_eq!(roomy["fits"], true);
+    // Room for 5.5 sequences within 95% of the budget: 4 is the largest divisor of 32 that fits.
+    let budget = (fixed + step - per_sequence * (32.0 - 5.5)) / 0.95;
+    let tight = run(budget / gib);
+    assert_eq!(tight["largest_micro_batch"], 4, "{tight}");
+    assert_eq!(tight["fits"], false);
+    assert!(run(0.5)["largest_micro_batch"].is_null());
+    fails_with(
+        &["--dry-run", "--gpu-memory", "0"],
+        "--gpu-memory must be a positive",
+    );
+}
