@@ -8,7 +8,9 @@
 #    links the CUDA driver library.
 # 3. Links the GPU test tests/nccl.rs (without running it: no GPU here), which checks that
 #    NcclCommunicator links against this NCCL (the binary links NCCL only once it uses it).
-# 4. Runs clippy on every target with the same features, warnings denied.
+# 4. Compiles our own CUDA kernels (src/model/ops/*.cu) to PTX with nvcc, as NVRTC does on the
+#    GPU at first use, so that a kernel that does not compile fails here.
+# 5. Runs clippy on every target with the same features, warnings denied.
 #
 # Idempotent: reruns only rebuild what changed. A clean build takes ~10 min on 2 cores, most of
 # it nvcc compiling candle-kernels; keep target/ between runs (and cached in CI).
@@ -81,7 +83,14 @@ libs=$(needed "$test_bin")
 log "tests/nccl.rs needs: $libs"
 [[ " $libs " == *" libnccl.so.2 "* ]] || die "$test_bin does not link libnccl.so.2"
 
-# ---- 4. clippy ---------------------------------------------------------------------------------
+# ---- 4. our own CUDA kernels (NVRTC compiles them on the GPU at first use) -----------------------
+for cu in src/model/ops/*.cu; do
+  log "nvcc -ptx $cu"
+  nvcc -ptx -arch="compute_${CUDA_COMPUTE_CAP}" ${NVCC_CCBIN:+-ccbin "$NVCC_CCBIN"} "$cu" -o /dev/null ||
+    die "$cu does not compile"
+done
+
+# ---- 5. clippy ---------------------------------------------------------------------------------
 log "${CLIPPY[*]}"
 t0=$SECONDS
 "${NICE_CMD[@]}" "${CLIPPY[@]}"

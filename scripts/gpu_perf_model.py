@@ -886,8 +886,11 @@ def fused_items(micro):
         Item("linear as one op (cuBLAS fwd/bwd in a CustomOp, f32 weight, dW in f32)",
              ["linear GEMMs"], sum(kn.time for kn in lin), sum(kn.calls for kn in lin),
              L * (6 * nc + ni) + mat, L * 14),
-        Item("embedding backward (one thread per element, atomic adds)", ["embedding"],
-             t_bw(4 * V * C, EFF_MEMSET) + t_bw(3 * 2 * N * C) + 20e-6, 4, 4 * V * C, 1),
+        # src/model/ops/embedding.cu: one block per vocabulary row writes its row once, reads
+        # the rows of dy whose id it is, and scans all N ids (from L2, taken as 4x HBM)
+        Item("embedding backward (one block per vocabulary row, no atomics: deterministic)",
+             ["embedding"], t_bw(4 * V * C + 4 * N * C) + 4 * V * N / (4 * HBM) + 20e-6, 4,
+             4 * V * C, 1),
         Item("fused RoPE fwd+bwd (in place on q and k)", ["RoPE"],
              L * 2 * 2 * t_bw(2 * nc), L * 4, L * 2 * nc, L * 2),
         Item("fused SwiGLU fwd+bwd (packed gate/up output)", ["SwiGLU (silu, product)"],

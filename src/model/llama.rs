@@ -2,7 +2,9 @@
 //!
 //! Parameter names match Hugging Face `LlamaForCausalLM`, so weights map 1:1.
 
-use super::ops::{attention, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu};
+use super::ops::{
+    attention, embedding, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu,
+};
 use super::Architecture;
 use super::{Param, ParamGroup, ParamInit};
 use crate::check::positive;
@@ -340,9 +342,7 @@ impl Llama {
             );
         }
         let h = self.config.hidden_size;
-        let mut x = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
+        let mut x = embedding(&self.embed_tokens, &input_ids.flatten_all()?)?
             .reshape((batch, seq, h))?
             .to_dtype(self.compute)?;
         let cos = self.cos.narrow(0, 0, seq)?.to_dtype(self.compute)?;

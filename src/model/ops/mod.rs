@@ -8,6 +8,8 @@
 //! reference is what a GPU runs; `train.kernels = reference` makes the CPU run it too.
 //!
 //! LLaMA:
+//! - [`embedding`](embedding()): the token embedding (its own backward off the fused path;
+//!   a CUDA kernel on the GPU).
 //! - [`linear`](linear()): `x @ w^T`, without bias.
 //! - [`rms_norm`](rms_norm()): RMSNorm.
 //! - [`rope_tables`] and `reference::rope`: rotary embeddings (fused inside attention).
@@ -29,6 +31,7 @@ mod bias;
 mod bidirectional_attention;
 mod causal_attention;
 mod cross_entropy;
+mod embedding;
 mod gelu;
 mod kernel;
 mod layer_norm;
@@ -43,6 +46,7 @@ use candle_core::{DType, Result, Tensor};
 
 pub use causal_attention::{attention, causal_mask};
 pub use cross_entropy::linear_cross_entropy;
+pub use embedding::embedding;
 pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope_tables;
