@@ -161,11 +161,11 @@ pub fn report(config: &RunConfig, heap: &dyn Heap, gpu_memory_gib: Option<f64>) 
     Ok(())
 }
 
-/// The step's peak GPU memory on the reference path at the run's micro-batch, in the
-/// precision `config` gives a GPU (the
-/// measured step peak plus `fixed`: weights, optimizer state, accumulation buffer, CUDA's
-/// own), printed with the largest micro-batch dividing `train.batch_size` that fits
-/// `budget` bytes less 5% (the allocator's fragmentation); also returned for the JSON line.
+/// One rank's peak GPU memory on the reference path at the run's micro-batch, in the
+/// precision `config` gives a GPU: the measured step peak plus `fixed` (weights, optimizer
+/// state, accumulation buffer, CUDA's own). Printed with the largest micro-batch dividing
+/// `train.batch_size` that fits `budget` bytes less 5% (the allocator's fragmentation), and
+/// returned for the JSON line.
 fn gpu_peak(
     config: &RunConfig,
     heap: &dyn Heap,
@@ -215,12 +215,13 @@ fn gpu_peak(
             gib(fixed + step.bytes(layers, m))
         ),
         None => eprintln!(
-            "does not fit {:.1} GiB even one sequence at a time: use more GPUs' memory per \
-             rank, a shorter --seq-len, or 4-bit BSFA state",
+            "does not fit {:.1} GiB even one sequence at a time: use a shorter --seq-len, \
+             4-bit BSFA state (--set bsfa.bits=4) or a GPU with more memory",
             gib(budget)
         ),
     }
     Ok(json!({
+        "dtype": dtype,
         "budget_bytes": budget,
         "peak_bytes": peak,
         "fixed_bytes": fixed,

@@ -387,7 +387,7 @@ pub fn steady_state_bytes_per_rank(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::bsfa::test_tensors::random;
+    use crate::optim::bsfa::test_tensors::{max_diff, random};
 
     /// 4-bit state the CPU kernels cannot read (here bf16; on a GPU, every tensor) is kept
     /// as tensors where it lies; its checkpoint arrays are the host form's, and restore to
@@ -407,15 +407,8 @@ mod tests {
             let key = format!("w.{suffix}");
             let (a, b) = (&state[&key], &host_state[&key]);
             assert_eq!(a.dims(), b.dims(), "{key}");
-            let diff = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "{key}");
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(max_diff(&wide(a), &wide(b)), 0.0, "{key}");
         }
         let row = |dtype| RowKind {
             numel: cols,
