@@ -1,10 +1,11 @@
 //! The 4-bit encoding of `quant` in candle tensor ops, on any device: what a GPU run (or
 //! `train.kernels = reference`) keeps, so that BSFA's 4-bit state never leaves the device.
-//! It writes bit for bit the bytes of [`quant::Quant4::quantize`] and decodes to the same f32
-//! values (tested), so a checkpoint has one format whichever form wrote it.
+//! It writes bit for bit the bytes of [`quant::Quant4::quantize`] and decodes to the same
+//! f32 values (tested), so a checkpoint has one format whichever form wrote it.
 //!
-//! Layouts, as [`quant::Quant4::to_tensors`]: codes `rows x ceil(cols / 2)` u8 (value `2i` in the
-//! low nibble), scales and zeros `rows x groups` u8 holding FP8 E4M3 bits, norms `rows` f32.
+//! Layouts, as [`quant::Quant4::to_tensors`]: codes `rows x ceil(cols / 2)` u8 (value `2i`
+//! in the low nibble), scales and zeros `rows x groups` u8 holding FP8 E4M3 bits, norms
+//! `rows` f32.
 //!
 //! FP8's directed rounding is exact arithmetic here: around a value of magnitude below 2
 //! (every normalised value, zero point and scale is), E4M3's representable values are the
@@ -37,9 +38,9 @@ pub struct Quant4Tensors {
 
 impl Quant4Tensors {
     /// Quantizes `t` (`rows x cols`, any float type) where it lies. Unlike
-    /// [`quant::Quant4::quantize`] it does not read the values back to refuse non-finite rows (that
-    /// would sync the device every step): a non-finite update has already ended the run
-    /// through its loss.
+    /// [`quant::Quant4::quantize`] it does not read the values back to refuse non-finite
+    /// rows, which would sync the device every step: a step whose loss or gradient norm is
+    /// not finite updates nothing, so its update never gets here.
     pub fn quantize(t: &Tensor) -> Result<Self> {
         let (rows, cols) = t.dims2()?;
         let groups = quant::groups(cols);
