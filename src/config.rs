@@ -213,12 +213,18 @@ impl RunConfig {
     /// f32, the only precision its model has).
     pub fn on_device(&self, device: &candle_core::Device) -> Self {
         let mut config = self.clone();
-        config.train.dtype = if self.model.is_vit() && self.train.dtype == Precision::Auto {
+        config.train.dtype = self.precision_on_gpu(device.is_cuda());
+        config
+    }
+
+    /// `train.dtype` resolved for a GPU (`gpu`) or the CPU: `auto` is bf16 on a GPU, f32 on
+    /// the CPU, and f32 for a ViT anywhere.
+    pub fn precision_on_gpu(&self, gpu: bool) -> Precision {
+        if self.model.is_vit() && self.train.dtype == Precision::Auto {
             Precision::F32
         } else {
-            self.train.dtype.on(device)
-        };
-        config
+            self.train.dtype.on_gpu(gpu)
+        }
     }
 
     /// Checks every section, then what sections must agree on; messages name the key.

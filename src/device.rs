@@ -107,8 +107,13 @@ pub enum Precision {
 impl Precision {
     /// This precision on `device`: `auto` becomes bf16 on CUDA and f32 elsewhere.
     pub fn on(self, device: &Device) -> Self {
+        self.on_gpu(device.is_cuda())
+    }
+
+    /// This precision on a GPU (`gpu`) or the CPU, for a device that need not exist here.
+    pub fn on_gpu(self, gpu: bool) -> Self {
         match self {
-            Self::Auto if device.is_cuda() => Self::Bf16,
+            Self::Auto if gpu => Self::Bf16,
             Self::Auto => Self::F32,
             fixed => fixed,
         }

@@ -177,7 +177,7 @@ fn gpu_peak(
     } else {
         config.model.num_hidden_layers
     };
-    let dtype = crate::memory::gpu_precision(config);
+    let dtype = config.precision_on_gpu(true);
     eprintln!(
         "measuring the step's peak GPU memory: the GPU's ops in {dtype} on the CPU, 1-2 layers, \
          micro-batches 2-3 ..."

@@ -15,7 +15,6 @@
 //! buffers, lazily built tables): on a small LLaMA they doubled the first reading.
 
 use crate::config::RunConfig;
-use crate::device::Precision;
 use crate::model::Model;
 use crate::task;
 use anyhow::{bail, Result};
@@ -166,15 +165,6 @@ impl StepPeak {
     }
 }
 
-/// The precision `config` computes in on a GPU: `auto` is bf16 for a LLaMA, f32 for a ViT.
-pub fn gpu_precision(config: &RunConfig) -> Precision {
-    match config.train.dtype {
-        Precision::Auto if config.model.is_vit() => Precision::F32,
-        Precision::Auto => Precision::Bf16,
-        fixed => fixed,
-    }
-}
-
 /// The heap's peak above its level at the start, over one forward and backward of
 /// `config`'s model cut to `layers` layers, on `micro_batch` sequences (or images), with
 /// the ops a GPU runs. Nothing else may compute in the process meanwhile: the kernels
@@ -199,7 +189,7 @@ fn step_peak(
     heap: &dyn Heap,
 ) -> Result<usize> {
     let mut config = config.clone();
-    config.train.dtype = gpu_precision(&config);
+    config.train.dtype = config.precision_on_gpu(true);
     let cpu = &Device::Cpu;
     let (model, inputs, targets): (Box<dyn Model>, Tensor, Tensor) = if config.model.is_vit() {
         config.vit.num_hidden_layers = layers;

@@ -37,8 +37,7 @@ impl CustomOp2 for Embedding {
         ids: &CpuStorage,
         il: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let rows = w.index_select(ids, wl, il, 0)?;
-        Ok((rows, rows_shape(wl, il)?))
+        select_rows(w, wl, ids, il)
     }
 
     #[cfg(feature = "cuda")]
@@ -49,8 +48,7 @@ impl CustomOp2 for Embedding {
         ids: &candle_core::CudaStorage,
         il: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let rows = w.index_select(ids, wl, il, 0)?;
-        Ok((rows, rows_shape(wl, il)?))
+        select_rows(w, wl, ids, il)
     }
 
     fn bwd(
@@ -66,10 +64,12 @@ impl CustomOp2 for Embedding {
     }
 }
 
-/// `n x hidden`: one row of `w` per id.
-fn rows_shape(wl: &Layout, il: &Layout) -> Result<Shape> {
+/// The rows of `w` that `ids` name, `n x hidden` (candle's `index_select` on any device's
+/// storage).
+fn select_rows<S: BackendStorage>(w: &S, wl: &Layout, ids: &S, il: &Layout) -> Result<(S, Shape)> {
     let (_, hidden) = wl.shape().dims2()?;
-    Ok(Shape::from((il.shape().elem_count(), hidden)))
+    let rows = w.index_select(ids, wl, il, 0)?;
+    Ok((rows, Shape::from((il.shape().elem_count(), hidden))))
 }
 
 /// `dw` (`vocab x hidden`) from `dy` (`n x hidden`) and `ids` (`n`): each row of `dy`
