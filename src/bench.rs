@@ -4,15 +4,12 @@
 //! clipping, the optimizer), so what is measured is what trains.
 
 use crate::config::RunConfig;
-use crate::data::TokenSegments;
 use crate::dist::{Job, SingleRank};
 use crate::model::ParamCounts;
-use crate::task::{self, language, Position};
+use crate::task;
 use crate::train::Trainer;
 use anyhow::{bail, Result};
 use candle_core::Device;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -91,25 +88,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     crate::device::allow_tf32(config.train.tf32);
     let comm = job.comm.as_ref();
     let train = &config.train;
-    // Random tokens for a LLaMA (no corpus to read); the run's images for a ViT.
-    let (task, params) = if config.model.is_vit() {
-        task::open(config, device, comm, Position::start(train.seed, true))?
-    } else {
-        let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
-        let vocab = config.model.vocab_size as u32;
-        let corpus = language::Corpus {
-            train: TokenSegments::from_tokens(
-                (0..train.batch_size * (train.seq_len + 1) * 4)
-                    .map(|_| rng.random_range(0..vocab))
-                    .collect(),
-                "random tokens",
-                config.model.vocab_size,
-            )?,
-            val: TokenSegments::from_tokens(Vec::new(), "random tokens", config.model.vocab_size)?,
-        };
-        let start = Position::start(train.seed, false);
-        language::LanguageTask::start(config, corpus, device, comm, start)?
-    };
+    let (task, params) = task::open_for_bench(config, device, comm)?;
     let mut trainer = Trainer::new(config, task, params, &job.comm)?;
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
@@ -134,8 +113,10 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         .then(|| loader_throughput(config, loader_steps))
         .transpose()?;
     let counts = ParamCounts::of(&trainer.params);
-    let flops_per_token = crate::mfu::flops_per_token(config, counts.total - counts.embeddings);
-    let peak = crate::mfu::peak(config, device)?;
+    let flops_per_token = config
+        .spec()
+        .flops_per_unit(counts.total - counts.embeddings, train.seq_len);
+    let peak = crate::mfu::peak(train.peak_tflops, train.dtype, device)?;
     let mfu = peak.as_ref().map(|peak| {
         crate::mfu::utilisation(flops_per_token, tokens_per_s, peak.tflops, comm.world())
     });
@@ -173,7 +154,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
 /// a ViT, images/s of the decoding and augmentation pipeline. The data comes through the
 /// training loop's own [`task::open`].
 pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
-    let start = Position::start(config.train.seed, config.model.is_vit());
+    let start = config.spec().start_position(config.train.seed);
     let (mut task, _) = task::open(config, &Device::Cpu, &SingleRank, start)?;
     // The first step pays for start-up (threads, first reads).
     task.next_batch()?;

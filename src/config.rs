@@ -13,11 +13,11 @@ use crate::data::images::augment_config::AugmentConfig;
 use crate::data::loader::LoaderShape;
 use crate::data::DataConfig;
 use crate::device::{DeviceKind, Kernels, Precision};
-use crate::model::{LlamaConfig, VitConfig};
+use crate::model::{self, LlamaConfig, ModelSpec, VitConfig};
 use crate::optim::{BsfaConfig, OptimizerConfig};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 pub use crate::presets::PRESETS;
 
@@ -199,32 +199,28 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The network this run trains, as everything outside `task/` sees it.
+    pub fn spec(&self) -> &dyn ModelSpec {
+        model::spec::select(&self.model, &self.vit)
+    }
+
     /// What one optimizer step consumes, the unit of `tokens_per_s` and `tokens_seen`:
     /// tokens, or images for a ViT.
     pub fn units_per_step(&self) -> usize {
-        if self.model.is_vit() {
-            self.train.batch_size
-        } else {
-            self.train.batch_size * self.train.seq_len
-        }
+        self.train.batch_size * self.spec().units_per_example(self.train.seq_len)
     }
 
-    /// This config as it runs on `device`: `train.dtype = auto` resolved (a ViT computes in
-    /// f32, the only precision its model has).
+    /// This config as it runs on `device`: `train.dtype = auto` resolved.
     pub fn on_device(&self, device: &candle_core::Device) -> Self {
         let mut config = self.clone();
-        config.train.dtype = self.precision_on_gpu(device.is_cuda());
+        config.train.dtype = self.precision_on(device.is_cuda());
         config
     }
 
-    /// `train.dtype` resolved for a GPU (`gpu`) or the CPU: `auto` is bf16 on a GPU, f32 on
-    /// the CPU, and f32 for a ViT anywhere.
-    pub fn precision_on_gpu(&self, gpu: bool) -> Precision {
-        if self.model.is_vit() && self.train.dtype == Precision::Auto {
-            Precision::F32
-        } else {
-            self.train.dtype.on_gpu(gpu)
-        }
+    /// `train.dtype` resolved for a GPU (`gpu = true`) or for the CPU (`false`): `auto` is
+    /// bf16 on a GPU and f32 on the CPU, or what the network has (a ViT: f32).
+    pub fn precision_on(&self, gpu: bool) -> Precision {
+        self.spec().precision(self.train.dtype, gpu)
     }
 
     /// Checks every section, then what sections must agree on; messages name the key.
@@ -233,21 +229,10 @@ impl RunConfig {
         self.bsfa.validate()?;
         self.train.validate()?;
         self.data.validate()?;
-        if self.model.is_vit() {
-            self.vit.validate()?;
-            self.augment.validate()?;
-            return Ok(());
-        }
-        self.model.validate()?;
-        if self.train.seq_len > self.model.max_position_embeddings {
-            bail!(
-                "train.seq_len ({}) exceeds model.max_position_embeddings ({}); lower \
-                 --seq-len or raise model.max_position_embeddings",
-                self.train.seq_len,
-                self.model.max_position_embeddings
-            );
-        }
-        Ok(())
+        self.spec().check_shape(self.train.seq_len)?;
+        // Checked for every run, though only image runs augment: a bad value is an error
+        // wherever it is set.
+        self.augment.validate()
     }
 }
 
@@ -282,7 +267,7 @@ impl ConfigBuilder {
                 let layer = if layer.get("model").is_some() {
                     layer
                 } else {
-                    hf_model_layer(&layer)
+                    crate::model::llama::hf_model_layer(&layer)
                 };
                 let stem = std::path::Path::new(model)
                     .file_stem()
@@ -480,59 +465,6 @@ fn read_json(path: &str) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file '{path}'"))?;
     serde_json::from_str(&text).with_context(|| format!("'{path}' is not valid JSON"))
-}
-
-/// The LLaMA a Hugging Face `config.json` (`flat`, read from `path`) describes: its keys
-/// over our defaults. Settings our LLaMA does not implement are errors, not ignored.
-pub fn llama_from_hf(flat: &Value, path: &std::path::Path) -> Result<LlamaConfig> {
-    let unsupported = [
-        ("model_type", Value::from("llama")),
-        ("hidden_act", Value::from("silu")),
-        ("rope_scaling", Value::Null),
-        ("attention_bias", Value::Bool(false)),
-        ("mlp_bias", Value::Bool(false)),
-    ];
-    for (key, plain) in unsupported {
-        match flat.get(key) {
-            Some(v) if *v != plain => bail!(
-                "'{}' sets {key} = {v}; this LLaMA supports only {key} = {plain}",
-                path.display()
-            ),
-            _ => {}
-        }
-    }
-    let layer = hf_model_layer(flat);
-    let model: LlamaConfig = serde_json::from_value(layer["model"].clone())
-        .with_context(|| format!("'{}' is not a LLaMA config", path.display()))?;
-    model
-        .validate()
-        .with_context(|| format!("in '{}'", path.display()))?;
-    if let Some(head_dim) = flat.get("head_dim").and_then(Value::as_u64) {
-        if head_dim != model.head_dim() as u64 {
-            bail!(
-                "'{}' sets head_dim = {head_dim}; this LLaMA needs hidden_size / \
-                 num_attention_heads = {}",
-                path.display(),
-                model.head_dim()
-            );
-        }
-    }
-    Ok(model)
-}
-
-/// Picks the LLaMA keys out of a flat Hugging Face `config.json`; the rest of such a
-/// file (architectures, torch_dtype, ...) describes nothing we build and is ignored.
-fn hf_model_layer(flat: &Value) -> Value {
-    let known = serde_json::to_value(LlamaConfig::default()).expect("config serialises");
-    let mut model = Map::new();
-    if let (Some(flat), Some(known)) = (flat.as_object(), known.as_object()) {
-        for (k, v) in flat {
-            if known.contains_key(k) {
-                model.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    serde_json::json!({ "model": model })
 }
 
 #[cfg(test)]

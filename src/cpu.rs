@@ -13,7 +13,7 @@ impl Elem for f64 {}
 /// `train.kernels = reference`: every [`fusable`] decision says no, so the CPU runs the
 /// reference compositions and tensor-op updates a CUDA run executes. Process-wide because
 /// the ops are plain functions of tensors that never see a run's config; set when a run
-/// starts, by [`crate::device::Kernels::apply`].
+/// starts, by `Kernels::apply` (module `device`).
 static REFERENCE_ONLY: AtomicBool = AtomicBool::new(false);
 
 /// Turns the fused kernels off (`true`) or on again for every op and optimizer step of the

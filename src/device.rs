@@ -18,7 +18,7 @@ pub enum DeviceKind {
 }
 
 /// The device for `spec` on a rank whose GPU is CUDA ordinal `gpu` (see
-/// [`crate::dist::env::gpu_ordinal`]).
+/// `dist::env::gpu_ordinal`).
 pub fn select(spec: DeviceKind, gpu: usize) -> Result<Device> {
     match spec {
         DeviceKind::Cpu => Ok(Device::Cpu),

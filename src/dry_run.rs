@@ -4,7 +4,7 @@ use crate::config::RunConfig;
 use crate::device::Kernels;
 use crate::dist;
 use crate::memory::{Heap, StepPeak, CUDA_RUNTIME_BYTES};
-use crate::model::{llama, vit, ParamCounts};
+use crate::model::{Param, ParamCounts};
 use crate::optim::{self, BsfaConfig, OptimizerName};
 use crate::task;
 use anyhow::{bail, Result};
@@ -28,55 +28,77 @@ pub fn report(config: &RunConfig, heap: &dyn Heap, gpu_memory_gib: Option<f64>) 
     eprintln!("{}", describe(config, &device));
     let params = task::params(config, &Device::Cpu)?;
     let counts = ParamCounts::of(&params);
-    // State of every optimizer on this model, so their memory can be compared.
-    let mut state_by_optimizer = serde_json::Map::new();
-    let single: Arc<dyn dist::Communicator> = Arc::new(dist::SingleRank);
-    let blocks = task::adam_mini_blocks(config, &params)?;
-    let no_bsfa = BsfaConfig::default();
-    for name in OptimizerName::ALL {
-        let mut base = config.optimizer.clone();
-        base.name = name;
-        let optimizer = optim::build(&base, &no_bsfa, &params, &blocks, &single)?;
-        state_by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
-    }
-    // BSFA adds its full history and directions once warmed up, at the configured precision
-    // (`bsfa_extra`) and at both precisions for comparison.
-    let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, &params)?;
-    state_by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
-    for bits in [32, 4] {
-        let mut at = config.bsfa.clone();
-        at.bits = bits;
-        let bytes = optim::bsfa::steady_state_bytes(&at, &params)?;
-        state_by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
-    }
-    // BSFA sharded over data-parallel ranks: the largest rank's share.
-    let mut bsfa_per_rank = serde_json::Map::new();
-    for world in [1, 2, 4, 8] {
-        let shares = optim::bsfa::steady_state_bytes_per_rank(&config.bsfa, &params, world)?;
-        let largest = shares.iter().copied().max().unwrap_or(0);
-        bsfa_per_rank.insert(world.to_string(), json!(largest));
-    }
-    let optimizer_state = state_by_optimizer[config.optimizer.name.as_str()]
-        .as_u64()
-        .map_or(0, |b| b as usize)
-        + if config.bsfa.enabled { bsfa_state } else { 0 };
+    let state = StateBytes::of(config, &params)?;
     let elem = DType::F32.size_in_bytes();
     let weights = counts.total * elem;
     // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
     let accumulating = config.train.micro_batch() < config.train.batch_size;
     let grads = counts.total * elem * if accumulating { 2 } else { 1 };
-    let activations = if config.model.is_vit() {
-        vit::activation_bytes(&config.vit, config.train.micro_batch(), elem)
-    } else {
-        llama::activation_bytes(
-            &config.model,
-            config.train.micro_batch(),
-            config.train.seq_len,
-            elem,
-        )
+    let activations =
+        config
+            .spec()
+            .activation_bytes(config.train.micro_batch(), config.train.seq_len, elem);
+    let total = weights + grads + state.run + activations;
+    print_counts(&counts);
+    eprintln!(
+        "estimated training memory (f32): {:.0} MiB = weights {:.0} + grads {:.0} + {} state {:.0} \
+         + activations {:.0} (micro-batch {} x {})",
+        mib(total),
+        mib(weights),
+        mib(grads),
+        config.optimizer.name,
+        mib(state.run),
+        mib(activations),
+        config.train.micro_batch(),
+        config.train.seq_len
+    );
+    state.print(config.bsfa.bits);
+    let budget = match gpu_memory_gib {
+        Some(gib) if !(gib > 0.0 && gib.is_finite()) => {
+            bail!("--gpu-memory must be a positive number of GiB, got {gib}")
+        }
+        Some(gib) => Some(gib * (1u64 << 30) as f64),
+        None => crate::device::cuda_memory(&device)?.map(|b| b as f64),
     };
-    let total = weights + grads + optimizer_state + activations;
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let gpu = match budget {
+        Some(budget) => {
+            let accumulation = if accumulating { weights } else { 0 };
+            let fixed = (weights + state.run + accumulation) as f64 + CUDA_RUNTIME_BYTES;
+            Some(gpu_peak(as_given, heap, budget, fixed)?)
+        }
+        None => None,
+    };
+    let report = json!({
+        "dry_run": true,
+        "config": config,
+        "params": counts,
+        "memory_bytes": {
+            "weights": weights,
+            "grads": grads,
+            "optimizer_state": state.run,
+            "optimizer_state_by_optimizer": state.by_optimizer,
+            "bsfa_extra_per_rank_by_ranks": state.bsfa_per_rank,
+            "activations_estimate": activations,
+            "total_estimate": total,
+        },
+        "gpu_memory": gpu,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// Bytes to MiB.
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// Bytes in a JSON number (0 where it is not one).
+fn bytes_in(value: &serde_json::Value) -> usize {
+    value.as_u64().map_or(0, |b| b as usize)
+}
+
+/// Prints the parameter count, in total and by group.
+fn print_counts(counts: &ParamCounts) {
     eprintln!(
         "parameters: {} ({:.2}M)",
         counts.total,
@@ -91,74 +113,74 @@ pub fn report(config: &RunConfig, heap: &dyn Heap, gpu_memory_gib: Option<f64>) 
     ] {
         eprintln!("  {group:<11} {n:>12}");
     }
-    eprintln!(
-        "estimated training memory (f32): {:.0} MiB = weights {:.0} + grads {:.0} + {} state {:.0} \
-         + activations {:.0} (micro-batch {} x {})",
-        mib(total),
-        mib(weights),
-        mib(grads),
-        config.optimizer.name,
-        mib(optimizer_state),
-        mib(activations),
-        config.train.micro_batch(),
-        config.train.seq_len
-    );
-    let by_optimizer: Vec<String> = state_by_optimizer
-        .iter()
-        .map(|(name, b)| {
-            format!(
-                "{name} {:.0} MiB",
-                mib(b.as_u64().map_or(0, |b| b as usize))
-            )
-        })
-        .collect();
-    eprintln!("optimizer state: {}", by_optimizer.join(", "));
-    let per_rank: Vec<String> = bsfa_per_rank
-        .iter()
-        .map(|(world, b)| {
-            format!(
-                "{world} ranks {:.0} MiB",
-                mib(b.as_u64().map_or(0, |b| b as usize))
-            )
-        })
-        .collect();
-    eprintln!(
-        "bsfa state per rank at bsfa.bits={}: {}",
-        config.bsfa.bits,
-        per_rank.join(", ")
-    );
-    let budget = match gpu_memory_gib {
-        Some(gib) if !(gib > 0.0 && gib.is_finite()) => {
-            bail!("--gpu-memory must be a positive number of GiB, got {gib}")
+}
+
+/// The optimizer state of a model: of every optimizer and of BSFA, so their memory can be
+/// compared, and of the run's own.
+struct StateBytes {
+    /// Each base optimizer's state; BSFA's once warmed up (full history and directions), at
+    /// the configured precision (`bsfa_extra`) and at both (`bsfa_extra_<bits>bit`).
+    by_optimizer: serde_json::Map<String, serde_json::Value>,
+    /// BSFA sharded over 1, 2, 4 and 8 data-parallel ranks: the largest rank's share.
+    bsfa_per_rank: serde_json::Map<String, serde_json::Value>,
+    /// The run's optimizer: its base, plus BSFA's state when enabled.
+    run: usize,
+}
+
+impl StateBytes {
+    /// Builds every optimizer on `params` (one rank) and sizes BSFA's state.
+    fn of(config: &RunConfig, params: &[Param]) -> Result<Self> {
+        let mut by_optimizer = serde_json::Map::new();
+        let single: Arc<dyn dist::Communicator> = Arc::new(dist::SingleRank);
+        let blocks = task::adam_mini_blocks(config, params)?;
+        let no_bsfa = BsfaConfig::default();
+        for name in OptimizerName::ALL {
+            let mut base = config.optimizer.clone();
+            base.name = name;
+            let optimizer = optim::build(&base, &no_bsfa, params, &blocks, &single)?;
+            by_optimizer.insert(name.to_string(), json!(optimizer.state_bytes()));
         }
-        Some(gib) => Some(gib * (1u64 << 30) as f64),
-        None => crate::device::cuda_memory(&device)?.map(|b| b as f64),
-    };
-    let gpu = match budget {
-        Some(budget) => {
-            let accumulation = if accumulating { weights } else { 0 };
-            let fixed = (weights + optimizer_state + accumulation) as f64 + CUDA_RUNTIME_BYTES;
-            Some(gpu_peak(as_given, heap, budget, fixed)?)
+        let bsfa_state = optim::bsfa::steady_state_bytes(&config.bsfa, params)?;
+        by_optimizer.insert("bsfa_extra".into(), json!(bsfa_state));
+        for bits in [32, 4] {
+            let mut at = config.bsfa.clone();
+            at.bits = bits;
+            let bytes = optim::bsfa::steady_state_bytes(&at, params)?;
+            by_optimizer.insert(format!("bsfa_extra_{bits}bit"), json!(bytes));
         }
-        None => None,
-    };
-    let report = json!({
-        "dry_run": true,
-        "config": config,
-        "params": counts,
-        "memory_bytes": {
-            "weights": weights,
-            "grads": grads,
-            "optimizer_state": optimizer_state,
-            "optimizer_state_by_optimizer": state_by_optimizer,
-            "bsfa_extra_per_rank_by_ranks": bsfa_per_rank,
-            "activations_estimate": activations,
-            "total_estimate": total,
-        },
-        "gpu_memory": gpu,
-    });
-    println!("{report}");
-    Ok(())
+        let mut bsfa_per_rank = serde_json::Map::new();
+        for world in [1, 2, 4, 8] {
+            let shares = optim::bsfa::steady_state_bytes_per_rank(&config.bsfa, params, world)?;
+            let largest = shares.iter().copied().max().unwrap_or(0);
+            bsfa_per_rank.insert(world.to_string(), json!(largest));
+        }
+        let run = bytes_in(&by_optimizer[config.optimizer.name.as_str()])
+            + if config.bsfa.enabled { bsfa_state } else { 0 };
+        Ok(Self {
+            by_optimizer,
+            bsfa_per_rank,
+            run,
+        })
+    }
+
+    /// Prints the state of every optimizer, and BSFA's per rank at `bits`.
+    fn print(&self, bits: usize) {
+        let by_optimizer: Vec<String> = self
+            .by_optimizer
+            .iter()
+            .map(|(name, b)| format!("{name} {:.0} MiB", mib(bytes_in(b))))
+            .collect();
+        eprintln!("optimizer state: {}", by_optimizer.join(", "));
+        let per_rank: Vec<String> = self
+            .bsfa_per_rank
+            .iter()
+            .map(|(world, b)| format!("{world} ranks {:.0} MiB", mib(bytes_in(b))))
+            .collect();
+        eprintln!(
+            "bsfa state per rank at bsfa.bits={bits}: {}",
+            per_rank.join(", ")
+        );
+    }
 }
 
 /// One rank's peak GPU memory on the reference path at the run's micro-batch, in the
@@ -172,12 +194,8 @@ fn gpu_peak(
     budget: f64,
     fixed: f64,
 ) -> Result<serde_json::Value> {
-    let layers = if config.model.is_vit() {
-        config.vit.num_hidden_layers
-    } else {
-        config.model.num_hidden_layers
-    };
-    let dtype = config.precision_on_gpu(true);
+    let layers = config.spec().layers();
+    let dtype = config.precision_on(true);
     eprintln!(
         "measuring the step's peak GPU memory: the GPU's ops in {dtype} on the CPU, 1-2 layers, \
          micro-batches 2-3 ..."
@@ -252,13 +270,11 @@ fn describe(config: &RunConfig, device: &Device) -> String {
     } else {
         opt.name.to_string()
     };
-    let (shape, tokenizer) = if config.model.is_vit() {
-        (format!("{} images", train.batch_size), String::new())
-    } else {
-        (
-            format!("{} x {} tokens", train.batch_size, train.seq_len),
-            format!(" ({} tokenizer)", data.tokenizer),
-        )
+    let spec = config.spec();
+    let shape = spec.batch_shape(train.batch_size, train.seq_len);
+    let tokenizer = match spec.language_model() {
+        Some(_) => format!(" ({} tokenizer)", data.tokenizer),
+        None => String::new(),
     };
     let kernels = match train.kernels {
         Kernels::Auto => String::new(),

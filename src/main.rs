@@ -1,8 +1,9 @@
 use anyhow::Result;
-use bsfa_train::cli::{Cli, Command};
+use bsfa_train::cli::{
+    BenchArgs, Cli, Command, EvalArgs, PlotArgs, PrepareArgs, RunArgs, SampleArgs, TokenizerArgs,
+};
 use bsfa_train::dist::{self, Job};
-use bsfa_train::model::Architecture;
-use bsfa_train::{bench, data, eval, export, interrupt, plot, sample, train};
+use bsfa_train::{bench, data, eval, export, interrupt, plot, sample, task, train};
 use clap::Parser;
 use serde_json::json;
 use std::ffi::OsString;
@@ -12,8 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 // Training allocates and frees large tensors every step; the system allocator hands them
-// back to the kernel and page-faults them in again, which cost about a third of CPU time
-// (the tiny model trained 5.5x faster with mimalloc).
+// back to the kernel and page-faults them in again (docs/design.md has the measurement).
 // Counted only while `--dry-run` measures a step's peak.
 #[global_allocator]
 static GLOBAL: bsfa_train::memory::CountingAlloc<mimalloc::MiMalloc> =
@@ -62,94 +62,25 @@ fn main() -> ExitCode {
 
 /// Runs the command; returns the exit status (non-zero only for a run a signal stopped).
 fn run(cli: &Cli) -> Result<u8> {
-    let args = match &cli.command {
-        Some(Command::Bench(bench)) => &bench.run,
-        Some(Command::Eval(e)) => {
-            set_threads(e.threads);
-            let options = eval::EvalOptions {
-                seq_len: e.seq_len,
-                batch_size: e.batch_size,
-                batches: e.eval_batches,
-            };
-            let report = eval::run(Path::new(&e.checkpoint), &e.data.parse()?, &options)?;
-            println!("{}", serde_json::to_string(&report)?);
-            return Ok(0);
-        }
-        Some(Command::Prepare(p)) => {
-            set_threads(p.threads);
-            let out = match (&p.out, data::hub::known(&p.data)) {
-                (Some(out), _) => PathBuf::from(out),
-                (None, Some(_)) => {
-                    data::hub::shard_dir(p.data_dir.as_deref(), &p.data, &p.tokenizer)
-                }
-                (None, None) => anyhow::bail!("prepare --data {} needs --out DIR", p.data),
-            };
-            let meta = data::prepare::run(&data::prepare::PrepareOptions {
-                source: p.data.clone(),
-                tokenizer: p.tokenizer.clone(),
-                out: out.clone(),
-                shard_tokens: p.shard_tokens,
-                val_tokens: p.val_tokens,
-            })?;
-            eprintln!("prepared '{}'", out.display());
-            println!("{}", serde_json::to_string(&meta)?);
-            return Ok(0);
-        }
-        Some(Command::Tokenizer(t)) => {
-            set_threads(t.threads);
-            let report = data::bpe::train(&data::bpe::BpeOptions {
-                train: t.data.parse()?,
-                val: t.val_data.as_deref().map(str::parse).transpose()?,
-                vocab_size: t.vocab_size,
-                out: PathBuf::from(&t.out),
-            })?;
-            eprintln!("wrote '{}'", t.out);
-            println!("{}", serde_json::to_string(&report)?);
-            return Ok(0);
-        }
-        Some(Command::Plot(p)) => {
-            let dirs: Vec<PathBuf> = p.runs.iter().map(PathBuf::from).collect();
-            let rows = plot::run(&dirs, Path::new(&p.out), &p.title)?;
-            eprintln!("| run | final val loss | reaches the first run's final val loss at | steps ratio | median step ms |");
-            eprintln!("|---|---|---|---|---|");
-            for r in &rows {
-                let at = r
-                    .reaches_baseline_at
-                    .map_or("never".into(), |s| s.to_string());
-                let ratio = r.steps_ratio.map_or("-".into(), |x| format!("{x:.2}"));
-                eprintln!(
-                    "| {} | {:.4} | {at} | {ratio} | {:.1} |",
-                    r.run, r.final_val_loss, r.median_step_ms
-                );
-            }
-            println!("{}", json!({"png": p.out, "rows": rows}));
-            return Ok(0);
-        }
-        Some(Command::Sample(s)) => {
-            set_threads(s.threads);
-            let kind = serde_json::from_value(json!(s.device))?;
-            let device = bsfa_train::device::select(kind, 0)?;
-            let generator =
-                sample::Generator::open(Path::new(&s.checkpoint), s.tokenizer.as_deref(), &device)?;
-            let prompt = generator.prompt(&s.prompt)?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(s.prompt.as_bytes())?;
-            out.flush()?;
-            let report = generator.generate(&prompt, &s.options(), &mut |piece| {
-                out.write_all(piece.as_bytes())?;
-                Ok(out.flush()?)
-            })?;
-            writeln!(out)?;
-            eprintln!("{}", serde_json::to_string(&report)?);
-            return Ok(0);
-        }
+    match &cli.command {
+        None => train_or_bench(&cli.run, None),
+        Some(Command::Bench(b)) => train_or_bench(&b.run, Some(b)),
+        Some(Command::Eval(e)) => eval(e),
+        Some(Command::Prepare(p)) => prepare(p),
+        Some(Command::Tokenizer(t)) => tokenizer(t),
+        Some(Command::Plot(p)) => plot(p),
+        Some(Command::Sample(s)) => sample(s),
         Some(Command::Export(e)) => {
             let report = export::run(Path::new(&e.checkpoint), Path::new(&e.out))?;
             println!("{}", serde_json::to_string(&report)?);
-            return Ok(0);
+            Ok(0)
         }
-        None => &cli.run,
-    };
+    }
+}
+
+/// Training (the default command), or `bench` timing its steps: launches the ranks when
+/// asked to, else joins the job as one of them.
+fn train_or_bench(args: &RunArgs, bench: Option<&BenchArgs>) -> Result<u8> {
     let config = args.resolve()?;
     if !args.dry_run {
         // A node to start (our flag, or a Kubeflow pod given several processes); inside a
@@ -169,14 +100,10 @@ fn run(cli: &Cli) -> Result<u8> {
         return Ok(0);
     }
     interrupt::install()?;
-    if config.model.architecture == Architecture::Llama {
-        // Before joining: preparing a dataset can take far longer than any wait for the
-        // other ranks is allowed to.
-        data::prepare_named(&config.data)?;
-    }
+    task::prepare_data(&config)?;
     let timeout = Duration::from_secs(config.train.dist_timeout_s);
     let job = Job::from_env(config.train.device, timeout)?;
-    if let Some(Command::Bench(b)) = &cli.command {
+    if let Some(b) = bench {
         let options = bench::BenchOptions {
             threads,
             warmup: b.warmup,
@@ -195,6 +122,96 @@ fn run(cli: &Cli) -> Result<u8> {
     }
     // Shells report a run stopped by a signal as 128 + the signal number.
     Ok(summary.signal.map_or(0, |s| (128 + s) as u8))
+}
+
+/// `eval`: a checkpoint's mean loss on a data source.
+fn eval(e: &EvalArgs) -> Result<u8> {
+    set_threads(e.threads);
+    let options = eval::EvalOptions {
+        seq_len: e.seq_len,
+        batch_size: e.batch_size,
+        batches: e.eval_batches,
+    };
+    let report = eval::run(Path::new(&e.checkpoint), &e.data.parse()?, &options)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(0)
+}
+
+/// `prepare`: tokenizes a source into token shards.
+fn prepare(p: &PrepareArgs) -> Result<u8> {
+    set_threads(p.threads);
+    let out = match (&p.out, data::hub::known(&p.data)) {
+        (Some(out), _) => PathBuf::from(out),
+        (None, Some(_)) => data::hub::shard_dir(p.data_dir.as_deref(), &p.data, &p.tokenizer),
+        (None, None) => anyhow::bail!("prepare --data {} needs --out DIR", p.data),
+    };
+    let meta = data::prepare::run(&data::prepare::PrepareOptions {
+        source: p.data.clone(),
+        tokenizer: p.tokenizer.clone(),
+        out: out.clone(),
+        shard_tokens: p.shard_tokens,
+        val_tokens: p.val_tokens,
+    })?;
+    eprintln!("prepared '{}'", out.display());
+    println!("{}", serde_json::to_string(&meta)?);
+    Ok(0)
+}
+
+/// `tokenizer`: trains a byte-level BPE.
+fn tokenizer(t: &TokenizerArgs) -> Result<u8> {
+    set_threads(t.threads);
+    let report = data::bpe::train(&data::bpe::BpeOptions {
+        train: t.data.parse()?,
+        val: t.val_data.as_deref().map(str::parse).transpose()?,
+        vocab_size: t.vocab_size,
+        out: PathBuf::from(&t.out),
+    })?;
+    eprintln!("wrote '{}'", t.out);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(0)
+}
+
+/// `plot`: loss curves to a PNG, and a table comparing the runs with the first.
+fn plot(p: &PlotArgs) -> Result<u8> {
+    let dirs: Vec<PathBuf> = p.runs.iter().map(PathBuf::from).collect();
+    let rows = plot::run(&dirs, Path::new(&p.out), &p.title)?;
+    eprintln!(
+        "| run | final val loss | reaches the first run's final val loss at | steps ratio | \
+         median step ms |"
+    );
+    eprintln!("|---|---|---|---|---|");
+    for r in &rows {
+        let at = r
+            .reaches_baseline_at
+            .map_or("never".into(), |s| s.to_string());
+        let ratio = r.steps_ratio.map_or("-".into(), |x| format!("{x:.2}"));
+        eprintln!(
+            "| {} | {:.4} | {at} | {ratio} | {:.1} |",
+            r.run, r.final_val_loss, r.median_step_ms
+        );
+    }
+    println!("{}", json!({"png": p.out, "rows": rows}));
+    Ok(0)
+}
+
+/// `sample`: streams a checkpoint's continuation of a prompt to stdout.
+fn sample(s: &SampleArgs) -> Result<u8> {
+    set_threads(s.threads);
+    let kind = serde_json::from_value(json!(s.device))?;
+    let device = bsfa_train::device::select(kind, 0)?;
+    let generator =
+        sample::Generator::open(Path::new(&s.checkpoint), s.tokenizer.as_deref(), &device)?;
+    let prompt = generator.prompt(&s.prompt)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.prompt.as_bytes())?;
+    out.flush()?;
+    let report = generator.generate(&prompt, &s.options(), &mut |piece| {
+        out.write_all(piece.as_bytes())?;
+        Ok(out.flush()?)
+    })?;
+    writeln!(out)?;
+    eprintln!("{}", serde_json::to_string(&report)?);
+    Ok(0)
 }
 
 /// The command line for the ranks: this one without `--nproc-per-node N`.

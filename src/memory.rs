@@ -15,10 +15,8 @@
 //! buffers, lazily built tables): on a small LLaMA they doubled the first reading.
 
 use crate::config::RunConfig;
-use crate::model::Model;
-use crate::task;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::time::Instant;
@@ -188,26 +186,11 @@ fn step_peak(
     micro_batch: usize,
     heap: &dyn Heap,
 ) -> Result<usize> {
-    let mut config = config.clone();
-    config.train.dtype = config.precision_on_gpu(true);
+    let spec = config.spec().with_layers(layers);
+    let precision = config.precision_on(true);
     let cpu = &Device::Cpu;
-    let (model, inputs, targets): (Box<dyn Model>, Tensor, Tensor) = if config.model.is_vit() {
-        config.vit.num_hidden_layers = layers;
-        let v = &config.vit;
-        let images = Tensor::zeros(
-            (micro_batch, v.num_channels, v.image_size, v.image_size),
-            DType::F32,
-            cpu,
-        )?;
-        let targets = Tensor::zeros((micro_batch, v.num_classes), DType::F32, cpu)?;
-        let (model, _) = task::vision::build_model(&config, cpu)?;
-        (Box::new(model), images, targets)
-    } else {
-        config.model.num_hidden_layers = layers;
-        let ids = Tensor::zeros((micro_batch, config.train.seq_len), DType::U32, cpu)?;
-        let (model, _) = task::language::build_model(&config, cpu)?;
-        (Box::new(model), ids.clone(), ids)
-    };
+    let (model, _) = spec.build(config.train.seed, precision, cpu)?;
+    let (inputs, targets) = spec.probe_batch(micro_batch, config.train.seq_len, cpu)?;
     heap.start();
     let grads = model
         .loss(&inputs, &targets)

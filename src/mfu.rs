@@ -1,26 +1,12 @@
-//! Model FLOPs utilisation and memory: the model's training FLOPs per token, the peak FLOP/s
-//! of one rank's device, and what a process holds in memory.
+//! Model FLOPs utilisation and memory: the peak FLOP/s of one rank's device, the utilisation
+//! a throughput reaches against it, and what a process holds in memory. (A network's
+//! training FLOPs per token are its spec's: `ModelSpec::flops_per_unit` (module `model`).)
 
-use crate::config::RunConfig;
 use crate::device::Precision;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
-
-/// Training FLOPs per token as nanoGPT counts them: `6 N + 12 layers hidden seq` (`N` the
-/// parameters besides the input embedding; the second term is attention's scores and
-/// weighted sum, forward and backward); for a ViT per image (`seq` tokens each).
-pub fn flops_per_token(config: &RunConfig, non_embedding: usize) -> f64 {
-    let n = non_embedding as f64;
-    if config.model.is_vit() {
-        let v = &config.vit;
-        let seq = v.seq_len() as f64;
-        return seq * (6.0 * n + 12.0 * (v.num_hidden_layers * v.hidden_size) as f64 * seq);
-    }
-    let m = &config.model;
-    6.0 * n + 12.0 * (m.num_hidden_layers * m.hidden_size * config.train.seq_len) as f64
-}
 
 /// Model FLOPs utilisation: the model FLOP/s of `tokens_per_s` (all ranks) over the peak
 /// of all `ranks` devices.
@@ -36,18 +22,18 @@ pub struct Peak {
     pub source: String,
 }
 
-/// The peak of `device` at `dtype`: `train.peak_tflops` when set; on a known NVIDIA GPU its
-/// datasheet's dense figure; on the CPU the rate of a short f32 matrix product on this
-/// process's threads (measured here, so it says what this machine reaches, not a spec).
-/// None on a GPU this table does not know (set `--peak-tflops`).
-pub fn peak(config: &RunConfig, device: &Device) -> Result<Option<Peak>> {
-    if let Some(tflops) = config.train.peak_tflops {
+/// The peak of `device` computing in `precision`: `given` (`train.peak_tflops`) when set; on
+/// a known NVIDIA GPU its datasheet's dense figure; on the CPU the rate of a short f32 matrix
+/// product on this process's threads (measured here, so it says what this machine reaches,
+/// not a spec). None on a GPU this table does not know (set `--peak-tflops`).
+pub fn peak(given: Option<f64>, precision: Precision, device: &Device) -> Result<Option<Peak>> {
+    if let Some(tflops) = given {
         return Ok(Some(Peak {
             tflops,
             source: "--peak-tflops".into(),
         }));
     }
-    let dtype = config.train.dtype.on(device);
+    let dtype = precision.on(device);
     if device.is_cpu() {
         let tflops = measure_cpu_tflops()?;
         return Ok(Some(Peak {

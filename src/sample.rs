@@ -179,7 +179,7 @@ impl Generator {
             .with_context(|| format!("cannot read '{}'", config_file.display()))?;
         let flat: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("'{}' is not valid JSON", config_file.display()))?;
-        let config = crate::config::llama_from_hf(&flat, &config_file)?;
+        let config = crate::model::llama::from_hf(&flat, &config_file)?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -465,12 +465,13 @@ impl TrainingSampler {
     /// of its step. Checks the prompt now, before training starts.
     pub fn new(config: &RunConfig, params: &[Param]) -> Result<Option<Self>> {
         let train = &config.train;
-        if train.sample_every == 0 || config.model.is_vit() {
-            return Ok(None);
-        }
+        let model = match config.spec().language_model() {
+            Some(model) if train.sample_every > 0 => model,
+            _ => return Ok(None),
+        };
         let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
         let generator = Generator::new(
-            &config.model,
+            model,
             params,
             tokenizer,
             Path::new("the training run's parameters"),

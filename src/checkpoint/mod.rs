@@ -16,7 +16,7 @@
 mod resume;
 
 use crate::config::RunConfig;
-use crate::data::SamplerPosition;
+use crate::data::TokenPosition;
 use crate::dist::Communicator;
 use crate::model::Param;
 use crate::optim::{Optimizer, StateTensor};
@@ -53,7 +53,7 @@ pub struct TrainerState {
     /// Training tokens consumed so far.
     pub tokens_seen: u64,
     /// Where the training batch sampler stands (its RNG state).
-    pub data_position: SamplerPosition,
+    pub data_position: TokenPosition,
     /// Image runs: where the image pipeline stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_position: Option<crate::data::images::pipeline::ImagePosition>,
@@ -233,15 +233,18 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens the checkpoint at `dir` for `command` (`eval`, `export`), which handles LLaMA
-    /// checkpoints only: a ViT's is an error that says where its results are.
+    /// Opens the checkpoint at `dir` for `command` (`eval`, `export`), which handles
+    /// language-model checkpoints only: another network's is an error that says where its
+    /// results are.
     pub fn open_llama(dir: &Path, command: &str) -> Result<Self> {
         let ck = Self::open(dir, false)?;
-        if ck.state.config.model.is_vit() {
+        let spec = ck.state.config.spec();
+        if spec.language_model().is_none() {
             bail!(
-                "`{command}` handles LLaMA checkpoints; '{}' holds a ViT, whose validation loss \
-                 and top-1/top-5 accuracy are in the run's metrics.jsonl",
-                dir.display()
+                "`{command}` handles LLaMA checkpoints; '{}' holds a {}, whose validation \
+                 results are in the run's metrics.jsonl",
+                dir.display(),
+                spec.name()
             );
         }
         Ok(ck)

@@ -50,11 +50,12 @@ fn resolve(spec: &str, root: &Path) -> Result<Option<PathBuf>> {
 /// changed settings (more steps, another log interval) are allowed and listed.
 fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
     let changed = config::differences(&ck.state.config, config)?;
+    // `model.*` names the architecture (and a LLaMA's shape); the spec's section holds the
+    // shape of the network trained.
+    let section = format!("{}.", config.spec().section());
     let model: Vec<String> = changed
         .iter()
-        .filter(|(key, _, _)| {
-            key.starts_with("model.") || (config.model.is_vit() && key.starts_with("vit."))
-        })
+        .filter(|(key, _, _)| key.starts_with("model.") || key.starts_with(&section))
         .map(|(key, saved, now)| format!("{key} (checkpoint {saved}, requested {now})"))
         .collect();
     if !model.is_empty() {

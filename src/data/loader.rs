@@ -7,7 +7,7 @@
 //! the global batch, whatever the world size; with one rank the windows are exactly those
 //! of [`Batcher::next_batch`] called micro-batch after micro-batch.
 
-use super::{batch_of, Batcher, SamplerPosition, TokenSegments};
+use super::{batch_of, Batcher, TokenPosition, TokenSegments};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -63,7 +63,7 @@ pub struct StepBatch {
     /// `(inputs, targets)` per micro-batch, each `micro_batch x seq_len` (u32, CPU).
     pub micro_batches: Vec<(Tensor, Tensor)>,
     /// The sampler's position after this step: where a resumed run continues.
-    pub position: SamplerPosition,
+    pub position: TokenPosition,
 }
 
 /// Prefetches [`StepBatch`]es on a background thread.
@@ -73,11 +73,11 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts producing steps from `position` (a fresh `SamplerPosition { seed, word_pos: 0 }`
+    /// Starts producing steps from `position` (a fresh `TokenPosition { seed, word_pos: 0 }`
     /// or a checkpoint's), keeping up to `depth` steps ready.
     pub fn start(
         tokens: Arc<TokenSegments>,
-        position: SamplerPosition,
+        position: TokenPosition,
         shape: LoaderShape,
         depth: usize,
     ) -> Result<Self> {
@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn one_rank_sees_the_batchers_windows_and_ranks_split_the_batch() {
-        let start = SamplerPosition {
+        let start = TokenPosition {
             seed: 11,
             word_pos: 0,
         };
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn shapes_that_do_not_divide_are_errors() {
-        let start = SamplerPosition {
+        let start = TokenPosition {
             seed: 1,
             word_pos: 0,
         };

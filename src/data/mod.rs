@@ -9,6 +9,7 @@ pub mod loader;
 mod lock;
 pub mod parquet_file;
 pub mod parquet_text;
+mod position;
 pub mod prepare;
 pub mod shards;
 pub mod tokenizer;
@@ -17,9 +18,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 pub use config::{DataConfig, DataSpec};
+pub use position::{Position, TokenPosition};
 pub use tokenizer::Tokenizer;
 
 /// Training and validation token streams.
@@ -338,14 +339,6 @@ fn read_tokens(spec: &DataSpec, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     tokenizer.encode(&text)
 }
 
-/// Where a [`Batcher`] stands in its random stream: the seed and how many 32-bit words its
-/// ChaCha8 generator has produced. Restoring it replays the exact same windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SamplerPosition {
-    pub seed: u64,
-    pub word_pos: u128,
-}
-
 /// Draws random windows of `seq_len + 1` tokens, uniformly over every window of every
 /// segment, deterministically from a seed.
 pub struct Batcher<'a> {
@@ -365,15 +358,15 @@ impl<'a> Batcher<'a> {
     }
 
     /// The current position, for checkpoints.
-    pub fn position(&self) -> SamplerPosition {
-        SamplerPosition {
+    pub fn position(&self) -> TokenPosition {
+        TokenPosition {
             seed: self.seed,
             word_pos: self.rng.get_word_pos(),
         }
     }
 
     /// Moves to `position`, so the next batch is the one drawn after it was taken.
-    pub fn seek(&mut self, position: SamplerPosition) {
+    pub fn seek(&mut self, position: TokenPosition) {
         self.seed = position.seed;
         self.rng = ChaCha8Rng::seed_from_u64(position.seed);
         self.rng.set_word_pos(position.word_pos);

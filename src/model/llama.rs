@@ -5,12 +5,16 @@
 use super::ops::{
     attention, embedding, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu,
 };
-use super::Architecture;
-use super::{Param, ParamGroup, ParamInit};
+use super::partition::adam_mini_block;
+use super::spec::{Architecture, ModelSpec};
+use super::{Model, Param, ParamGroup, ParamInit};
 use crate::check::positive;
-use anyhow::bail;
+use crate::data::Position;
+use crate::device::Precision;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// LLaMA architecture, with Hugging Face `LlamaConfig` key names, and which architecture a
 /// run trains (a ViT's shape is the `vit` section).
@@ -73,16 +77,8 @@ impl LlamaConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// True when the run trains the `vit` section's ViT.
-    pub fn is_vit(&self) -> bool {
-        self.architecture == Architecture::Vit
-    }
-
     /// Checks the architecture is buildable; every message names the key to fix.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.is_vit() {
-            return Ok(());
-        }
         for (key, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -160,6 +156,55 @@ struct Block {
     mlp: Mlp,
 }
 
+/// Creates a LLaMA's parameters in Hugging Face `state_dict` order.
+struct Builder {
+    init: ParamInit,
+    /// Standard deviation of every matrix.
+    std: f64,
+}
+
+impl Builder {
+    /// A `rows x cols` weight drawn from `N(0, std^2)`.
+    fn matrix(
+        &mut self,
+        name: &str,
+        group: ParamGroup,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Tensor> {
+        self.init.normal(name, group, rows, cols, self.std)
+    }
+
+    /// Transformer block `p` (`model.layers.<i>`).
+    fn block(&mut self, config: &LlamaConfig, p: &str) -> Result<Block> {
+        let h = config.hidden_size;
+        let kv = config.kv_heads() * config.head_dim();
+        let inter = config.intermediate_size;
+        let (attn, mlp, norms) = (ParamGroup::Attention, ParamGroup::Mlp, ParamGroup::Norms);
+        Ok(Block {
+            input_layernorm: self
+                .init
+                .ones(&format!("{p}.input_layernorm.weight"), norms, h)?,
+            self_attn: Attention {
+                q_proj: self.matrix(&format!("{p}.self_attn.q_proj.weight"), attn, h, h)?,
+                k_proj: self.matrix(&format!("{p}.self_attn.k_proj.weight"), attn, kv, h)?,
+                v_proj: self.matrix(&format!("{p}.self_attn.v_proj.weight"), attn, kv, h)?,
+                o_proj: self.matrix(&format!("{p}.self_attn.o_proj.weight"), attn, h, h)?,
+            },
+            post_attention_layernorm: self.init.ones(
+                &format!("{p}.post_attention_layernorm.weight"),
+                norms,
+                h,
+            )?,
+            mlp: Mlp {
+                gate_proj: self.matrix(&format!("{p}.mlp.gate_proj.weight"), mlp, inter, h)?,
+                up_proj: self.matrix(&format!("{p}.mlp.up_proj.weight"), mlp, inter, h)?,
+                down_proj: self.matrix(&format!("{p}.mlp.down_proj.weight"), mlp, h, inter)?,
+            },
+        })
+    }
+}
+
 /// A LLaMA causal language model.
 pub struct Llama {
     config: LlamaConfig,
@@ -184,83 +229,21 @@ impl Llama {
         device: &Device,
         seed: u64,
     ) -> Result<(Self, Vec<Param>)> {
+        let mut b = Builder {
+            init: ParamInit::new(seed, dtype, device),
+            std: config.initializer_range,
+        };
         let h = config.hidden_size;
-        let kv = config.kv_heads() * config.head_dim();
-        let inter = config.intermediate_size;
-        let std = config.initializer_range;
-        let mut init = ParamInit::new(seed, dtype, device);
-        let embed_tokens = init.normal(
+        let embed_tokens = b.matrix(
             "model.embed_tokens.weight",
             ParamGroup::Embeddings,
             config.vocab_size,
             h,
-            std,
         )?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let attn = ParamGroup::Attention;
-            let mlp = ParamGroup::Mlp;
-            layers.push(Block {
-                input_layernorm: init.ones(
-                    &format!("{p}.input_layernorm.weight"),
-                    ParamGroup::Norms,
-                    h,
-                )?,
-                self_attn: Attention {
-                    q_proj: init.normal(
-                        &format!("{p}.self_attn.q_proj.weight"),
-                        attn,
-                        h,
-                        h,
-                        std,
-                    )?,
-                    k_proj: init.normal(
-                        &format!("{p}.self_attn.k_proj.weight"),
-                        attn,
-                        kv,
-                        h,
-                        std,
-                    )?,
-                    v_proj: init.normal(
-                        &format!("{p}.self_attn.v_proj.weight"),
-                        attn,
-                        kv,
-                        h,
-                        std,
-                    )?,
-                    o_proj: init.normal(
-                        &format!("{p}.self_attn.o_proj.weight"),
-                        attn,
-                        h,
-                        h,
-                        std,
-                    )?,
-                },
-                post_attention_layernorm: init.ones(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    ParamGroup::Norms,
-                    h,
-                )?,
-                mlp: Mlp {
-                    gate_proj: init.normal(
-                        &format!("{p}.mlp.gate_proj.weight"),
-                        mlp,
-                        inter,
-                        h,
-                        std,
-                    )?,
-                    up_proj: init.normal(&format!("{p}.mlp.up_proj.weight"), mlp, inter, h, std)?,
-                    down_proj: init.normal(
-                        &format!("{p}.mlp.down_proj.weight"),
-                        mlp,
-                        h,
-                        inter,
-                        std,
-                    )?,
-                },
-            });
-        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| b.block(config, &format!("model.layers.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut init = b.init;
         let norm = init.ones("model.norm.weight", ParamGroup::Norms, h)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
@@ -270,7 +253,7 @@ impl Llama {
                 ParamGroup::Head,
                 config.vocab_size,
                 h,
-                std,
+                config.initializer_range,
             )?
         };
         let (cos, sin) = rope_tables(
@@ -381,6 +364,148 @@ impl Llama {
         let hidden = swiglu(x, &self.cast(&mlp.gate_proj)?, &self.cast(&mlp.up_proj)?)?;
         linear(&hidden, &self.cast(&mlp.down_proj)?)
     }
+}
+
+impl ModelSpec for LlamaConfig {
+    fn name(&self) -> &'static str {
+        "LLaMA"
+    }
+
+    fn section(&self) -> &'static str {
+        "model"
+    }
+
+    fn check_shape(&self, seq_len: usize) -> anyhow::Result<()> {
+        self.validate()?;
+        if seq_len > self.max_position_embeddings {
+            bail!(
+                "train.seq_len ({seq_len}) exceeds model.max_position_embeddings ({}); lower \
+                 --seq-len or raise model.max_position_embeddings",
+                self.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
+    fn precision(&self, requested: Precision, gpu: bool) -> Precision {
+        requested.on_gpu(gpu)
+    }
+
+    fn build(
+        &self,
+        seed: u64,
+        precision: Precision,
+        device: &Device,
+    ) -> anyhow::Result<(Box<dyn Model>, Vec<Param>)> {
+        let (llama, params) = Llama::new(self, DType::F32, device, seed)?;
+        Ok((Box::new(llama.compute_in(precision.dtype())), params))
+    }
+
+    fn adam_mini_block(&self, name: &str, dims: &[usize]) -> anyhow::Result<usize> {
+        adam_mini_block(name, dims, self)
+    }
+
+    fn units_per_example(&self, seq_len: usize) -> usize {
+        seq_len
+    }
+
+    fn batch_shape(&self, batch: usize, seq_len: usize) -> String {
+        format!("{batch} x {seq_len} tokens")
+    }
+
+    /// `6 N + 12 layers hidden seq`: the second term is attention's scores and weighted
+    /// sum, forward and backward.
+    fn flops_per_unit(&self, non_embedding: usize, seq_len: usize) -> f64 {
+        6.0 * non_embedding as f64
+            + 12.0 * (self.num_hidden_layers * self.hidden_size * seq_len) as f64
+    }
+
+    fn activation_bytes(&self, micro_batch: usize, seq_len: usize, elem_bytes: usize) -> usize {
+        activation_bytes(self, micro_batch, seq_len, elem_bytes)
+    }
+
+    fn layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn with_layers(&self, layers: usize) -> Box<dyn ModelSpec> {
+        Box::new(Self {
+            num_hidden_layers: layers,
+            ..self.clone()
+        })
+    }
+
+    /// Token ids 0 as inputs and targets.
+    fn probe_batch(
+        &self,
+        micro_batch: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let ids = Tensor::zeros((micro_batch, seq_len), DType::U32, device)?;
+        Ok((ids.clone(), ids))
+    }
+
+    fn start_position(&self, seed: u64) -> Position {
+        Position::tokens_from(seed)
+    }
+
+    fn language_model(&self) -> Option<&LlamaConfig> {
+        Some(self)
+    }
+}
+
+/// The LLaMA a Hugging Face `config.json` (`flat`, read from `path`) describes: its keys
+/// over our defaults. Settings our LLaMA does not implement are errors, not ignored.
+pub fn from_hf(flat: &Value, path: &std::path::Path) -> anyhow::Result<LlamaConfig> {
+    let unsupported = [
+        ("model_type", Value::from("llama")),
+        ("hidden_act", Value::from("silu")),
+        ("rope_scaling", Value::Null),
+        ("attention_bias", Value::Bool(false)),
+        ("mlp_bias", Value::Bool(false)),
+    ];
+    for (key, plain) in unsupported {
+        match flat.get(key) {
+            Some(v) if *v != plain => bail!(
+                "'{}' sets {key} = {v}; this LLaMA supports only {key} = {plain}",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    let layer = hf_model_layer(flat);
+    let model: LlamaConfig = serde_json::from_value(layer["model"].clone())
+        .with_context(|| format!("'{}' is not a LLaMA config", path.display()))?;
+    model
+        .validate()
+        .with_context(|| format!("in '{}'", path.display()))?;
+    if let Some(head_dim) = flat.get("head_dim").and_then(Value::as_u64) {
+        if head_dim != model.head_dim() as u64 {
+            bail!(
+                "'{}' sets head_dim = {head_dim}; this LLaMA needs hidden_size / \
+                 num_attention_heads = {}",
+                path.display(),
+                model.head_dim()
+            );
+        }
+    }
+    Ok(model)
+}
+
+/// Picks the LLaMA keys out of a flat Hugging Face `config.json` as a run-config layer
+/// (`{"model": {...}}`); the rest of such a file (architectures, torch_dtype, ...) describes nothing we build and is ignored.
+pub fn hf_model_layer(flat: &Value) -> Value {
+    let known = serde_json::to_value(LlamaConfig::default()).expect("config serialises");
+    let mut model = Map::new();
+    if let (Some(flat), Some(known)) = (flat.as_object(), known.as_object()) {
+        for (k, v) in flat {
+            if known.contains_key(k) {
+                model.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    serde_json::json!({ "model": model })
 }
 
 /// Rough bytes of activations kept for the backward pass of one micro-batch, for the fused

@@ -3,15 +3,18 @@
 pub mod accuracy;
 pub mod llama;
 pub mod ops;
+pub mod partition;
+pub mod spec;
 pub mod vit;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use llama::{Llama, LlamaConfig};
+pub use spec::{Architecture, ModelSpec};
 pub use vit::{Vit, VitConfig};
 
 /// A network being trained, as the training step uses it: shared by the step's worker
@@ -22,16 +25,6 @@ pub trait Model: Sync {
 
     /// The device the weights live on.
     fn device(&self) -> &Device;
-}
-
-/// Which network a run trains (`model.architecture`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// The LLaMA of the `model` section.
-    Llama,
-    /// The ViT of the `vit` section.
-    Vit,
 }
 
 /// Which part of the network a parameter belongs to (used for reporting and for the

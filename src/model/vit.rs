@@ -12,7 +12,11 @@
 //! `hidden x channels x patch x patch`, as there).
 
 use super::ops::vit::{gelu, layer_norm, linear, self_attention, soft_cross_entropy};
-use super::{Param, ParamGroup, ParamInit};
+use super::partition::adam_mini_vit_block;
+use super::spec::ModelSpec;
+use super::{LlamaConfig, Model, Param, ParamGroup, ParamInit};
+use crate::data::Position;
+use crate::device::Precision;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -298,6 +302,20 @@ impl Vit {
         Ok((model, b.init.into_params()))
     }
 
+    /// A model computing in `precision` (resolved): f32, the only one implemented, else an
+    /// error that says so.
+    pub fn build(
+        config: &VitConfig,
+        precision: Precision,
+        device: &Device,
+        seed: u64,
+    ) -> anyhow::Result<(Self, Vec<Param>)> {
+        if precision != Precision::F32 {
+            bail!("train.dtype = bf16 is implemented for LLaMA; train the ViT in f32");
+        }
+        Self::new(config, DType::F32, device, seed)
+    }
+
     /// The architecture.
     pub fn config(&self) -> &VitConfig {
         &self.config
@@ -386,6 +404,98 @@ impl Vit {
         let cls = self.cls_token.broadcast_as((batch, 1, cfg.hidden_size))?;
         let x = Tensor::cat(&[&cls, &tokens], 1)?;
         Ok(x.broadcast_add(&self.position_embeddings)?)
+    }
+}
+
+impl ModelSpec for VitConfig {
+    fn name(&self) -> &'static str {
+        "ViT"
+    }
+
+    fn section(&self) -> &'static str {
+        "vit"
+    }
+
+    /// A ViT's sequence is its patches; `train.seq_len` does not apply.
+    fn check_shape(&self, _seq_len: usize) -> anyhow::Result<()> {
+        self.validate()
+    }
+
+    /// `auto` is f32 everywhere, the only precision this model has.
+    fn precision(&self, requested: Precision, gpu: bool) -> Precision {
+        match requested {
+            Precision::Auto => Precision::F32,
+            _ => requested.on_gpu(gpu),
+        }
+    }
+
+    fn build(
+        &self,
+        seed: u64,
+        precision: Precision,
+        device: &Device,
+    ) -> anyhow::Result<(Box<dyn Model>, Vec<Param>)> {
+        let (vit, params) = Vit::build(self, precision, device, seed)?;
+        Ok((Box::new(vit), params))
+    }
+
+    fn adam_mini_block(&self, name: &str, dims: &[usize]) -> anyhow::Result<usize> {
+        adam_mini_vit_block(name, dims, self)
+    }
+
+    fn units_per_example(&self, _seq_len: usize) -> usize {
+        1
+    }
+
+    fn batch_shape(&self, batch: usize, _seq_len: usize) -> String {
+        format!("{batch} images")
+    }
+
+    /// Per image: `seq` tokens (patches and the class token) of a LLaMA's count each.
+    fn flops_per_unit(&self, non_embedding: usize, _seq_len: usize) -> f64 {
+        let seq = self.seq_len() as f64;
+        seq * (6.0 * non_embedding as f64
+            + 12.0 * (self.num_hidden_layers * self.hidden_size) as f64 * seq)
+    }
+
+    fn activation_bytes(&self, micro_batch: usize, _seq_len: usize, elem_bytes: usize) -> usize {
+        activation_bytes(self, micro_batch, elem_bytes)
+    }
+
+    fn layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+
+    fn with_layers(&self, layers: usize) -> Box<dyn ModelSpec> {
+        Box::new(Self {
+            num_hidden_layers: layers,
+            ..self.clone()
+        })
+    }
+
+    /// Black images and all-zero soft targets.
+    fn probe_batch(
+        &self,
+        micro_batch: usize,
+        _seq_len: usize,
+        device: &Device,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let side = self.image_size;
+        let images = Tensor::zeros(
+            (micro_batch, self.num_channels, side, side),
+            DType::F32,
+            device,
+        )?;
+        let targets = Tensor::zeros((micro_batch, self.num_classes), DType::F32, device)?;
+        Ok((images, targets))
+    }
+
+    fn start_position(&self, seed: u64) -> Position {
+        Position::images_from(seed)
+    }
+
+    fn language_model(&self) -> Option<&LlamaConfig> {
+        None
     }
 }
 

@@ -3,11 +3,13 @@
 use super::{Evaluation, Position, Task};
 use crate::config::RunConfig;
 use crate::data::loader::{Loader, PREFETCH_STEPS};
-use crate::data::{self, Batcher, SamplerPosition, TokenSegments, Tokenizer};
+use crate::data::{self, Batcher, TokenPosition, TokenSegments, Tokenizer};
 use crate::dist::{self, Communicator};
 use crate::model::{Llama, Model, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
 /// Seed offset for evaluation windows, so they never coincide with training draws.
@@ -49,11 +51,21 @@ impl Corpus {
     }
 }
 
-/// The LLaMA `config` describes, with seeded f32 master weights computing in `train.dtype`,
-/// and its parameters in a fixed order.
-pub fn build_model(config: &RunConfig, device: &Device) -> Result<(Llama, Vec<Param>)> {
-    let (llama, params) = Llama::new(&config.model, DType::F32, device, config.train.seed)?;
-    Ok((llama.compute_in(config.train.dtype.dtype()), params))
+impl Corpus {
+    /// Four batches of uniformly random tokens to train on, and no validation tokens: what
+    /// `bench` times, with no corpus to read.
+    pub fn random(config: &RunConfig) -> Result<Self> {
+        let train = &config.train;
+        let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
+        let vocab = config.model.vocab_size;
+        let tokens = (0..train.batch_size * (train.seq_len + 1) * 4)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        Ok(Self {
+            train: TokenSegments::from_tokens(tokens, "random tokens", vocab)?,
+            val: TokenSegments::from_tokens(Vec::new(), "random tokens", vocab)?,
+        })
+    }
 }
 
 /// Which windows an evaluation scores: the same ones at every evaluation.
@@ -72,7 +84,7 @@ pub struct LanguageTask {
     model: Llama,
     loader: Loader,
     val: TokenSegments,
-    position: SamplerPosition,
+    position: TokenPosition,
     eval: EvalWindows,
     sizes: String,
 }
@@ -87,7 +99,8 @@ impl LanguageTask {
         comm: &dyn Communicator,
         position: Position,
     ) -> Result<(Box<dyn Task>, Vec<Param>)> {
-        let (model, params) = build_model(config, device)?;
+        let (model, params) = Llama::new(&config.model, DType::F32, device, config.train.seed)?;
+        let model = model.compute_in(config.train.dtype.dtype());
         let train = &config.train;
         let sizes = format!(
             "{} train / {} val tokens",

@@ -7,13 +7,12 @@ pub mod language;
 pub mod vision;
 
 use crate::config::RunConfig;
-use crate::data::images::pipeline::ImagePosition;
-use crate::data::SamplerPosition;
 use crate::dist::Communicator;
 use crate::model::{Architecture, Model, Param};
-use crate::optim::adam::{adam_mini_block, adam_mini_vit_block};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+
+pub use crate::data::Position;
 
 /// A model and the data it trains on, as the training loop uses them.
 pub trait Task: Send {
@@ -32,25 +31,6 @@ pub trait Task: Send {
 
     /// The data's size, for the start-up line.
     fn describe(&self) -> String;
-}
-
-/// Where the training data stands after a step; saved in checkpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    /// The token sampler's (its seed alone for image runs).
-    pub tokens: SamplerPosition,
-    /// The image pipeline's, for image runs.
-    pub images: Option<ImagePosition>,
-}
-
-impl Position {
-    /// The start of the data for `seed`.
-    pub fn start(seed: u64, images: bool) -> Self {
-        Self {
-            tokens: SamplerPosition { seed, word_pos: 0 },
-            images: images.then(|| ImagePosition::start(seed)),
-        }
-    }
 }
 
 /// What an evaluation measured.
@@ -82,21 +62,43 @@ pub fn open(
     }
 }
 
+/// Before the ranks join: prepares a named dataset a LLaMA run reads (download and
+/// tokenisation can take far longer than any wait for the other ranks is allowed to).
+pub fn prepare_data(config: &RunConfig) -> Result<()> {
+    match config.model.architecture {
+        Architecture::Llama => crate::data::prepare_named(&config.data),
+        Architecture::Vit => Ok(()),
+    }
+}
+
+/// The task `bench` times: a LLaMA on random tokens (no corpus to read), or a ViT on the
+/// run's images.
+pub fn open_for_bench(
+    config: &RunConfig,
+    device: &Device,
+    comm: &dyn Communicator,
+) -> Result<(Box<dyn Task>, Vec<Param>)> {
+    let start = config.spec().start_position(config.train.seed);
+    match config.model.architecture {
+        Architecture::Llama => {
+            let corpus = language::Corpus::random(config)?;
+            language::LanguageTask::start(config, corpus, device, comm, start)
+        }
+        Architecture::Vit => vision::VisionTask::open(config, device, comm, start),
+    }
+}
+
 /// The model's parameters alone, without data (for sizing a run).
 pub fn params(config: &RunConfig, device: &Device) -> Result<Vec<Param>> {
-    Ok(match config.model.architecture {
-        Architecture::Llama => language::build_model(config, device)?.1,
-        Architecture::Vit => vision::build_model(config, device)?.1,
-    })
+    let spec = config.spec();
+    Ok(spec.build(config.train.seed, config.train.dtype, device)?.1)
 }
 
 /// Elements per Adam-mini block of each parameter: Adam-mini's partition of this model.
 pub fn adam_mini_blocks(config: &RunConfig, params: &[Param]) -> Result<Vec<usize>> {
+    let spec = config.spec();
     params
         .iter()
-        .map(|p| match config.model.architecture {
-            Architecture::Llama => adam_mini_block(&p.name, p.var.dims(), &config.model),
-            Architecture::Vit => adam_mini_vit_block(&p.name, p.var.dims(), &config.vit),
-        })
+        .map(|p| spec.adam_mini_block(&p.name, p.var.dims()))
         .collect()
 }

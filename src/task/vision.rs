@@ -4,22 +4,12 @@ use super::{Evaluation, Position, Task};
 use crate::config::RunConfig;
 use crate::data::images::pipeline::{ImagePipeline, ImagePosition, PipelineConfig};
 use crate::data::images::{self, ImageSource};
-use crate::data::SamplerPosition;
-use crate::device::Precision;
 use crate::dist::{self, Communicator};
 use crate::model::accuracy::Accuracy;
 use crate::model::{Model, Param, Vit};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
-
-/// The ViT `config` describes, with seeded f32 weights, and its parameters in a fixed order.
-pub fn build_model(config: &RunConfig, device: &Device) -> Result<(Vit, Vec<Param>)> {
-    if config.train.dtype != Precision::F32 {
-        bail!("train.dtype = bf16 is implemented for LLaMA; train the ViT in f32");
-    }
-    Vit::new(&config.vit, DType::F32, device, config.train.seed)
-}
 
 /// A ViT and its image pipeline.
 pub struct VisionTask {
@@ -54,7 +44,8 @@ impl VisionTask {
                 train.num_classes()
             );
         }
-        let (model, params) = build_model(config, device)?;
+        let (dtype, seed) = (config.train.dtype, config.train.seed);
+        let (model, params) = Vit::build(&config.vit, dtype, device, seed)?;
         let sizes = format!(
             "{} train / {} val images of {} classes",
             train.len(),
@@ -121,11 +112,8 @@ impl Task for VisionTask {
 
     fn position(&self) -> Position {
         Position {
-            tokens: SamplerPosition {
-                seed: self.seed,
-                word_pos: 0,
-            },
             images: Some(self.position),
+            ..Position::tokens_from(self.seed)
         }
     }
 

@@ -107,13 +107,14 @@ fn setup(
         std::fs::create_dir_all(out)
             .with_context(|| format!("cannot create output folder '{}'", out.display()))?;
     }
-    let position = resumed.as_ref().map_or(
-        Position::start(config.train.seed, config.model.is_vit()),
-        |ck| Position {
-            tokens: ck.state.data_position,
-            images: ck.state.image_position,
-        },
-    );
+    let position = resumed
+        .as_ref()
+        .map_or(config.spec().start_position(config.train.seed), |ck| {
+            Position {
+                tokens: ck.state.data_position,
+                images: ck.state.image_position,
+            }
+        });
     let (task, params) = task::open(config, &job.device, comm, position)?;
     let mut trainer = Trainer::new(config, task, params, &job.comm)?;
     let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state), wall);

@@ -61,7 +61,7 @@ pub struct Summary {
     pub optimizer_state_bytes_per_rank: Vec<usize>,
     /// Peak resident memory of each rank's process, MiB (0 where unknown).
     pub peak_rss_mib_per_rank: Vec<f64>,
-    /// Training FLOPs per token (per image for a ViT), see [`crate::mfu::flops_per_token`].
+    /// Training FLOPs per token (per image for a ViT), see [`crate::model::ModelSpec::flops_per_unit`].
     pub flops_per_token: f64,
     /// Peak dense TFLOP/s of one rank's device that MFU is measured against, when known.
     pub peak_tflops: Option<f64>,
@@ -175,28 +175,25 @@ impl Recorder {
                 .with_context(|| format!("cannot write '{}'", path.display()))?;
         }
         self.summary.checkpoint = resumed_dir.map(|dir| dir.display().to_string());
+        let train = &config.train;
         let counts = ParamCounts::of(&trainer.params);
         self.summary.params = counts.total;
-        self.summary.flops_per_token =
-            crate::mfu::flops_per_token(config, counts.total - counts.embeddings);
+        self.summary.flops_per_token = config
+            .spec()
+            .flops_per_unit(counts.total - counts.embeddings, train.seq_len);
         if self.root {
-            if let Some(peak) = crate::mfu::peak(config, &self.device)? {
+            if let Some(peak) = crate::mfu::peak(train.peak_tflops, train.dtype, &self.device)? {
                 self.summary.peak_tflops = Some(peak.tflops);
                 self.summary.peak_tflops_source = Some(peak.source);
             }
         }
-        let train = &config.train;
         let world = trainer.comm.world();
         let ranks = if world > 1 {
             format!(" on {world} ranks")
         } else {
             String::new()
         };
-        let batch = if config.model.is_vit() {
-            format!("{} images", train.batch_size)
-        } else {
-            format!("{} x {} tokens", train.batch_size, train.seq_len)
-        };
+        let batch = config.spec().batch_shape(train.batch_size, train.seq_len);
         self.note(&format!(
             "training {} parameters on {}, {} steps of {batch}{ranks} ({})",
             self.summary.params,
