@@ -84,8 +84,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     }
     let device = &job.device;
     let config = &config.on_device(device);
-    config.train.kernels.apply(device, config.train.dtype)?;
-    crate::device::allow_tf32(config.train.tf32);
+    config.train.set_compute(device)?;
     let comm = job.comm.as_ref();
     let train = &config.train;
     let (task, params) = task::open_for_bench(config, device, comm)?;
@@ -107,7 +106,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     }
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     let (mean_step_s, mean_optimizer_s) = (mean(&total), mean(&update));
-    let step_s = median(&mut total);
+    let step_s = crate::metrics::median(&total);
     let tokens_per_s = config.units_per_step() as f64 / step_s;
     let loader_tokens_per_s = (loader_steps > 0)
         .then(|| loader_throughput(config, loader_steps))
@@ -134,10 +133,10 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         ms_per_step: step_s * 1e3,
         mean_ms_per_step: mean_step_s * 1e3,
         tokens_per_s,
-        forward_ms: median(&mut forward) * 1e3,
-        backward_ms: median(&mut backward) * 1e3,
-        optimizer_ms: median(&mut update) * 1e3,
-        communication_ms: median(&mut communication) * 1e3,
+        forward_ms: crate::metrics::median(&forward) * 1e3,
+        backward_ms: crate::metrics::median(&backward) * 1e3,
+        optimizer_ms: crate::metrics::median(&update) * 1e3,
+        communication_ms: crate::metrics::median(&communication) * 1e3,
         mean_optimizer_ms: mean_optimizer_s * 1e3,
         peak_rss_mib: crate::metrics::peak_rss_mib(),
         loader_tokens_per_s,
@@ -163,24 +162,4 @@ pub fn loader_throughput(config: &RunConfig, steps: usize) -> Result<f64> {
         task.next_batch()?;
     }
     Ok((steps * config.units_per_step()) as f64 / started.elapsed().as_secs_f64())
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
-/// Peak resident set size from `/proc/self/status` (None where that file does not exist).
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(super::median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-    }
 }

@@ -230,20 +230,10 @@ pub fn compare(runs: &[RunCurves]) -> Vec<Row> {
                 final_val_loss: r.final_val(),
                 reaches_baseline_at: at,
                 steps_ratio: at.map(|s| s as f64 / last as f64),
-                median_step_ms: median(&r.step_ms),
+                median_step_ms: crate::metrics::median(&r.step_ms),
             }
         })
         .collect()
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 const COLORS: [RGBColor; 5] = [

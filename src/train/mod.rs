@@ -39,11 +39,7 @@ pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Su
 
 fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
     let wall = Instant::now();
-    config
-        .train
-        .kernels
-        .apply(&job.device, config.train.dtype)?;
-    crate::device::allow_tf32(config.train.tf32);
+    config.train.set_compute(&job.device)?;
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     let out = std::path::Path::new(&config.train.out);
