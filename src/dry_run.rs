@@ -5,7 +5,7 @@ use crate::device::Kernels;
 use crate::dist;
 use crate::memory::{Heap, StepPeak, CUDA_RUNTIME_BYTES};
 use crate::model::{Param, ParamCounts};
-use crate::optim::{self, BsfaConfig, OptimizerName};
+use crate::optim::{self, BsfaConfig, Optimizer, OptimizerName};
 use crate::task;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};

@@ -481,7 +481,8 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
 #[test]
 fn resume_restores_every_state_tensor_on_the_parameters_device() {
     use bsfa_train::dist::{Communicator, SingleRank};
-    use bsfa_train::{optim, task};
+    use bsfa_train::optim::{self, OptimizerState};
+    use bsfa_train::task;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (steps, history) = (6, 4);
@@ -521,12 +522,12 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
             optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &comm).unwrap();
         let ck =
             checkpoint::Checkpoint::open(&out.join("checkpoints/step-00000006"), true).unwrap();
-        ck.restore(&params, optimizer.as_mut()).unwrap();
+        ck.restore(&params, &mut optimizer).unwrap();
 
         for p in &params {
             assert!(p.var.device().same_device(&device), "{}", p.name);
         }
-        let devices = optimizer.state_devices();
+        let devices = optimizer.devices();
         // Adam: one moments tensor per parameter; BSFA: per block, its full history (one
         // tensor per update) and its directions.
         let bsfa_blocks = if config.bsfa.enabled {
@@ -550,7 +551,7 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
             assert!(d.same_device(&device), "{sets:?}: {name}");
         }
         assert_eq!(
-            optim::check_state_devices(optimizer.as_ref(), &device).unwrap(),
+            optim::check_state_devices(&optimizer, &device).unwrap(),
             devices.len()
         );
     }

@@ -22,7 +22,9 @@ use bsfa_train::dist::{Communicator, SingleRank};
 use bsfa_train::model::ops::{self, vit as vit_ops};
 use bsfa_train::model::{Llama, LlamaConfig, Param, ParamGroup, ParamInit, Vit, VitConfig};
 use bsfa_train::optim::bsfa::{estimate, Bsfa};
-use bsfa_train::optim::{global_norm, Adam, BsfaConfig, Optimizer, OptimizerConfig};
+use bsfa_train::optim::{
+    global_norm, Adam, BsfaConfig, Optimizer, OptimizerConfig, OptimizerState, Stack,
+};
 use candle_core::{DType, Device, Tensor, Var};
 use finite_differences::{check_all_coordinates, check_parameter, random, scalar, values};
 use rand::{Rng, SeedableRng};
@@ -533,20 +535,19 @@ impl Optimizer for Sgd {
         Ok(())
     }
 
+    fn state_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl OptimizerState for Sgd {
     fn steps_taken(&self) -> u64 {
         self.steps
     }
 
-    fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(Vec::new())
-    }
-
-    fn load_state(&mut self, _: u64, _: &HashMap<String, Tensor>) -> Result<()> {
+    fn load(&mut self, steps_taken: u64, _: &HashMap<String, Tensor>) -> Result<()> {
+        self.steps = steps_taken;
         Ok(())
-    }
-
-    fn state_bytes(&self) -> usize {
-        0
     }
 }
 
@@ -675,8 +676,8 @@ fn reference_setting_reroutes_every_optimizer_path() {
         };
         let comm: Arc<dyn Communicator> = Arc::new(SingleRank);
         let wrapped = |p: &[Param]| -> Box<dyn Optimizer> {
-            let base = Box::new(Sgd { steps: 0 });
-            Box::new(Bsfa::new(base, &bsfa, p, Arc::clone(&comm)).unwrap())
+            let bsfa = Bsfa::new(&bsfa, p, Arc::clone(&comm)).unwrap();
+            Box::new(Stack::new(Box::new(Sgd { steps: 0 }), Some(bsfa)))
         };
         let (fused, reference) = last_step_under_each(&wrapped, 5);
         let gap = relative_gap(&fused, &reference);

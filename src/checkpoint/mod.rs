@@ -19,7 +19,7 @@ use crate::config::RunConfig;
 use crate::data::TokenPosition;
 use crate::dist::Communicator;
 use crate::model::Param;
-use crate::optim::{Optimizer, StateTensor};
+use crate::optim::{OptimizerState, StateTensor};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
@@ -79,7 +79,7 @@ pub fn save(
     root: &Path,
     state: &TrainerState,
     params: &[Param],
-    optimizer: &dyn Optimizer,
+    optimizer: &dyn OptimizerState,
     comm: &dyn Communicator,
 ) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
@@ -94,7 +94,7 @@ pub fn save(
         fs::create_dir(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
     }
     comm.barrier()?;
-    let shard = optimizer.shard_state()?;
+    let shard = optimizer.shard()?;
     let mut written = String::new();
     if comm.rank() > 0 && !shard.is_empty() {
         written = shard_file(comm.rank());
@@ -134,7 +134,7 @@ fn write_root_part(
     name: &str,
     state: &TrainerState,
     params: &[Param],
-    optimizer: &dyn Optimizer,
+    optimizer: &dyn OptimizerState,
     shard: Vec<(String, StateTensor)>,
     shard_files: &[String],
 ) -> Result<PathBuf> {
@@ -147,7 +147,7 @@ fn write_root_part(
     crate::failpoint::hit(crate::failpoint::Point::CheckpointWrite, 0, state.step)?;
     let steps = optimizer.steps_taken().to_string();
     let mut tensors: Vec<(String, StateTensor)> = optimizer
-        .state()?
+        .shared()?
         .into_iter()
         .map(|(key, t)| (key, StateTensor::Whole(t)))
         .collect();
@@ -319,7 +319,7 @@ impl Checkpoint {
     /// into `optimizer`, then checks that every restored tensor lives on the parameters'
     /// device (see [`crate::optim::check_state_devices`]): tensors are read on the host, and
     /// a CUDA run must get them on its GPU.
-    pub fn restore(&self, params: &[Param], optimizer: &mut dyn Optimizer) -> Result<()> {
+    pub fn restore(&self, params: &[Param], optimizer: &mut dyn OptimizerState) -> Result<()> {
         self.load_model(params)?;
         self.load_optimizer(optimizer)?;
         if let Some(first) = params.first() {
@@ -338,9 +338,9 @@ impl Checkpoint {
 
     /// Restores `optimizer` from the checkpoint's optimizer state: the tensors it wants,
     /// from the shared file and every rank's shard, whatever rank count wrote them. The
-    /// tensors are handed over on the host; [`Optimizer::load_state`] moves them to the
+    /// tensors are handed over on the host; [`OptimizerState::load`] moves them to the
     /// parameters' device.
-    pub fn load_optimizer(&self, optimizer: &mut dyn Optimizer) -> Result<()> {
+    pub fn load_optimizer(&self, optimizer: &mut dyn OptimizerState) -> Result<()> {
         let file = self.dir.join(OPTIMIZER_FILE);
         let (files, steps) = self
             .optimizer
@@ -348,10 +348,10 @@ impl Checkpoint {
             .context("the checkpoint was opened without its optimizer state")?;
         let mut tensors = HashMap::new();
         for path in files {
-            tensors.extend(read_safetensors_where(path, &|key| optimizer.wants_state(key))?.0);
+            tensors.extend(read_safetensors_where(path, &|key| optimizer.wants(key))?.0);
         }
         optimizer
-            .load_state(*steps, &tensors)
+            .load(*steps, &tensors)
             .with_context(|| format!("cannot restore the optimizer from '{}'", file.display()))
     }
 }

@@ -201,6 +201,7 @@ fn read_json(path: &str) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{Kernels, Precision};
 
     #[test]
     fn presets_parse_and_validate() {

@@ -9,7 +9,7 @@
 
 use super::fused::AdamUpdate;
 use super::OptimizerConfig;
-use super::{fusable, Optimizer};
+use super::{fusable, Optimizer, OptimizerState};
 use crate::model::Param;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -171,11 +171,22 @@ impl Optimizer for Adam {
         Ok(())
     }
 
+    fn state_bytes(&self) -> usize {
+        self.moments
+            .iter()
+            .map(|m| m.elem_count() * m.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+impl OptimizerState for Adam {
     fn steps_taken(&self) -> u64 {
         self.step
     }
 
-    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+    /// The moments, which every rank holds alike, as `<param>.<slot>` (the slots
+    /// `slots` names, in the shapes `slot_shapes` gives).
+    fn shared(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(2 * self.names.len());
         for (i, name) in self.names.iter().enumerate() {
             let n = self.shapes[i].elem_count();
@@ -190,7 +201,16 @@ impl Optimizer for Adam {
         Ok(out)
     }
 
-    fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
+    /// Its `<param>.<slot>` keys only: the other keys of the same files (BSFA's) are for
+    /// the other parts of a [`super::Stack`].
+    fn wants(&self, key: &str) -> bool {
+        key.rsplit_once('.').is_some_and(|(name, slot)| {
+            let i = self.names.iter().position(|n| n == name);
+            i.is_some_and(|i| self.slots(i).contains(&slot))
+        })
+    }
+
+    fn load(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         for (i, name) in self.names.iter().enumerate() {
             let mut parts = Vec::with_capacity(2);
             for (slot, shape) in self.slots(i).iter().zip(self.slot_shapes(i)) {
@@ -219,19 +239,12 @@ impl Optimizer for Adam {
         Ok(())
     }
 
-    fn state_devices(&self) -> Vec<(String, Device)> {
+    fn devices(&self) -> Vec<(String, Device)> {
         self.names
             .iter()
             .zip(&self.moments)
             .map(|(name, m)| (format!("{name}.moments"), m.device().clone()))
             .collect()
-    }
-
-    fn state_bytes(&self) -> usize {
-        self.moments
-            .iter()
-            .map(|m| m.elem_count() * m.dtype().size_in_bytes())
-            .sum()
     }
 }
 
@@ -454,14 +467,14 @@ mod tests {
                 );
             }
         }
-        let state: HashMap<_, _> = opt.state().unwrap().into_iter().collect();
+        let state: HashMap<_, _> = opt.shared().unwrap().into_iter().collect();
         let vmean: Vec<f64> = state["model.layers.0.mlp.down_proj.weight.vmean"]
             .to_vec1()
             .unwrap();
         assert!((vmean[0] - 0.05 * 0.125).abs() < 1e-15 && (vmean[1] - 0.05 * 0.5).abs() < 1e-15);
         let mut fresh =
             Adam::adam_mini(&config, &params, &llama_blocks(&params, &llama(2, 2))).unwrap();
-        fresh.load_state(1, &state).unwrap();
+        fresh.load(1, &state).unwrap();
         assert_eq!(
             fresh.moments[0].to_vec1::<f64>().unwrap(),
             opt.moments[0].to_vec1::<f64>().unwrap()
@@ -475,11 +488,16 @@ mod tests {
         let mut opt = Adam::adamw(&config, &params).unwrap();
         let g = vec![Tensor::from_slice(&[0.3, -0.1], (2, 1), &Device::Cpu).unwrap()];
         opt.step(&params, &g, 0.01, 1.0).unwrap();
-        let state: HashMap<_, _> = opt.state().unwrap().into_iter().collect();
+        let state: HashMap<_, _> = opt.shared().unwrap().into_iter().collect();
         assert_eq!(state.len(), 2);
         let mut fresh = Adam::adamw(&config, &params).unwrap();
-        fresh.load_state(opt.steps_taken(), &state).unwrap();
+        fresh.load(opt.steps_taken(), &state).unwrap();
         assert_eq!(fresh.steps_taken(), 1);
+        // It claims its own keys only, leaving BSFA's in the same files to BSFA.
+        assert!(opt.wants("w.exp_avg") && opt.wants("w.exp_avg_sq"));
+        assert!(
+            !opt.wants("w.vmean") && !opt.wants("w.bsfa_directions") && !opt.wants("v.exp_avg")
+        );
         let a: Vec<f64> = fresh.moments[0].flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f64> = opt.moments[0].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(a, b);

@@ -5,6 +5,7 @@ pub mod bsfa;
 mod config;
 mod fused;
 pub mod schedule;
+mod stack;
 
 use crate::cpu::fusable;
 use crate::dist::Communicator;
@@ -17,52 +18,62 @@ use std::sync::Arc;
 pub use adam::Adam;
 pub use bsfa::{BsfaConfig, BsfaGroup, BsfaGroups};
 pub use config::{OptimizerConfig, OptimizerName};
+pub use stack::{BaseOptimizer, Stack};
 
-/// What every optimizer (AdamW, Adam-mini, and the BSFA wrapper around either) offers the
-/// loop.
+/// The update: what the training loop asks of an optimizer every step. Its checkpoint
+/// state is the separate [`OptimizerState`] (burn's `SimpleOptimizer` keeps its update
+/// apart from its records the same way), so the loop depends on this trait and checkpoints
+/// on that one; [`Stack`], which `build` returns, is both.
 pub trait Optimizer: Send {
     /// Updates `params` in place from `grads * grad_scale` (same order, same shapes) at
     /// learning rate `lr`. The scale carries gradient clipping (see [`clip_coefficient`]) into
     /// the update, sparing a pass over every gradient.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()>;
 
-    /// Optimizer steps taken so far.
+    /// Bytes held by the optimizer state.
+    fn state_bytes(&self) -> usize;
+}
+
+/// What a checkpoint saves of an optimizer and restores into it (torchtitan's `Stateful`):
+/// named tensors and the step count. The step count is here, not in [`Optimizer`], because
+/// it is saved and restored with the tensors (Adam's bias correction and BSFA's
+/// re-estimation interval depend on it). A wrapper's state is its own parts' states put
+/// together by a container ([`Stack`]), not forwarded by the wrapper.
+pub trait OptimizerState {
+    /// Optimizer steps taken so far (those before a resume included).
     fn steps_taken(&self) -> u64;
 
-    /// What BSFA's latest re-estimation found, once, right after the step that made it
-    /// (`None` for optimizers without one, and between re-estimations).
-    fn take_diagnostics(&mut self) -> Option<Vec<bsfa::GroupDiagnostics>> {
-        None
-    }
-
     /// The state every data-parallel rank holds alike, by a stable name (`<param
-    /// name>.<slot>`), for checkpoints (rank 0 writes it).
-    fn state(&self) -> Result<Vec<(String, Tensor)>>;
-
-    /// The state only this rank holds (its shard of BSFA), for checkpoints: every rank
-    /// writes its own. With one rank, [`Optimizer::state`] and this are the whole state.
-    fn shard_state(&self) -> Result<Vec<(String, StateTensor)>> {
+    /// name>.<slot>`), for checkpoints (rank 0 writes it). None by default.
+    fn shared(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
 
-    /// Whether [`Optimizer::load_state`] on this rank needs the tensor `key` of a checkpoint
-    /// (a rank skips the other ranks' shards, whichever rank count wrote them).
-    fn wants_state(&self, _key: &str) -> bool {
-        true
+    /// The state only this rank holds (its shard of BSFA), for checkpoints: every rank
+    /// writes its own. With one rank, [`OptimizerState::shared`] and this are the whole
+    /// state. None by default.
+    fn shard(&self) -> Result<Vec<(String, StateTensor)>> {
+        Ok(Vec::new())
     }
 
-    /// Restores what [`Optimizer::state`] and [`Optimizer::shard_state`] returned (the
-    /// tensors [`Optimizer::wants_state`] asked for), together with the step count.
-    fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()>;
+    /// Whether [`OptimizerState::load`] on this rank needs the tensor `key` of a checkpoint
+    /// (a rank skips the other ranks' shards, whichever rank count wrote them). A container
+    /// reads a key when any of its parts wants it, so each part claims only its own keys;
+    /// the default claims none, for optimizers without tensors.
+    fn wants(&self, _key: &str) -> bool {
+        false
+    }
 
-    /// Bytes held by the optimizer state.
-    fn state_bytes(&self) -> usize;
+    /// Restores what [`OptimizerState::shared`] and [`OptimizerState::shard`] returned (the
+    /// tensors [`OptimizerState::wants`] asked for, and perhaps others'), together with the
+    /// step count.
+    fn load(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()>;
 
     /// Where each state tensor this rank holds lives, by a descriptive name: the device it
     /// computes on (4-bit BSFA state: the device it is dequantized to). Checked after a
-    /// resume by [`check_state_devices`]; the default (no state) suits wrappers without
-    /// tensors of their own.
-    fn state_devices(&self) -> Vec<(String, Device)> {
+    /// resume by [`check_state_devices`]; the default (no tensors) suits optimizers
+    /// without state.
+    fn devices(&self) -> Vec<(String, Device)> {
         Vec::new()
     }
 }
@@ -72,8 +83,8 @@ pub trait Optimizer: Send {
 /// the parameters' device; on a GPU a tensor left behind would fail in the first step, far
 /// from its cause. Returns how many tensors were checked. (On a CPU-only machine every
 /// tensor is on the CPU: there this guards the code path, not the placement.)
-pub fn check_state_devices(optimizer: &dyn Optimizer, device: &Device) -> Result<usize> {
-    let devices = optimizer.state_devices();
+pub fn check_state_devices(optimizer: &dyn OptimizerState, device: &Device) -> Result<usize> {
+    let devices = optimizer.devices();
     for (name, d) in &devices {
         if !d.same_device(device) {
             bail!(
@@ -118,30 +129,25 @@ impl StateTensor {
     }
 }
 
-/// Builds the base optimizer `optimizer` names, wrapped in BSFA when `bsfa.enabled` (its
-/// state sharded over the ranks of `comm`). `blocks[i]` is the elements per Adam-mini block
-/// of parameter `i`, the model's partition (unused by AdamW).
+/// Builds the base optimizer `optimizer` names, with BSFA around its steps when
+/// `bsfa.enabled` (its state sharded over the ranks of `comm`). `blocks[i]` is the elements
+/// per Adam-mini block of parameter `i`, the model's partition (unused by AdamW).
 pub fn build(
     optimizer: &OptimizerConfig,
     bsfa: &BsfaConfig,
     params: &[Param],
     blocks: &[usize],
     comm: &Arc<dyn Communicator>,
-) -> Result<Box<dyn Optimizer>> {
-    let base: Box<dyn Optimizer> = match optimizer.name {
+) -> Result<Stack> {
+    let base: Box<dyn BaseOptimizer> = match optimizer.name {
         OptimizerName::AdamW => Box::new(Adam::adamw(optimizer, params)?),
         OptimizerName::AdamMini => Box::new(Adam::adam_mini(optimizer, params, blocks)?),
     };
-    if bsfa.enabled {
-        Ok(Box::new(bsfa::Bsfa::new(
-            base,
-            bsfa,
-            params,
-            Arc::clone(comm),
-        )?))
-    } else {
-        Ok(base)
-    }
+    let bsfa = bsfa
+        .enabled
+        .then(|| bsfa::Bsfa::new(bsfa, params, Arc::clone(comm)))
+        .transpose()?;
+    Ok(Stack::new(base, bsfa))
 }
 
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.

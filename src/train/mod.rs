@@ -116,7 +116,7 @@ fn setup(
     let recorder = Recorder::open(config, job, resumed.as_ref().map(|ck| &ck.state), wall);
     let start = match &resumed {
         Some(ck) => {
-            ck.restore(&trainer.params, trainer.optimizer.as_mut())?;
+            ck.restore(&trainer.params, &mut trainer.optimizer)?;
             recorder.note(&format!(
                 "resuming from '{}' at step {}",
                 ck.dir.display(),

@@ -9,6 +9,7 @@ use crate::dist::{self, Job};
 use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::ParamCounts;
+use crate::optim::Optimizer;
 use crate::sample::Sample;
 use crate::task::Evaluation;
 use anyhow::{Context, Result};
@@ -355,7 +356,7 @@ impl Recorder {
         };
         let saving = Instant::now();
         let comm = trainer.comm.as_ref();
-        let optimizer = trainer.optimizer.as_ref();
+        let optimizer = &trainer.optimizer;
         let dir = checkpoint::save(&self.checkpoints, &state, &trainer.params, optimizer, comm)?;
         if self.root {
             checkpoint::prune(&self.checkpoints, self.config.train.keep_checkpoints)?;

@@ -4,7 +4,7 @@
 use crate::config::RunConfig;
 use crate::dist::{self, Communicator};
 use crate::model::{Model, Param};
-use crate::optim::{self, Optimizer, OptimizerName};
+use crate::optim::{self, Optimizer, OptimizerName, Stack};
 use crate::task::Task;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -18,8 +18,8 @@ pub struct Trainer {
     pub task: Box<dyn Task>,
     /// The task's parameters, in the order gradients and optimizer state follow.
     pub params: Vec<Param>,
-    /// The optimizer that updates them.
-    pub optimizer: Box<dyn Optimizer>,
+    /// The optimizer that updates them (BSFA, when enabled, inside).
+    pub optimizer: Stack,
     /// The data-parallel ranks.
     pub comm: Arc<dyn Communicator>,
     /// `optimizer.grad_clip`.
@@ -110,7 +110,7 @@ impl Trainer {
                 outcome.grad_norm = norm;
                 if norm.is_finite() {
                     self.optimizer.step(&self.params, &acc.grads, lr, clip)?;
-                    outcome.bsfa = self.optimizer.take_diagnostics();
+                    outcome.bsfa = self.optimizer.bsfa().and_then(|b| b.take_diagnostics());
                 }
                 outcome.optimizer_s = started.elapsed().as_secs_f64();
                 Ok(outcome)

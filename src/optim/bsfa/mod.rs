@@ -12,7 +12,8 @@
 //! - *owner*: the data-parallel rank that keeps a block's history and directions.
 //!
 //! Algorithm, every step: the base optimizer steps; the wrapper sees each block only before
-//! and after, and takes the difference as the update `v`. Every `bsfa.interval` steps (from
+//! and after (it is handed the base step as a closure, and never the base optimizer), and
+//! takes the difference as the update `v`. Every `bsfa.interval` steps (from
 //! step `interval` on, as the paper's Algorithm 1) it re-estimates the directions `U` as the
 //! top principal components of the centred history (`pca`), however many updates it holds,
 //! and notes what it found (`diagnostics`). Once there are directions, the update becomes
@@ -41,7 +42,7 @@ pub use projection::project;
 pub use shard::owners;
 pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
 
-use super::{Optimizer, StateTensor};
+use super::{OptimizerState, StateTensor};
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::Result;
@@ -52,9 +53,10 @@ use state::{BlockState, RowKind, Stored};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// BSFA around any base optimizer.
+/// BSFA around the steps of any base optimizer ([`crate::optim::Stack`] puts the two
+/// together). Its checkpoint state ([`OptimizerState`]) is its own: the blocks this rank
+/// owns and the step count.
 pub struct Bsfa {
-    base: Box<dyn Optimizer>,
     config: BsfaConfig,
     /// Per parameter, in parameter order: its block's state, `None` where BSFA does not
     /// apply or another rank owns the block.
@@ -71,21 +73,15 @@ pub struct Bsfa {
 }
 
 impl Bsfa {
-    /// Wraps `base`; BSFA applies to the parameter groups listed in `config.blocks`, and
-    /// this rank of `comm` keeps the state of the blocks [`owners`] gives it.
-    pub fn new(
-        base: Box<dyn Optimizer>,
-        config: &BsfaConfig,
-        params: &[Param],
-        comm: Arc<dyn Communicator>,
-    ) -> Result<Self> {
+    /// BSFA over `params`: it applies to the parameter groups listed in `config.blocks`,
+    /// and this rank of `comm` keeps the state of the blocks [`owners`] gives it.
+    pub fn new(config: &BsfaConfig, params: &[Param], comm: Arc<dyn Communicator>) -> Result<Self> {
         let shard = Shard::new(config, params, comm);
         let blocks = shard
             .owned()
             .map(|owned| owned.then(|| BlockState::new(config.history)))
             .collect();
         Ok(Self {
-            base,
             config: config.clone(),
             blocks,
             shard,
@@ -108,12 +104,11 @@ impl Bsfa {
         let (name, _) = key.split_once(".bsfa_")?;
         self.names.iter().position(|n| n == name)
     }
-}
 
-impl Optimizer for Bsfa {
-    /// Algorithm 1: the base step, then the projection of its update in every BSFA block,
-    /// re-estimating the projectors every `interval` steps from the updates so far.
-    fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    /// Algorithm 1 around one step of the base optimizer, `base_step`, which updates
+    /// `params`: the projection of its update in every BSFA block, re-estimating the
+    /// projectors every `interval` steps from the updates so far.
+    pub fn step(&mut self, params: &[Param], base_step: impl FnOnce() -> Result<()>) -> Result<()> {
         // The parameters before the base step: the update is the difference.
         let before: Vec<Option<Before>> = params
             .iter()
@@ -124,7 +119,7 @@ impl Optimizer for Bsfa {
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        self.base.step(params, grads, lr, grad_scale)?;
+        base_step()?;
         let refresh = self.steps > 0 && self.steps.is_multiple_of(self.config.interval as u64);
         let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
         let mut found = diagnostics::Accumulator::default();
@@ -177,23 +172,27 @@ impl Optimizer for Bsfa {
         Ok(())
     }
 
+    /// What the latest re-estimation found, once, right after the step that made it
+    /// (`None` between re-estimations).
+    pub fn take_diagnostics(&mut self) -> Option<Vec<GroupDiagnostics>> {
+        self.diagnostics.take()
+    }
+
+    /// Bytes held by the blocks this rank owns.
+    pub fn state_bytes(&self) -> usize {
+        self.blocks.iter().flatten().map(BlockState::bytes).sum()
+    }
+}
+
+impl OptimizerState for Bsfa {
     fn steps_taken(&self) -> u64 {
         self.steps
     }
 
-    fn take_diagnostics(&mut self) -> Option<Vec<GroupDiagnostics>> {
-        self.diagnostics.take()
-    }
-
-    /// The base optimizer's state, which every rank holds alike.
-    fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        self.base.state()
-    }
-
     /// The blocks this rank owns: `<p>.bsfa_history` and `<p>.bsfa_directions`, in full
     /// precision or 4-bit (the layouts are in `state`'s module doc).
-    fn shard_state(&self) -> Result<Vec<(String, StateTensor)>> {
-        let mut out = self.base.shard_state()?;
+    fn shard(&self) -> Result<Vec<(String, StateTensor)>> {
+        let mut out = Vec::new();
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
             out.extend(block.checkpoint(name)?);
@@ -201,15 +200,12 @@ impl Optimizer for Bsfa {
         Ok(out)
     }
 
-    fn wants_state(&self, key: &str) -> bool {
-        match self.block_of(key) {
-            Some(i) => self.blocks[i].is_some(),
-            None => self.base.wants_state(key),
-        }
+    /// The blocks this rank owns, whichever rank wrote them.
+    fn wants(&self, key: &str) -> bool {
+        self.block_of(key).is_some_and(|i| self.blocks[i].is_some())
     }
 
-    fn load_state(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
-        self.base.load_state(steps_taken, state)?;
+    fn load(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         for ((name, block), row) in self.names.iter().zip(&mut self.blocks).zip(&self.row_kinds) {
             let Some(block) = block else { continue };
             block.load(name, state, &self.config, row)?;
@@ -218,18 +214,13 @@ impl Optimizer for Bsfa {
         Ok(())
     }
 
-    fn state_devices(&self) -> Vec<(String, candle_core::Device)> {
-        let mut out = self.base.state_devices();
+    fn devices(&self) -> Vec<(String, candle_core::Device)> {
+        let mut out = Vec::new();
         for (name, block) in self.names.iter().zip(&self.blocks) {
             let Some(block) = block else { continue };
             out.extend(block.devices(name));
         }
         out
-    }
-
-    fn state_bytes(&self) -> usize {
-        let own: usize = self.blocks.iter().flatten().map(BlockState::bytes).sum();
-        self.base.state_bytes() + own
     }
 }
 
