@@ -3,7 +3,8 @@
 //! ops, bf16, through the training's own `build_model`), its backprop graph and the gradient
 //! store of its backward are traced (`bsfa_train::model::graph`), and the model must build
 //! the same graph node by node at the same shapes: `tiny`, and llama134m's widths (the
-//! model's own workload) at a short sequence.
+//! model's own workload) at a short sequence. The model's llama134m workload (micro-batch,
+//! sequence, batch, BSFA's k, l, T and groups) must be the preset's.
 //!
 //! `train.kernels = reference` is process-wide, so this file holds only tests that want it.
 
@@ -57,11 +58,27 @@ fn trace(preset: &str, sets: &[&str]) -> Result<Value> {
         "dims": {"B": batch, "T": seq, "C": m.hidden_size, "H": m.num_attention_heads,
                  "KV": m.kv_heads(), "I": m.intermediate_size, "V": m.vocab_size,
                  "L": m.num_hidden_layers},
+        "workload": workload(preset)?,
         "nodes": nodes,
         "gradients": gradients,
         "params": params.iter().zip(blocks).map(|(p, block)| json!({
             "name": p.name, "shape": p.var.dims(), "group": p.group, "adam_mini_block": block,
         })).collect::<Vec<_>>(),
+    }))
+}
+
+/// The workload of preset `preset` the model's tables are for: its micro-batch, sequence,
+/// micro-batches per optimizer step and BSFA's settings (its `with_bsfa` layer applied).
+fn workload(preset: &str) -> Result<Value> {
+    let mut builder = ConfigBuilder::new(preset)?;
+    builder.apply_set("bsfa.enabled=true")?;
+    let config = builder.build()?;
+    let (train, bsfa) = (&config.train, &config.bsfa);
+    Ok(json!({
+        "B": train.micro_batch(), "T": train.seq_len,
+        "micro_batches": train.batch_size / train.micro_batch(),
+        "bsfa_rank": bsfa.rank, "bsfa_history": bsfa.history, "bsfa_interval": bsfa.interval,
+        "bsfa_groups": bsfa.groups(),
     }))
 }
 

@@ -2,8 +2,8 @@
 and what it costs per micro-batch or optimizer step."""
 from collections import defaultdict
 
-from .hw import (B, BSFA_K, BSFA_L, C, EFF_BW, EFF_GEMM, EIGEN, H, HBM, HD, I, L, LAUNCH,
-                 MIN_KERNEL, N, PEAK_BF16, SYNC, T, V, prod)
+from .hw import (B, BSFA_GROUPS, BSFA_K, BSFA_L, C, EFF_BW, EFF_GEMM, EIGEN, H, HBM, HD, I, L,
+                 LAUNCH, MIN_KERNEL, N, PEAK_BF16, SYNC, T, V, prod)
 from .optim import param_shapes
 
 
@@ -103,7 +103,7 @@ def fused_optimizer(block_mini):
 
 
 def fused_bsfa(bits):
-    n = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in ("norm", "attn", "mlp"))
+    n = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS)
     k, m = BSFA_K, BSFA_L
     rb = 4 if bits == 32 else 0.5 + 2 / 64 + 4 / n   # bytes per stored value
     # U v and U^T c for every block in two batched launches (U read twice); the update written

@@ -42,6 +42,7 @@ B, T, C, H, KV, I, V, L = (getattr(LLAMA134M, n) for n in ("B", "T", "C", "H", "
 HD, N = LLAMA134M.HD, LLAMA134M.N
 MICRO_PER_STEP = 480 // 12   # train.batch_size / train.micro_batch_size of the preset
 BSFA_K, BSFA_L, BSFA_T = 50, 60, 10
+BSFA_GROUPS = ("norm", "attn", "mlp")   # the parameter groups BSFA covers (bsfa.blocks)
 
 DB = {"f32": 4, "bf16": 2, "u32": 4, "f64": 8}
 GIB = 2**30

@@ -12,7 +12,8 @@ from collections import Counter
 
 from .backward import backward, sorted_nodes
 from .forward import forward, make_weights
-from .hw import CANDLE, LLAMA134M, Dims
+from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, BSFA_T, CANDLE, LLAMA134M, MICRO_PER_STEP,
+                 Dims)
 from .optim import param_shapes
 from .sim import S
 
@@ -81,6 +82,15 @@ def param_problems(d, params):
     return problems
 
 
+def workload_problems(workload):
+    """The preset's micro-batch, sequence, batch and BSFA settings against the model's."""
+    ours = {"B": LLAMA134M.B, "T": LLAMA134M.T, "micro_batches": MICRO_PER_STEP,
+            "bsfa_rank": BSFA_K, "bsfa_history": BSFA_L, "bsfa_interval": BSFA_T,
+            "bsfa_groups": [GROUPS[g] for g in BSFA_GROUPS]}
+    return [f"configs/llama134m.json: {k} is {workload[k]}, the model's {v}"
+            for k, v in ours.items() if workload[k] != v]
+
+
 def check(trace):
     """The differences between the model and one traced configuration, in words."""
     d = Dims(**trace["dims"])
@@ -96,6 +106,7 @@ def check(trace):
         if any(getattr(d, k) != getattr(LLAMA134M, k) for k in widths):
             problems.append(f"configs/llama134m.json is {trace['dims']}, the model's shapes "
                             f"{ {k: getattr(LLAMA134M, k) for k in widths} }")
+        problems += workload_problems(trace["workload"])
     S.group = "parameters"
     nodes, ours, grads = modelled(d)
     where = first_difference(ours, trace["nodes"],

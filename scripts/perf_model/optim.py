@@ -1,7 +1,7 @@
 """Clipping and the optimizers, on the tensor-op paths any non-CPU tensor takes
 (src/optim/adam.rs, src/optim/bsfa/): their kernels per optimizer step."""
-from .hw import (BSFA_K, BSFA_L, EFF_BW, EFF_RED_STRIDED, EIGEN, LLAMA134M, MIN_KERNEL, PCIE,
-                 PEAK_FP32, SYNC, prod)
+from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, EFF_BW, EFF_RED_STRIDED, EIGEN, LLAMA134M,
+                 MIN_KERNEL, PCIE, PEAK_FP32, SYNC, prod)
 from .sim import S
 
 
@@ -88,7 +88,7 @@ def quantize4(rows, n):
 def bsfa(bits):
     """Bsfa::step on device tensors, per covered block (norms, attention, MLP), per step."""
     S.phase, S.group = "opt", "BSFA projection"
-    covered = [(nm, prod(sh)) for nm, sh, grp, _ in param_shapes() if grp in ("norm", "attn", "mlp")]
+    covered = [(nm, prod(sh)) for nm, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS]
     k, m = BSFA_K, BSFA_L
     host = [0.0, 0.0]   # serial host work: per step, per re-estimation
     for _, n in covered:

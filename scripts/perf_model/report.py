@@ -2,8 +2,8 @@
 from collections import defaultdict
 
 from .fused import fmt_ms, summarize
-from .hw import (B, BSFA_K, BSFA_L, BSFA_T, C, GIB, I, L, LAUNCH, MASK_HOST, MICRO_PER_STEP, N,
-                 PEAK_BF16, SYNC, T, V, prod)
+from .hw import (B, BSFA_GROUPS, BSFA_K, BSFA_L, BSFA_T, C, GIB, I, L, LAUNCH, MASK_HOST,
+                 MICRO_PER_STEP, N, PEAK_BF16, SYNC, T, V, prod)
 from .optim import param_shapes
 from .sim import S
 
@@ -93,7 +93,7 @@ def print_memory(r):
     blocks_mini = sum(prod(sh) // (prod(sh) if nm == "norm" else mb)
                       for nm, sh, _, mb in param_shapes())
     mom_mini = param_bytes + 4 * blocks_mini
-    covered = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in ("norm", "attn", "mlp"))
+    covered = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS)
     bsfa32_state = 4 * (BSFA_K + BSFA_L) * covered
     # 4-bit rows on the device: half a byte per value, a scale and a zero byte per 64 values
     bsfa4_state = (0.5 + 2 / 64) * (BSFA_K + BSFA_L) * covered
