@@ -132,3 +132,66 @@ fn placement(t: &Tensor) -> Placement {
         Placement::Strided
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ParamGroup;
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Variables, views (a transpose, a broadcast, a reshape) and kernels come out in the
+    /// backward's order, each with its origin and placement; the broadcast operand that needs
+    /// no gradient keeps one in the store after the variables'.
+    #[test]
+    fn nodes_and_gradients_of_a_small_graph() -> candle_core::Result<()> {
+        let cpu = &Device::Cpu;
+        let w = Var::ones((2, 3), DType::F32, cpu)?;
+        let scale = Var::ones(3, DType::F32, cpu)?;
+        let bias = Tensor::ones(3, DType::F32, cpu)?;
+        let y = w
+            .t()?
+            .matmul(&w)?
+            .broadcast_add(&bias)?
+            .broadcast_mul(&scale)?
+            .sum_all()?;
+        let node = |shape: &[usize], origin, placement| GraphNode {
+            shape: shape.to_vec(),
+            dtype: "f32",
+            origin,
+            placement,
+        };
+        let dense = Placement::Contiguous;
+        assert_eq!(
+            graph_nodes(&y),
+            [
+                node(&[], Origin::View, dense),
+                node(&[1, 1], Origin::Fresh, dense),
+                node(&[3, 3], Origin::Fresh, dense),
+                node(&[3, 3], Origin::View, Placement::Broadcast),
+                node(&[3], Origin::Var, dense),
+                node(&[3, 3], Origin::Fresh, dense),
+                node(&[3, 3], Origin::Fresh, dense),
+                node(&[3, 2], Origin::View, Placement::Strided),
+                node(&[2, 3], Origin::Var, dense),
+            ]
+        );
+        let params: Vec<Param> = [("w", w), ("scale", scale)]
+            .into_iter()
+            .map(|(name, var)| Param {
+                name: name.into(),
+                group: ParamGroup::Mlp,
+                var,
+            })
+            .collect();
+        let grad = |shape: &[usize], param| StoredGradient {
+            shape: shape.to_vec(),
+            dtype: "f32",
+            param,
+        };
+        assert_eq!(
+            stored_gradients(&y.backward()?, &params),
+            [grad(&[2, 3], true), grad(&[3], true), grad(&[3, 3], false)]
+        );
+        Ok(())
+    }
+}
