@@ -1,6 +1,7 @@
 //! Models and their trainable parameters.
 
 pub mod accuracy;
+pub mod graph;
 pub mod llama;
 pub mod ops;
 pub mod partition;

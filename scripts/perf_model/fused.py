@@ -1,0 +1,117 @@
+"""Timing (host and device overlap between syncs) and the fused kernels: what each replaces
+and what it costs per micro-batch or optimizer step."""
+from collections import defaultdict
+
+from .hw import (B, BSFA_GROUPS, BSFA_K, BSFA_L, C, EFF_BW, EFF_GEMM, EIGEN, H, HBM, HD, I, L,
+                 LAUNCH, MIN_KERNEL, N, PEAK_BF16, SYNC, T, V, prod)
+from .optim import param_shapes
+
+
+def phase_time(kernels):
+    """GPU and host proceed in parallel between syncs: max(GPU busy, host enqueue) per segment."""
+    total, gpu, host = 0.0, 0.0, 0.0
+    for kn in kernels:
+        gpu += kn.time
+        host += kn.calls * LAUNCH
+        if kn.kind == "sync":
+            total += max(gpu, host)
+            gpu = host = 0.0
+    return total + max(gpu, host)
+
+
+def summarize(kernels):
+    out = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    for kn in kernels:
+        r = out[(kn.phase, kn.group)]
+        r[0] += kn.flops
+        r[1] += kn.bytes
+        r[2] += kn.time
+        r[3] += kn.calls
+    return out
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.1f}"
+
+
+# --- Fused kernels: what each replaces and what it costs per micro-batch ---------------------
+# FlashAttention-2-class kernels on H100 at head dim 64, causal, seq 1k (assumption), scaled by
+# 48/64: head dim 48 runs in the 64-wide kernel.
+FA_FWD = 250e12 * HD / 64
+FA_BWD = 170e12 * HD / 64
+
+
+def t_bw(nbytes, eff=EFF_BW):
+    return nbytes / (HBM * eff)
+
+
+def t_gemm(flops):
+    return flops / (PEAK_BF16 * EFF_GEMM)
+
+
+class Item:
+    """A fused kernel (with its backward): the op groups it replaces, its GPU time and launches
+    per micro-batch, and the gradients candle's autograd still zero-fills and adds for it."""
+
+    def __init__(self, name, groups, gpu, calls, grad_bytes, grads):
+        self.name, self.groups, self.gpu, self.calls = name, set(groups), gpu, calls
+        self.grad_bytes, self.grads = grad_bytes, grads
+
+
+def fused_items(micro):
+    causal = 2.0 * B * H * T * T * HD              # QK^T and PV over the causal half, forward
+    lin = [kn for kn in micro if kn.group == "linear GEMMs" and
+           (kn.kind == "gemm" or (kn.phase == "fwd" and kn.kind == "cast"))]
+    nc, ni = 2 * N * C, 2 * N * I                  # one bf16 activation of width C / I
+    mat = 4 * sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in ("attn", "mlp"))
+    return [
+        Item("flash-attention fwd+bwd (causal mask, GQA, scale; reads heads in place)",
+             ["attention (scores, softmax, heads)"],
+             L * (causal / FA_FWD + 2.5 * causal / FA_BWD), L * 4, L * 3 * nc, L * 3),
+        # chunks of rows; gradient made in the forward (Liger-style): 3 GEMMs of 2 N C V, the
+        # bf16 logits chunk written once, read twice (8 bytes per logit), the head cast both ways
+        Item("fused linear + cross-entropy (chunked vocabulary, logits never whole)",
+             ["output head + cross-entropy"],
+             3 * t_gemm(2.0 * N * C * V) + t_bw(8 * N * V) + t_bw(6 * V * C + 6 * V * C),
+             4 * 12 + 4, nc + 4 * V * C, 2),
+        # fwd: read x and the branch output, write x and y (bf16), the row rstd; bwd: read x, dy,
+        # the residual gradient, write dx; weight gradient from per-block partial sums
+        Item("fused residual-add + RMSNorm fwd+bwd", ["RMSNorm", "residual adds"],
+             (2 * L + 1) * (t_bw(2 * N * C * 2 * 4 + 8 * N) + 4e-6), (2 * L + 1) * 4,
+             (2 * L + 1) * nc, 2 * L + 1),
+        Item("linear as one op (cuBLAS fwd/bwd in a CustomOp, f32 weight, dW in f32)",
+             ["linear GEMMs"], sum(kn.time for kn in lin), sum(kn.calls for kn in lin),
+             L * (6 * nc + ni) + mat, L * 14),
+        # src/model/ops/embedding.cu: one block per vocabulary row writes its row once, reads
+        # the rows of dy whose id it is, and scans all N ids (from L2, taken as 4x HBM)
+        Item("embedding backward (one block per vocabulary row, no atomics: deterministic)",
+             ["embedding"], t_bw(4 * V * C + 4 * N * C) + 4 * V * N / (4 * HBM) + 20e-6, 4,
+             4 * V * C, 1),
+        Item("fused RoPE fwd+bwd (in place on q and k)", ["RoPE"],
+             L * 2 * 2 * t_bw(2 * nc), L * 4, L * 2 * nc, L * 2),
+        Item("fused SwiGLU fwd+bwd (packed gate/up output)", ["SwiGLU (silu, product)"],
+             L * t_bw(ni * (3 + 5)), L * 2, L * 2 * ni, L),
+    ]
+
+
+def fused_optimizer(block_mini):
+    n = sum(prod(sh) for _, sh, _, _ in param_shapes())
+    # AdamW: read p, g, m, v, write p, m, v (28 B); Adam-mini: v per block, g read twice (24 B);
+    # one multi-tensor norm pass over the gradients and one sync
+    per = 24 if block_mini else 28
+    return t_bw(per * n) + t_bw(4 * n) + 6 * MIN_KERNEL + SYNC
+
+
+def fused_bsfa(bits):
+    n = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS)
+    k, m = BSFA_K, BSFA_L
+    rb = 4 if bits == 32 else 0.5 + 2 / 64 + 4 / n   # bytes per stored value
+    # U v and U^T c for every block in two batched launches (U read twice); the update written
+    # to the history row by the Adam kernel and theta updated in place (16 B per value)
+    step = t_bw(2 * rb * k * n + 16 * n) + 4 * MIN_KERNEL
+    # Gram of the centred history in one pass (H H^T - m mu mu^T), directions C H, overlap
+    # U_old U_new^T: history read twice, U written once and read twice; batched eigensolver on
+    # the host with one sync
+    refresh = (t_bw(2 * rb * m * n + 3 * rb * k * n) + 2.0 * m * m * n / (PEAK_BF16 * 0.3)
+               + 55 * EIGEN + 2 * SYNC)
+    return step, refresh
