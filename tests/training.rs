@@ -4,7 +4,7 @@ mod common;
 
 use bsfa_train::config::RunConfig;
 use bsfa_train::train;
-use common::small_config;
+use common::{records, small_config};
 
 #[test]
 fn loss_drops_on_builtin_data() {
@@ -23,16 +23,12 @@ fn loss_drops_on_builtin_data() {
     );
 
     // Outputs: the resolved config and one metrics line per step, the final eval and the
-    // final training sample (the `tiny` preset samples every 100 steps and after the last).
+    // final training sample (the `test` preset samples every 100 steps and after the last).
     let written: RunConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(written, config);
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = records(dir.path());
     assert_eq!(lines.len(), 62);
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
