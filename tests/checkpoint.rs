@@ -5,12 +5,13 @@
 mod common;
 
 use bsfa_train::checkpoint::{self, read_safetensors};
+use common::ranks::{sigterm, wait_until_logged};
 use common::{
     command, fails, max_abs_diff, ok, ok_summary, records, run, summary, test_model, SMALL_BSFA,
 };
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const STEPS: usize = 40;
@@ -233,17 +234,8 @@ fn sigterm_checkpoints_and_exits_then_resume_continues() {
         .spawn()
         .unwrap();
     // Wait until a few steps are logged, then ask it to stop as a scheduler would.
-    let metrics = out.join("metrics.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 6 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_until_logged(&out, 6);
+    sigterm(&child);
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(143), "{err}");

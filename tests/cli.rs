@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::data::word_tokenizer;
 use common::{fails_with, ok, read_json, records, run, stderr, test_model};
 use std::path::Path;
 use std::process::Output;
@@ -109,28 +110,10 @@ fn missing_or_empty_data_is_a_clear_error() {
 
 #[test]
 fn hugging_face_tokenizer_trains_and_vocab_must_fit() {
-    use std::collections::HashMap;
-    use tokenizers::models::wordlevel::WordLevel;
-    use tokenizers::pre_tokenizers::whitespace::Whitespace;
-
     let dir = tempfile::tempdir().unwrap();
-    // A word-level tokenizer over 300 words: larger than the byte vocabulary.
-    let words: Vec<String> = (0..299).map(|i| format!("w{i}")).collect();
-    let mut vocab: HashMap<String, u32> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.clone(), i as u32))
-        .collect();
-    vocab.insert("[UNK]".into(), 299);
-    let model = WordLevel::builder()
-        .vocab(vocab.into_iter().collect())
-        .unk_token("[UNK]".into())
-        .build()
-        .unwrap();
-    let mut tok = tokenizers::Tokenizer::new(model);
-    tok.with_pre_tokenizer(Some(Whitespace {}));
+    // A word-level tokenizer of 300 tokens: larger than the byte vocabulary.
     let tok_path = dir.path().join("tokenizer.json");
-    tok.save(&tok_path, false).unwrap();
+    word_tokenizer(&tok_path, 300);
     let text: String = (0..4000).map(|i| format!("w{} ", (i * 7) % 299)).collect();
     let data = dir.path().join("words.txt");
     std::fs::write(&data, text).unwrap();

@@ -5,11 +5,11 @@
 mod common;
 
 use bsfa_train::checkpoint::read_safetensors;
-use common::ranks::{free_port, logged_steps, spawn, wait_bounded};
+use common::ranks::{free_port, sigterm, spawn, wait_bounded, wait_until_logged};
 use common::{logged, max_abs_diff, ok, run, small_bsfa_run, summary, worst_relative_difference};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 #[test]
 fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
@@ -164,14 +164,8 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_at_one_step() {
     let two = ["--nproc-per-node", "2"];
     let child = spawn(&small_bsfa_run(&stopped, 400, &two), &[]);
     // Stop once a few steps are logged.
-    let started = Instant::now();
-    while logged_steps(&stopped) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    wait_until_logged(&stopped, 3);
+    sigterm(&child);
     let (output, _) = wait_bounded(child, Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(143), "{stderr}");

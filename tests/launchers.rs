@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::ranks::{free_port, logged_steps, spawn, wait_bounded};
+use common::ranks::{free_port, logged_steps, sigterm, spawn, stops_before_training, wait_bounded};
 use common::tools::tool;
 use common::{logged, ok, run, small_bsfa_run, strings, summary, worst_relative_difference, BIN};
 use std::os::unix::process::CommandExt;
@@ -260,8 +260,7 @@ fn stops_and_resumes(
     }
     let startup = startup.unwrap_or_else(|| started.elapsed());
     for child in &children {
-        // SAFETY: kill(2) on a child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        sigterm(child);
     }
     let (outputs, took) = finish(children);
     let stderr: String = outputs
@@ -502,17 +501,7 @@ fn a_signal_ends_the_wait_for_other_ranks() {
         ];
         let child = spawn(&small_bsfa_run(&out, STEPS, &[]), &vars);
         std::thread::sleep(Duration::from_millis(1500));
-        // SAFETY: kill(2) on a child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let signalled = Instant::now();
-        let (output, _) = wait_bounded(child, Duration::from_secs(60));
-        let took = signalled.elapsed();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(143), "rank {rank}: {stderr}");
-        assert!(
-            stderr.contains("stopped by SIGTERM before training started"),
-            "rank {rank}: {stderr}"
-        );
+        let took = stops_before_training(child, &format!("rank {rank}"));
         assert!(took < Duration::from_secs(2), "rank {rank} took {took:?}");
         eprintln!(
             "rank {rank} left the join {:.2} s after SIGTERM",

@@ -5,6 +5,7 @@ mod common;
 
 use bsfa_train::data::parquet_text::write_string_column;
 use common::data::{encode, hub_free, run_hub_free, split_ids, word_tokenizer};
+use common::ranks::stops_before_training;
 use common::{fails, ok_summary, stderr, test_model};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -301,16 +302,6 @@ fn ranks_prepare_once_before_joining_and_a_signal_ends_their_wait() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let signalled = Instant::now();
-    let output = child.wait_with_output().unwrap();
-    let stopped_in = signalled.elapsed();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(143), "{stderr}");
-    assert!(
-        stderr.contains("stopped by SIGTERM before training started"),
-        "{stderr}"
-    );
+    let stopped_in = stops_before_training(child, "waiting for the preparing process");
     assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
 }

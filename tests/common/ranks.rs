@@ -31,6 +31,39 @@ pub fn spawn(args: &[String], envs: &[(&str, String)]) -> Child {
         .expect("binary starts")
 }
 
+/// Sends SIGTERM to `child`, as a scheduler stopping a job does.
+pub fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "SIGTERM to {}", child.id());
+}
+
+/// Sends SIGTERM to `child`, which waits to start training, and checks that it stops
+/// (exit 143) saying it stopped before training started; returns how long it took to stop.
+/// `what` names the job in messages.
+pub fn stops_before_training(child: Child, what: &str) -> Duration {
+    sigterm(&child);
+    let signalled = Instant::now();
+    let (output, _) = wait_bounded(child, Duration::from_secs(60));
+    let took = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(143), "{what}: {stderr}");
+    assert!(
+        stderr.contains("stopped by SIGTERM before training started"),
+        "{what}: {stderr}"
+    );
+    took
+}
+
+/// Waits until the run in `out` has logged `lines` metrics lines, failing after a minute.
+pub fn wait_until_logged(out: &Path, lines: usize) {
+    let started = Instant::now();
+    while logged_steps(out) < lines {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Lines in the run's metrics.jsonl so far.
 pub fn logged_steps(out: &Path) -> usize {
     std::fs::read_to_string(out.join("metrics.jsonl"))
