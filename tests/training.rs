@@ -71,15 +71,17 @@ fn adam_mini_trains_like_adamw() {
     assert!((last5(&mini.losses) / last5(&adamw.losses) - 1.0).abs() < 0.1);
 }
 
+/// The training losses of a 4-step run of the test model with the setting `set`.
+fn four_step_losses(set: &str) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    train::run(&small_config(dir.path(), &["train.steps=4", set]), None)
+        .unwrap()
+        .losses
+}
+
 #[test]
 fn same_seed_same_losses_other_seed_other_losses() {
-    let run = |seed: u64| {
-        let dir = tempfile::tempdir().unwrap();
-        let seed = format!("train.seed={seed}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &seed]), None)
-            .unwrap()
-            .losses
-    };
+    let run = |seed: u64| four_step_losses(&format!("train.seed={seed}"));
     let a = run(1);
     assert_eq!(
         a,
@@ -91,13 +93,7 @@ fn same_seed_same_losses_other_seed_other_losses() {
 
 #[test]
 fn micro_batch_split_does_not_change_the_run() {
-    let run = |micro: usize| {
-        let dir = tempfile::tempdir().unwrap();
-        let micro = format!("train.micro_batch_size={micro}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &micro]), None)
-            .unwrap()
-            .losses
-    };
+    let run = |micro: usize| four_step_losses(&format!("train.micro_batch_size={micro}"));
     let whole = run(8);
     let split = run(2);
     for (a, b) in whole.iter().zip(&split) {
