@@ -12,7 +12,7 @@ use common::finite_differences::{
     check_all_coordinates, every_parameter_matches, random, scalar, tiny_llama, tiny_llama_batch,
     values, weighted_sum,
 };
-use common::op_cases::assert_close;
+use common::op_cases::{assert_close, attention_case_with, fused_matches_reference, Sizes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -100,49 +100,25 @@ fn attention_backward_matches_finite_differences() {
     );
 }
 
-/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk: the
-/// fused attention and its gradients match the reference composition.
+/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk, and
+/// one key/value head for two query heads: the fused attention and its gradients match the
+/// reference composition (the shared check), the output to 1e-12.
 #[test]
 fn attention_over_several_row_chunks_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let (batch, seq, hidden, heads, kv_heads, dim) = (2, 150, 8, 2, 1, 4);
-    let (cos, sin) = ops::rope_tables(dim, seq, 10000.0, DType::F64, &Device::Cpu).unwrap();
-    let mut var = |shape: &[usize]| Var::from_tensor(&random(shape, 1.0, &mut rng)).unwrap();
-    let (x, wq, wk, wv) = (
-        var(&[batch, seq, hidden]),
-        var(&[heads * dim, hidden]),
-        var(&[kv_heads * dim, hidden]),
-        var(&[kv_heads * dim, hidden]),
-    );
-    let r = random(&[batch, seq, heads * dim], 1.0, &mut rng);
-    let w = (wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
-    let fused = ops::attention(x.as_tensor(), w, (&cos, &sin), heads, kv_heads).unwrap();
-    let lin = |w: &Tensor| ops::reference::linear(x.as_tensor(), w).unwrap();
-    let reference = ops::reference::causal_attention(
-        &lin(w.0),
-        &lin(w.1),
-        &lin(w.2),
-        (&cos, &sin),
-        heads,
-        kv_heads,
-    )
-    .unwrap();
-    let (fv, rv) = (values(&fused), values(&reference));
-    for (a, b) in fv.iter().zip(&rv) {
+    let sizes = Sizes {
+        batch: 2,
+        seq: 150,
+        hidden: 8,
+        vit_heads: 1,
+        dtype: DType::F64,
+    };
+    let case = attention_case_with(sizes, (2, 1), &mut rng);
+    let (fused, reference) = (values(&case.op()), values(&case.reference()));
+    for (a, b) in fused.iter().zip(&reference) {
         assert!((a - b).abs() < 1e-12, "forward {a} vs {b}");
     }
-    let gf = weighted_sum(&fused, &r).backward().unwrap();
-    let gr = weighted_sum(&reference, &r).backward().unwrap();
-    for (name, v) in [("x", &x), ("wq", &wq), ("wk", &wk), ("wv", &wv)] {
-        let a = values(gf.get(v.as_tensor()).unwrap());
-        let b = values(gr.get(v.as_tensor()).unwrap());
-        for (a, b) in a.iter().zip(&b) {
-            assert!(
-                (a - b).abs() < 1e-10 * (1.0 + b.abs()),
-                "d{name}: {a} vs {b}"
-            );
-        }
-    }
+    fused_matches_reference(&case);
 }
 
 #[test]

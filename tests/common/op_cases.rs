@@ -217,6 +217,15 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
 /// Grouped-query causal attention (4 query heads, 2 key/value heads of 4 dimensions),
 /// projections and rotary embeddings included, on random inputs of the sizes `z`.
 pub fn attention_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
+    attention_case_with(z, (4, 2), rng)
+}
+
+/// [`attention_case`] with `(query heads, key/value heads)` of 4 dimensions each.
+pub fn attention_case_with(
+    z: Sizes,
+    (heads, kv_heads): (usize, usize),
+    rng: &mut ChaCha8Rng,
+) -> OpCase {
     let Sizes {
         batch: b,
         seq: s,
@@ -224,7 +233,7 @@ pub fn attention_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
         dtype,
         ..
     } = z;
-    let (heads, kv_heads, dim) = (4, 2, 4);
+    let dim = 4;
     let (cos, sin) = ops::rope_tables(dim, s, 10000.0, dtype, &Device::Cpu).unwrap();
     let x = var(&[b, s, h], 1.0, dtype, rng);
     let (wq, wk, wv) = (
