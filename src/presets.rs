@@ -9,6 +9,9 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("llama134m", include_str!("../configs/llama134m.json")),
     ("vit-s16", include_str!("../configs/vit-s16.json")),
     ("vit-tiny", include_str!("../configs/vit-tiny.json")),
+    // The tests' small model (as torchtitan's debug model): `tiny` at hidden 64, 2 layers,
+    // batches of 8 sequences of 64 bytes, every step logged.
+    ("test", include_str!("../configs/test.json")),
 ];
 
 /// The JSON of preset `name`, if there is one.

@@ -3,14 +3,12 @@
 //! bf16 is the precision `--dtype auto` picks on a GPU: here its code path (bf16 compute,
 //! f32 master weights, gradients and optimizer state) runs on the CPU.
 
-mod ranks;
+mod common;
 
-use ranks::ok;
+use common::{ok, ok_summary, read_json, records, run, run_with, small_bsfa_run};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 const STEPS: usize = 30;
 
 /// The small Adam-mini + BSFA run of the multi-rank tests (re-estimating every 4 steps, so a
@@ -22,25 +20,7 @@ fn args(out: &Path) -> Vec<String> {
 
 /// [`args`] computing in `dtype`.
 fn args_in(dtype: &str, out: &Path) -> Vec<String> {
-    ranks::args(out, STEPS, &["--dtype", dtype, "--threads", "2"])
-}
-
-fn run(args: &[String], failpoint: Option<&str>) -> Output {
-    let mut command = Command::new(BIN);
-    command.args(args);
-    if let Some(spec) = failpoint {
-        command.env("BSFA_TRAIN_FAILPOINT", spec);
-    }
-    command.output().expect("binary runs")
-}
-
-/// Every metrics record, in file order.
-fn records(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    small_bsfa_run(out, STEPS, &["--dtype", dtype, "--threads", "2"])
 }
 
 /// The training losses, by step.
@@ -57,13 +37,9 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
 
     // A straight run.
     let straight = dir.path().join("straight");
-    let o = ok(run(&args(&straight), None));
-    let summary: Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let summary = ok_summary(run(&args(&straight)));
     assert_eq!(summary["steps"], STEPS as u64);
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(straight.join("config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&straight.join("config.json"));
     assert_eq!(config["train"]["dtype"], "bf16");
     let expected = records(&straight);
     let loss = losses(&expected);
@@ -83,7 +59,7 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
     // The model really computes in bf16: the first loss (same weights, same batch) is the
     // f32 run's up to bf16 rounding, not equal to it.
     let f32_run = dir.path().join("f32");
-    ok(run(&args_in("f32", &f32_run), None));
+    ok(run(&args_in("f32", &f32_run)));
     let f32_first = losses(&records(&f32_run))[0].1;
     assert!(
         first != f32_first && (first - f32_first).abs() < 0.05,
@@ -100,14 +76,18 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
     // The same run stopped right after step 11 (its checkpoint of step 10 written), then
     // resumed: the metrics are the straight run's, bit for bit.
     let stopped = dir.path().join("stopped");
-    let o = run(&args(&stopped), Some("rank-error:11"));
+    let o = run_with(
+        &args(&stopped),
+        &[("BSFA_TRAIN_FAILPOINT", "rank-error:11")],
+    );
     assert!(!o.status.success(), "the failpoint did not stop the run");
     let steps_logged = losses(&records(&stopped)).len();
     assert_eq!(steps_logged, 10, "stopped after step 11, before logging it");
-    let resumed = ok(run(
-        &[args(&stopped), vec!["--resume".into(), "auto".into()]].concat(),
-        None,
-    ));
+    let resumed = ok(run(&[
+        args(&stopped),
+        vec!["--resume".into(), "auto".into()],
+    ]
+    .concat()));
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(err.contains("step-00000010' at step 10"), "{err}");
     assert_eq!(records(&stopped).len(), expected.len());
@@ -118,20 +98,15 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
     }
 
     // `eval` reads the bf16 run's checkpoint (its f32 master weights).
-    let o = ok(Command::new(BIN)
-        .args([
-            "eval",
-            "--checkpoint",
-            ckpts.join("step-00000030").to_str().unwrap(),
-            "--data",
-            "builtin",
-            "--eval-batches",
-            "4",
-        ])
-        .output()
-        .unwrap());
-    let report: Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let report = ok_summary(run(&[
+        "eval",
+        "--checkpoint",
+        ckpts.join("step-00000030").to_str().unwrap(),
+        "--data",
+        "builtin",
+        "--eval-batches",
+        "4",
+    ]));
     let eval_loss = report["val_loss"].as_f64().unwrap();
     assert_eq!(report["tokens"], 4 * 8 * 64);
     // Other windows than the run's validation, in f32: close to the run's, far below the start.

@@ -6,19 +6,10 @@ mod common;
 use bsfa_train::optim::bsfa::{project, top_directions};
 use bsfa_train::train;
 use candle_core::{Device, Tensor};
+use common::finite_differences::{random, values};
 use common::small_config;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
 
 fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
     for (x, y) in values(a).iter().zip(values(b)) {
@@ -44,7 +35,7 @@ fn squared_overlap(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn projector_scales_directions_by_alpha_and_the_rest_by_gamma() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let history = random(&[12, 50], &mut rng);
+    let history = random(&[12, 50], 1.0, &mut rng);
     let u = top_directions(&history, 4).unwrap().unwrap();
     assert_eq!(u.dims(), [4, 50]);
     let gram = u.matmul(&u.t().unwrap()).unwrap();
@@ -61,7 +52,7 @@ fn projector_scales_directions_by_alpha_and_the_rest_by_gamma() {
             "alpha u",
         );
     }
-    let w = random(&[50], &mut rng);
+    let w = random(&[50], 1.0, &mut rng);
     let inside = u
         .t()
         .unwrap()
@@ -93,7 +84,7 @@ fn projector_scales_directions_by_alpha_and_the_rest_by_gamma() {
     };
     let top = variance(&u.get(0).unwrap());
     for _ in 0..20 {
-        let d = random(&[50], &mut rng);
+        let d = random(&[50], 1.0, &mut rng);
         let norm = d.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
         let d = d.broadcast_div(&norm).unwrap();
         assert!(variance(&d) <= top + 1e-9);
@@ -108,7 +99,7 @@ fn pca_of_gradient_descent_recovers_the_top_hessian_eigenspace() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let (d, k, eta) = (20, 3, 0.5);
     // A random orthonormal eigenbasis: top directions from a random matrix's PCA.
-    let basis = top_directions(&random(&[d + 1, d], &mut rng), d)
+    let basis = top_directions(&random(&[d + 1, d], 1.0, &mut rng), d)
         .unwrap()
         .unwrap();
     assert_eq!(basis.dims(), [d, d]);
@@ -121,7 +112,7 @@ fn pca_of_gradient_descent_recovers_the_top_hessian_eigenspace() {
         .unwrap()
         .matmul(&basis)
         .unwrap();
-    let mut theta = random(&[d, 1], &mut rng);
+    let mut theta = random(&[d, 1], 1.0, &mut rng);
     let mut updates = Vec::new();
     for _ in 0..40 {
         let update = (h.matmul(&theta).unwrap() * -eta).unwrap();

@@ -5,63 +5,37 @@
 mod common;
 
 use bsfa_train::checkpoint::{self, read_safetensors};
+use common::ranks::{sigterm, wait_until_logged};
+use common::{
+    command, fails, max_abs_diff, ok, ok_summary, records, run, summary, test_model, SMALL_BSFA,
+};
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 const STEPS: usize = 40;
 
-/// A small run that takes about a second: checkpoints every 4 steps, every step logged.
+/// A small run of the test model that takes about a second: checkpoints every 4 steps,
+/// every step logged.
 fn args(out: &Path, steps: usize, optimizer: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--set",
-        "model.hidden_size=64",
-        "--set",
-        "model.num_hidden_layers=2",
-        "--set",
-        "model.intermediate_size=172",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "64",
+    let steps = steps.to_string();
+    let out = out.display().to_string();
+    let flags = [
         "--eval-every",
         "10",
         "--eval-batches",
-        "1",
-        "--log-every",
         "1",
         "--checkpoint-every",
         "4",
         "--threads",
         "2",
-        "--set",
-        "bsfa.rank=3",
-        "--set",
-        "bsfa.history=6",
-        "--set",
-        "bsfa.interval=4",
         "--steps",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.push(steps.to_string());
-    a.push("--out".into());
-    a.push(out.display().to_string());
-    a.extend(optimizer.iter().map(|s| s.to_string()));
-    a
-}
-
-fn run(args: &[String]) -> Output {
-    Command::new(BIN).args(args).output().expect("binary runs")
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
+        &steps,
+        "--out",
+        &out,
+    ];
+    test_model(&[&flags[..], &SMALL_BSFA, optimizer].concat())
 }
 
 fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
@@ -71,11 +45,9 @@ fn with(mut a: Vec<String>, extra: &[&str]) -> Vec<String> {
 
 /// `(step, loss, val_loss, BSFA diagnostics or sample)` of every metrics record, in file order.
 fn logged(out: &Path) -> Vec<(u64, String)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let r: Value = serde_json::from_str(l).unwrap();
+    records(out)
+        .iter()
+        .map(|r| {
             let (key, value) = ["loss", "val_loss", "bsfa", "sample"]
                 .into_iter()
                 .find_map(|k| r.get(k).map(|v| (k, v)))
@@ -150,7 +122,7 @@ fn kill_9_at_random_moments_then_resume_logs_the_uninterrupted_losses() {
             // write whatever the machine's speed.
             let after_lines = rng.random_range(0..STEPS);
             let extra = full.mul_f64(rng.random_range(0.0..1.0) / STEPS as f64);
-            let mut child = Command::new(BIN)
+            let mut child = command()
                 .args(args(&out, STEPS, optimizer))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -208,7 +180,7 @@ fn crash_inside_a_checkpoint_write_keeps_the_previous_one() {
     let reference = dir.path().join("reference");
     ok(run(&args(&reference, STEPS, optimizer)));
     let out = dir.path().join("crashed");
-    let crashed = Command::new(BIN)
+    let crashed = command()
         .args(args(&out, STEPS, optimizer))
         .env("BSFA_TRAIN_FAILPOINT", "checkpoint-write:12")
         .output()
@@ -255,24 +227,15 @@ fn sigterm_checkpoints_and_exits_then_resume_continues() {
     let reference = dir.path().join("reference");
     ok(run(&args(&reference, STEPS, optimizer)));
     let out = dir.path().join("stopped");
-    let child = Command::new(BIN)
+    let child = command()
         .args(args(&out, STEPS, optimizer))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Wait until a few steps are logged, then ask it to stop as a scheduler would.
-    let metrics = out.join("metrics.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 6 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_until_logged(&out, 6);
+    sigterm(&child);
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(143), "{err}");
@@ -280,8 +243,7 @@ fn sigterm_checkpoints_and_exits_then_resume_continues() {
         err.contains("stopped by SIGTERM") && err.contains("--resume auto"),
         "{err}"
     );
-    let summary: Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let summary = summary(&o);
     let stopped_at = summary["steps"].as_u64().unwrap() as usize;
     assert!(stopped_at < STEPS, "{summary}");
     assert_eq!(summary["interrupted_by"], "SIGTERM");
@@ -317,11 +279,10 @@ fn resume_fails(a: &[String], ckpt: &Path, metrics: &str, needle: &str) {
         .iter()
         .map(|f| std::fs::read(ckpt.join(f)).unwrap_or_default())
         .collect();
-    let o = run(&with(a.to_vec(), &["--resume", ckpt.to_str().unwrap()]));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "resumed despite: {needle}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    fails(
+        run(&with(a.to_vec(), &["--resume", ckpt.to_str().unwrap()])),
+        &[needle],
+    );
     let out = ckpt.parent().unwrap().parent().unwrap();
     assert_eq!(
         std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
@@ -425,9 +386,7 @@ fn damaged_or_mismatched_checkpoints_are_named_errors() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("'/no/such/checkpoint' does not exist"));
 
     // Untouched, it resumes and extends the run to 12 steps.
-    let o = ok(run(&with(a.clone(), &["--resume", "auto"])));
-    let summary: Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let summary = ok_summary(run(&with(a.clone(), &["--resume", "auto"])));
     assert_eq!(summary["steps"], 12);
     assert_eq!(summary["resumed_from"], 8);
 }
@@ -447,14 +406,7 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
     assert_eq!(first.len(), 2 + 2 * 9 + 1);
     for (name, before) in &first {
         let after = &second[name];
-        let moved = (after - before)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs_diff(after, before);
         assert!(moved > 0.0, "'{name}' did not change between steps 4 and 8");
     }
 

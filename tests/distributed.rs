@@ -2,20 +2,21 @@
 //! variables) must follow the one-process run, resume across rank counts, stop together on
 //! a signal, and fail fast, naming the rank, when one rank dies, errors or hangs.
 
-mod ranks;
+mod common;
 
 use bsfa_train::checkpoint::read_safetensors;
-use ranks::*;
+use common::ranks::{free_port, sigterm, spawn, wait_bounded, wait_until_logged};
+use common::{logged, max_abs_diff, ok, run, small_bsfa_run, summary, worst_relative_difference};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 #[test]
 fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    let single = ok(run(&args(&one, 30, &["--threads", "2"])));
-    let double = ok(run(&args(&two, 30, &["--nproc-per-node", "2"])));
+    let single = ok(run(&small_bsfa_run(&one, 30, &["--threads", "2"])));
+    let double = ok(run(&small_bsfa_run(&two, 30, &["--nproc-per-node", "2"])));
     let (a, b) = (logged(&one), logged(&two));
     assert_eq!(a.len(), b.len());
     assert_eq!(b.len(), 30 + 3, "30 losses and 3 val losses");
@@ -29,14 +30,7 @@ fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
     let (wb, _) = read_safetensors(&checkpoint(&two)).unwrap();
     for (name, x) in &wa {
         let y = &wb[name];
-        let diff: f32 = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(x, y);
         let scale: f32 = x.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(diff <= 1e-3 * scale, "{name}: {diff} vs scale {scale}");
     }
@@ -70,7 +64,7 @@ fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
 fn checkpoints_resume_on_another_rank_count() {
     let dir = tempfile::tempdir().unwrap();
     let reference = dir.path().join("reference");
-    ok(run(&args(&reference, 30, &["--threads", "2"])));
+    ok(run(&small_bsfa_run(&reference, 30, &["--threads", "2"])));
     let expected = logged(&reference);
     for (first, then) in [(2, 1), (1, 2)] {
         let out = dir.path().join(format!("{first}-then-{then}"));
@@ -82,7 +76,7 @@ fn checkpoints_resume_on_another_rank_count() {
             }
         };
         let with_ranks = |steps: usize, n: usize, more: &[&str]| {
-            let mut a = args(&out, steps, more);
+            let mut a = small_bsfa_run(&out, steps, more);
             a.extend(ranks(n));
             a
         };
@@ -105,7 +99,7 @@ fn a_rank_that_dies_or_errors_stops_the_whole_job() {
     ] {
         let out = dir.path().join(kind);
         let child = spawn(
-            &args(&out, 200, &["--nproc-per-node", "2"]),
+            &small_bsfa_run(&out, 200, &["--nproc-per-node", "2"]),
             &[("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3"))],
         );
         let (output, took) = wait_bounded(child, Duration::from_secs(120));
@@ -134,7 +128,7 @@ fn ranks_started_by_an_outside_launcher_detect_dead_and_silent_peers() {
         let ranks: Vec<Child> = (0..2)
             .map(|rank| {
                 spawn(
-                    &args(
+                    &small_bsfa_run(
                         &out,
                         200,
                         &["--set", "train.dist_timeout_s=3", "--threads", "1"],
@@ -168,16 +162,10 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_at_one_step() {
     let dir = tempfile::tempdir().unwrap();
     let (stopped, straight) = (dir.path().join("stopped"), dir.path().join("straight"));
     let two = ["--nproc-per-node", "2"];
-    let child = spawn(&args(&stopped, 400, &two), &[]);
+    let child = spawn(&small_bsfa_run(&stopped, 400, &two), &[]);
     // Stop once a few steps are logged.
-    let started = Instant::now();
-    while logged_steps(&stopped) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    wait_until_logged(&stopped, 3);
+    sigterm(&child);
     let (output, _) = wait_bounded(child, Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(143), "{stderr}");
@@ -190,12 +178,12 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_at_one_step() {
 
     // Resuming continues exactly as a 2-rank run that never stopped.
     let to = step + 3;
-    ok(run(&args(
+    ok(run(&small_bsfa_run(
         &stopped,
         to,
         &["--nproc-per-node", "2", "--resume", "auto"],
     )));
-    ok(run(&args(&straight, to, &two)));
+    ok(run(&small_bsfa_run(&straight, to, &two)));
     let (a, b) = (logged(&straight), logged(&stopped));
     let a: Vec<_> = a.iter().filter(|(_, k, _)| *k == "loss").collect();
     let b: Vec<_> = b.iter().filter(|(_, k, _)| *k == "loss").collect();

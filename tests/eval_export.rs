@@ -8,22 +8,8 @@ use bsfa_train::data::{builtin, shards};
 use bsfa_train::model::Llama;
 use bsfa_train::train;
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
+use common::{max_abs_diff, ok_summary, read_json, run, stderr};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn bsfa(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bsfa-train"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn last_json(o: &Output) -> Value {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
 
 /// A checkpoint of a few steps of training.
 fn trained(dir: &Path) -> std::path::PathBuf {
@@ -71,7 +57,7 @@ fn eval_averages_the_loss_over_non_overlapping_windows_from_the_start() {
         format!("shards:{}", shard.display()),
         format!("text:{}", text_file.display()),
     ] {
-        let report = last_json(&bsfa(&[
+        let report = ok_summary(run(&[
             "eval",
             "--checkpoint",
             ckpt,
@@ -89,7 +75,7 @@ fn eval_averages_the_loss_over_non_overlapping_windows_from_the_start() {
         );
         assert_eq!(report["tokens"], (windows * seq) as u64);
     }
-    let report = last_json(&bsfa(&[
+    let report = ok_summary(run(&[
         "eval",
         "--checkpoint",
         ckpt,
@@ -107,14 +93,14 @@ fn eval_averages_the_loss_over_non_overlapping_windows_from_the_start() {
     // A shard whose ids exceed the model's vocabulary is named.
     let wide = shard_dir.join("wide_val_000000.bin");
     shards::write(&wide, &[1, 2, 300, 4], 1000).unwrap();
-    let o = bsfa(&[
+    let o = run(&[
         "eval",
         "--checkpoint",
         ckpt,
         "--data",
         &format!("shards:{}", wide.display()),
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(
         !o.status.success() && err.contains("wide_val_000000.bin") && err.contains("id 300"),
         "{err}"
@@ -126,17 +112,18 @@ fn export_writes_a_llama_for_causal_lm_folder() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = trained(dir.path());
     let out = dir.path().join("hf");
-    let o = bsfa(&[
-        "export",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let report = last_json(&o);
+    let export = || {
+        run(&[
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let report = ok_summary(export());
     assert_eq!(report["step"], 3);
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config = read_json(&out.join("config.json"));
     let ck = Checkpoint::open(&ckpt, false).unwrap();
     let model = &ck.state.config.model;
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
@@ -154,13 +141,7 @@ fn export_writes_a_llama_for_causal_lm_folder() {
     let (original, _) = read_safetensors(&ckpt.join("model.safetensors")).unwrap();
     assert_eq!(exported.len(), original.len());
     for (name, t) in &original {
-        let diff = (t - &exported[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        assert_eq!(max_abs_diff(t, &exported[name]), 0.0, "{name}");
     }
     assert!(exported.contains_key("model.layers.1.self_attn.q_proj.weight"));
     assert!(exported.contains_key("lm_head.weight"));
@@ -170,14 +151,8 @@ fn export_writes_a_llama_for_causal_lm_folder() {
     );
 
     // Never over an existing export.
-    let o = bsfa(&[
-        "export",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let o = export();
+    let err = stderr(&o);
     assert!(
         !o.status.success() && err.contains("already exists"),
         "{err}"

@@ -4,20 +4,17 @@
 //! sure every op we use (our fused CPU kernels, which `ops` picks on the CPU, and the
 //! `reference` compositions) and every parameter of the model really trains.
 
-use bsfa_train::model::LlamaConfig;
-use bsfa_train::model::{ops, Llama};
+mod common;
+
+use bsfa_train::model::{ops, Llama, LlamaConfig};
 use candle_core::{DType, Device, Tensor, Var};
+use common::finite_differences::{
+    check_all_coordinates, every_parameter_matches, random, scalar, tiny_llama, tiny_llama_batch,
+    values, weighted_sum,
+};
+use common::op_cases::{assert_close, attention_case_with, fused_matches_reference, Sizes};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-mod finite_differences;
-use finite_differences::{check_all_coordinates, random, scalar, values};
-
-/// Reduces an op's output to a scalar with fixed random weights, so every output
-/// element contributes a distinct amount to the loss.
-fn weighted_sum(out: &Tensor, weights: &Tensor) -> Tensor {
-    (out * weights).unwrap().sum_all().unwrap()
-}
 
 #[test]
 fn rms_norm_backward_matches_finite_differences() {
@@ -103,49 +100,25 @@ fn attention_backward_matches_finite_differences() {
     );
 }
 
-/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk: the
-/// fused attention and its gradients match the reference composition.
+/// Sequences longer than the fused kernel's row chunk (64), with a partial last chunk, and
+/// one key/value head for two query heads: the fused attention and its gradients match the
+/// reference composition (the shared check), the output to 1e-12.
 #[test]
 fn attention_over_several_row_chunks_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let (batch, seq, hidden, heads, kv_heads, dim) = (2, 150, 8, 2, 1, 4);
-    let (cos, sin) = ops::rope_tables(dim, seq, 10000.0, DType::F64, &Device::Cpu).unwrap();
-    let mut var = |shape: &[usize]| Var::from_tensor(&random(shape, 1.0, &mut rng)).unwrap();
-    let (x, wq, wk, wv) = (
-        var(&[batch, seq, hidden]),
-        var(&[heads * dim, hidden]),
-        var(&[kv_heads * dim, hidden]),
-        var(&[kv_heads * dim, hidden]),
-    );
-    let r = random(&[batch, seq, heads * dim], 1.0, &mut rng);
-    let w = (wq.as_tensor(), wk.as_tensor(), wv.as_tensor());
-    let fused = ops::attention(x.as_tensor(), w, (&cos, &sin), heads, kv_heads).unwrap();
-    let lin = |w: &Tensor| ops::reference::linear(x.as_tensor(), w).unwrap();
-    let reference = ops::reference::causal_attention(
-        &lin(w.0),
-        &lin(w.1),
-        &lin(w.2),
-        (&cos, &sin),
-        heads,
-        kv_heads,
-    )
-    .unwrap();
-    let (fv, rv) = (values(&fused), values(&reference));
-    for (a, b) in fv.iter().zip(&rv) {
+    let sizes = Sizes {
+        batch: 2,
+        seq: 150,
+        hidden: 8,
+        vit_heads: 1,
+        dtype: DType::F64,
+    };
+    let case = attention_case_with(sizes, (2, 1), &mut rng);
+    let (fused, reference) = (values(&case.op()), values(&case.reference()));
+    for (a, b) in fused.iter().zip(&reference) {
         assert!((a - b).abs() < 1e-12, "forward {a} vs {b}");
     }
-    let gf = weighted_sum(&fused, &r).backward().unwrap();
-    let gr = weighted_sum(&reference, &r).backward().unwrap();
-    for (name, v) in [("x", &x), ("wq", &wq), ("wk", &wk), ("wv", &wv)] {
-        let a = values(gf.get(v.as_tensor()).unwrap());
-        let b = values(gr.get(v.as_tensor()).unwrap());
-        for (a, b) in a.iter().zip(&b) {
-            assert!(
-                (a - b).abs() < 1e-10 * (1.0 + b.abs()),
-                "d{name}: {a} vs {b}"
-            );
-        }
-    }
+    fused_matches_reference(&case);
 }
 
 #[test]
@@ -260,15 +233,8 @@ fn swiglu_backward_matches_finite_differences() {
 fn fused_forward_matches_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let close = |a: &Tensor, b: &Tensor, what: &str| {
-        let a = values(&a.to_dtype(DType::F64).unwrap());
-        let b = values(&b.to_dtype(DType::F64).unwrap());
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                "{what}: {x} vs {y}"
-            );
-        }
+        let f64_values = |t: &Tensor| values(&t.to_dtype(DType::F64).unwrap());
+        assert_close(&f64_values(a), &f64_values(b), 1e-5, what);
     };
     for dtype in [DType::F32, DType::F64] {
         let t = |shape: &[usize], scale: f64, rng: &mut ChaCha8Rng| {
@@ -331,51 +297,21 @@ fn cross_entropy_rejects_targets_outside_the_vocabulary() {
     assert!(err.contains("target id 5"), "{err}");
 }
 
-fn tiny_config(tie: bool) -> LlamaConfig {
-    LlamaConfig {
-        architecture: bsfa_train::model::Architecture::Llama,
-        vocab_size: 19,
-        hidden_size: 16,
-        intermediate_size: 24,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        max_position_embeddings: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: tie,
-        // A large init makes every nonlinearity work away from its linear regime.
-        initializer_range: 0.3,
-    }
-}
-
 /// Every parameter gets a nonzero gradient whose directional derivative along a random
 /// direction, and whose value at sampled coordinates, match finite differences.
 fn check_model(tie: bool) {
-    let config = tiny_config(tie);
+    let config = tiny_llama(tie);
     let (model, params) = Llama::new(&config, DType::F64, &Device::Cpu, 5).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(6);
-    let ids: Vec<u32> = (0..2 * 6).map(|_| rng.random_range(0..19)).collect();
-    let targets: Vec<u32> = (0..2 * 6).map(|_| rng.random_range(0..19)).collect();
-    let ids = Tensor::from_vec(ids, (2, 6), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec(targets, (2, 6), &Device::Cpu).unwrap();
-    let loss = || scalar(&model.loss(&ids, &targets).unwrap());
+    let (ids, targets) = tiny_llama_batch(2, 6, &mut rng);
+    let loss = || model.loss(&ids, &targets).unwrap();
     // The fused loss is the cross-entropy of the model's logits.
     let logits = model.forward(&ids).unwrap().reshape(((), 19)).unwrap();
     let reference = ops::reference::cross_entropy(&logits, &targets.flatten_all().unwrap());
-    assert!((loss() - scalar(&reference.unwrap())).abs() < 1e-12);
-    let grads = model.loss(&ids, &targets).unwrap().backward().unwrap();
+    assert!((scalar(&loss()) - scalar(&reference.unwrap())).abs() < 1e-12);
     let expected_params = if tie { 2 + 9 * 2 } else { 3 + 9 * 2 };
     assert_eq!(params.len(), expected_params);
-    for p in &params {
-        let g = grads
-            .get(p.var.as_tensor())
-            .unwrap_or_else(|| panic!("{} has no gradient", p.name));
-        let g = values(g);
-        let nonzero = g.iter().filter(|v| v.abs() > 0.0).count();
-        assert!(nonzero > 0, "{} has an all-zero gradient", p.name);
-        finite_differences::check_parameter(p, &g, &loss, &mut rng);
-    }
+    every_parameter_matches(&params, &loss, "", &mut rng);
 }
 
 #[test]
@@ -394,14 +330,11 @@ fn tied_embeddings_gradient_matches_finite_differences() {
 fn bf16_compute_gradients_reach_the_f32_weights() {
     let config = LlamaConfig {
         initializer_range: 0.05,
-        ..tiny_config(false)
+        ..tiny_llama(false)
     };
     let (model, params) = Llama::new(&config, DType::F32, &Device::Cpu, 5).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let ids: Vec<u32> = (0..4 * 8).map(|_| rng.random_range(0..19)).collect();
-    let targets: Vec<u32> = (0..4 * 8).map(|_| rng.random_range(0..19)).collect();
-    let ids = Tensor::from_vec(ids, (4, 8), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec(targets, (4, 8), &Device::Cpu).unwrap();
+    let (ids, targets) = tiny_llama_batch(4, 8, &mut rng);
     let full_loss = model.loss(&ids, &targets).unwrap();
     let full = full_loss.backward().unwrap();
     let model = model.compute_in(DType::BF16);

@@ -9,15 +9,15 @@
 //! variables those launchers set and stop ranks as they do: SIGTERM to every rank, SIGKILL
 //! after the grace period.
 
-mod ranks;
-mod tools;
+mod common;
 
-use ranks::*;
+use common::ranks::{free_port, logged_steps, sigterm, spawn, stops_before_training, wait_bounded};
+use common::tools::tool;
+use common::{logged, ok, run, small_bsfa_run, strings, summary, worst_relative_difference, BIN};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tools::tool;
 
 /// Steps of every compared run: a checkpoint at 10, an evaluation at 10.
 const STEPS: usize = 12;
@@ -28,7 +28,7 @@ const FLAT_LR: [&str; 2] = ["--set", "optimizer.min_lr_ratio=1"];
 
 /// The job every stop test stops: long enough that only a signal ends it.
 fn long_job(out: &Path) -> Vec<String> {
-    args(out, 400, &FLAT_LR)
+    small_bsfa_run(out, 400, &FLAT_LR)
 }
 
 /// The longest any launcher may take to stop its ranks after a SIGTERM.
@@ -37,7 +37,11 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
 /// The losses of the `--nproc-per-node 2` run every launcher must reproduce.
 fn reference(dir: &Path) -> Vec<(u64, &'static str, f64)> {
     let out = dir.join("reference");
-    ok(run(&args(&out, STEPS, &["--nproc-per-node", "2"])));
+    ok(run(&small_bsfa_run(
+        &out,
+        STEPS,
+        &["--nproc-per-node", "2"],
+    )));
     logged(&out)
 }
 
@@ -96,10 +100,6 @@ fn torchrun(program: &[PathBuf], launcher_args: &[String], job: &[String]) -> Co
     command
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| s.to_string()).collect()
-}
-
 /// `python -m torch.distributed.run` with the Python that runs `torchrun` (its neighbour in
 /// a virtual environment's `bin`, else `python3`).
 fn python_module(torchrun: &Path) -> Vec<PathBuf> {
@@ -128,7 +128,7 @@ fn torchrun_single_and_multi_node_match_nproc_per_node() {
             vec![torchrun(
                 &torchrun_program,
                 &strings(&["--nproc-per-node", "2", "--master-port", &port]),
-                &args(&out, STEPS, &[]),
+                &small_bsfa_run(&out, STEPS, &[]),
             )]
         }),
         ("standalone (c10d), python -m torch.distributed.run", {
@@ -136,7 +136,7 @@ fn torchrun_single_and_multi_node_match_nproc_per_node() {
             vec![torchrun(
                 &python_module(&program),
                 &strings(&["--standalone", "--nproc-per-node", "2"]),
-                &args(&out, STEPS, &[]),
+                &small_bsfa_run(&out, STEPS, &[]),
             )]
         }),
         ("static, two nodes", {
@@ -157,7 +157,11 @@ fn torchrun_single_and_multi_node_match_nproc_per_node() {
                         "--master-port",
                         &port,
                     ]);
-                    torchrun(&torchrun_program, &launch, &args(&out, STEPS, &[]))
+                    torchrun(
+                        &torchrun_program,
+                        &launch,
+                        &small_bsfa_run(&out, STEPS, &[]),
+                    )
                 })
                 .collect()
         }),
@@ -178,7 +182,11 @@ fn torchrun_single_and_multi_node_match_nproc_per_node() {
                         "--rdzv-id",
                         "bsfa-test",
                     ]);
-                    torchrun(&torchrun_program, &launch, &args(&out, STEPS, &[]))
+                    torchrun(
+                        &torchrun_program,
+                        &launch,
+                        &small_bsfa_run(&out, STEPS, &[]),
+                    )
                 })
                 .collect()
         }),
@@ -215,7 +223,7 @@ fn torchrun_restarts_a_crashed_job_from_its_checkpoint() {
     let mut command = torchrun(
         &[program],
         &launch,
-        &args(&out, STEPS, &["--resume", "auto"]),
+        &small_bsfa_run(&out, STEPS, &["--resume", "auto"]),
     );
     // Rank 1 dies after step 11 of the first attempt; the restart resumes from step 10.
     command.env("BSFA_TRAIN_FAILPOINT", "rank-abort:1:11");
@@ -252,8 +260,7 @@ fn stops_and_resumes(
     }
     let startup = startup.unwrap_or_else(|| started.elapsed());
     for child in &children {
-        // SAFETY: kill(2) on a child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        sigterm(child);
     }
     let (outputs, took) = finish(children);
     let stderr: String = outputs
@@ -274,14 +281,18 @@ fn stops_and_resumes(
     );
     let to = step + 3;
     let two = ["--nproc-per-node", "2"];
-    ok(run(&args(
+    ok(run(&small_bsfa_run(
         out,
         to,
         &[&two[..], &FLAT_LR, &["--resume", "auto"]].concat(),
     )));
     let straight = dir.join(format!("straight-{to}"));
     if !straight.exists() {
-        ok(run(&args(&straight, to, &[&two[..], &FLAT_LR].concat())));
+        ok(run(&small_bsfa_run(
+            &straight,
+            to,
+            &[&two[..], &FLAT_LR].concat(),
+        )));
     }
     let losses = |o: &Path| -> Vec<(u64, f64)> {
         logged(o)
@@ -360,7 +371,7 @@ fn mpirun_of_open_mpi_and_mpich_match_and_stop_on_sigterm() {
         let out = dir.path().join(name);
         let (outputs, took) = finish(start(vec![mpirun(
             &program,
-            &args(&out, STEPS, &[]),
+            &small_bsfa_run(&out, STEPS, &[]),
             free_port(),
         )]));
         all_succeeded(&outputs, name);
@@ -461,7 +472,7 @@ fn srun_and_kubeflow_stand_ins_match_and_stop_on_sigterm() {
                 .collect()
         };
         let out = dir.path().join(format!("stand-in-{i}"));
-        let (outputs, took) = finish(start(commands(&args(&out, STEPS, &[]))));
+        let (outputs, took) = finish(start(commands(&small_bsfa_run(&out, STEPS, &[]))));
         all_succeeded(&outputs, what);
         same_losses(&reference, &out, what);
         let stopped = dir.path().join(format!("stand-in-{i}-stopped"));
@@ -488,19 +499,9 @@ fn a_signal_ends_the_wait_for_other_ranks() {
             ("MASTER_ADDR", "127.0.0.1".into()),
             ("MASTER_PORT", free_port().to_string()),
         ];
-        let child = spawn(&args(&out, STEPS, &[]), &vars);
+        let child = spawn(&small_bsfa_run(&out, STEPS, &[]), &vars);
         std::thread::sleep(Duration::from_millis(1500));
-        // SAFETY: kill(2) on a child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let signalled = Instant::now();
-        let (output, _) = wait_bounded(child, Duration::from_secs(60));
-        let took = signalled.elapsed();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(143), "rank {rank}: {stderr}");
-        assert!(
-            stderr.contains("stopped by SIGTERM before training started"),
-            "rank {rank}: {stderr}"
-        );
+        let took = stops_before_training(child, &format!("rank {rank}"));
         assert!(took < Duration::from_secs(2), "rank {rank} took {took:?}");
         eprintln!(
             "rank {rank} left the join {:.2} s after SIGTERM",

@@ -1,6 +1,6 @@
 //! The GPU peak-memory prediction of `--dry-run`: extrapolated from 1-2 layers and
 //! micro-batches 2-3, it matches the peak measured directly on the whole model at a larger
-//! micro-batch. (`tests/cli.rs` checks what `--dry-run --gpu-memory` reports.)
+//! micro-batch. (`tests/dry_run.rs` checks what `--dry-run --gpu-memory` reports.)
 
 use bsfa_train::config::{ConfigBuilder, RunConfig};
 use bsfa_train::memory::{measure_one, CountingAlloc, StepPeak};
@@ -36,10 +36,9 @@ fn prediction_matches_direct_measurement(what: &str, c: &RunConfig, layers: usiz
 /// thread's allocations.
 #[test]
 fn prediction_matches_the_whole_model() {
+    // The test model with grouped-query attention, 6 layers, a vocabulary that is no power of
+    // two and longer sequences.
     let llama = [
-        "model.hidden_size=64",
-        "model.intermediate_size=172",
-        "model.num_attention_heads=4",
         "model.num_key_value_heads=2",
         "model.vocab_size=300",
         "train.seq_len=96",
@@ -47,7 +46,7 @@ fn prediction_matches_the_whole_model() {
     for (what, dtype) in [("GQA LLaMA, bf16", "bf16"), ("GQA LLaMA, f32", "f32")] {
         let dtype = format!("train.dtype=\"{dtype}\"");
         let c = config(
-            "tiny",
+            "test",
             &[&llama[..], &["model.num_hidden_layers=6", &dtype]].concat(),
         );
         prediction_matches_direct_measurement(what, &c, 6, 7);

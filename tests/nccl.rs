@@ -5,7 +5,7 @@
 //! `scripts/gpu_check.sh` does).
 #![cfg(feature = "nccl")]
 
-mod ranks;
+mod common;
 
 use anyhow::Result;
 use bsfa_train::dist::env::RankEnv;
@@ -55,7 +55,7 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 
 /// Runs the collectives on `world` ranks, each a thread with GPU `rank`.
 fn collectives_on(world: usize) -> Vec<Outcome> {
-    let (control_port, cpu_port) = (ranks::free_port(), ranks::free_port());
+    let (control_port, cpu_port) = (common::ranks::free_port(), common::ranks::free_port());
     let threads: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || -> Result<Outcome> {

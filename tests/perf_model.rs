@@ -1,6 +1,6 @@
 //! The GPU performance model on paper (`scripts/gpu_perf_model.py`) against the code it
 //! models: the loss of one micro-batch is built as a CUDA run builds it (the `reference`
-//! ops, bf16, through the training's own `build_model`), its backprop graph and the gradient
+//! ops, bf16, through the model spec's `build`, as training builds it), its backprop graph and the gradient
 //! store of its backward are traced (`bsfa_train::model::graph`), and the model must build
 //! the same graph node by node at the same shapes: `tiny`, and llama134m's widths (the
 //! model's own workload) at a short sequence. The model's llama134m workload (micro-batch,
@@ -11,8 +11,8 @@
 use anyhow::{Context, Result};
 use bsfa_train::config::ConfigBuilder;
 use bsfa_train::model::graph::{graph_nodes, stored_gradients};
-use bsfa_train::task::{adam_mini_blocks, language::build_model};
-use candle_core::{DType, Device, Tensor};
+use bsfa_train::task::adam_mini_blocks;
+use candle_core::Device;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,13 +41,14 @@ fn trace(preset: &str, sets: &[&str]) -> Result<Value> {
     }
     let config = builder.build()?;
     let device = Device::Cpu;
-    config.train.kernels.apply(&device, config.train.dtype)?;
-    let (model, params) = build_model(&config, &device)?;
+    config.train.set_compute(&device)?;
+    let spec = config.spec();
+    let (model, params) = spec.build(config.train.seed, config.train.dtype, &device)?;
     let (batch, seq) = (config.train.micro_batch(), config.train.seq_len);
     // The ids' values change no shape: zeros serve as inputs and targets.
-    let ids = Tensor::zeros((batch, seq), DType::U32, &device)?;
+    let (inputs, targets) = spec.probe_batch(batch, seq, &device)?;
     // train/step.rs weights each micro-batch's loss before its backward.
-    let root = (model.loss(&ids, &ids)? * 1.0)?;
+    let root = (model.loss(&inputs, &targets)? * 1.0)?;
     let nodes = graph_nodes(&root);
     let gradients = stored_gradients(&root.backward()?, &params);
     let blocks = adam_mini_blocks(&config, &params)?;

@@ -2,53 +2,38 @@
 //! step as nested spans, readable as the trace event format defines it (`B`/`E` pairs with
 //! microsecond timestamps).
 
+mod common;
+
+use common::{run, stderr, test_model};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
 #[test]
 fn a_profile_traces_the_phases_of_the_chosen_steps() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let output = Command::new(BIN)
-        .args([
-            "--set",
-            "model.hidden_size=32",
-            "--set",
-            "model.num_hidden_layers=1",
-            "--set",
-            "model.intermediate_size=64",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "32",
-            "--steps",
-            "6",
-            "--eval-every",
-            "3",
-            "--eval-batches",
-            "1",
-            "--checkpoint-every",
-            "3",
-            "--optimizer",
-            "adam-mini",
-            "--bsfa",
-            "--set",
-            "bsfa.rank=2",
-            "--set",
-            "bsfa.history=4",
-            "--set",
-            "bsfa.interval=2",
-            "--profile",
-            "3",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let output = run(&test_model(&[
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--optimizer",
+        "adam-mini",
+        "--bsfa",
+        "--set",
+        "bsfa.rank=2",
+        "--set",
+        "bsfa.history=4",
+        "--set",
+        "bsfa.interval=2",
+        "--profile",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let stderr = stderr(&output);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("profile of steps 2-4"), "{stderr}");
     let events: Vec<Value> =
@@ -94,17 +79,12 @@ fn a_profile_traces_the_phases_of_the_chosen_steps() {
 
     // Without --profile, no trace.
     let plain = dir.path().join("plain");
-    let output = Command::new(BIN)
-        .args([
-            "--steps",
-            "2",
-            "--set",
-            "model.num_hidden_layers=1",
-            "--out",
-        ])
-        .arg(&plain)
-        .output()
-        .unwrap();
+    let output = run(&test_model(&[
+        "--steps",
+        "2",
+        "--out",
+        plain.to_str().unwrap(),
+    ]));
     assert!(output.status.success());
     assert!(!plain.join("trace.json").exists());
 }

@@ -4,22 +4,16 @@
 //! `sample` writes from the checkpoint of the same step; bad input is a clear error.
 
 mod common;
-mod tools;
 
 use bsfa_train::data::builtin;
 use bsfa_train::sample::{Generator, SampleOptions, Stop};
 use bsfa_train::train;
 use candle_core::Device;
+use common::tools::tool;
+use common::{ok, records, run as bsfa, BIN};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use tools::tool;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
-
-fn bsfa(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("binary runs")
-}
+use std::process::Command;
 
 /// A run folder of `steps` steps of the small test model (samples off unless `sets` asks).
 fn trained(dir: &Path, steps: usize, sets: &[&str]) -> PathBuf {
@@ -135,10 +129,8 @@ fn training_samples_are_what_sample_writes_from_the_checkpoint_of_the_step() {
             "train.seed=5",
         ],
     );
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let samples: Vec<Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let samples: Vec<Value> = records(&run)
+        .into_iter()
         .filter(|v| v.get("sample").is_some())
         .collect();
     assert_eq!(samples.len(), 2);
@@ -160,12 +152,7 @@ fn training_samples_are_what_sample_writes_from_the_checkpoint_of_the_step() {
             "--seed",
             "5",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stdout = String::from_utf8(ok(out).stdout).unwrap();
         assert_eq!(record["sample_prompt"], "alice ");
         let expected = format!("alice {}\n", record["sample"].as_str().unwrap());
         assert_eq!(stdout, expected, "step {step}");
@@ -194,11 +181,7 @@ fn exported_model_writes_what_transformers_generate_writes() {
         "--out",
         tokenizer.to_str().unwrap(),
     ]);
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    ok(made);
     let run = trained(
         dir.path(),
         40,
@@ -287,7 +270,7 @@ fn bad_input_is_a_clear_error() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
     // The exported folder samples once told its tokenizer.
-    let out = bsfa(&[
+    ok(bsfa(&[
         "sample",
         "--checkpoint",
         hf.to_str().unwrap(),
@@ -297,10 +280,5 @@ fn bad_input_is_a_clear_error() {
         "a",
         "--max-new-tokens",
         "5",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ]));
 }

@@ -4,39 +4,25 @@
 //! `scripts/install_test_tools.sh`; skipped without it unless `BSFA_REQUIRE_TOOLS`). Every
 //! number of every metrics line must be there once per step, also after a crash and resume.
 
-mod tools;
+mod common;
 
 use bsfa_train::tensorboard::masked_crc;
-use serde_json::Value;
+use common::tools::tool;
+use common::{ok, records, run_with, test_model};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use tools::tool;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
 /// `(tag, step) -> values` (a list, so that duplicates show).
 type Scalars = BTreeMap<(String, u64), Vec<f32>>;
 
+/// A run of the test model of `steps` steps into `out`, evaluated every 5 steps and
+/// checkpointed every 10, with `extra` flags and the environment variables `envs`.
 fn train(out: &Path, steps: usize, extra: &[&str], envs: &[(&str, &str)]) -> Output {
     let steps = steps.to_string();
-    let mut args = vec![
-        "--set",
-        "model.hidden_size=32",
-        "--set",
-        "model.num_hidden_layers=1",
-        "--set",
-        "model.intermediate_size=64",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
+    let flags = [
         "--eval-every",
         "5",
-        "--eval-batches",
-        "1",
-        "--log-every",
-        "1",
         "--checkpoint-every",
         "10",
         "--steps",
@@ -44,22 +30,13 @@ fn train(out: &Path, steps: usize, extra: &[&str], envs: &[(&str, &str)]) -> Out
         "--out",
         out.to_str().unwrap(),
     ];
-    args.extend(extra);
-    Command::new(BIN)
-        .args(&args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap()
+    run_with(&test_model(&[&flags[..], extra].concat()), envs)
 }
 
 /// The scalars of every metrics line, as f32 (TensorBoard's `simple_value`).
 fn from_metrics(out: &Path) -> Scalars {
     let mut scalars = Scalars::new();
-    for line in std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let record: Value = serde_json::from_str(line).unwrap();
+    for record in records(out) {
         let step = record["step"].as_u64().unwrap();
         for (tag, value) in record.as_object().unwrap() {
             if let (Some(v), false) = (value.as_f64(), tag == "step") {
@@ -173,16 +150,11 @@ fn read_with_tensorboard(python: &Path, out: &Path) -> Scalars {
         acc.Reload()\n\
         print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] \
         for t in acc.Tags()['scalars']}))\n";
-    let output = Command::new(python)
+    let output = ok(Command::new(python)
         .args(["-c", script])
         .arg(out.join("tb"))
         .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .unwrap());
     let tags: BTreeMap<String, Vec<(u64, f32)>> = serde_json::from_slice(&output.stdout).unwrap();
     let mut scalars = Scalars::new();
     for (tag, points) in tags {
@@ -200,12 +172,7 @@ fn every_metric_is_an_event_once_also_after_a_crash_and_resume() {
     // Aborts after step 13: steps 11-13 were logged after the checkpoint of step 10.
     let crashed = train(&out, 20, &[], &[("BSFA_TRAIN_FAILPOINT", "rank-abort:13")]);
     assert!(!crashed.status.success());
-    let output = train(&out, 20, &["--resume", "auto"], &[]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    ok(train(&out, 20, &["--resume", "auto"], &[]));
     let expected = from_metrics(&out);
     assert_eq!(expected[&("loss".to_string(), 12)].len(), 1);
     assert!(expected.contains_key(&("val_loss".to_string(), 20)));

@@ -6,15 +6,14 @@
 //! `scripts/install_test_tools.sh` installs both and sets `BSFA_GPT2_ENCODER` and
 //! `BSFA_PYTHON`; without them the tests skip, unless `BSFA_REQUIRE_TOOLS` is set (CI).
 
-mod tools;
+mod common;
 
 use bsfa_train::data::Tokenizer;
+use common::tools::tool;
+use common::{command, ok};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tools::tool;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
 /// Texts where byte-level BPE implementations tend to differ: contractions, runs of spaces
 /// and newlines, digits, punctuation, accents, other scripts, emoji.
@@ -133,18 +132,13 @@ fn a_trained_tokenizer_loads_in_transformers_with_the_same_ids() {
     }
     std::fs::write(&corpus, text).unwrap();
     let json = dir.path().join("tokenizer.json");
-    let output = Command::new(BIN)
+    ok(command()
         .args(["tokenizer", "--data"])
         .arg(format!("text:{}", corpus.display()))
         .args(["--vocab-size", "600", "--out"])
         .arg(&json)
         .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .unwrap());
     let ours = Tokenizer::load(json.to_str().unwrap()).unwrap();
     let (eot, eot_text) = ours.document_separator().unwrap();
     let script = format!(

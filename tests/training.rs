@@ -4,7 +4,7 @@ mod common;
 
 use bsfa_train::config::RunConfig;
 use bsfa_train::train;
-use common::small_config;
+use common::{records, small_config};
 
 #[test]
 fn loss_drops_on_builtin_data() {
@@ -23,16 +23,12 @@ fn loss_drops_on_builtin_data() {
     );
 
     // Outputs: the resolved config and one metrics line per step, the final eval and the
-    // final training sample (the `tiny` preset samples every 100 steps and after the last).
+    // final training sample (the `test` preset samples every 100 steps and after the last).
     let written: RunConfig =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(written, config);
-    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = records(dir.path());
     assert_eq!(lines.len(), 62);
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms"] {
         assert!(lines[0].get(key).is_some(), "metrics line lacks {key}");
@@ -75,15 +71,17 @@ fn adam_mini_trains_like_adamw() {
     assert!((last5(&mini.losses) / last5(&adamw.losses) - 1.0).abs() < 0.1);
 }
 
+/// The training losses of a 4-step run of the test model with the setting `set`.
+fn four_step_losses(set: &str) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    train::run(&small_config(dir.path(), &["train.steps=4", set]), None)
+        .unwrap()
+        .losses
+}
+
 #[test]
 fn same_seed_same_losses_other_seed_other_losses() {
-    let run = |seed: u64| {
-        let dir = tempfile::tempdir().unwrap();
-        let seed = format!("train.seed={seed}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &seed]), None)
-            .unwrap()
-            .losses
-    };
+    let run = |seed: u64| four_step_losses(&format!("train.seed={seed}"));
     let a = run(1);
     assert_eq!(
         a,
@@ -95,13 +93,7 @@ fn same_seed_same_losses_other_seed_other_losses() {
 
 #[test]
 fn micro_batch_split_does_not_change_the_run() {
-    let run = |micro: usize| {
-        let dir = tempfile::tempdir().unwrap();
-        let micro = format!("train.micro_batch_size={micro}");
-        train::run(&small_config(dir.path(), &["train.steps=4", &micro]), None)
-            .unwrap()
-            .losses
-    };
+    let run = |micro: usize| four_step_losses(&format!("train.micro_batch_size={micro}"));
     let whole = run(8);
     let split = run(2);
     for (a, b) in whole.iter().zip(&split) {

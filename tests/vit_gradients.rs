@@ -2,26 +2,18 @@
 //! attention, soft-target cross-entropy; fused CPU kernels and reference compositions) and
 //! for every parameter of a tiny model; plus the ViT-S/16 parameter count.
 
+mod common;
+
 use bsfa_train::model::ops::vit as vit_ops;
 use bsfa_train::model::{ParamCounts, ParamGroup, Vit, VitConfig};
 use candle_core::{DType, Device, Tensor, Var};
+use common::finite_differences::{
+    check_all_coordinates, every_parameter_matches, random, scalar, soft_targets, tiny_vit, values,
+    weighted_sum,
+};
+use common::op_cases::assert_close;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-mod finite_differences;
-use finite_differences::{check_all_coordinates, random, scalar, values};
-
-/// Random soft targets: positive rows summing to 1.
-fn soft_targets(rows: usize, classes: usize, rng: &mut ChaCha8Rng) -> Tensor {
-    let raw = random(&[rows, classes], 1.0, rng).exp().unwrap();
-    raw.broadcast_div(&raw.sum_keepdim(1).unwrap()).unwrap()
-}
-
-/// Reduces an op's output to a scalar with fixed random weights, so every output element
-/// contributes a distinct amount to the loss.
-fn weighted_sum(out: &Tensor, weights: &Tensor) -> Tensor {
-    (out * weights).unwrap().sum_all().unwrap()
-}
 
 #[test]
 fn layer_norm_backward_matches_finite_differences() {
@@ -181,12 +173,10 @@ fn fused_forward_matches_reference() {
                 vit_ops::reference::gelu(&x).unwrap(),
             ),
         ];
-        for (fused, reference) in pairs {
-            let a = values(&fused.to_dtype(DType::F64).unwrap());
-            let b = values(&reference.to_dtype(DType::F64).unwrap());
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
-            }
+        for (i, (fused, reference)) in pairs.iter().enumerate() {
+            let f64_values = |t: &Tensor| values(&t.to_dtype(DType::F64).unwrap());
+            let what = format!("{dtype:?}, pair {i}");
+            assert_close(&f64_values(fused), &f64_values(reference), 1e-5, &what);
         }
     }
 }
@@ -236,28 +226,12 @@ fn soft_cross_entropy_backward_matches_finite_differences() {
     assert!(vit_ops::soft_cross_entropy(logits.as_tensor(), &wrong).is_err());
 }
 
-fn tiny_config() -> VitConfig {
-    VitConfig {
-        image_size: 8,
-        patch_size: 4,
-        num_channels: 3,
-        hidden_size: 8,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        intermediate_size: 12,
-        num_classes: 5,
-        layer_norm_eps: 1e-6,
-        // A large init makes every nonlinearity work away from its linear regime.
-        initializer_range: 0.3,
-    }
-}
-
 /// Every parameter (but the key biases, whose gradient is zero by the maths) gets a nonzero
 /// gradient whose directional derivative along a random direction, and whose value at
 /// sampled coordinates, match finite differences.
 #[test]
 fn every_vit_parameter_matches_finite_differences() {
-    let config = tiny_config();
+    let config = tiny_vit();
     let (model, params) = Vit::new(&config, DType::F64, &Device::Cpu, 5).unwrap();
     // Embeddings (4), 16 tensors per layer, final LayerNorm (2) and classifier (2).
     assert_eq!(params.len(), 4 + 16 * 2 + 2 + 2);
@@ -265,31 +239,25 @@ fn every_vit_parameter_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let images = random(&[3, 3, 8, 8], 1.0, &mut rng);
     let targets = soft_targets(3, 5, &mut rng);
-    let loss = || scalar(&model.loss(&images, &targets).unwrap());
-    let grads = model.loss(&images, &targets).unwrap().backward().unwrap();
-    for p in &params {
-        let g = grads
-            .get(p.var.as_tensor())
-            .unwrap_or_else(|| panic!("{} has no gradient", p.name));
-        let g = values(g);
-        let base = p.var.as_tensor().copy().unwrap();
-        if p.name.ends_with("attention.attention.key.bias") {
-            // The one exception, by the maths: a key bias adds `q . b` to every score of a
-            // query's row, and softmax is shift-invariant, so its gradient is exactly zero
-            // (timm and Hugging Face train it all the same). Rounding leaves ~1e-17.
-            assert!(g.iter().all(|v| v.abs() < 1e-12), "{}: {g:?}", p.name);
-            p.var.set(&(&base + 0.5).unwrap()).unwrap();
-            let shifted = loss();
-            p.var.set(&base).unwrap();
-            assert!((shifted - loss()).abs() < 1e-12);
-            continue;
-        }
-        assert!(
-            g.iter().any(|v| v.abs() > 1e-9),
-            "{} has an all-zero gradient",
-            p.name
+    let loss = || model.loss(&images, &targets).unwrap();
+    let key_bias = "attention.attention.key.bias";
+    every_parameter_matches(&params, &loss, key_bias, &mut rng);
+    let grads = loss().backward().unwrap();
+    for p in params.iter().filter(|p| p.name.ends_with(key_bias)) {
+        let g = values(
+            grads
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("{} has no gradient", p.name)),
         );
-        finite_differences::check_parameter(p, &g, &loss, &mut rng);
+        // The one exception, by the maths: a key bias adds `q . b` to every score of a
+        // query's row, and softmax is shift-invariant, so its gradient is exactly zero
+        // (timm and Hugging Face train it all the same). Rounding leaves ~1e-17.
+        assert!(g.iter().all(|v| v.abs() < 1e-12), "{}: {g:?}", p.name);
+        let base = p.var.as_tensor().copy().unwrap();
+        p.var.set(&(&base + 0.5).unwrap()).unwrap();
+        let shifted = scalar(&loss());
+        p.var.set(&base).unwrap();
+        assert!((shifted - scalar(&loss())).abs() < 1e-12);
     }
 }
 
@@ -297,7 +265,7 @@ fn every_vit_parameter_matches_finite_differences() {
 /// `patch_embeddings.projection`, with its kernel layout (`hidden x channels x p x p`).
 #[test]
 fn patch_embedding_is_the_convolution() {
-    let config = tiny_config();
+    let config = tiny_vit();
     let (model, params) = Vit::new(&config, DType::F64, &Device::Cpu, 7).unwrap();
     let get = |name: &str| {
         params

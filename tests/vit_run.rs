@@ -1,13 +1,13 @@
 //! ViT runs as users start them: `--model vit-tiny` on the built-in images learns, logs
 //! top-1/top-5, resumes exactly, and follows the one-process run on two ranks.
 
+mod common;
+
 use bsfa_train::config::{ConfigBuilder, RunConfig};
 use bsfa_train::train;
+use common::{ok, records, run, strings, SMALL_BSFA};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bsfa-train");
 
 fn vit_tiny(out: &Path, sets: &[&str]) -> RunConfig {
     let mut b = ConfigBuilder::new("vit-tiny").unwrap();
@@ -17,14 +17,6 @@ fn vit_tiny(out: &Path, sets: &[&str]) -> RunConfig {
     b.apply_set(&format!("train.out=\"{}\"", out.display()))
         .unwrap();
     b.build().unwrap()
-}
-
-fn records(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -125,19 +117,13 @@ fn vit_resume_continues_exactly() {
 #[test]
 fn vit_on_two_ranks_follows_one_rank() {
     let dir = tempfile::tempdir().unwrap();
-    let args = |out: &Path| -> Vec<String> {
-        [
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let flags = [
             "--model",
             "vit-tiny",
             "--optimizer",
             "adam-mini",
             "--bsfa",
-            "--set",
-            "bsfa.rank=3",
-            "--set",
-            "bsfa.history=6",
-            "--set",
-            "bsfa.interval=4",
             "--steps",
             "20",
             "--batch-size",
@@ -149,24 +135,13 @@ fn vit_on_two_ranks_follows_one_rank() {
             "--set",
             "augment.workers=1",
             "--out",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([out.display().to_string()])
-        .collect()
+            out.to_str().unwrap(),
+        ];
+        strings(&[&flags[..], &SMALL_BSFA, extra].concat())
     };
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    for (out, extra) in [
-        (&one, vec!["--threads", "2"]),
-        (&two, vec!["--nproc-per-node", "2"]),
-    ] {
-        let o = Command::new(BIN)
-            .args(args(out))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    ok(run(&args(&one, &["--threads", "2"])));
+    ok(run(&args(&two, &["--nproc-per-node", "2"])));
     let (a, b) = (records(&one), records(&two));
     assert_eq!(a.len(), b.len());
     let mut worst = 0.0f64;
@@ -186,30 +161,21 @@ fn vit_on_two_ranks_follows_one_rank() {
 
 #[test]
 fn vit_presets_and_errors() {
-    let o = Command::new(BIN)
-        .args(["--model", "vit-s16", "--dry-run"])
-        .output()
-        .unwrap();
+    let o = run(&["--model", "vit-s16", "--dry-run"]);
     assert!(o.status.success());
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["params"]["total"], 22_050_664);
-    let o = Command::new(BIN)
-        .args(["--model", "vit-tiny", "--data", "builtin"])
-        .output()
-        .unwrap();
+    let o = run(&["--model", "vit-tiny", "--data", "builtin"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("a ViT trains on images"));
-    let o = Command::new(BIN)
-        .args([
-            "--model",
-            "vit-tiny",
-            "--set",
-            "vit.num_classes=7",
-            "--steps",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let o = run(&[
+        "--model",
+        "vit-tiny",
+        "--set",
+        "vit.num_classes=7",
+        "--steps",
+        "1",
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("has 10 classes but vit.num_classes is 7"));
 }
 
