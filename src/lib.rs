@@ -24,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod dry_run;
+pub mod durable;
 pub mod eval;
 pub mod export;
 pub mod failpoint;

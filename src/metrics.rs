@@ -57,10 +57,7 @@ impl MetricsLog {
             .map(|dir| EventWriter::create(dir, kept.iter().map(|(_, record)| record)))
             .transpose()?;
         let kept: String = kept.iter().map(|(line, _)| format!("{line}\n")).collect();
-        let temp = path.with_extension("jsonl.tmp");
-        std::fs::write(&temp, kept)
-            .and_then(|_| std::fs::rename(&temp, path))
-            .with_context(|| format!("cannot rewrite '{}'", path.display()))?;
+        crate::durable::replace(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)

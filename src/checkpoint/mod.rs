@@ -18,6 +18,7 @@ mod resume;
 use crate::config::RunConfig;
 use crate::data::TokenPosition;
 use crate::dist::Communicator;
+use crate::durable::{sync_dir, write_synced};
 use crate::model::Param;
 use crate::optim::{OptimizerState, StateTensor};
 use anyhow::{bail, Context, Result};
@@ -504,20 +505,4 @@ pub fn read_safetensors_where(
         tensors.insert(name, t);
     }
     Ok((tensors, header.metadata().clone().unwrap_or_default()))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f =
-        File::create(path).with_context(|| format!("cannot create '{}'", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write '{}'", path.display()))
-}
-
-/// Makes a folder's entries (new files, renames) durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync folder '{}'", dir.display()))
 }

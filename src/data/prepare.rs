@@ -93,10 +93,8 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
     let (separator, separator_text) = tokenizer.document_separator()?;
     let vocab_size = tokenizer.vocab_size();
     let has_val = units.iter().any(|u| u.split == "val");
-    let progress = Progress::counting("unit", units.len(), 0);
-    let (started_units, mut last_line, mut done_units) = (Instant::now(), Instant::now(), 0);
+    let mut progress = UnitProgress::new(units.len());
     let mut splits = serde_json::Map::new();
-    let mut total_tokens = 0usize;
     for split in ["train", "val", "test"] {
         let split_units: Vec<&Unit> = units.iter().filter(|u| u.split == split).collect();
         if split_units.is_empty() {
@@ -124,23 +122,14 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
             for slice in docs.chunks(TOKENIZE_DOCS) {
                 sink.push_documents(&tokenizer.encode_batch(slice)?, separator)?;
             }
-            done_units += 1;
-            let tokens = sink.tokens_total();
-            let rate = (total_tokens + tokens) as f64 / started_units.elapsed().as_secs_f64();
-            // Without a terminal, a line every few seconds.
-            let print = last_line.elapsed().as_secs() >= 5;
-            if print {
-                last_line = Instant::now();
-            }
-            let msg = format!("{split}: {documents} docs, {tokens} tokens, {rate:.0} tok/s");
-            progress.update(done_units, &msg, print);
+            progress.unit_done(split, documents, sink.tokens_total());
         }
         if !pending.is_empty() {
             documents += 1;
             sink.push_documents(&tokenizer.encode_batch(&[pending])?, separator)?;
         }
         let (train, val) = sink.finish(separator)?;
-        total_tokens += train.tokens + val.as_ref().map_or(0, |v| v.tokens);
+        progress.tokens_before += train.tokens + val.as_ref().map_or(0, |v| v.tokens);
         splits.insert(
             split.to_string(),
             json!({"documents": documents, "tokens": train.tokens, "shards": train.files}),
@@ -152,7 +141,8 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
             );
         }
     }
-    progress.finish();
+    let total_tokens = progress.tokens_before;
+    progress.bar.finish();
     if !splits.contains_key("train") {
         bail!("'{}' holds no training data", options.source);
     }
@@ -175,11 +165,43 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
         seconds,
         tokens_per_s: total_tokens as f64 / seconds,
     };
-    let temp = meta_path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_string_pretty(&meta)?)
-        .and_then(|_| std::fs::rename(&temp, &meta_path))
-        .with_context(|| format!("cannot write '{}'", meta_path.display()))?;
+    crate::durable::replace(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?;
     Ok(meta)
+}
+
+/// Progress over the units of a prepare, with the tokens/s so far.
+struct UnitProgress {
+    bar: Progress,
+    started: Instant,
+    /// When a line was last printed: without a terminal, one every few seconds.
+    last_line: Instant,
+    done: usize,
+    /// Tokens written by the splits already finished.
+    tokens_before: usize,
+}
+
+impl UnitProgress {
+    fn new(units: usize) -> Self {
+        Self {
+            bar: Progress::counting("unit", units, 0),
+            started: Instant::now(),
+            last_line: Instant::now(),
+            done: 0,
+            tokens_before: 0,
+        }
+    }
+
+    /// A unit of `split` is done: `documents` and `tokens` written in that split so far.
+    fn unit_done(&mut self, split: &str, documents: usize, tokens: usize) {
+        self.done += 1;
+        let rate = (self.tokens_before + tokens) as f64 / self.started.elapsed().as_secs_f64();
+        let print = self.last_line.elapsed().as_secs() >= 5;
+        if print {
+            self.last_line = Instant::now();
+        }
+        let msg = format!("{split}: {documents} docs, {tokens} tokens, {rate:.0} tok/s");
+        self.bar.update(self.done, &msg, print);
+    }
 }
 
 /// One unit of reading: a parquet row group or a text file, in a split.

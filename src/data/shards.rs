@@ -5,6 +5,7 @@
 //!
 //! Shards are memory-mapped, so a loader touches only the windows it reads.
 
+use crate::durable;
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use std::fs::File;
@@ -152,7 +153,7 @@ pub fn write(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
     header[0] = if wide { MAGIC_U32 } else { MAGIC_U16 };
     header[1] = if wide { VERSION_U32 } else { VERSION_U16 };
     header[2] = count;
-    let temp = path.with_extension("bin.tmp");
+    let temp = durable::temporary(path);
     let context = || format!("cannot write token shard '{}'", path.display());
     let file =
         File::create(&temp).with_context(|| format!("cannot create '{}'", temp.display()))?;
@@ -175,9 +176,8 @@ pub fn write(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
         .into_inner()
         .map_err(|e| e.into_error())
         .with_context(context)?;
-    file.sync_all()
-        .and_then(|_| std::fs::rename(&temp, path))
-        .with_context(context)
+    file.sync_all().with_context(context)?;
+    durable::rename(&temp, path)
 }
 
 /// The shard files a `shards:` spec names: a single `.bin` file, or the `.bin` files of a

@@ -90,8 +90,8 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
         batch: b,
         seq: s,
         hidden: h,
-        vit_heads,
         dtype,
+        ..
     } = z;
     let x = var(&[b, s, h], 1.5, dtype, rng);
     let mut cases = Vec::new();
@@ -157,6 +157,20 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
 
     cases.push(attention_case(z, rng));
 
+    cases.push(linear_cross_entropy_case(z, rng));
+    cases.push(vit_attention_case(z, &x, rng));
+    cases
+}
+
+/// The output head and the loss over 30 classes, on random inputs of the sizes `z`.
+fn linear_cross_entropy_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
+    let Sizes {
+        batch: b,
+        seq: s,
+        hidden: h,
+        dtype,
+        ..
+    } = z;
     let rows = var(&[b * s, h], 1.5, dtype, rng);
     let head = var(&[30, h], 1.5, dtype, rng);
     let targets: Vec<u32> = (0..b * s).map(|_| rng.random_range(0..30)).collect();
@@ -165,23 +179,27 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    cases.push(OpCase::new(
-        "linear_cross_entropy",
-        &[&rows, &head],
-        &one,
-        {
-            let (rows, head) = (rows.clone(), head.clone());
-            move |side| match side {
-                Side::Op => ops::linear_cross_entropy(&rows, &head, &targets),
-                Side::Reference => {
-                    let logits = ops::reference::linear(&rows, &head)?;
-                    ops::reference::cross_entropy(&logits, &targets)
-                }
+    OpCase::new("linear_cross_entropy", &[&rows, &head], &one, {
+        let (rows, head) = (rows.clone(), head.clone());
+        move |side| match side {
+            Side::Op => ops::linear_cross_entropy(&rows, &head, &targets),
+            Side::Reference => {
+                let logits = ops::reference::linear(&rows, &head)?;
+                ops::reference::cross_entropy(&logits, &targets)
             }
-        },
-    ));
+        }
+    })
+}
 
-    // The ViT's attention block: projections with biases over all `batch × seq` rows.
+/// The ViT's attention block on `x`: projections with biases over all `batch × seq` rows.
+fn vit_attention_case(z: Sizes, x: &Var, rng: &mut ChaCha8Rng) -> OpCase {
+    let Sizes {
+        batch: b,
+        seq: s,
+        hidden: h,
+        vit_heads,
+        dtype,
+    } = z;
     let (wq, wk, wv) = (
         var(&[h, h], 1.0, dtype, rng),
         var(&[h, h], 1.0, dtype, rng),
@@ -191,27 +209,19 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
     // The key bias is no input: its gradient is zero by the maths (see vit_gradients.rs).
     let bk = random_in(&[h], 1.0, dtype, rng);
     let r = random_in(&[b, s, h], 1.0, dtype, rng);
-    cases.push(OpCase::new(
-        "vit self_attention",
-        &[&x, &wq, &bq, &wk, &wv, &bv],
-        &r,
-        {
-            let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
-            let (bq, bv) = (bq.clone(), bv.clone());
-            move |side| match side {
-                Side::Op => {
-                    vit_ops::self_attention(&x, (&wq, &bq), (&wk, &bk), (&wv, &bv), vit_heads)
-                }
-                Side::Reference => {
-                    let w = Tensor::cat(&[&*wq, &*wk, &*wv], 0)?;
-                    let b = Tensor::cat(&[&*bq, &bk, &*bv], 0)?;
-                    let qkv = vit_ops::reference::linear(&x, &w, &b)?;
-                    vit_ops::reference::attention(&qkv, vit_heads)
-                }
+    OpCase::new("vit self_attention", &[&x, &wq, &bq, &wk, &wv, &bv], &r, {
+        let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
+        let (bq, bv) = (bq.clone(), bv.clone());
+        move |side| match side {
+            Side::Op => vit_ops::self_attention(&x, (&wq, &bq), (&wk, &bk), (&wv, &bv), vit_heads),
+            Side::Reference => {
+                let w = Tensor::cat(&[&*wq, &*wk, &*wv], 0)?;
+                let b = Tensor::cat(&[&*bq, &bk, &*bv], 0)?;
+                let qkv = vit_ops::reference::linear(&x, &w, &b)?;
+                vit_ops::reference::attention(&qkv, vit_heads)
             }
-        },
-    ));
-    cases
+        }
+    })
 }
 
 /// Grouped-query causal attention (4 query heads, 2 key/value heads of 4 dimensions),
