@@ -207,7 +207,7 @@ pub struct BenchArgs {
 /// The flags shared by training and `bench`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model preset (tiny, llama72m, llama134m, vit-s16, vit-tiny) or a path to a JSON
+    /// Model preset (tiny, llama72m, llama134m, vit-s16, vit-tiny, test) or a path to a JSON
     /// config; with --bsfa, a preset runs the paper's BSFA setting for that model.
     #[arg(long, default_value = "tiny")]
     pub model: String,

@@ -182,7 +182,7 @@ impl Kernels {
     /// must agree on it. `fused` where the fused kernels cannot run is an error.
     pub fn apply(self, device: &Device, precision: Precision) -> Result<()> {
         self.check(device.is_cpu(), precision)?;
-        crate::cpu::set_reference_only(self == Self::Reference);
+        crate::cpu_kernels::set_reference_only(self == Self::Reference);
         Ok(())
     }
 }

@@ -1,25 +1,31 @@
 //! bsfa-train: LLaMA (and ViT) pre-training on Candle, built around the Bulk-Space-Filtration-
 //! Accelerator (BSFA).
 //!
-//! Components, each owning its typed config section: `model` (LLaMA, ViT and their
-//! differentiable ops), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule),
-//! `data` (tokenizers, corpora, token shards, image sources and pipelines), `dist` (data
-//! parallelism), `device` (`--device`, `--dtype`), `checkpoint` (safetensors checkpoints and
-//! the resume policy), `metrics` (metrics.jsonl and progress, mirrored into `tensorboard` event files; `mfu`
-//! the FLOPs and memory figures in them). `config` composes their
-//! sections into a run's config, starting from `presets`; `task` pairs a model with its data;
-//! `train` is the loop, stopped cleanly by `interrupt` (SIGINT/SIGTERM). The subcommands:
-//! `bench`, `eval`, `export`, `plot`, `sample`, and `dry_run` (`--dry-run`); `cli` maps flags to config
-//! keys. Small helpers: `check` (config range checks), `cpu` (fused-kernel eligibility),
+//! Components, each owning its typed config section: `model` (LLaMA, ViT, their
+//! differentiable ops, and the model spec through which everything outside `task` sees a
+//! network), `optim` (AdamW, Adam-mini, the BSFA wrapper, clipping, schedule), `data`
+//! (tokenizers, corpora, token shards, image sources and pipelines, where a run's data
+//! stands), `dist` (data parallelism), `device` (`--device`, `--dtype`), `checkpoint`
+//! (safetensors checkpoints and the resume policy), `metrics` (metrics.jsonl and progress,
+//! mirrored into `tensorboard` event files; `mfu` the peak and utilisation figures in them).
+//! `config` composes their sections into a run's config, starting from `presets`; `task`
+//! pairs a model with its data; `train` is the loop, stopped cleanly by `interrupt`
+//! (SIGINT/SIGTERM). The subcommands: `bench`, `eval`, `export`, `plot`, `sample`, and
+//! `dry_run` (`--dry-run`, with `memory`'s measured GPU peak); `cli` maps flags to config
+//! keys. Small helpers: `check` (config range checks), `cpu_kernels` (what the fused CPU
+//! kernels share, and the switch that turns them off), `durable` (files replaced atomically),
 //! `failpoint` (test hooks that crash a process at a chosen point), `profile` (`--profile`:
 //! a Chrome trace of a few steps).
+//!
+//! The top-level modules form no import cycle, and only `model` and `task` name an
+//! architecture (`tests/layout.rs` checks both).
 
 pub mod bench;
 mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
-mod cpu;
+mod cpu_kernels;
 pub mod data;
 pub mod device;
 pub mod dist;

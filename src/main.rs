@@ -25,8 +25,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
     // Keep freed memory instead of returning it to the kernel: every step frees and
-    // reallocates the same large tensors, and re-faulting them cost tens of thousands of
-    // zeroed pages per benchmark run (measured with `perf stat -e page-faults`).
+    // reallocates the same large tensors, and re-faulting them costs zeroed pages on every
+    // step (docs/performance.md has the page-fault counts).
     // SAFETY: a plain option setter, called before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();

@@ -173,9 +173,9 @@ pub fn measure_one(
     micro_batch: usize,
     heap: &dyn Heap,
 ) -> Result<usize> {
-    crate::cpu::set_reference_only(true);
+    crate::cpu_kernels::set_reference_only(true);
     let peak = step_peak(config, layers, micro_batch, heap);
-    crate::cpu::set_reference_only(false);
+    crate::cpu_kernels::set_reference_only(false);
     peak
 }
 

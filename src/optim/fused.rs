@@ -1,6 +1,6 @@
 //! Fused CPU kernels of the optimizers.
 
-use crate::cpu::{float_dispatch, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, owned, slice, Elem};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 

@@ -7,7 +7,7 @@ mod fused;
 pub mod schedule;
 mod stack;
 
-use crate::cpu::fusable;
+use crate::cpu_kernels::fusable;
 use crate::dist::Communicator;
 use crate::model::Param;
 use anyhow::{bail, Result};

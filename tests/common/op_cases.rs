@@ -209,7 +209,7 @@ fn vit_attention_case(z: Sizes, x: &Var, rng: &mut ChaCha8Rng) -> OpCase {
     // The key bias is no input: its gradient is zero by the maths (see vit_gradients.rs).
     let bk = random_in(&[h], 1.0, dtype, rng);
     let r = random_in(&[b, s, h], 1.0, dtype, rng);
-    OpCase::new("vit self_attention", &[&x, &wq, &bq, &wk, &wv, &bv], &r, {
+    OpCase::new("vit self_attention", &[x, &wq, &bq, &wk, &wv, &bv], &r, {
         let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
         let (bq, bv) = (bq.clone(), bv.clone());
         move |side| match side {

@@ -6,7 +6,7 @@
 //! The bias addition's backward passes `dy` through and sums its rows into `db`.
 
 use super::kernel::{check_row, sum_over_chunks, CHUNK_ROWS};
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

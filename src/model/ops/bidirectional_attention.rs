@@ -11,7 +11,7 @@
 use super::bias::linear;
 use super::kernel::gemm_into;
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -13,7 +13,7 @@ use super::kernel::{row_chunks, small_gemm, with_cpu_slice, SharedMut};
 use super::linear::linear;
 use super::rope::{rotate, Columns};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

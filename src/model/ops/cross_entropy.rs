@@ -7,7 +7,7 @@
 
 use super::kernel::{with_cpu_slice, x_times_w_t};
 use super::softmax::softmax_in_place;
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, WithDType,

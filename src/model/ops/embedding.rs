@@ -9,7 +9,7 @@
 //! of candle's `index_add`, whose one thread per column walks all `n` positions in turn; on
 //! the CPU the same loop as `index_add`, so the two paths agree bit for bit.
 
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 

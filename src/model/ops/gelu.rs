@@ -4,7 +4,7 @@
 //!
 //! Layouts: any shape in, the same shape out.
 
-use crate::cpu::{float_dispatch, fusable, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 

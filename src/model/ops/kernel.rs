@@ -3,7 +3,7 @@
 //!
 //! Matrices are row-major unless given with explicit row and column strides (in elements).
 
-use crate::cpu::{last_dim, slice, Elem};
+use crate::cpu_kernels::{last_dim, slice, Elem};
 use candle_core::{bail, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::Range;

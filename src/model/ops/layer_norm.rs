@@ -6,7 +6,7 @@
 //! pass, packed as the two rows of a `2 x n` tensor).
 
 use super::kernel::{check_row, sum_over_chunks};
-use crate::cpu::{float_dispatch, fusable, last_dim, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

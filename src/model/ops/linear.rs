@@ -4,7 +4,7 @@
 //! `... x out`. The backward returns `dx` shaped as `x` and `dw` as `w`.
 
 use super::kernel::x_times_w_t;
-use crate::cpu::{float_dispatch, fusable, last_dim, owned, slice};
+use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `x @ w^T` over the last dimension, as `torch.nn.Linear` without bias (`w` is `out x in`).

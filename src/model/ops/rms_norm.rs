@@ -4,7 +4,7 @@
 //! backward returns `dx` shaped as `x` and `dw` as `w`.
 
 use super::kernel::{check_row, sum_over_chunks};
-use crate::cpu::{float_dispatch, fusable, last_dim, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -7,7 +7,7 @@
 //! position `r % seq`. The fused rotation has no op of its own: the causal attention kernel
 //! applies it (and its inverse in the backward) to the queries and keys it reads.
 
-use crate::cpu::Elem;
+use crate::cpu_kernels::Elem;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 

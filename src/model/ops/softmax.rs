@@ -5,7 +5,7 @@
 //! The kernels work on one row (a slice) at a time; the reference takes any shape and
 //! normalises its last dimension.
 
-use crate::cpu::Elem;
+use crate::cpu_kernels::Elem;
 use num_traits::Float;
 
 /// Softmax of `row` in place; returns the row's maximum and the sum of `exp(v - max)`, from

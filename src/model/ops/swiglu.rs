@@ -6,7 +6,7 @@
 //! gradient of that packed output.
 
 use super::linear::linear;
-use crate::cpu::{float_dispatch, fusable, last_dim, owned, slice, Elem};
+use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice, Elem};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

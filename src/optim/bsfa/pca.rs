@@ -9,7 +9,7 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::cpu::{with_cpu_f32, CHUNK};
-use crate::cpu::fusable;
+use crate::cpu_kernels::fusable;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;

@@ -11,7 +11,7 @@
 use super::cpu::{with_cpu_f32, CHUNK};
 use super::quant::Quant4;
 use super::state::Stored;
-use crate::cpu::fusable;
+use crate::cpu_kernels::fusable;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;

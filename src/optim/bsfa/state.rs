@@ -11,7 +11,7 @@ use super::quant::{self, Quant4};
 use super::quant_tensor::Quant4Tensors;
 use super::shard::owners;
 use super::BsfaConfig;
-use crate::cpu::{fusable, fusable_on};
+use crate::cpu_kernels::{fusable, fusable_on};
 use crate::model::Param;
 use crate::optim::StateTensor;
 use anyhow::{bail, Context, Result};
