@@ -164,16 +164,10 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
 
 /// The output head and the loss over 30 classes, on random inputs of the sizes `z`.
 fn linear_cross_entropy_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
-    let Sizes {
-        batch: b,
-        seq: s,
-        hidden: h,
-        dtype,
-        ..
-    } = z;
-    let rows = var(&[b * s, h], 1.5, dtype, rng);
+    let (rows, h, dtype) = (z.batch * z.seq, z.hidden, z.dtype);
+    let (n, rows) = (rows, var(&[rows, h], 1.5, dtype, rng));
     let head = var(&[30, h], 1.5, dtype, rng);
-    let targets: Vec<u32> = (0..b * s).map(|_| rng.random_range(0..30)).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..30)).collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
     let one = Tensor::new(1f64, &Device::Cpu)
         .unwrap()
@@ -193,13 +187,7 @@ fn linear_cross_entropy_case(z: Sizes, rng: &mut ChaCha8Rng) -> OpCase {
 
 /// The ViT's attention block on `x`: projections with biases over all `batch × seq` rows.
 fn vit_attention_case(z: Sizes, x: &Var, rng: &mut ChaCha8Rng) -> OpCase {
-    let Sizes {
-        batch: b,
-        seq: s,
-        hidden: h,
-        vit_heads,
-        dtype,
-    } = z;
+    let (h, vit_heads, dtype) = (z.hidden, z.vit_heads, z.dtype);
     let (wq, wk, wv) = (
         var(&[h, h], 1.0, dtype, rng),
         var(&[h, h], 1.0, dtype, rng),
@@ -208,7 +196,7 @@ fn vit_attention_case(z: Sizes, x: &Var, rng: &mut ChaCha8Rng) -> OpCase {
     let (bq, bv) = (var(&[h], 1.0, dtype, rng), var(&[h], 1.0, dtype, rng));
     // The key bias is no input: its gradient is zero by the maths (see vit_gradients.rs).
     let bk = random_in(&[h], 1.0, dtype, rng);
-    let r = random_in(&[b, s, h], 1.0, dtype, rng);
+    let r = random_in(x.dims(), 1.0, dtype, rng);
     OpCase::new("vit self_attention", &[x, &wq, &bq, &wk, &wv, &bv], &r, {
         let (x, wq, wk, wv) = (x.clone(), wq.clone(), wk.clone(), wv.clone());
         let (bq, bv) = (bq.clone(), bv.clone());
