@@ -275,7 +275,7 @@ pub struct RunArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<u64>,
-    /// Output folder (default: runs/<model>).
+    /// Output folder (default: `runs/<model>`).
     #[arg(long)]
     pub out: Option<String>,
     /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C/SIGTERM).
