@@ -129,7 +129,7 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
             sink.push_documents(&tokenizer.encode_batch(&[pending])?, separator)?;
         }
         let (train, val) = sink.finish(separator)?;
-        progress.tokens_before += train.tokens + val.as_ref().map_or(0, |v| v.tokens);
+        progress.split_done(train.tokens + val.as_ref().map_or(0, |v| v.tokens));
         splits.insert(
             split.to_string(),
             json!({"documents": documents, "tokens": train.tokens, "shards": train.files}),
@@ -141,8 +141,7 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
             );
         }
     }
-    let total_tokens = progress.tokens_before;
-    progress.bar.finish();
+    let total_tokens = progress.finish();
     if !splits.contains_key("train") {
         bail!("'{}' holds no training data", options.source);
     }
@@ -201,6 +200,17 @@ impl UnitProgress {
         }
         let msg = format!("{split}: {documents} docs, {tokens} tokens, {rate:.0} tok/s");
         self.bar.update(self.done, &msg, print);
+    }
+
+    /// A split is written, with `tokens` in all (its held-out validation tail included).
+    fn split_done(&mut self, tokens: usize) {
+        self.tokens_before += tokens;
+    }
+
+    /// Closes the display; returns the tokens written in all.
+    fn finish(&self) -> usize {
+        self.bar.finish();
+        self.tokens_before
     }
 }
 

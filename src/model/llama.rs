@@ -276,6 +276,18 @@ impl Llama {
         Ok((model, init.into_params()))
     }
 
+    /// A model with seeded f32 master weights computing in `precision` (resolved): what a
+    /// training run builds.
+    pub fn build(
+        config: &LlamaConfig,
+        precision: Precision,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(Self, Vec<Param>)> {
+        let (llama, params) = Self::new(config, DType::F32, device, seed)?;
+        Ok((llama.compute_in(precision.dtype()), params))
+    }
+
     /// Computes in `dtype` (e.g. bf16) from now on; the weights keep their own type. Norms,
     /// softmax and the loss still run in f32, as mixed-precision PyTorch does.
     pub fn compute_in(mut self, dtype: DType) -> Self {
@@ -397,8 +409,8 @@ impl ModelSpec for LlamaConfig {
         precision: Precision,
         device: &Device,
     ) -> anyhow::Result<(Box<dyn Model>, Vec<Param>)> {
-        let (llama, params) = Llama::new(self, DType::F32, device, seed)?;
-        Ok((Box::new(llama.compute_in(precision.dtype())), params))
+        let (llama, params) = Llama::build(self, precision, device, seed)?;
+        Ok((Box::new(llama), params))
     }
 
     fn adam_mini_block(&self, name: &str, dims: &[usize]) -> anyhow::Result<usize> {

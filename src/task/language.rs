@@ -49,9 +49,7 @@ impl Corpus {
             val: loaded.val,
         })
     }
-}
 
-impl Corpus {
     /// Four batches of uniformly random tokens to train on, and no validation tokens: what
     /// `bench` times, with no corpus to read.
     pub fn random(config: &RunConfig) -> Result<Self> {
@@ -99,8 +97,8 @@ impl LanguageTask {
         comm: &dyn Communicator,
         position: Position,
     ) -> Result<(Box<dyn Task>, Vec<Param>)> {
-        let (model, params) = Llama::new(&config.model, DType::F32, device, config.train.seed)?;
-        let model = model.compute_in(config.train.dtype.dtype());
+        let (dtype, seed) = (config.train.dtype, config.train.seed);
+        let (model, params) = Llama::build(&config.model, dtype, device, seed)?;
         let train = &config.train;
         let sizes = format!(
             "{} train / {} val tokens",

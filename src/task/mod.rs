@@ -53,13 +53,7 @@ pub fn open(
     comm: &dyn Communicator,
     position: Position,
 ) -> Result<(Box<dyn Task>, Vec<Param>)> {
-    match config.model.architecture {
-        Architecture::Llama => {
-            let corpus = language::Corpus::load(config, comm)?;
-            language::LanguageTask::start(config, corpus, device, comm, position)
-        }
-        Architecture::Vit => vision::VisionTask::open(config, device, comm, position),
-    }
+    open_with(config, device, comm, position, language::Corpus::load)
 }
 
 /// Before the ranks join: prepares a named dataset a LLaMA run reads (download and
@@ -79,12 +73,25 @@ pub fn open_for_bench(
     comm: &dyn Communicator,
 ) -> Result<(Box<dyn Task>, Vec<Param>)> {
     let start = config.spec().start_position(config.train.seed);
+    open_with(config, device, comm, start, |config, _| {
+        language::Corpus::random(config)
+    })
+}
+
+/// [`open`], a LLaMA's tokens coming from `corpus`.
+fn open_with(
+    config: &RunConfig,
+    device: &Device,
+    comm: &dyn Communicator,
+    position: Position,
+    corpus: impl FnOnce(&RunConfig, &dyn Communicator) -> Result<language::Corpus>,
+) -> Result<(Box<dyn Task>, Vec<Param>)> {
     match config.model.architecture {
         Architecture::Llama => {
-            let corpus = language::Corpus::random(config)?;
-            language::LanguageTask::start(config, corpus, device, comm, start)
+            let corpus = corpus(config, comm)?;
+            language::LanguageTask::start(config, corpus, device, comm, position)
         }
-        Architecture::Vit => vision::VisionTask::open(config, device, comm, start),
+        Architecture::Vit => vision::VisionTask::open(config, device, comm, position),
     }
 }
 
