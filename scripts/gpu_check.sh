@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (scripts/gpu_check.py): run it first on any GPU machine a session
-# is lent, and put its report in the README.
+# The one-shot GPU check (scripts/gpu_check.py, whose docstring lists the steps): run it first
+# on any GPU machine a session is lent, and record its report.
 #
-#   scripts/gpu_check.sh --binary .gpu/bsfa-train --nccl-test .gpu/nccl-test --out report.json
-#   scripts/gpu_check.sh --dry-run            # every step on the CPU (CI runs this)
+#   scripts/gpu_check.sh --binary .gpu/bsfa-train.gz --nccl-test .gpu/nccl-test.gz \
+#     --out "$OUT/gpu_check.json"      # on the GPU; add --quick when time is short
+#   scripts/gpu_check.sh --rehearse    # the same command lines on the CPU, shrunk (CI runs it)
+#   scripts/gpu_check.sh --dry-run     # the rehearsal with the tiny model (CI runs it)
 #
 # The GPU machine needs no Rust: `scripts/pack_gpu_check.sh` builds the CUDA binary and the
-# NCCL test here and packs them into .gpu/ (gzip; unpacked below when given as *.gz). The
-# CUDA libraries candle and NCCL load at run time (cuBLAS, cuRAND, NCCL) are found in the
-# `nvidia-*` Python packages of the machine's PyTorch when they are not on the library path.
+# NCCL test here and packs them into .gpu/ (gzip; unpacked below when given as *.gz). The CUDA
+# libraries the binary loads are looked for in the `nvidia-*` Python packages and under
+# /usr/local/cuda*, besides the loader's own path and cache (the `libraries` step lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,17 +23,5 @@ for arg in "$@"; do
   fi
   args+=("$arg")
 done
-
-if [[ " $* " != *" --dry-run "* ]]; then
-  libs=$(python3 - <<'PY' 2>/dev/null || true
-import glob, os, site
-dirs = set()
-for base in site.getsitepackages():
-    for lib in glob.glob(os.path.join(base, "nvidia", "*", "lib")):
-        dirs.add(lib)
-print(":".join(sorted(dirs)))
-PY
-)
-  export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
-exec python3 scripts/gpu_check.py "${args[@]}"
+# Unbuffered: progress shows as it happens, even through a pipe.
+exec python3 -u scripts/gpu_check.py "${args[@]}"

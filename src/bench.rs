@@ -26,6 +26,8 @@ pub struct BenchReport {
     pub device: String,
     pub dtype: crate::device::Precision,
     pub optimizer: String,
+    /// Untimed steps before the timed ones (with BSFA at least `bsfa.history + 1`).
+    pub warmup_steps: usize,
     pub timed_steps: usize,
     pub ms_per_step: f64,
     /// Mean step time: unlike the median, it includes periodic work (BSFA's re-estimation
@@ -39,6 +41,14 @@ pub struct BenchReport {
     pub communication_ms: f64,
     /// Mean optimizer time per step (periodic work included).
     pub mean_optimizer_ms: f64,
+    /// With BSFA: re-estimations among the timed steps.
+    pub reestimations_timed: Option<usize>,
+    /// With BSFA: whether its timed steps were at steady state, the history full and a
+    /// re-estimation timed (the default step counts make sure of both).
+    pub bsfa_steady_state: Option<bool>,
+    /// With BSFA: the median optimizer time of a timed step that re-estimated, less the
+    /// median of one that did not: one re-estimation's cost at a full history.
+    pub reestimation_ms: Option<f64>,
     /// Peak resident memory of the process (Linux `VmHWM`), if known.
     pub peak_rss_mib: Option<f64>,
     /// Tokens/s the data loader delivers on `data.train` with this batch shape, when
@@ -61,10 +71,10 @@ pub struct BenchReport {
 pub struct BenchOptions {
     /// Compute threads of this process.
     pub threads: usize,
-    /// Untimed steps first.
-    pub warmup: usize,
-    /// Timed steps.
-    pub iters: usize,
+    /// Untimed steps first (None: the default of [`steps`]).
+    pub warmup: Option<usize>,
+    /// Timed steps (None: the default of [`steps`]).
+    pub iters: Option<usize>,
     /// Steps to time the data loader alone (0: skip).
     pub loader_steps: usize,
 }
@@ -79,6 +89,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         iters,
         loader_steps,
     } = *options;
+    let (warmup, iters) = steps(config, warmup, iters);
     if iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -92,6 +103,8 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let lr = config.optimizer.lr;
     let (mut total, mut forward, mut backward, mut update) = (vec![], vec![], vec![], vec![]);
     let mut communication = vec![];
+    // Optimizer times of the timed steps that re-estimated BSFA's directions.
+    let mut reestimating = vec![];
     for step in 0..warmup + iters {
         let started = Instant::now();
         let outcome = trainer.step(lr, None)?;
@@ -100,12 +113,19 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
             total.push(step_s);
             forward.push(outcome.forward_s);
             backward.push(outcome.backward_s);
-            update.push(outcome.optimizer_s);
             communication.push(outcome.communication_s);
+            if config.bsfa.enabled && reestimates(config, step) {
+                reestimating.push(outcome.optimizer_s);
+            } else {
+                update.push(outcome.optimizer_s);
+            }
         }
     }
-    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let (mean_step_s, mean_optimizer_s) = (mean(&total), mean(&update));
+    let reestimation_ms = (!reestimating.is_empty() && !update.is_empty())
+        .then(|| (crate::metrics::median(&reestimating) - crate::metrics::median(&update)) * 1e3);
+    let reestimations_timed = config.bsfa.enabled.then_some(reestimating.len());
+    let mean_optimizer_s = mean(&[&update[..], &reestimating[..]].concat());
+    let mean_step_s = mean(&total);
     let step_s = crate::metrics::median(&total);
     let tokens_per_s = config.units_per_step() as f64 / step_s;
     let loader_tokens_per_s = (loader_steps > 0)
@@ -129,15 +149,24 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         device: crate::device::name(device),
         dtype: train.dtype,
         optimizer: crate::checkpoint::optimizer_kind(config),
+        warmup_steps: warmup,
         timed_steps: iters,
         ms_per_step: step_s * 1e3,
         mean_ms_per_step: mean_step_s * 1e3,
         tokens_per_s,
         forward_ms: crate::metrics::median(&forward) * 1e3,
         backward_ms: crate::metrics::median(&backward) * 1e3,
-        optimizer_ms: crate::metrics::median(&update) * 1e3,
+        // The steady step's (with `bsfa.interval = 1` every step re-estimates).
+        optimizer_ms: crate::metrics::median(if update.is_empty() {
+            &reestimating
+        } else {
+            &update
+        }) * 1e3,
         communication_ms: crate::metrics::median(&communication) * 1e3,
         mean_optimizer_ms: mean_optimizer_s * 1e3,
+        reestimations_timed,
+        bsfa_steady_state: reestimations_timed.map(|n| bsfa_steady(config, warmup, n)),
+        reestimation_ms,
         peak_rss_mib: crate::metrics::peak_rss_mib(),
         loader_tokens_per_s,
         loader_vs_trainer: loader_tokens_per_s.map(|l| l / tokens_per_s),
@@ -146,6 +175,40 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
         peak_tflops_source: peak.map(|p| p.source),
         mfu,
     })
+}
+
+/// The warm-up and timed step counts for `config`, `warmup` and `iters` where given. By
+/// default 2 and 5; with BSFA the history fills first (`bsfa.history + 1` untimed steps:
+/// before that a re-estimation sees fewer rows and the history holds less memory, so time
+/// and memory come out far below steady state) and at least one re-estimation is timed
+/// (`bsfa.interval` timed steps).
+pub fn steps(config: &RunConfig, warmup: Option<usize>, iters: Option<usize>) -> (usize, usize) {
+    let bsfa = &config.bsfa;
+    let (steady_warmup, steady_iters) = if bsfa.enabled {
+        (bsfa.history + 1, bsfa.interval.max(5))
+    } else {
+        (2, 5)
+    };
+    (
+        warmup.unwrap_or(steady_warmup),
+        iters.unwrap_or(steady_iters),
+    )
+}
+
+/// Whether BSFA's timed steps were at steady state: its history full before the first one,
+/// and at least one re-estimation among them.
+fn bsfa_steady(config: &RunConfig, warmup: usize, reestimations: usize) -> bool {
+    warmup > config.bsfa.history && reestimations > 0
+}
+
+/// Whether the optimizer step at `step` (counted from 0) re-estimates BSFA's directions:
+/// every `bsfa.interval` steps from step `interval` on, as [`crate::optim::Bsfa`] does.
+fn reestimates(config: &RunConfig, step: usize) -> bool {
+    step > 0 && step.is_multiple_of(config.bsfa.interval)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
 }
 
 /// Tokens/s of the data loader over `steps` steps of `config`'s batch shape on its training

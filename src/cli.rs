@@ -193,12 +193,14 @@ pub struct ExportArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub run: RunArgs,
-    /// Untimed steps first (allocator and caches warm up).
-    #[arg(long, default_value_t = 2)]
-    pub warmup: usize,
-    /// Timed steps; the report gives their medians.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
+    /// Untimed steps first, for allocator and caches to warm up [default: 2; with BSFA
+    /// bsfa.history + 1, so that the timed steps see a full history].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Timed steps; the report gives their medians [default: 5; with BSFA at least
+    /// bsfa.interval, so that one re-estimation is timed].
+    #[arg(long)]
+    pub iters: Option<usize>,
     /// Also time the data loader alone for this many steps on --data (0: skip).
     #[arg(long, default_value_t = 0)]
     pub loader_steps: usize,

@@ -13,7 +13,11 @@ pub enum DeviceKind {
     /// The rank's CUDA device: local rank `LOCAL_RANK` among the GPUs it sees.
     Cuda,
     /// CUDA when this build has it and the driver reports a GPU, else the CPU (a CUDA build
-    /// says so in a one-line note on stderr).
+    /// says so in a one-line note on stderr). A CUDA build links the CUDA libraries (the
+    /// driver's `libcuda.so.1` among them) at start-up: where one is missing the binary does
+    /// not start at all, with the loader's message, so `auto` falls back only where the
+    /// libraries load but the driver finds no GPU or cannot start (the compile-only
+    /// toolchain's stub driver, a driver too old for CUDA 13).
     Auto,
 }
 
@@ -29,13 +33,7 @@ pub fn select(spec: DeviceKind, gpu: usize) -> Result<Device> {
                      `cargo build --release --features cuda,nccl` (or use the Docker image)"
                 );
             }
-            Device::new_cuda(gpu).with_context(|| {
-                format!(
-                    "cannot open CUDA device {gpu} (this rank's local rank among the GPUs it \
-                     sees, CUDA_VISIBLE_DEVICES='{}'); is a GPU visible?",
-                    std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
-                )
-            })
+            open_cuda(gpu)
         }
         // candle's `cuda_is_available()` only says whether the build has CUDA; ask the
         // driver how many GPUs this process sees instead. A GPU present but not this rank's
@@ -55,9 +53,41 @@ pub fn select(spec: DeviceKind, gpu: usize) -> Result<Device> {
     }
 }
 
+/// CUDA device `gpu` with a CUDA stream of its own, on which candle runs every kernel and
+/// copy of the device and NCCL its collectives (`dist::nccl`).
+///
+/// Why not `Device::new_cuda`: it uses the per-thread default stream, a handle that means
+/// "the default stream of the calling thread". NCCL 2.27+ launches the collectives of a
+/// communicator with several ranks from a thread of its own, where that handle names *its*
+/// default stream: the all-reduce would then not be ordered after the backward that wrote
+/// the gradients, nor the barrier's event after the all-reduce. An explicit stream is the
+/// same stream from every thread. Every CUDA device of this crate (the binary, the tests)
+/// is opened here.
+pub fn open_cuda(gpu: usize) -> Result<Device> {
+    let device = Device::new_cuda_with_stream(gpu).with_context(|| {
+        format!(
+            "cannot open CUDA device {gpu} (this rank's local rank among the GPUs it \
+             sees, CUDA_VISIBLE_DEVICES='{}'); is a GPU visible?",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+        )
+    })?;
+    #[cfg(feature = "cuda")]
+    {
+        // A context with a stream of its own is in cudarc's "multi-stream mode", where every
+        // buffer records a CUDA event at each use (microseconds per kernel argument) so that
+        // other streams can wait for it. Everything of this device runs on its one stream
+        // (NCCL included), which orders the work by itself: the events would buy nothing.
+        // SAFETY: no buffer of this context is used on another stream; buffers made from here
+        // on skip the events (candle's device made none yet that a kernel reads).
+        let cuda = device.as_cuda_device()?;
+        unsafe { cuda.cuda_stream().context().disable_event_tracking() };
+    }
+    Ok(device)
+}
+
 /// CUDA devices this process sees, as the driver reports them (0 in a build without CUDA);
-/// an error when the driver cannot be initialised (no driver, only the link-time stub
-/// library, a broken install).
+/// an error when the driver cannot be initialised (the compile-only toolchain's stub
+/// library, a driver older than the CUDA the build needs, a broken install).
 pub fn cuda_devices() -> Result<usize> {
     #[cfg(feature = "cuda")]
     {

@@ -100,7 +100,11 @@ fn train_or_bench(args: &RunArgs, bench: Option<&BenchArgs>) -> Result<u8> {
         return Ok(0);
     }
     interrupt::install()?;
-    task::prepare_data(&config)?;
+    // `bench` times random tokens and needs no corpus (a GPU machine may have no network):
+    // only its optional loader timing reads the run's data.
+    if bench.is_none_or(|b| b.loader_steps > 0) {
+        task::prepare_data(&config)?;
+    }
     let timeout = Duration::from_secs(config.train.dist_timeout_s);
     let job = Job::from_env(config.train.device, timeout)?;
     if let Some(b) = bench {

@@ -42,36 +42,140 @@ pub fn peak(given: Option<f64>, precision: Precision, device: &Device) -> Result
         }));
     }
     Ok(gpu_name(device).and_then(|name| {
-        datasheet_tflops(&name, dtype).map(|tflops| Peak {
-            tflops,
-            source: format!("datasheet: {name}, dense {dtype}"),
+        let row = datasheet(&name)?;
+        Some(Peak {
+            tflops: row.tflops(dtype),
+            source: format!(
+                "datasheet: {} (the device reports '{name}'), dense {dtype}",
+                row.product
+            ),
         })
     }))
 }
 
-/// Dense tensor-core TFLOP/s of common NVIDIA GPUs from their datasheets: bf16, and f32 as
-/// it runs without TF32 (candle's default).
-fn datasheet_tflops(name: &str, dtype: Precision) -> Option<f64> {
-    const TABLE: &[(&str, f64, f64)] = &[
-        // (name contains, bf16, f32)
-        ("H200", 989.0, 67.0),
-        ("H100 PCIe", 756.0, 51.0),
-        ("H100", 989.0, 67.0),
-        ("GH200", 989.0, 67.0),
-        ("B200", 2250.0, 80.0),
-        ("A100", 312.0, 19.5),
-        ("A10", 125.0, 31.2),
-        ("L40S", 362.0, 91.6),
-        ("L40", 181.0, 90.5),
-        ("L4", 121.0, 30.3),
-        ("RTX 4090", 165.0, 82.6),
-        ("RTX 3090", 71.0, 35.6),
-    ];
-    let (_, bf16, f32) = TABLE.iter().find(|(key, _, _)| name.contains(key))?;
-    Some(match dtype {
-        Precision::Bf16 => *bf16,
-        _ => *f32,
-    })
+/// One row of the datasheet table: a product and the exact names its devices report.
+#[derive(Debug, PartialEq)]
+struct Datasheet {
+    /// The product, as its datasheet names it.
+    product: &'static str,
+    /// What `nvidia-smi` (and the driver's `cuDeviceGetName`) report for it, exactly.
+    names: &'static [&'static str],
+    /// Dense tensor-core bf16 TFLOP/s (f32 accumulation).
+    bf16: f64,
+    /// f32 TFLOP/s without TF32 (candle's default).
+    f32: f64,
+}
+
+impl Datasheet {
+    fn tflops(&self, dtype: Precision) -> f64 {
+        match dtype {
+            Precision::Bf16 => self.bf16,
+            _ => self.f32,
+        }
+    }
+}
+
+/// Dense TFLOP/s of NVIDIA GPUs from their datasheets, by the exact product names their
+/// devices report. Exact, not "contains": an H100 SXM, PCIe and NVL all have "H100" in
+/// their names and differ by a quarter in peak; a name missing here gives no MFU (set
+/// `--peak-tflops`) rather than another product's figure.
+const DATASHEETS: &[Datasheet] = &[
+    Datasheet {
+        product: "H100 SXM5",
+        names: &["NVIDIA H100 80GB HBM3", "NVIDIA H100 64GB HBM3"],
+        bf16: 989.4,
+        f32: 66.9,
+    },
+    Datasheet {
+        product: "H100 PCIe",
+        names: &["NVIDIA H100 PCIe"],
+        bf16: 756.5,
+        f32: 51.2,
+    },
+    Datasheet {
+        product: "H100 NVL",
+        names: &["NVIDIA H100 NVL"],
+        bf16: 835.5,
+        f32: 60.0,
+    },
+    Datasheet {
+        product: "H200 SXM",
+        names: &["NVIDIA H200"],
+        bf16: 989.4,
+        f32: 66.9,
+    },
+    Datasheet {
+        product: "H200 NVL",
+        names: &["NVIDIA H200 NVL"],
+        bf16: 835.5,
+        f32: 60.0,
+    },
+    Datasheet {
+        product: "GH200",
+        names: &["NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e"],
+        bf16: 989.4,
+        f32: 66.9,
+    },
+    Datasheet {
+        product: "B200",
+        names: &["NVIDIA B200"],
+        bf16: 2250.0,
+        f32: 80.0,
+    },
+    Datasheet {
+        product: "A100",
+        names: &[
+            "NVIDIA A100-SXM4-40GB",
+            "NVIDIA A100-SXM4-80GB",
+            "NVIDIA A100-PCIE-40GB",
+            "NVIDIA A100 80GB PCIe",
+        ],
+        bf16: 312.0,
+        f32: 19.5,
+    },
+    Datasheet {
+        product: "A10",
+        names: &["NVIDIA A10"],
+        bf16: 125.0,
+        f32: 31.2,
+    },
+    Datasheet {
+        product: "L40S",
+        names: &["NVIDIA L40S"],
+        bf16: 362.0,
+        f32: 91.6,
+    },
+    Datasheet {
+        product: "L40",
+        names: &["NVIDIA L40"],
+        bf16: 181.0,
+        f32: 90.5,
+    },
+    Datasheet {
+        product: "L4",
+        names: &["NVIDIA L4"],
+        bf16: 121.0,
+        f32: 30.3,
+    },
+    Datasheet {
+        product: "GeForce RTX 4090",
+        names: &["NVIDIA GeForce RTX 4090"],
+        bf16: 165.2,
+        f32: 82.6,
+    },
+    Datasheet {
+        product: "GeForce RTX 3090",
+        names: &["NVIDIA GeForce RTX 3090"],
+        bf16: 71.0,
+        f32: 35.6,
+    },
+];
+
+/// The datasheet row of the device named `name` (surrounding spaces ignored).
+fn datasheet(name: &str) -> Option<&'static Datasheet> {
+    DATASHEETS
+        .iter()
+        .find(|row| row.names.contains(&name.trim()))
 }
 
 #[cfg(feature = "cuda")]
@@ -137,21 +241,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn datasheet_lookup_prefers_the_specific_name() {
+    fn datasheet_rows_match_exact_product_names_only() {
+        let bf16 = |name| datasheet(name).map(|row| row.tflops(Precision::Bf16));
+        assert_eq!(bf16("NVIDIA H100 80GB HBM3"), Some(989.4));
+        assert_eq!(bf16("NVIDIA H100 PCIe"), Some(756.5));
+        assert_eq!(bf16("NVIDIA H100 NVL"), Some(835.5));
+        assert_eq!(bf16("NVIDIA H200"), Some(989.4));
+        assert_eq!(bf16("NVIDIA H200 NVL"), Some(835.5));
         assert_eq!(
-            datasheet_tflops("NVIDIA H100 PCIe", Precision::Bf16),
-            Some(756.0)
+            datasheet("NVIDIA H200").map(|r| r.product),
+            Some("H200 SXM")
         );
         assert_eq!(
-            datasheet_tflops("NVIDIA H100 80GB HBM3", Precision::Bf16),
-            Some(989.0)
+            datasheet("NVIDIA A100-SXM4-80GB").map(|row| row.tflops(Precision::F32)),
+            Some(19.5)
         );
-        assert_eq!(datasheet_tflops("NVIDIA H200", Precision::F32), Some(67.0));
-        assert_eq!(
-            datasheet_tflops("NVIDIA L40S", Precision::Bf16),
-            Some(362.0)
-        );
-        assert_eq!(datasheet_tflops("Tesla T4", Precision::Bf16), None);
+        // Unknown products and partial names get no row, not a neighbour's.
+        for name in [
+            "Tesla T4",
+            "H100",
+            "NVIDIA H100",
+            "NVIDIA L40S-X",
+            "NVIDIA H100 PCIe 2",
+        ] {
+            assert_eq!(datasheet(name), None, "{name}");
+        }
+        // Every name belongs to one row.
+        let names: Vec<_> = DATASHEETS.iter().flat_map(|r| r.names.iter()).collect();
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 mod common;
 
 use common::data::word_tokenizer;
-use common::{fails_with, ok, read_json, records, run, stderr, test_model};
+use common::{
+    fails, fails_with, ok, read_json, records, run, run_with, stderr, strings, test_model,
+};
 use std::path::Path;
 use std::process::Output;
 
@@ -426,4 +428,72 @@ fn tokenizer_trains_a_bpe_that_prepare_and_training_use() {
         "must exceed 257",
     );
     fails_with(&["tokenizer", "--data", "builtin"], "--data text:PATH");
+}
+
+/// `bench` times random tokens: it never prepares (downloads) the run's dataset, which a GPU
+/// machine without network cannot; only `--loader-steps`, which reads it, does.
+#[test]
+fn bench_needs_no_dataset_unless_it_times_the_loader() {
+    let hf_home = tempfile::tempdir().unwrap();
+    // An empty cache and a hub that refuses at once: a download attempt is an error.
+    let offline = [
+        ("HF_HOME", hf_home.path().to_str().unwrap()),
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+    ];
+    let mut args = strings(&["bench"]);
+    args.extend(test_model(&[
+        "--data",
+        "openwebtext",
+        "--tokenizer",
+        "gpt2",
+        "--set",
+        "model.vocab_size=50304",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+    ]));
+    ok(run_with(&args, &offline));
+    args.extend(strings(&["--loader-steps", "1"]));
+    fails(
+        run_with(&args, &offline),
+        &["openwebtext", "is not prepared"],
+    );
+}
+
+/// With BSFA, `bench`'s default step counts reach steady state: the history full before the
+/// first timed step, and one re-estimation timed (and priced); explicit counts that do not
+/// are said to.
+#[test]
+fn bench_times_bsfa_at_steady_state_by_default() {
+    let shape = ["--batch-size", "2", "--seq-len", "16", "--bsfa"];
+    let bsfa = [
+        "--set",
+        "bsfa.rank=2",
+        "--set",
+        "bsfa.history=6",
+        "--set",
+        "bsfa.interval=4",
+    ];
+    let shape = [&shape[..], &bsfa].concat();
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = strings(&["bench"]);
+        args.extend(test_model(&[&shape[..], extra].concat()));
+        let o = ok(run(&args));
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap()
+    };
+    let steady = bench(&[]);
+    assert_eq!(steady["warmup_steps"], 7, "{steady}");
+    assert_eq!(steady["timed_steps"], 5, "{steady}");
+    // Timed steps 7..=11: step 8 re-estimates.
+    assert_eq!(steady["reestimations_timed"], 1, "{steady}");
+    assert_eq!(steady["bsfa_steady_state"], true, "{steady}");
+    assert!(steady["reestimation_ms"].as_f64().is_some(), "{steady}");
+    let early = bench(&["--warmup", "1", "--iters", "2"]);
+    assert_eq!(early["bsfa_steady_state"], false, "{early}");
+    assert!(early["reestimation_ms"].is_null(), "{early}");
 }

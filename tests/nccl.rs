@@ -8,6 +8,7 @@
 mod common;
 
 use anyhow::Result;
+use bsfa_train::device::open_cuda;
 use bsfa_train::dist::env::RankEnv;
 use bsfa_train::dist::nccl::NcclCommunicator;
 use bsfa_train::dist::tcp::TcpCommunicator;
@@ -59,7 +60,7 @@ fn collectives_on(world: usize) -> Vec<Outcome> {
     let threads: Vec<_> = (0..world)
         .map(|rank| {
             std::thread::spawn(move || -> Result<Outcome> {
-                let device = Device::new_cuda(rank)?;
+                let device = open_cuda(rank)?;
                 let control = tcp_rank(rank, world, control_port)?;
                 let nccl =
                     NcclCommunicator::new(Box::new(control), &device, Duration::from_secs(60))?;
@@ -145,7 +146,7 @@ fn four_ranks_agree_with_tcp_ranks() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn one_rank_collectives_return_their_input() -> Result<()> {
-    let device = Device::new_cuda(0)?;
+    let device = open_cuda(0)?;
     let comm = NcclCommunicator::new(Box::new(SingleRank), &device, Duration::from_secs(60))?;
     assert_eq!((comm.rank(), comm.world()), (0, 1));
     let base = Tensor::arange(0f32, 24., &device)?.reshape((4, 6))?;
@@ -166,6 +167,14 @@ fn one_rank_collectives_return_their_input() -> Result<()> {
     // Errors, not hangs: a root outside the world, a CPU tensor, an unsupported dtype.
     assert!(comm.broadcast(&base, 1).is_err());
     assert!(comm.all_reduce_sum(&base.to_device(&Device::Cpu)?).is_err());
+    // A device on the per-thread default stream is refused (device::open_cuda says why).
+    let default_stream = Device::new_cuda(0)?;
+    let refused = NcclCommunicator::new(
+        Box::new(SingleRank),
+        &default_stream,
+        Duration::from_secs(60),
+    );
+    assert!(refused.is_err());
     if let Ok(t) = base.to_dtype(DType::I16) {
         assert!(comm.all_reduce_sum(&t).is_err());
     }
@@ -177,7 +186,7 @@ fn one_rank_collectives_return_their_input() -> Result<()> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn an_aborted_communicator_fails_at_once_and_drops_quietly() -> Result<()> {
-    let device = Device::new_cuda(0)?;
+    let device = open_cuda(0)?;
     let comm = NcclCommunicator::new(Box::new(SingleRank), &device, Duration::from_secs(60))?;
     let t = Tensor::ones(8, DType::F32, &device)?;
     comm.all_reduce_sum(&t)?;

@@ -6,7 +6,8 @@
 //! aborts. The collectives are enqueued on the CUDA stream of the candle device the
 //! communicator was made for, the stream candle runs every kernel of that device on, so
 //! they are ordered with the computation that produces and consumes their tensors without
-//! any host synchronisation.
+//! any host synchronisation. That stream must be an explicit one (`device::open_cuda`),
+//! never a default stream: NCCL enqueues from a thread of its own (see `join`).
 //!
 //! No wait on NCCL is unbounded. The communicator is non-blocking (`ncclConfig_t::blocking
 //! = 0`): its initialisation and every call return at once and go on in the background,
@@ -46,6 +47,9 @@ const NCCL_ID_BYTES: usize = 128;
 /// have (its `nccl` feature selects them). NCCL reads only the fields that both this
 /// version and its own know, so older and newer libraries accept the config.
 const CONFIG_VERSION: c_uint = 2 * 10000 + 30 * 100;
+
+/// `cudaStreamPerThread`, the largest default-stream handle (0 and 1 are the legacy one).
+const PER_THREAD_STREAM: usize = 2;
 
 /// Pause between polls while NCCL finishes enqueueing a collective in the background:
 /// usually it has finished by the first poll, except when a first collective connects the
@@ -221,6 +225,10 @@ fn join(control: &dyn Communicator, device: &Device, timeout: Duration) -> Resul
         .as_cuda_device()
         .context("NCCL collectives need a CUDA device")?;
     let stream = cuda.cuda_stream();
+    // A default stream means each thread's own; NCCL enqueues from a thread of its own.
+    if (stream.cu_stream() as usize) <= PER_THREAD_STREAM {
+        bail!("NCCL needs a device on a stream of its own (device::open_cuda, not new_cuda)");
+    }
     // ncclGetUniqueId and ncclCommInitRankConfig work on the device current on this thread.
     stream
         .context()

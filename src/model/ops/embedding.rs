@@ -124,38 +124,87 @@ impl CustomOp2 for EmbeddingGrad {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::{BackendDevice, BackendStorage};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{cudarc, CudaStorageSlice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::{result, sys, Ptx};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, Shape};
-    use std::sync::OnceLock;
+    use std::collections::HashMap;
+    use std::ffi::{CStr, CString};
+    use std::sync::{Mutex, OnceLock};
 
     /// The kernel's source, compiled by NVRTC on first use (checked by nvcc in CI:
     /// `scripts/check_cuda_build.sh`).
     const SOURCE: &str = include_str!("embedding.cu");
+    const KERNEL: &str = "embedding_backward_f32";
     const THREADS: u32 = 256;
 
-    /// The kernel's PTX, compiled once; `None` (with a warning) where NVRTC is missing or
-    /// fails: the backward then takes candle's `index_add`, slower but the same sums.
-    fn ptx() -> Option<&'static str> {
-        static PTX: OnceLock<Option<String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            // cudarc panics when it cannot load libnvrtc.
-            let compiled = std::panic::catch_unwind(|| {
-                cudarc::nvrtc::compile_ptx(SOURCE).map(|ptx| ptx.to_src())
-            });
-            let why = match compiled {
-                Ok(Ok(ptx)) => return Some(ptx),
-                Ok(Err(e)) => format!("NVRTC could not compile embedding.cu: {e:?}"),
-                Err(_) => "NVRTC (libnvrtc) could not be loaded".to_string(),
-            };
-            eprintln!("warning: {why}; the embedding backward uses candle's index_add");
-            None
-        })
-        .as_deref()
+    /// The kernel on `device`'s GPU, compiled and loaded once per GPU; `None` (after one
+    /// warning) where either failed: the backward then takes candle's `index_add`, slower
+    /// but the same sums.
+    fn kernel(device: &CudaDevice) -> Option<CudaFunction> {
+        static KERNELS: OnceLock<Mutex<HashMap<usize, Option<CudaFunction>>>> = OnceLock::new();
+        let context = device.cuda_stream().context().clone();
+        let ordinal = context.ordinal();
+        let mut kernels = KERNELS.get_or_init(Default::default).lock().ok()?;
+        let found = kernels.entry(ordinal).or_insert_with(|| {
+            let loaded = context
+                .compute_capability()
+                .map_err(|e| format!("the driver gives no compute capability: {e:?}"))
+                .and_then(|(major, minor)| cubin(&format!("sm_{major}{minor}")))
+                .and_then(|cubin| {
+                    context
+                        .load_module(Ptx::from_binary(cubin))
+                        .and_then(|module| module.load_function(KERNEL))
+                        .map_err(|e| format!("the driver could not load its cubin: {e:?}"))
+                });
+            loaded
+                .map_err(|why| {
+                    eprintln!(
+                        "warning: embedding.cu is unavailable on GPU {ordinal} ({why}); the \
+                         embedding backward uses candle's index_add (the same sums, slower)"
+                    )
+                })
+                .ok()
+        });
+        found.clone()
+    }
+
+    /// `SOURCE` compiled by NVRTC to a cubin for `arch` (`sm_90`: the device's own
+    /// architecture). Not PTX: PTX from a libnvrtc newer than the driver is PTX the driver
+    /// cannot JIT, and a cubin needs no JIT at all. An NVRTC too old for the device fails
+    /// here, and the caller falls back.
+    fn cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
+        let nvrtc = |e: result::NvrtcError| format!("NVRTC: {e:?}");
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let program = result::create_program(&source, None).map_err(nvrtc)?;
+        let options = [format!("--gpu-architecture={arch}")];
+        // SAFETY: `program` was just created and is destroyed below, after its last use;
+        // the buffers given to NVRTC hold the sizes it reports.
+        unsafe {
+            let compiled = result::compile_program(program, &options)
+                .map_err(|e| {
+                    let log = result::get_program_log(program).unwrap_or_default();
+                    let log = CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+                    format!("NVRTC could not compile it for {arch}: {e:?}: {log}")
+                })
+                .and_then(|()| {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(program, &mut size)
+                        .result()
+                        .map_err(nvrtc)?;
+                    let mut cubin = vec![0u8; size];
+                    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
+                        .result()
+                        .map_err(nvrtc)?;
+                    Ok(cubin)
+                });
+            let _ = result::destroy_program(program);
+            compiled
+        }
     }
 
     /// `dw` on the GPU: the kernel for f32 gradients and u32 ids, candle's `index_add`
-    /// into zeros for any other types (or without NVRTC).
+    /// into zeros for any other types (or where the kernel is unavailable).
     pub(super) fn embedding_grad(
         dy: &CudaStorage,
         dyl: &Layout,
@@ -171,8 +220,8 @@ mod cuda {
             CudaStorageSlice::F32(dy_all),
             CudaStorageSlice::U32(ids_all),
             (Some(d), Some(i)),
-            Some(ptx),
-        ) = (&dy.slice, &ids.slice, offsets, ptx())
+            Some(func),
+        ) = (&dy.slice, &ids.slice, offsets, kernel(&device))
         else {
             let zeros = device.zeros_impl(&shape, dy.dtype())?;
             let dwl = Layout::contiguous(shape.clone());
@@ -181,8 +230,6 @@ mod cuda {
         let (dy_rows, id_values) = (dy_all.slice(d.0..d.1), ids_all.slice(i.0..i.1));
         // SAFETY: the kernel writes every element of `dw` before any read.
         let dw = unsafe { device.alloc::<f32>(vocab * hidden)? };
-        let func =
-            device.get_or_load_custom_func("embedding_backward_f32", "bsfa_embedding", ptx)?;
         let count = |x: usize| {
             u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{x} exceeds u32")))
         };
@@ -192,7 +239,8 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         let (n, hidden) = (count(n)?, count(hidden)?);
-        let mut launch = func.builder();
+        let stream = device.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
         launch.arg(&id_values);
         launch.arg(&dy_rows);
         launch.arg(&dw);
