@@ -44,7 +44,16 @@ RUN apt-get update \
         g++=4:13.2.0-7ubuntu1 \
         libnccl2="${NCCL_VERSION}" \
         libnccl-dev="${NCCL_VERSION}" \
+        python3 \
+        python3-venv \
     && rm -rf /var/lib/apt/lists/*
+
+# Triton, pinned, which build.rs runs to compile our kernels (src/model/ops/triton/) to cubins.
+ARG TRITON_VERSION=3.9.0
+RUN python3 -m venv /opt/triton \
+    && /opt/triton/bin/pip install --no-cache-dir "triton==${TRITON_VERSION}"
+ENV BSFA_TRITON_PYTHON=/opt/triton/bin/python \
+    BSFA_TRITON_ARCHS=80,90
 
 # Rust through rustup, both pinned: rustup-init 1.28.2, checked against its published hash.
 ADD --checksum=sha256:20a06e644b0d9bd2fbdbfd52d42540bdde820ea7df86e92e533c073da0cdd43c --chmod=755 \

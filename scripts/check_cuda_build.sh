@@ -3,6 +3,9 @@
 #
 # 1. Installs (first run, ~15 s) or re-activates (later runs, ~2 s) the compile-only CUDA 13.0
 #    toolchain from PyPI through the shared recipe shared/cuda/setup-cuda-toolchain.sh.
+#    Then compiles our Triton kernels (src/model/ops/triton/) to sm_80 and sm_90 cubins with the
+#    pinned Triton (aot.py; about 2 min) for the build to embed: a kernel that does not compile,
+#    or a launch whose arguments are not the compiled kernel's parameters, fails here.
 # 2. Runs the Dockerfile's build command, `cargo build --release --locked --features cuda,nccl`
 #    (it checks that the Dockerfile still has the same command) and checks that the binary
 #    links the CUDA driver library.
@@ -59,6 +62,20 @@ if [[ -z ${NVCC_CCBIN:-} ]] && (($(gcc -dumpversion | cut -d. -f1) > 15)); then
     fi
   done
 fi
+
+# ---- 1b. our Triton kernels, compiled ahead of time to cubins (sm_80 and sm_90) ------------------
+# Needs Triton 3.9.0 (pinned): the test tools' Python (scripts/install_test_tools.sh, BSFA_PYTHON).
+TRITON_PYTHON=${BSFA_PYTHON:-python3}
+"$TRITON_PYTHON" -c 'import triton' 2>/dev/null ||
+  die "no triton in $TRITON_PYTHON: eval \"\$(scripts/install_test_tools.sh)\" (or pip install triton==3.9.0)"
+log "Triton AOT: src/model/ops/triton/aot.py"
+t0=$SECONDS
+"${NICE_CMD[@]}" "$TRITON_PYTHON" src/model/ops/triton/aot.py \
+  --out "${CARGO_TARGET_DIR:-$ROOT/target}/triton" --archs 80,90 ||
+  die "a Triton kernel does not compile"
+log "Triton AOT took $((SECONDS - t0)) s"
+# build.rs embeds these instead of compiling them again.
+export BSFA_TRITON_CUBINS=${CARGO_TARGET_DIR:-$ROOT/target}/triton
 
 # ---- 2. the Dockerfile's build ----------------------------------------------------------------
 log "${BUILD[*]}"

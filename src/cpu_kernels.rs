@@ -24,6 +24,12 @@ pub(crate) fn set_reference_only(on: bool) {
     REFERENCE_ONLY.store(on, Ordering::Relaxed);
 }
 
+/// Whether `train.kernels = reference` holds for this process (the GPU's fused kernels
+/// honour it too).
+pub(crate) fn reference_only() -> bool {
+    REFERENCE_ONLY.load(Ordering::Relaxed)
+}
+
 /// True where the fused CPU kernels apply: f32 or f64 tensors on the CPU, unless
 /// `train.kernels = reference` turned them off for the process.
 pub(crate) fn fusable(t: &Tensor) -> bool {
@@ -32,9 +38,7 @@ pub(crate) fn fusable(t: &Tensor) -> bool {
 
 /// [`fusable`] for a tensor of type `dtype` on `device`, before it exists.
 pub(crate) fn fusable_on(device: &Device, dtype: DType) -> bool {
-    !REFERENCE_ONLY.load(Ordering::Relaxed)
-        && device.is_cpu()
-        && matches!(dtype, DType::F32 | DType::F64)
+    !reference_only() && device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// The contiguous slice of `storage` described by `layout`.

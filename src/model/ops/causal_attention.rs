@@ -30,7 +30,7 @@ pub fn attention(
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    if fusable(x) {
+    if fusable(x) || gpu_kernels_apply(x, (cos, sin), heads, kv_heads) {
         let qkv = linear(x, &Tensor::cat(&[wq, wk, wv], 0)?)?;
         qkv.apply_op1(CausalAttention::new(cos, sin, heads, kv_heads)?)
     } else {
@@ -39,6 +39,21 @@ pub fn attention(
         reference::causal_attention(&q, &k, &v, (cos, sin), heads, kv_heads)
     }
 }
+
+/// Whether `x` is on a GPU whose Triton attention kernels serve this shape (`cuda` module).
+#[cfg(feature = "cuda")]
+fn gpu_kernels_apply(x: &Tensor, (cos, sin): (&Tensor, &Tensor), heads: usize, kv: usize) -> bool {
+    cuda::applies(x, cos, sin, heads, kv)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kernels_apply(_: &Tensor, _: (&Tensor, &Tensor), _: usize, _: usize) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+#[path = "causal_attention_cuda.rs"]
+mod cuda;
 
 /// Additive causal mask (`seq x seq`): 0 on and below the diagonal, -inf above.
 pub fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -215,6 +230,9 @@ struct CausalAttention {
     /// Rotary tables, `seq x dim`, contiguous.
     cos: Tensor,
     sin: Tensor,
+    /// On CUDA, each row's log-sum-exp from the forward, until the backward takes it.
+    #[cfg(feature = "cuda")]
+    stats: std::sync::Mutex<Option<cuda::RowStats>>,
 }
 
 impl CausalAttention {
@@ -229,6 +247,8 @@ impl CausalAttention {
             kv_heads,
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
+            #[cfg(feature = "cuda")]
+            stats: Default::default(),
         })
     }
 
@@ -339,15 +359,30 @@ impl CustomOp1 for CausalAttention {
         )))
     }
 
-    fn bwd(&self, qkv: &Tensor, _out: &Tensor, d_out: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, shape, stats) = cuda::forward(self, s, l, self.dims(l)?)?;
+        *self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = Some(stats);
+        Ok((out, shape))
+    }
+
+    #[allow(unused_variables)] // `out` serves the CUDA backward only
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, d_out: &Tensor) -> Result<Option<Tensor>> {
         let grad = CausalAttentionGrad {
-            forward: Self {
-                heads: self.heads,
-                kv_heads: self.kv_heads,
-                cos: self.cos.clone(),
-                sin: self.sin.clone(),
-            },
+            forward: Self::new(&self.cos, &self.sin, self.heads, self.kv_heads)?,
             d_out: d_out.contiguous()?,
+            #[cfg(feature = "cuda")]
+            gpu: match self.stats.lock().ok().and_then(|mut s| s.take()) {
+                Some(stats) => Some((out.contiguous()?, stats)),
+                None => None,
+            },
         };
         Ok(Some(qkv.detach().apply_op1_no_bwd(&grad)?))
     }
@@ -357,6 +392,9 @@ impl CustomOp1 for CausalAttention {
 struct CausalAttentionGrad {
     forward: CausalAttention,
     d_out: Tensor,
+    /// On CUDA: the forward's output and row statistics.
+    #[cfg(feature = "cuda")]
+    gpu: Option<(Tensor, cuda::RowStats)>,
 }
 
 impl CustomOp1 for CausalAttentionGrad {
@@ -453,6 +491,19 @@ impl CustomOp1 for CausalAttentionGrad {
             run::<T>(self, slice(s, l)?, d)?,
             l.shape()
         )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Some((out, stats)) = &self.gpu else {
+            bail!("attention-grad: the CUDA forward kept no row statistics");
+        };
+        let d = self.forward.dims(l)?;
+        cuda::backward(&self.forward, s, l, d, (out, &self.d_out, stats))
     }
 }
 

@@ -41,6 +41,8 @@ mod rope;
 mod soft_cross_entropy;
 mod softmax;
 mod swiglu;
+#[cfg(feature = "cuda")]
+mod triton;
 
 use candle_core::{DType, Result, Tensor};
 

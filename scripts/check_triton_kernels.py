@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Checks the arithmetic of our Triton kernels on the CPU: the same kernel source the CUDA build
+compiles to cubins (src/model/ops/triton/), run by Triton's interpreter (TRITON_INTERPRET=1) on
+CPU torch tensors, against the math in float64, forward and backward, at odd shapes.
+
+    TRITON_INTERPRET=1 python3 scripts/check_triton_kernels.py [--break KERNEL] [--cases N]
+
+Needs torch and triton (scripts/install_test_tools.sh's venv; tests/triton_kernels.rs runs it).
+Prints one JSON line per case and exits 1 when a case is beyond its tolerance.
+
+Tolerances, as the worst absolute difference over the largest magnitude of the true value:
+  f32: 1e-5 (f32 throughout, products in full f32, not TF32).
+  bf16: at most the reference composition's own error plus 1e-4, the reference being what a
+  bf16 run computes today (candle's ops: bf16 products, f32 softmax), whose error against the
+  math is measured on the same inputs: the kernel must be no less exact than what it replaces.
+  (Measured: 0.4-0.7 of the reference's error forward, 0.6-0.9 backward.)
+
+--break KERNEL perturbs one kernel's result on purpose (forward, dq, dkdv): the check must fail.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("set TRITON_INTERPRET=1: the check runs the kernels in Triton's interpreter")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src/model/ops/triton"))
+import causal_attention as ca  # noqa: E402
+
+# (batch, seq, heads, kv_heads, dim): sequence 1, one not a multiple of the tiles, a full tile
+# plus one, llama134m's 1024, grouped-query 2:1 and none, head dims 48 (llama134m's), 64 and
+# 128, batch 1.
+CASES = [
+    (2, 1, 2, 2, 48),
+    (1, 127, 4, 2, 48),
+    (1, 1024, 2, 1, 48),
+    (2, 65, 2, 1, 64),
+    (1, 130, 2, 2, 128),
+    (1, 200, 4, 4, 64),
+]
+
+
+def mend_interpreter_bf16():
+    """Makes Triton 3.9's interpreter compute bf16 as the GPU does. It multiplies bf16 operands
+    of `tl.dot` as their raw 16-bit patterns (it widens only fp8), and it rounds f32 to bf16 by
+    truncation, where the GPU rounds to nearest even. Here dot operands are widened to f32
+    first, exactly (a tensor core's bf16 products are exact and accumulate in f32), and f32 is
+    rounded to nearest even. The kernels' source is unchanged; only the interpreter is mended."""
+    builder = interpreter.InterpreterBuilder
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def widened(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        bits = (x.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(bits, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            nearest_even = bits + 0x7FFF + ((bits >> 16) & 1)
+            rounded = np.where(np.isnan(src.data), bits | 0x400000, nearest_even) >> 16
+            return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
+    for name in ("create_fp_trunc", "create_fp_ext"):
+        setattr(builder, name, lambda self, src, dst_type: self.cast_impl(src, dst_type))
+
+
+def tables(seq, dim, dtype):
+    """The rotary tables of rope.rs (rotate-half layout, theta 10,000)."""
+    half = dim // 2
+    freq = 1.0 / 10000.0 ** (torch.arange(dim, dtype=torch.float64).remainder(half) * 2 / dim)
+    angle = torch.arange(seq, dtype=torch.float64)[:, None] * freq[None, :]
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def split(qkv, heads, kv_heads, dim):
+    b, t, _ = qkv.shape
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    return (q.reshape(b, t, heads, dim).transpose(1, 2), k.reshape(b, t, kv_heads, dim).transpose(1, 2),
+            v.reshape(b, t, kv_heads, dim).transpose(1, 2))
+
+
+def attention(qkv, cos, sin, heads, kv_heads, dim, widen=None):
+    """The op as tensor algebra; `widen` (the reference composition's rule) computes the
+    softmax in f32 and casts the probabilities back, as candle's bf16 graph does."""
+    q, k, v = split(qkv, heads, kv_heads, dim)
+    group = heads // kv_heads
+    q = rope(q, cos, sin) * (1.0 / math.sqrt(dim))
+    k = rope(k, cos, sin).repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    t = qkv.shape[1]
+    mask = torch.full((t, t), float("-inf"), dtype=q.dtype).triu(1)
+    scores = q @ k.transpose(-1, -2) + mask
+    probs = scores.softmax(-1) if widen is None else scores.to(widen).softmax(-1).to(q.dtype)
+    out = probs @ v
+    return out.transpose(1, 2).reshape(qkv.shape[0], t, heads * dim)
+
+
+def kernels(qkv, cos, sin, d_out, heads, kv_heads, dim, broken=None):
+    """The Triton kernels' forward and d_qkv, run as the CUDA build launches them."""
+    b, t, _ = qkv.shape
+    half, full = ca.tiles(dim)
+    ieee = qkv.dtype == torch.float32
+    scale = 1.0 / math.sqrt(dim)
+    out = torch.empty(b, t, heads * dim, dtype=qkv.dtype)
+    lse = torch.empty(b, heads, t, dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    d_qkv = torch.full_like(qkv, float("nan"))
+    tiles = dict(HALF=half, FULL=full, IEEE=ieee, BLOCK_M=ca.BLOCK_M, BLOCK_N=ca.BLOCK_N)
+    rows, cols = ca.cdiv(t, ca.BLOCK_M), ca.cdiv(t, ca.BLOCK_N)
+    ca.attention_forward[(rows, b * heads)](
+        qkv, cos, sin, out, lse, t, heads, kv_heads, dim, scale, **tiles)
+    if broken == "forward":
+        out[0, -1, 0] += 0.05
+    ca.attention_delta[(rows, b * heads)](
+        out, d_out, delta, t, heads, dim, FULL=full, BLOCK_M=ca.BLOCK_M)
+    ca.attention_dkdv[(cols, b * kv_heads)](
+        qkv, cos, sin, d_out, lse, delta, d_qkv, t, heads, kv_heads, dim, scale, **tiles)
+    ca.attention_dq[(rows, b * heads)](
+        qkv, cos, sin, d_out, lse, delta, d_qkv, t, heads, kv_heads, dim, scale, **tiles)
+    if broken == "dq":
+        d_qkv[0, -1, 0] += 0.05
+    if broken == "dkdv":
+        d_qkv[0, 0, heads * dim] += 0.05
+    return out, d_qkv
+
+
+def error(got, truth):
+    return ((got.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+def check(case, dtype, broken):
+    b, t, heads, kv_heads, dim = case
+    torch.manual_seed(sum(case))
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(b, t, width, dtype=torch.float64).to(dtype)
+    d_out = torch.randn(b, t, heads * dim, dtype=torch.float64).to(dtype)
+    cos, sin = tables(t, dim, dtype)
+    # The math: float64 from the same (rounded) inputs.
+    exact_in = qkv.double().requires_grad_()
+    exact = attention(exact_in, cos.double(), sin.double(), heads, kv_heads, dim)
+    (exact_grad,) = torch.autograd.grad(exact, exact_in, d_out.double())
+    out, d_qkv = kernels(qkv, cos, sin, d_out, heads, kv_heads, dim, broken)
+    result = {"case": dict(zip(("batch", "seq", "heads", "kv_heads", "dim"), case)),
+              "dtype": str(dtype).removeprefix("torch."),
+              "forward_error": error(out, exact), "backward_error": error(d_qkv, exact_grad)}
+    if dtype == torch.float32:
+        bounds = (1e-5, 1e-5)
+    else:
+        ref_in = qkv.clone().requires_grad_()
+        ref = attention(ref_in, cos, sin, heads, kv_heads, dim, widen=torch.float32)
+        (ref_grad,) = torch.autograd.grad(ref, ref_in, d_out)
+        reference = (error(ref, exact), error(ref_grad, exact_grad))
+        result["reference_errors"] = reference
+        bounds = tuple(e + 1e-4 for e in reference)
+    result["bounds"] = bounds
+    result["ok"] = result["forward_error"] <= bounds[0] and result["backward_error"] <= bounds[1]
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--break", dest="broken", choices=["forward", "dq", "dkdv"])
+    parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    mend_interpreter_bf16()
+    failed = 0
+    for case in CASES[:args.cases]:
+        for dtype in (torch.float32, torch.bfloat16):
+            result = check(case, dtype, args.broken)
+            print(json.dumps(result), flush=True)
+            failed += not result["ok"]
+    print(f"{failed} case(s) beyond tolerance", file=sys.stderr)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

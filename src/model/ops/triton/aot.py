@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Compiles our Triton kernels ahead of time to cubins, on a machine without a GPU, for the CUDA
+build to embed: every kernel of `KERNELS`, in every variant, for every GPU architecture asked.
+
+    python3 src/model/ops/triton/aot.py --out DIR [--archs 80,90]
+
+Writes DIR/<kernel>-<variant>-sm<arch>.cubin, DIR/kernels.json and DIR/triton_kernels.rs (the
+same table as Rust, with the cubins embedded by `include_bytes!`; `build.rs` includes it in a
+CUDA build), one entry per cubin: the
+kernel, variant, architecture, file, the launch parameters the cubin was compiled for (threads
+per block = 32 x num_warps, dynamic shared memory in bytes) and its parameters in order: the
+kernel's own (name and type), then the scratch pointers Triton appends (two in Triton 3.9), as
+the compiled PTX's entry declares them. The launch code (`src/model/ops/triton.rs`) takes the
+threads, shared memory and tile sizes from that table, so they cannot disagree with what was
+compiled, and checks at compile time that the arguments it pushes are the parameter list.
+
+Cubins, not PTX: a cubin needs no JIT on the GPU machine, and the PTX of a newer toolchain may be
+too new for its driver. Triton is pinned (TRITON_VERSION); any other version is refused.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+TRITON_VERSION = "3.9.0"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def kernels():
+    """(kernel, variant, signature, constexprs, options) for every cubin, any architecture."""
+    import causal_attention as ca
+
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for full in (64, 128):
+            variant = f"{dtype}-d{full}"
+            tiles = dict(HALF=full // 2, FULL=full, IEEE=dtype == "fp32",
+                         BLOCK_M=ca.BLOCK_M, BLOCK_N=ca.BLOCK_N)
+            # One stage in f32: two would need up to 213 KB of shared memory at d128, more
+            # than an A100 has (163 KB).
+            options = dict(num_warps=4 if full == 64 else 8, num_stages=2 if dtype == "bf16" else 1)
+            ptr = f"*{dtype}"
+            shape = dict(seq="i32", heads="i32", kv_heads="i32", dim="i32")
+            out.append((ca.attention_forward, variant, dict(
+                qkv=ptr, cos=ptr, sin=ptr, out=ptr, lse="*fp32", **shape, scale="fp32"),
+                tiles, options))
+            out.append((ca.attention_delta, variant, dict(
+                out=ptr, d_out=ptr, delta="*fp32", seq="i32", heads="i32", dim="i32"),
+                dict(FULL=full, BLOCK_M=ca.BLOCK_M), dict(num_warps=4, num_stages=1)))
+            for fn in (ca.attention_dkdv, ca.attention_dq):
+                out.append((fn, variant, dict(
+                    qkv=ptr, cos=ptr, sin=ptr, d_out=ptr, lse="*fp32", delta="*fp32",
+                    d_qkv=ptr, **shape, scale="fp32"), tiles, options))
+    return out
+
+
+def entry_params(ptx, name):
+    """The number of parameters of `name`'s `.entry` in `ptx`."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    if not m:
+        raise SystemExit(f"no .entry {name} in the PTX")
+    return len(re.findall(r"\.param\b", m.group(1)))
+
+
+def compile_all(out_dir, archs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton.__version__ != TRITON_VERSION:
+        raise SystemExit(f"triton {triton.__version__}: the kernels are built with triton=="
+                         f"{TRITON_VERSION} (pip install triton=={TRITON_VERSION})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for fn, variant, signature, constexprs, options in kernels():
+        name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
+        for arch in archs:
+            source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                               constexprs=constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            meta = compiled.metadata
+            file = f"{name}-{variant}-sm{arch}.cubin"
+            (out_dir / file).write_bytes(compiled.asm["cubin"])
+            params = [{"name": k, "type": t} for k, t in signature.items()]
+            scratch = entry_params(compiled.asm["ptx"], meta.name) - len(params)
+            if scratch < 0:
+                raise SystemExit(f"{file}: the PTX entry has fewer parameters than the kernel")
+            params += [{"name": f"scratch{i}", "type": "*i8"} for i in range(scratch)]
+            entries.append({
+                "kernel": name, "variant": variant, "arch": arch, "file": file,
+                "function": meta.name, "threads": 32 * meta.num_warps, "shared": meta.shared,
+                "global_scratch_size": meta.global_scratch_size,
+                "profile_scratch_size": getattr(meta, "profile_scratch_size", 0),
+                "params": params,
+            })
+            print(f"[aot] {file}: {32 * meta.num_warps} threads, {meta.shared} B shared, "
+                  f"{len(params)} parameters", file=sys.stderr, flush=True)
+    (out_dir / "kernels.json").write_text(json.dumps(entries, indent=1) + "\n")
+    (out_dir / "triton_kernels.rs").write_text(rust(entries, out_dir))
+    return entries
+
+
+def rust(entries, out_dir):
+    """The table as Rust: per kernel its parameter names (the same in every variant), the tile
+    sizes, and every cubin."""
+    import causal_attention as ca
+
+    lines = ["// Generated by src/model/ops/triton/aot.py from the compiled kernels: do not edit.",
+             "/// Query rows per tile of the attention kernels (`BLOCK_M`).",
+             f"pub const ATTENTION_BLOCK_M: u32 = {ca.BLOCK_M};",
+             "/// Keys per tile of the attention kernels (`BLOCK_N`).",
+             f"pub const ATTENTION_BLOCK_N: u32 = {ca.BLOCK_N};"]
+    params = {}
+    for e in entries:
+        names = [p["name"] for p in e["params"]]
+        if params.setdefault(e["kernel"], names) != names:
+            raise SystemExit(f"{e['file']}: its parameters differ from another variant's")
+    for kernel, names in params.items():
+        quoted = ", ".join(f'"{n}"' for n in names)
+        lines += [f"/// The parameters of `{kernel}`, in order, Triton's scratch pointers last.",
+                  f"pub const {kernel.upper()}_PARAMS: &[&str] = &[{quoted}];"]
+    lines.append("/// Every compiled kernel.")
+    lines.append("pub static CUBINS: &[Cubin] = &[")
+    for e in entries:
+        image = json.dumps(str((out_dir / e["file"]).resolve()))
+        lines.append(
+            f'    Cubin {{ kernel: "{e["kernel"]}", variant: "{e["variant"]}", arch: {e["arch"]}, '
+            f'function: "{e["function"]}", threads: {e["threads"]}, shared: {e["shared"]}, '
+            f'scratch: {e["global_scratch_size"] + e["profile_scratch_size"]}, '
+            f"image: include_bytes!({image}) }},")
+    lines.append("];")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--archs", default=os.environ.get("BSFA_TRITON_ARCHS", "80,90"),
+                        help="compute capabilities, e.g. 80,90 (default: $BSFA_TRITON_ARCHS or 80,90)")
+    args = parser.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    compile_all(args.out, [int(a) for a in args.archs.split(",")])
+
+
+if __name__ == "__main__":
+    main()
