@@ -1,52 +1,73 @@
 #!/usr/bin/env python3
-"""The BSFA reproduction study: does AdamMini-BSFA reach a tuned baseline's loss in half the steps?
+"""The BSFA study of issue #29: does AdamMini-BSFA reach a tuned baseline's loss in half the
+steps, at 9 and 44 tokens per parameter?
 
-The paper's protocol (section 5.2): a baseline trains for N steps, BSFA for N/2, each on its own
-full warmup + cosine schedule, and they are compared at their endpoints. Here, per model size:
+Model and data: a 2-layer LLaMA, hidden 64, 4 heads, MLP 172, on a 1,024-token byte-level BPE
+trained on the study's training text (230,208 parameters, 99,136 = 43.1% of them in the norm,
+attention and MLP blocks BSFA covers; printed at the start); the Vim documentation (Debian
+package `vim-runtime`) split by file, 3.87M training and 0.19M validation tokens; batch
+16 x 128 tokens. Horizons N = 1000 (8.9 tokens per parameter) and N = 5000 (44.5).
 
-1. Learning-rate sweep: AdamW and Adam-mini, N steps, at x0.5, x1, x2, x4 of the base rate (seed 0);
-   each is tuned to the rate with the lowest final validation loss.
-2. The tuned baselines at every seed.
-3. At the smallest size only: BSFA's gamma, then its rank k (with l = k + 10), swept at N/2 steps
-   on Adam-mini's tuned rate (seed 0); the best setting is carried to every size.
-4. AdamMini-BSFA at the tuned Adam-mini rate, at N/2 steps (the paper's comparison) and at N
-   steps (to count the steps it needs to reach the tuned AdamW's final loss), at every seed.
+Protocol (scripts/bsfa_study/protocol.py has the details; docs/bsfa.md the reasons):
+- Schedules: every run has its own full schedule, linear warm-up then cosine to lr/20 over its
+  own length; the warm-up is fixed in steps per horizon, N/20 (50 and 250 steps), for the N/2,
+  3N/4 and N runs alike (as the paper keeps 500 steps for its 50k and 100k runs).
+- AdamW and Adam-mini: learning rate tuned at N on a grid of factors of 2 (3e-3 * 2**e), three
+  values first, widened while the best is at an edge; then N/2, 3N/4 and N on each seed.
+- AdamMini-BSFA (k 50, l 60, T 10) at N/2: rate (factors of 2 around Adam-mini's tuned rate)
+  x gamma {1, 1.25, 1.5, 2, 3} at alpha 0.5, then alpha 1 and 0.2 at the best rate and the
+  gammas around the best; every axis widened at its edges (at most 3 rounds). At N = 5000 the
+  search starts from N = 1000's choice: 3 rates x 3 gammas at its alpha, then the other two
+  alphas. AdamW-BSFA: its rate (around AdamW's) tuned the same way, gamma and alpha carried
+  over. Reported at N/2 and N with the setting tuned at N/2.
+- All tuning is on seed 1000, which is never reported; seeds 0, 1, 2 are reported.
+- Control: Adam-mini at BSFA's tuned rate and at that rate times gamma (N/2). Ablations (N/2):
+  BSFA's blocks as the Adam-mini partition (`bsfa.partition=adam-mini`) and the first
+  projection once the history holds k updates (`bsfa.first_projection=rank_updates`).
+- Scoring: every run evaluates every N/20 steps on 8 fixed validation batches
+  (`train.eval_seed=0`, the same windows for every seed); its final checkpoint is kept and
+  scored by `bsfa-train eval` on the whole validation split, the number every table uses.
 
-Writes OUT/results.json (every run and the summary), OUT/results.md (the tables), and
-OUT/curves-<size>.png (`bsfa-train plot` of seed 0's runs).
+Budget (`--estimate` prints it). Measured: 200 steps of one run take 13.7-13.9 s of CPU for
+AdamW / Adam-mini and 15.1 s with BSFA (one thread, the other core busy with a second run;
+37-45 s of wall time while the machine was shared), 22 s with Adam-mini blocks; an 8-batch
+evaluation 0.23 s. Before any widening the study is 138 runs and 5.7 CPU hours (N = 1000: 72
+runs, 1.1 h; N = 5000: 66 runs, 4.6 h), 2.8 hours on two cores running one run each (longer
+while other work shares the machine); each widening round adds one or two runs to a search. Cuts made to fit
+about 3 hours: the BSFA search is a coordinate search (rate x gamma at one alpha, then the other
+alphas around the best) instead of the full rate x gamma x alpha grid (45 runs per horizon); at
+N = 5000 it starts from N = 1000's choice (9 + 6 runs instead of 21); BSFA@N and AdamW-BSFA use
+the setting tuned at N/2; the baselines' rate is tuned at N only and used at N/2 and 3N/4; the
+control and the ablations run at N/2 only. Not cut: 3 reported seeds for every arm at both
+horizons. Next cuts if needed: 2 seeds at N = 1000 (`--seeds`), no alpha 1.
 
-Data: real English text from a Debian package (the Vim documentation, `vim-runtime`), split by
-file into training and validation text; a byte-level BPE trained with `bsfa-train tokenizer` on the
-training text only; token shards from `bsfa-train prepare`.
+Resumable: every run's folder (OUT/runs/h<N>/<name>/) keeps its checkpoint and, once scored,
+its `result.json`; a second invocation skips finished runs, resumes stopped ones from their
+checkpoint, and makes the same choices from the same results. SIGINT / SIGTERM make the runs
+checkpoint and the study exit. The binary's sha256 and git commit are recorded in
+OUT/study.json and in every result; a study refuses to continue with another binary unless
+`--new-binary` is given.
 
-    scripts/reproduce_bsfa.sh                      # the full study (about 60-70 minutes, 2 cores)
-    scripts/reproduce_bsfa.sh --quick              # a few minutes: the same pipeline, tiny settings
-    scripts/reproduce_bsfa.sh --paper -- --device cuda   # LLaMA-72M on WikiText-103 (GPU)
+    python3 scripts/reproduce_bsfa.py --bin /work/bsfa-study/bin/bsfa-train \\
+        --out /work/bsfa-study/out --jobs 2          # the full study, or its resumption
+    python3 scripts/reproduce_bsfa.py --out DIR --report   # tables of what has finished
+    python3 scripts/reproduce_bsfa.py --estimate     # the plan's runs and CPU time
+    python3 scripts/reproduce_bsfa.py --quick --out target/reproduce-bsfa-quick   # CI smoke
 
-Everything after `--` is passed to every training run.
+Writes OUT/results.json (every run, the choices, the readout), OUT/results.md (the tables) and
+OUT/curves-h<N>.png. Everything after `--` is passed to every training run.
 """
 
 import argparse
-import concurrent.futures
-import glob
-import json
-import math
 import os
 import shutil
-import statistics
-import subprocess
+import signal
 import sys
 import time
 
-# Model sizes: LLaMA shapes on top of the `tiny` preset (GPT-2-like depth/width ratios).
-SIZES = {
-    "XS": dict(hidden=64, layers=2, heads=4, intermediate=172),
-    "S": dict(hidden=128, layers=4, heads=4, intermediate=344),
-    "M": dict(hidden=192, layers=6, heads=6, intermediate=512),
-    "L": dict(hidden=256, layers=8, heads=8, intermediate=688),
-}
-LR_MULTIPLIERS = [0.5, 1, 2, 4]
-ALPHA = 0.5  # the paper's setting in every experiment of section 5
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bsfa_study import protocol, readout, runner  # noqa: E402
 
 
 def parse_args():
@@ -55,387 +76,102 @@ def parse_args():
     target = os.environ.get("CARGO_TARGET_DIR", "target")
     p.add_argument("--bin", default=os.path.join(target, "release", "bsfa-train"),
                    help="the bsfa-train binary (default: cargo's release build)")
-    p.add_argument("--sizes", default="S,M", help="model sizes, smallest first: XS, S, M, L")
-    p.add_argument("--steps", type=int, default=400, help="N, the baseline's steps")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-3, help="the base learning rate of the sweep")
-    p.add_argument("--gammas", default="1.5,2,3,4,6", help="gamma values swept")
-    p.add_argument("--ranks", default="10,30,50", help="k values swept (l = k + 10)")
+    p.add_argument("--bin-commit", help="the git commit the binary was built from (default: "
+                   "BIN.commit, or this tree's HEAD for a binary inside it)")
+    p.add_argument("--new-binary", action="store_true",
+                   help="continue a study with a binary other than the one it started with")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each on cores/jobs threads)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--evals", type=int, default=20, help="evaluations per run")
-    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--horizons", help="N values, comma-separated (default 1000,5000)")
+    p.add_argument("--seeds", help="reported seeds per arm (default 3)")
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run of the pipeline")
-    p.add_argument(
-        "--paper",
-        action="store_true",
-        help="the paper's LLaMA-72M / WikiText-103 experiment (preset llama72m; needs a GPU)",
-    )
+    p.add_argument("--paper", action="store_true",
+                   help="the protocol on LLaMA-72M / WikiText-103 (preset llama72m; a GPU)")
+    p.add_argument("--paper-val", default="shards:" + os.path.expanduser(
+        "~/.cache/huggingface/hub/bsfa-train/wikitext103-gpt2"), help="--paper: validation shards")
+    p.add_argument("--estimate", action="store_true", help="print the plan's CPU time and exit")
+    p.add_argument("--report", action="store_true", help="write the tables of finished runs only")
     p.add_argument("extra", nargs="*", help="after --: flags for every training run")
-    args = p.parse_args()
-    if args.quick:
-        args.sizes, args.steps, args.seeds = "XS", 40, 2
-        args.gammas, args.ranks, args.vocab_size = "2,4", "2,8", 1024
-        args.evals, args.eval_batches, args.seq_len = 4, 4, 64
-    return args
+    return p.parse_args()
 
 
-class Study:
-    def __init__(self, args):
-        self.args = args
-        self.out = os.path.abspath(args.out)
-        self.bin = os.path.abspath(args.bin)
-        self.threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        self.runs = {}  # name -> record
-
-    # ---- data -------------------------------------------------------------------------
-    def prepare_data(self):
-        """Vim's documentation split by file (every tenth file is validation text), a BPE trained
-        on the training text, and token shards whose validation split is exactly that text."""
-        data = os.path.join(self.out, "data")
-        meta = os.path.join(data, "shards", "meta.json")
-        if os.path.exists(meta):
-            return json.load(open(os.path.join(data, "tokenizer-report.json")))
-        docs = sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))
-        if not docs:
-            sys.exit(
-                "the study's English text is the Vim documentation from the Debian package "
-                "'vim-runtime' (/usr/share/vim/vim*/doc), which is not installed: run "
-                "`apt-get install vim-runtime` and start again"
-            )
-        os.makedirs(data, exist_ok=True)
-        val_files = docs[5::10]
-        train_files = [d for d in docs if d not in val_files]
-        parts = {}
-        for split, files in (("train", train_files), ("val", val_files)):
-            text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
-            parts[split] = os.path.join(data, f"{split}.txt")
-            open(parts[split], "w", encoding="utf-8").write(text)
-        tokenizer = os.path.join(data, "tokenizer.json")
-        report = json.loads(
-            self.command(
-                [
-                    "tokenizer",
-                    "--data", f"text:{parts['train']}",
-                    "--val-data", f"text:{parts['val']}",
-                    "--vocab-size", str(self.args.vocab_size),
-                    "--out", tokenizer,
-                ]
-            )
-        )
-        report["train_files"], report["val_files"] = len(train_files), len(val_files)
-        # One text, validation last; `prepare` holds back exactly the validation text's tokens.
-        joined = os.path.join(data, "all.txt")
-        with open(joined, "w", encoding="utf-8") as f:
-            for split in ("train", "val"):
-                f.write(open(parts[split], encoding="utf-8").read())
-        self.command(
-            [
-                "prepare",
-                "--data", f"text:{joined}",
-                "--tokenizer", tokenizer,
-                "--val-tokens", str(report["val_tokens"]),
-                "--out", os.path.join(data, "shards"),
-            ]
-        )
-        os.remove(joined)
-        json.dump(report, open(os.path.join(data, "tokenizer-report.json"), "w"), indent=1)
-        return report
-
-    def command(self, argv):
-        done = subprocess.run([self.bin, *argv], capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"bsfa-train {' '.join(argv)} failed:\n{done.stderr}")
-        return done.stdout.strip().splitlines()[-1]
-
-    # ---- runs -------------------------------------------------------------------------
-    def size_flags(self, size):
-        if self.args.paper:
-            return ["--model", "llama72m"]
-        shape = SIZES[size]
-        data = os.path.join(self.out, "data")
-        return [
-            "--model", "tiny",
-            "--data", f"shards:{os.path.join(data, 'shards')}",
-            "--tokenizer", os.path.join(data, "tokenizer.json"),
-            "--set", f"model.vocab_size={self.args.vocab_size}",
-            "--set", f"model.hidden_size={shape['hidden']}",
-            "--set", f"model.num_hidden_layers={shape['layers']}",
-            "--set", f"model.num_attention_heads={shape['heads']}",
-            "--set", f"model.num_key_value_heads={shape['heads']}",
-            "--set", f"model.intermediate_size={shape['intermediate']}",
-            "--batch-size", str(self.args.batch_size),
-            "--seq-len", str(self.args.seq_len),
-        ]
-
-    def spec(self, size, method, lr, steps, seed, gamma=None, rank=None):
-        """A run, named by what sets it apart."""
-        name = f"{method}-lr{lr:g}-n{steps}-s{seed}"
-        flags = ["--lr", str(lr), "--steps", str(steps), "--seed", str(seed)]
-        if method == "bsfa":
-            name = f"bsfa-g{gamma:g}-k{rank}-lr{lr:g}-n{steps}-s{seed}"
-            flags += [
-                "--optimizer", "adam-mini", "--bsfa",
-                "--set", f"bsfa.alpha={ALPHA}",
-                "--set", f"bsfa.gamma={gamma}",
-                "--set", f"bsfa.rank={rank}",
-                "--set", f"bsfa.history={rank + 10}",
-                "--set", "bsfa.interval=10",
-            ]
-        else:
-            flags += ["--optimizer", method]
-        if not self.args.paper:
-            flags += ["--warmup-steps", str(max(1, steps // 20))]
-        return dict(
-            size=size, method=method, lr=lr, steps=steps, seed=seed, gamma=gamma, rank=rank,
-            name=name, dir=os.path.join(self.out, "runs", size, name), flags=flags,
-        )
-
-    def run_all(self, specs):
-        """Runs what has not run yet, `jobs` at a time; returns the records in order."""
-        todo = [s for s in specs if s["name"] not in self.runs.get(s["size"], {})]
-        # Longest first (larger sizes, more steps), so the last runs do not leave a slot idle.
-        order = {size: i for i, size in enumerate(SIZES)}
-        todo.sort(key=lambda s: (-order.get(s["size"], 0), -s["steps"]))
-        with concurrent.futures.ThreadPoolExecutor(self.args.jobs) as pool:
-            for record in pool.map(self.train, todo):
-                self.runs.setdefault(record["size"], {})[record["name"]] = record
-        return [self.runs[s["size"]][s["name"]] for s in specs]
-
-    def train(self, spec):
-        metrics = os.path.join(spec["dir"], "metrics.jsonl")
-        summary_file = os.path.join(spec["dir"], "summary.json")
-        if not os.path.exists(summary_file):
-            shutil.rmtree(spec["dir"], ignore_errors=True)
-            every = max(1, spec["steps"] // self.args.evals)
-            argv = [
-                self.bin,
-                *self.size_flags(spec["size"]),
-                *spec["flags"],
-                "--eval-every", str(every),
-                "--eval-batches", str(self.args.eval_batches),
-                "--log-every", str(every),
-                "--checkpoint-every", "0",
-                "--threads", str(self.threads),
-                "--out", spec["dir"],
-                *self.args.extra,
-            ]
-            started = time.time()
-            done = subprocess.run(argv, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"run {spec['size']}/{spec['name']} failed:\n{done.stderr[-3000:]}")
-            summary = json.loads(done.stdout.strip().splitlines()[-1])
-            summary["wall_s_measured"] = time.time() - started
-            # The final checkpoint is not needed for the study; its size adds up over ~100 runs.
-            shutil.rmtree(os.path.join(spec["dir"], "checkpoints"), ignore_errors=True)
-            json.dump(summary, open(summary_file, "w"))
-            print(f"  {spec['size']}/{spec['name']}: val {summary['final_val_loss']:.4f} "
-                  f"({summary['wall_s_measured']:.0f} s)", file=sys.stderr, flush=True)
-        curve = []
-        for line in open(metrics):
-            record = json.loads(line)
-            if "val_loss" in record:
-                curve.append((record["step"], record["val_loss"]))
-        summary = json.load(open(summary_file))
-        fields = {k: v for k, v in spec.items() if k != "flags"}
-        return dict(fields, final_val=curve[-1][1], curve=curve, wall_s=summary["wall_s"])
-
-    # ---- the protocol -----------------------------------------------------------------
-    def study(self):
-        args = self.args
-        sizes = ["llama72m"] if args.paper else args.sizes.split(",")
-        n = 100_000 if args.paper else args.steps
-        half = n // 2
-        seeds = list(range(args.seeds))
-        report = {"protocol": self.protocol(n), "sizes": {}}
-        if not args.paper:
-            report["data"] = self.prepare_data()
-        base_lr = 5e-4 if args.paper else args.lr
-
-        print(f"1. learning-rate sweeps (N = {n})", file=sys.stderr)
-        sweeps = {
-            size: self.run_all(
-                [self.spec(size, m, base_lr * x, n, 0) for m in ("adamw", "adam-mini")
-                 for x in LR_MULTIPLIERS]
-            )
-            for size in sizes
-        }
-        tuned = {
-            size: {
-                m: min((r for r in sweeps[size] if r["method"] == m), key=lambda r: r["final_val"])["lr"]
-                for m in ("adamw", "adam-mini")
-            }
-            for size in sizes
-        }
-
-        smallest = sizes[0]
-        lr0 = tuned[smallest]["adam-mini"]
-        gammas = [float(g) for g in args.gammas.split(",")]
-        ranks = [int(k) for k in args.ranks.split(",")]
-        k0 = 50 if 50 in ranks else ranks[-1]
-        print(f"2. tuned baselines at every seed; gamma sweep at {smallest} (k = {k0})", file=sys.stderr)
-        baseline_specs = {
-            (size, m): [self.spec(size, m, tuned[size][m], n, s) for s in seeds]
-            for size in sizes for m in ("adamw", "adam-mini")
-        }
-        gamma_specs = [self.spec(smallest, "bsfa", lr0, half, 0, g, k0) for g in gammas]
-        self.run_all([x for specs in baseline_specs.values() for x in specs] + gamma_specs)
-        baselines = {size: {m: self.run_all(baseline_specs[(size, m)]) for m in ("adamw", "adam-mini")}
-                     for size in sizes}
-        gamma_sweep = self.run_all(gamma_specs)
-        gamma = min(gamma_sweep, key=lambda r: r["final_val"])["gamma"]
-        print(f"3. k sweep at {smallest} (gamma {gamma:g})", file=sys.stderr)
-        rank_sweep = self.run_all([self.spec(smallest, "bsfa", lr0, half, 0, gamma, k) for k in ranks])
-        rank = min(rank_sweep, key=lambda r: r["final_val"])["rank"]
-
-        print(f"4. AdamMini-BSFA (gamma {gamma:g}, k {rank}) at N/2 and N", file=sys.stderr)
-        bsfa_specs = {
-            (size, steps): [self.spec(size, "bsfa", tuned[size]["adam-mini"], steps, s, gamma, rank)
-                            for s in seeds]
-            for size in sizes for steps in (half, n)
-        }
-        self.run_all([x for specs in bsfa_specs.values() for x in specs])
-        bsfa = {size: {steps: self.run_all(bsfa_specs[(size, steps)]) for steps in (half, n)}
-                for size in sizes}
-
-        report["chosen"] = {"gamma": gamma, "rank": rank, "history": rank + 10, "alpha": ALPHA,
-                            "interval": 10, "chosen_at": smallest}
-        report["gamma_sweep"] = [self.brief(r) for r in gamma_sweep]
-        report["rank_sweep"] = [self.brief(r) for r in rank_sweep]
-        for size in sizes:
-            report["sizes"][size] = self.summarise(
-                size, n, sweeps[size], tuned[size], baselines[size], bsfa[size]
-            )
-        report["runs"] = [self.brief(r) for size in self.runs.values() for r in size.values()]
-        json.dump(report, open(os.path.join(self.out, "results.json"), "w"), indent=1)
-        table = self.tables(report, sizes, n)
-        open(os.path.join(self.out, "results.md"), "w").write(table)
-        print(table)
-        for size in sizes:
-            self.plot(size, tuned[size], baselines[size], bsfa[size], n)
-
-    def protocol(self, n):
-        a = self.args
-        return {
-            "baseline_steps": n, "bsfa_steps": n // 2, "seeds": a.seeds,
-            "lr_multipliers": LR_MULTIPLIERS, "base_lr": 5e-4 if a.paper else a.lr,
-            "batch_size": a.batch_size, "seq_len": a.seq_len, "schedule": "linear warmup (N/20 steps) "
-            "then cosine to lr/20, per run", "eval_batches": a.eval_batches, "evals_per_run": a.evals,
-            "sizes": {s: SIZES.get(s) for s in (["llama72m"] if a.paper else a.sizes.split(","))},
-        }
-
-    @staticmethod
-    def brief(r):
-        return {k: r[k] for k in ("size", "name", "method", "lr", "steps", "seed", "gamma", "rank",
-                                  "final_val", "wall_s", "curve")}
-
-    @staticmethod
-    def stats(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        mean = statistics.fmean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": mean, "std": spread, "min": min(values), "max": max(values), "n": len(values)}
-
-    @staticmethod
-    def first_reaching(curve, target):
-        return next((step for step, loss in curve if loss <= target), None)
-
-    def summarise(self, size, n, sweep, tuned, baselines, bsfa):
-        half = n // 2
-        target = statistics.fmean(r["final_val"] for r in baselines["adamw"])
-        target_mini = statistics.fmean(r["final_val"] for r in baselines["adam-mini"])
-        groups = {
-            f"adamw@{n}": baselines["adamw"],
-            f"adam-mini@{n}": baselines["adam-mini"],
-            f"bsfa@{half}": bsfa[half],
-            f"bsfa@{n}": bsfa[n],
-        }
-        out = {"tuned_lr": tuned, "target_adamw_final_val": target,
-               "target_adam_mini_final_val": target_mini,
-               "lr_sweep": {f"{r['method']}@{r['lr']:g}": r["final_val"] for r in sweep},
-               "lr_at_sweep_edge": {m: tuned[m] in (min(r["lr"] for r in sweep), max(r["lr"] for r in sweep))
-                                    for m in tuned},
-               "methods": {}}
-        for label, runs in groups.items():
-            reach = [self.first_reaching(r["curve"], target) for r in runs]
-            reach_mini = [self.first_reaching(r["curve"], target_mini) for r in runs]
-            out["methods"][label] = {
-                "final_val": self.stats([r["final_val"] for r in runs]),
-                "steps_to_adamw_final": self.stats(reach),
-                "reached_adamw_final": sum(x is not None for x in reach),
-                "steps_to_adam_mini_final": self.stats(reach_mini),
-                "reached_adam_mini_final": sum(x is not None for x in reach_mini),
-                "seeds": len(runs),
-                "wall_s": self.stats([r["wall_s"] for r in runs]),
-            }
-        # The paper's test, seed by seed: BSFA at N/2 minus the baseline at N.
-        for base in ("adamw", "adam-mini"):
-            gaps = [b["final_val"] - a["final_val"] for a, b in zip(baselines[base], bsfa[half])]
-            out[f"gap_bsfa@{half}_minus_{base}@{n}"] = self.stats(gaps)
-        gaps = [b["final_val"] - a["final_val"] for a, b in zip(baselines["adam-mini"], bsfa[n])]
-        out[f"gap_bsfa@{n}_minus_adam-mini@{n}"] = self.stats(gaps)
-        return out
-
-    def tables(self, report, sizes, n):
-        half = n // 2
-        fmt = lambda s: "-" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-        lines = [f"## Reproduction study: baseline N = {n} steps, BSFA N/2 = {half}, "
-                 f"{self.args.seeds} seeds (mean ± std)", ""]
-        c = report["chosen"]
-        lines.append(f"BSFA: AdamMini-BSFA, alpha {c['alpha']}, gamma {c['gamma']:g}, k {c['rank']}, "
-                     f"l {c['history']}, T {c['interval']} (gamma and k chosen at {c['chosen_at']}).")
-        lines.append("")
-        lines.append("| size | method | final val loss | reaches tuned AdamW's final val (seeds) | steps to it / N |")
-        lines.append("|---|---|---|---|---|")
-        for size in sizes:
-            s = report["sizes"][size]
-            for label, m in s["methods"].items():
-                steps = m["steps_to_adamw_final"]
-                ratio = "-" if steps is None else f"{steps['mean'] / n:.2f}"
-                lines.append(f"| {size} | {label} | {fmt(m['final_val'])} | "
-                             f"{m['reached_adamw_final']}/{m['seeds']} | {ratio} |")
-        lines += ["", "| size | tuned lr AdamW | tuned lr Adam-mini | BSFA@N/2 − AdamW@N | "
-                  "BSFA@N/2 − Adam-mini@N | BSFA@N − Adam-mini@N |", "|---|---|---|---|---|---|"]
-        for size in sizes:
-            s = report["sizes"][size]
-            gap = lambda key: fmt(s[key])
-            lines.append(
-                f"| {size} | {s['tuned_lr']['adamw']:g} | {s['tuned_lr']['adam-mini']:g} | "
-                f"{gap(f'gap_bsfa@{half}_minus_adamw@{n}')} | {gap(f'gap_bsfa@{half}_minus_adam-mini@{n}')} | "
-                f"{gap(f'gap_bsfa@{n}_minus_adam-mini@{n}')} |"
-            )
-        lines += ["", "| sweep at " + report["chosen"]["chosen_at"] + f" (N/2 = {half}, seed 0) | final val loss |",
-                  "|---|---|"]
-        swept = {r["name"]: r for r in report["gamma_sweep"] + report["rank_sweep"]}
-        for r in swept.values():
-            lines.append(f"| gamma {r['gamma']:g}, k {r['rank']} | {r['final_val']:.4f} |")
-        lines += ["", "| size | learning-rate sweep (N steps, seed 0) |", "|---|---|"]
-        for size in sizes:
-            sweep = report["sizes"][size]["lr_sweep"]
-            lines.append(f"| {size} | " + ", ".join(f"{k} {v:.4f}" for k, v in sweep.items()) + " |")
-        return "\n".join(lines) + "\n"
-
-    def plot(self, size, tuned, baselines, bsfa, n):
-        dirs = [baselines["adamw"][0]["dir"], baselines["adam-mini"][0]["dir"],
-                bsfa[n // 2][0]["dir"], bsfa[n][0]["dir"]]
-        png = os.path.join(self.out, f"curves-{size}.png")
-        self.command(["plot", *dirs, "--out", png,
-                      "--title", f"{size}: tuned AdamW and Adam-mini at N = {n}, AdamMini-BSFA at N/2 and N (seed 0)"])
+def print_estimate(settings, jobs):
+    rows = protocol.estimate(settings)
+    total_runs = sum(r[2] for r in rows)
+    total = sum(r[3] for r in rows)
+    for h in settings.horizons:
+        part = [r for r in rows if r[0] == h]
+        print(f"N = {h}: {sum(r[2] for r in part)} runs, {sum(r[3] for r in part) / 3600:.2f} CPU h")
+        for _, label, runs, cpu in part:
+            print(f"  {runs:4d} runs {cpu / 60:7.1f} CPU min  {label}")
+    print(f"total: {total_runs} runs, {total / 3600:.2f} CPU hours, {total / 3600 / jobs:.2f} h "
+          f"on {jobs} cores (before widening)")
 
 
 def main():
     args = parse_args()
+    settings = protocol.Settings(args)
+    if args.estimate:
+        print_estimate(settings, args.jobs)
+        return
     if not os.path.exists(args.bin):
         sys.exit(f"no binary at '{args.bin}': run `cargo build --release` (or scripts/reproduce_bsfa.sh)")
     os.makedirs(args.out, exist_ok=True)
+    if args.quick:
+        # The smoke run starts over whenever the binary changed (CI rebuilds it).
+        args.new_binary = True
+        study = os.path.join(args.out, "study.json")
+        if os.path.exists(study) and runner.sha256(args.bin) not in open(study).read():
+            for stale in ("runs", "decisions.json", "study.json"):
+                path = os.path.join(args.out, stale)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
     started = time.time()
-    Study(args).study()
-    print(f"study finished in {(time.time() - started) / 60:.1f} min: {os.path.abspath(args.out)}",
-          file=sys.stderr)
+    run = runner.Runner(args, settings)
+    binaries = run.record_binary()
+    data = None if args.paper else run.prepare_data()
+    size = run.model_size()
+    print(f"model: {size['parameters']:,} parameters, {size['bsfa_covered']:,} in BSFA's blocks "
+          f"({100 * size['bsfa_share']:.1f}%); binary {binaries[-1]['commit']}", file=sys.stderr)
+    if data:
+        print(f"data: {data['train_tokens']:,} training, {data['val_tokens']:,} validation tokens "
+              f"({data['val_bytes_per_token']:.2f} bytes per token)", file=sys.stderr, flush=True)
+    stopped = None
+    if not args.report:
+        signal.signal(signal.SIGINT, run.stop)
+        signal.signal(signal.SIGTERM, run.stop)
+        try:
+            protocol.Study(run, settings).run()
+        except runner.Interrupted:
+            stopped = "interrupted"
+        except Exception as err:  # a failed run: report what has finished, then the error
+            stopped = f"failed: {err}"
+    result = readout.Readout(os.path.abspath(args.out), settings, size)
+    _, text = result.write({"binary": binaries[-1], "binaries": binaries, "model": size,
+                            "data": data, "settings": settings.public(),
+                            "complete": stopped is None and not args.report})
+    print(text)
+    if not args.report and stopped is None:
+        plot(run, result, settings)
+    minutes = (time.time() - started) / 60
+    if stopped:
+        sys.exit(f"{stopped} after {minutes:.1f} min; rerun the same command to resume")
+    print(f"study {'report' if args.report else 'finished'} in {minutes:.1f} min: "
+          f"{os.path.abspath(args.out)}", file=sys.stderr)
+
+
+def plot(run, result, s):
+    """Validation curves of seed 0's reported arms, one PNG per horizon."""
+    for h in s.horizons:
+        d = result.decisions.get(str(h), {})
+        seed, half = s.seeds[h][0], h // 2
+        specs = [protocol.make_spec(s, h, b, d[f"lr_{b}"], h, seed) for b in protocol.BASES]
+        for key, base in (("bsfa", "adam-mini"), ("adamw_bsfa", "adamw")):
+            c = d[key]
+            specs += [protocol.make_spec(s, h, base, c["lr"], steps, seed, (c["gamma"], c["alpha"]))
+                      for steps in (half, h)]
+        dirs = [run.run_dir(spec) for spec in specs]
+        run.command(["plot", *dirs, "--out", os.path.join(run.out, f"curves-h{h}.png"), "--title",
+                     f"N = {h}: tuned AdamW, Adam-mini at N; AdamMini-BSFA, AdamW-BSFA at N/2 and N "
+                     f"(seed {seed})"])
 
 
 if __name__ == "__main__":

@@ -251,6 +251,23 @@ fn gpu_peak(
     }))
 }
 
+/// The BSFA options that differ from the paper's algorithm as we run it by default, for
+/// [`describe`] (empty for the defaults).
+fn bsfa_variants(bsfa: &crate::optim::BsfaConfig) -> String {
+    use crate::optim::bsfa::{BsfaPartition, FirstProjection};
+    let mut out = String::new();
+    if bsfa.partition == BsfaPartition::AdamMini {
+        out.push_str(", Adam-mini blocks");
+    }
+    if bsfa.first_projection == FirstProjection::RankUpdates {
+        out.push_str(&format!(
+            ", first projection at step {} (history of k updates)",
+            bsfa.first_estimate_step()
+        ));
+    }
+    out
+}
+
 /// One line saying what would run: optimizer and BSFA settings, data, precision, device
 /// (and kernels, when not `auto`) and the loop's length.
 fn describe(config: &RunConfig, device: &Device) -> String {
@@ -266,7 +283,7 @@ fn describe(config: &RunConfig, device: &Device) -> String {
             bsfa.gamma,
             bsfa.bits,
             String::from(bsfa.blocks.clone())
-        )
+        ) + &bsfa_variants(bsfa)
     } else {
         opt.name.to_string()
     };

@@ -209,3 +209,72 @@ fn four_bit_state_trains_like_full_precision() {
     let ratio = four_bytes as f64 / full_bytes as f64;
     assert!((0.12..0.14).contains(&ratio), "{ratio}");
 }
+
+/// `bsfa.first_projection = rank_updates`: the run is the base optimizer's, bit for bit,
+/// until the first re-estimation with `rank` updates in the history (rank 6, interval 5:
+/// step 10), and BSFA's after; by default BSFA departs after step `interval` (5).
+#[test]
+fn the_first_projection_key_delays_bsfa_until_rank_updates() {
+    let base = ["optimizer.name=\"adam-mini\"", "bsfa.rank=6"];
+    let with = |sets: &[&str]| losses(&[&base[..], sets].concat());
+    let plain = with(&[]);
+    let bsfa = with(&["bsfa.enabled=true", "bsfa.gamma=2"]);
+    let later = with(&[
+        "bsfa.enabled=true",
+        "bsfa.gamma=2",
+        "bsfa.first_projection=\"rank_updates\"",
+    ]);
+    // losses[t] is measured before step t's update: a projection in step t shows at t + 1.
+    assert_eq!(plain[..6], bsfa[..6]);
+    assert_ne!(plain[6], bsfa[6]);
+    assert_eq!(plain[..11], later[..11]);
+    assert_ne!(plain[11..], later[11..]);
+}
+
+/// `bsfa.partition = adam-mini`: BSFA's blocks are the model's Adam-mini partition, under
+/// either base optimizer (the `test` model: 2 layers, hidden 64, 4 heads, MLP 172: q and k
+/// per head, v, o and the MLP per row, every norm whole), as each re-estimation's
+/// diagnostics count them; by default one block per tensor.
+#[test]
+fn the_partition_key_makes_the_adam_mini_blocks_bsfas() {
+    let (attn, mlp) = (2 * (4 + 4 + 64 + 64), 2 * (172 + 172 + 64));
+    for base in ["adamw", "adam-mini"] {
+        for (partition, expected) in [("tensor", [5, 8, 6]), ("adam-mini", [5, attn, mlp])] {
+            let dir = tempfile::tempdir().unwrap();
+            let sets = [
+                format!("optimizer.name=\"{base}\""),
+                format!("bsfa.partition=\"{partition}\""),
+                "bsfa.enabled=true".into(),
+                "train.steps=11".into(),
+                "bsfa.rank=4".into(),
+                "bsfa.history=8".into(),
+                "bsfa.interval=5".into(),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            train::run(&small_config(dir.path(), &sets), None).unwrap();
+            let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+            let found: Vec<serde_json::Value> = metrics
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter_map(|v| v.get("bsfa").cloned())
+                .collect();
+            assert_eq!(
+                found.len(),
+                2,
+                "{base} {partition}: re-estimations at steps 5, 10"
+            );
+            for groups in &found {
+                let blocks: Vec<u64> = groups
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g["blocks"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(
+                    blocks, expected,
+                    "{base} {partition}: norm, attn, mlp blocks"
+                );
+            }
+        }
+    }
+}

@@ -2,12 +2,14 @@
 //! 1-3 in f64: a scripted base optimizer hands it known updates, and every parameter value
 //! is compared after every step. This pins down what the wrapper must do exactly: alpha in
 //! the dominant subspace and gamma in the bulk (not the other way round), raw base updates
-//! in the history (not projected ones), the first projection at the first re-estimation
-//! with more updates than `rank`, and re-estimation every `interval` steps, no more often.
+//! in the history (not projected ones), the first projection at step `interval` (or, with
+//! `bsfa.first_projection = rank_updates`, at the first re-estimation with `rank` updates),
+//! re-estimation every `interval` steps, no more often, and under `bsfa.partition =
+//! adam-mini` each block of a tensor projected on its own directions.
 
 use bsfa_train::dist::{Communicator, SingleRank};
 use bsfa_train::model::{Param, ParamGroup};
-use bsfa_train::optim::bsfa::Bsfa;
+use bsfa_train::optim::bsfa::{Bsfa, FirstProjection};
 use bsfa_train::optim::{BsfaConfig, Optimizer};
 use candle_core::{DType, Device, Tensor, Var};
 use nalgebra::DMatrix;
@@ -67,7 +69,13 @@ impl Reference {
     fn step(&mut self, t: usize, v: &[f64]) -> Vec<f64> {
         self.found = None;
         let c = &self.config;
-        if t > 0 && t.is_multiple_of(c.interval) {
+        // The first estimate: at step `interval` whatever the history holds (Algorithm 1), or
+        // once it holds `rank` updates when asked.
+        let ready = match c.first_projection {
+            FirstProjection::Interval => true,
+            FirstProjection::RankUpdates => self.history.len() >= c.rank,
+        };
+        if t > 0 && t.is_multiple_of(c.interval) && ready {
             let (m, n) = (self.history.len(), v.len());
             let h = DMatrix::from_fn(m, n, |i, j| self.history[i][j]);
             let mean = h.row_mean();
@@ -182,8 +190,13 @@ fn single() -> Arc<dyn Communicator> {
 /// `dtype` and the reference side by side; returns the first step whose update was
 /// projected.
 fn compare_with_reference(dtype: DType, tol: f64, rank: usize, interval: usize) -> usize {
+    compare_config_with_reference(dtype, tol, &config(rank, 8, interval))
+}
+
+/// [`compare_with_reference`] for any configuration `cfg`.
+fn compare_config_with_reference(dtype: DType, tol: f64, cfg: &BsfaConfig) -> usize {
     let (n, steps) = (48, 40);
-    let cfg = config(rank, 8, interval);
+    let cfg = cfg.clone();
     let updates = scripted_updates(steps, n, 5);
     let start: Vec<f64> = (0..n).map(|j| (j as f64 * 0.37).sin()).collect();
     let params = vec![param("layers.0.mlp.up_proj.weight", &start, dtype)];
@@ -252,6 +265,97 @@ fn the_tensor_path_matches_the_papers_algorithm_at_every_step() {
     // f64 parameters take the tensor-op path a CUDA tensor takes.
     assert_eq!(compare_with_reference(DType::F64, 1e-9, 3, 4), 4);
     assert_eq!(compare_with_reference(DType::F64, 1e-9, 6, 4), 4);
+}
+
+/// `bsfa.first_projection = rank_updates`: the first estimate (and projection) waits for a
+/// history of `rank` updates, at the first re-estimation step from there on; the rest is
+/// Algorithm 1 unchanged.
+#[test]
+fn the_first_projection_waits_for_rank_updates_when_asked() {
+    let later = |rank, interval| BsfaConfig {
+        first_projection: FirstProjection::RankUpdates,
+        ..config(rank, 8, interval)
+    };
+    // 6 updates are held from step 6 on: the first re-estimation then is step 8.
+    assert_eq!(later(6, 4).first_estimate_step(), 8);
+    assert_eq!(
+        compare_config_with_reference(DType::F32, 2e-4, &later(6, 4)),
+        8
+    );
+    assert_eq!(
+        compare_config_with_reference(DType::F64, 1e-9, &later(6, 4)),
+        8
+    );
+    // A rank of at most `interval` updates is there at step `interval`, as by default.
+    assert_eq!(
+        compare_config_with_reference(DType::F32, 2e-4, &later(3, 4)),
+        4
+    );
+    // The paper's k = 50, T = 10: step 50 instead of 10.
+    assert_eq!(later(50, 10).first_estimate_step(), 50);
+    assert_eq!(later(51, 10).first_estimate_step(), 60);
+    assert_eq!(config(50, 60, 10).first_estimate_step(), 10);
+}
+
+/// `bsfa.partition = adam-mini` (`Bsfa::partitioned`): a tensor of several blocks, each
+/// with its own history columns, directions and projection, is the paper's algorithm run
+/// on every block by itself. Checked on both paths against one reference per block.
+#[test]
+fn each_block_of_a_partitioned_tensor_is_projected_on_its_own_directions() {
+    for (dtype, tol) in [(DType::F32, 2e-4), (DType::F64, 1e-9)] {
+        let (n, chunk, steps) = (48, 16, 30);
+        let cfg = config(3, 8, 4);
+        let updates = scripted_updates(steps, n, 6);
+        let start: Vec<f64> = (0..n).map(|j| (j as f64 * 0.29).cos()).collect();
+        let params = vec![param("layers.0.mlp.up_proj.weight", &start, dtype)];
+        let mut base = Scripted {
+            updates: updates.iter().map(|v| vec![v.clone()]).collect(),
+            steps: 0,
+        };
+        let mut bsfa = Bsfa::partitioned(&cfg, &params, &[chunk], single()).unwrap();
+        let mut references: Vec<Reference> = (0..n / chunk).map(|_| Reference::new(&cfg)).collect();
+        let mut expected = start.clone();
+        for (t, v) in updates.iter().enumerate() {
+            bsfa.step(&params, || base.step(&params, &[], 1.0, 1.0))
+                .unwrap();
+            for (b, reference) in references.iter_mut().enumerate() {
+                let part = &v[b * chunk..(b + 1) * chunk];
+                for (e, c) in expected[b * chunk..]
+                    .iter_mut()
+                    .zip(reference.step(t, part))
+                {
+                    *e += c;
+                }
+            }
+            if let Some([mlp]) = bsfa.take_diagnostics().as_deref() {
+                assert_eq!(mlp.blocks, n / chunk, "step {t}");
+            }
+            for (j, (got, want)) in read(&params[0]).iter().zip(&expected).enumerate() {
+                assert!(
+                    (got - want).abs() < tol,
+                    "{dtype:?} step {t}, element {j}: {got} vs the per-block reference {want}"
+                );
+            }
+        }
+        // The blocks' directions differ from the whole tensor's: a per-tensor run departs.
+        let whole = compare_whole(&cfg, &updates, &start);
+        assert!(whole
+            .iter()
+            .zip(&expected)
+            .any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
+
+/// The parameter the per-tensor reference ends at, for `updates` from `start`.
+fn compare_whole(cfg: &BsfaConfig, updates: &[Vec<f64>], start: &[f64]) -> Vec<f64> {
+    let mut reference = Reference::new(cfg);
+    let mut out = start.to_vec();
+    for (t, v) in updates.iter().enumerate() {
+        for (e, c) in out.iter_mut().zip(reference.step(t, v)) {
+            *e += c;
+        }
+    }
+    out
 }
 
 #[test]

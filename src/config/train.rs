@@ -25,6 +25,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Micro-batches (of `micro_batch_size` sequences) per evaluation.
     pub eval_batches: usize,
+    /// LLaMA runs: seeds which validation windows an evaluation scores (null: `seed`, so
+    /// the windows change with the training seed); set it to compare runs of different
+    /// seeds on the same windows.
+    pub eval_seed: Option<u64>,
     /// Write a metrics line every N steps.
     pub log_every: usize,
     /// Seeds model init and batch sampling.
@@ -80,6 +84,7 @@ impl Default for TrainConfig {
             seq_len: 128,
             eval_every: 50,
             eval_batches: 4,
+            eval_seed: None,
             log_every: 10,
             seed: 1337,
             threads: None,
@@ -105,6 +110,12 @@ impl TrainConfig {
     /// Micro-batch size after resolving the `None` default.
     pub fn micro_batch(&self) -> usize {
         self.micro_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// The seed of the validation windows LLaMA evaluations score: `eval_seed`, or the
+    /// training `seed` when it is null.
+    pub fn eval_windows_seed(&self) -> u64 {
+        self.eval_seed.unwrap_or(self.seed)
     }
 
     /// Sequences (or images) per forward/backward pass on one of `world` ranks: an unset

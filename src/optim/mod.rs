@@ -131,7 +131,8 @@ impl StateTensor {
 
 /// Builds the base optimizer `optimizer` names, with BSFA around its steps when
 /// `bsfa.enabled` (its state sharded over the ranks of `comm`). `blocks[i]` is the elements
-/// per Adam-mini block of parameter `i`, the model's partition (unused by AdamW).
+/// per Adam-mini block of parameter `i`, the model's partition (unused by AdamW unless
+/// `bsfa.partition = adam-mini`, whose BSFA blocks they are).
 pub fn build(
     optimizer: &OptimizerConfig,
     bsfa: &BsfaConfig,
@@ -143,9 +144,13 @@ pub fn build(
         OptimizerName::AdamW => Box::new(Adam::adamw(optimizer, params)?),
         OptimizerName::AdamMini => Box::new(Adam::adam_mini(optimizer, params, blocks)?),
     };
+    let comm = Arc::clone(comm);
     let bsfa = bsfa
         .enabled
-        .then(|| bsfa::Bsfa::new(bsfa, params, Arc::clone(comm)))
+        .then(|| match bsfa.partition {
+            bsfa::BsfaPartition::Tensor => bsfa::Bsfa::new(bsfa, params, comm),
+            bsfa::BsfaPartition::AdamMini => bsfa::Bsfa::partitioned(bsfa, params, blocks, comm),
+        })
         .transpose()?;
     Ok(Stack::new(base, bsfa))
 }

@@ -118,7 +118,7 @@ impl LanguageTask {
             val: corpus.val,
             position: position.tokens,
             eval: EvalWindows {
-                seed: train.seed.wrapping_add(EVAL_SEED_OFFSET),
+                seed: train.eval_windows_seed().wrapping_add(EVAL_SEED_OFFSET),
                 batches: train.eval_batches,
                 micro_batch: train.micro_batch(),
                 seq_len: train.seq_len,
@@ -200,4 +200,59 @@ fn check_vocab(config: &RunConfig, tokenizer: &Tokenizer) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::SingleRank;
+
+    /// A one-layer LLaMA task trained with `seed` (evaluated with `eval_seed`) on fixed
+    /// random tokens, its weights replaced by `weights` when given.
+    fn task(seed: u64, eval_seed: Option<u64>, weights: Option<&[Param]>) -> Box<dyn Task> {
+        let mut config = RunConfig::default();
+        let model = &mut config.model;
+        (model.hidden_size, model.intermediate_size) = (16, 32);
+        (model.num_hidden_layers, model.num_attention_heads) = (1, 2);
+        let train = &mut config.train;
+        (train.seq_len, train.batch_size, train.eval_batches) = (8, 2, 3);
+        (train.seed, train.eval_seed) = (seed, eval_seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut tokens = |n: usize, name: &str| {
+            let ids = (0..n).map(|_| rng.random_range(0..256u32)).collect();
+            TokenSegments::from_tokens(ids, name, 256).unwrap()
+        };
+        let corpus = Corpus {
+            train: tokens(400, "train"),
+            val: tokens(4000, "val"),
+        };
+        let position = Position::tokens_from(seed);
+        let (task, params) =
+            LanguageTask::start(&config, corpus, &Device::Cpu, &SingleRank, position).unwrap();
+        for (p, w) in params.iter().zip(weights.unwrap_or(&[])) {
+            p.var.set(w.var.as_tensor()).unwrap();
+        }
+        task
+    }
+
+    /// `train.eval_seed` fixes the validation windows whatever the training seed: the same
+    /// weights score the same under two training seeds, where without it they do not; set to
+    /// the training seed, it gives the default windows.
+    #[test]
+    fn eval_seed_fixes_the_validation_windows_across_training_seeds() {
+        let (_, weights) = {
+            let mut c = RunConfig::default().model;
+            (c.hidden_size, c.intermediate_size) = (16, 32);
+            (c.num_hidden_layers, c.num_attention_heads) = (1, 2);
+            Llama::new(&c, DType::F32, &Device::Cpu, 1).unwrap()
+        };
+        let loss = |seed, eval_seed| {
+            let task = task(seed, eval_seed, Some(&weights));
+            task.evaluate(&SingleRank).unwrap().loss
+        };
+        assert_eq!(loss(1, Some(7)), loss(2, Some(7)));
+        assert_ne!(loss(1, None), loss(2, None));
+        assert_eq!(loss(1, Some(1)), loss(1, None));
+        assert_ne!(loss(1, Some(7)), loss(1, None));
+    }
 }

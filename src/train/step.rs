@@ -4,6 +4,7 @@
 use crate::config::RunConfig;
 use crate::dist::{self, Communicator};
 use crate::model::{Model, Param};
+use crate::optim::bsfa::BsfaPartition;
 use crate::optim::{self, Optimizer, OptimizerName, Stack};
 use crate::task::Task;
 use anyhow::{Context, Result};
@@ -56,10 +57,11 @@ impl Trainer {
         params: Vec<Param>,
         comm: &Arc<dyn Communicator>,
     ) -> Result<Self> {
-        // Adam-mini's partition of the model; AdamW needs none.
+        // Adam-mini's partition of the model; AdamW needs none, unless BSFA's blocks are it.
+        let bsfa_blocks = config.bsfa.enabled && config.bsfa.partition == BsfaPartition::AdamMini;
         let blocks = match config.optimizer.name {
-            OptimizerName::AdamMini => crate::task::adam_mini_blocks(config, &params)?,
-            OptimizerName::AdamW => Vec::new(),
+            OptimizerName::AdamW if !bsfa_blocks => Vec::new(),
+            _ => crate::task::adam_mini_blocks(config, &params)?,
         };
         let optimizer = optim::build(&config.optimizer, &config.bsfa, &params, &blocks, comm)?;
         Ok(Self {

@@ -29,6 +29,11 @@ pub struct BsfaConfig {
     pub blocks: BsfaGroups,
     /// Precision of the stored history and directions: 32 (the parameters' own) or 4.
     pub bits: usize,
+    /// What one block is: a whole parameter tensor (the paper's "PyTorch default
+    /// partition"), or a block of the model's Adam-mini partition (`model/partition.rs`).
+    pub partition: BsfaPartition,
+    /// When the first directions are estimated (and the projection starts).
+    pub first_projection: FirstProjection,
 }
 
 impl Default for BsfaConfig {
@@ -42,6 +47,8 @@ impl Default for BsfaConfig {
             interval: 10,
             blocks: BsfaGroups(vec![BsfaGroup::Norm, BsfaGroup::Attn, BsfaGroup::Mlp]),
             bits: 32,
+            partition: BsfaPartition::Tensor,
+            first_projection: FirstProjection::Interval,
         }
     }
 }
@@ -50,6 +57,18 @@ impl BsfaConfig {
     /// The parameter groups BSFA covers.
     pub fn groups(&self) -> Vec<ParamGroup> {
         self.blocks.0.iter().map(|&g| g.into()).collect()
+    }
+
+    /// The step (0-based, counting base steps) of the first re-estimation, from which every
+    /// update is projected: `interval` (Algorithm 1), or under
+    /// [`FirstProjection::RankUpdates`] the first multiple of `interval` at which the history
+    /// holds `rank` updates (it holds `t` before step `t`'s update joins it).
+    pub fn first_estimate_step(&self) -> u64 {
+        let interval = self.interval.max(1) as u64;
+        match self.first_projection {
+            FirstProjection::Interval => interval,
+            FirstProjection::RankUpdates => (self.rank as u64).max(1).div_ceil(interval) * interval,
+        }
     }
 
     /// Checks the ranges; messages name the key.
@@ -76,6 +95,31 @@ impl BsfaConfig {
         }
         Ok(())
     }
+}
+
+/// What one BSFA block is (`bsfa.partition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BsfaPartition {
+    /// One block per parameter tensor, norm vectors included (the paper's "PyTorch default
+    /// partition").
+    #[serde(rename = "tensor")]
+    Tensor,
+    /// The blocks of the model's Adam-mini partition (`model/partition.rs`): for a LLaMA,
+    /// q and k per head, v, o and the MLP per row (output neuron), each norm vector whole.
+    #[serde(rename = "adam-mini")]
+    AdamMini,
+}
+
+/// When BSFA first estimates directions and starts projecting (`bsfa.first_projection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FirstProjection {
+    /// At step `interval`, with the updates the history holds so far (Algorithm 1:
+    /// `t mod T = 0, t > 0`).
+    #[serde(rename = "interval")]
+    Interval,
+    /// At the first re-estimation at which the history holds `rank` updates.
+    #[serde(rename = "rank_updates")]
+    RankUpdates,
 }
 
 /// One group name of `bsfa.blocks`.

@@ -4,7 +4,9 @@
 //! Vocabulary, for every file of this module:
 //! - *block*: one parameter tensor BSFA covers (the groups `bsfa.blocks` lists; never the
 //!   embeddings or the output head, as in the paper). BSFA keeps state per block and nothing
-//!   across blocks.
+//!   across blocks. Under `bsfa.partition = adam-mini` a tensor holds several blocks (the
+//!   model's Adam-mini partition, contiguous runs of its elements): its state is still kept
+//!   per tensor, and each block's directions lie in its own columns of one matrix.
 //! - *update*: a block's change in one base optimizer step, flattened (`numel` values).
 //! - *history*: a block's last `bsfa.history` updates (`rows x numel`, oldest first).
 //! - *directions*: `k <= bsfa.rank` orthonormal rows (`k x numel`) spanning the block's
@@ -35,7 +37,7 @@ mod quant_tensor;
 mod shard;
 mod state;
 
-pub use config::{BsfaConfig, BsfaGroup, BsfaGroups};
+pub use config::{BsfaConfig, BsfaGroup, BsfaGroups, BsfaPartition, FirstProjection};
 pub use diagnostics::GroupDiagnostics;
 pub use pca::{estimate, top_directions, Estimate};
 pub use projection::project;
@@ -67,15 +69,44 @@ pub struct Bsfa {
     row_kinds: Vec<RowKind>,
     /// Per parameter: its group, for the diagnostics.
     groups: Vec<crate::model::ParamGroup>,
+    /// Per parameter: elements per block, its `numel` for one block per tensor, less under
+    /// `bsfa.partition = adam-mini` (contiguous blocks of that many elements).
+    chunks: Vec<usize>,
     /// What the latest re-estimation found, until taken.
     diagnostics: Option<Vec<GroupDiagnostics>>,
     steps: u64,
 }
 
 impl Bsfa {
-    /// BSFA over `params`: it applies to the parameter groups listed in `config.blocks`,
-    /// and this rank of `comm` keeps the state of the blocks [`owners`] gives it.
+    /// BSFA over `params`, one block per tensor: it applies to the parameter groups listed
+    /// in `config.blocks`, and this rank of `comm` keeps the state of the blocks [`owners`]
+    /// gives it.
     pub fn new(config: &BsfaConfig, params: &[Param], comm: Arc<dyn Communicator>) -> Result<Self> {
+        let whole: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+        Self::partitioned(config, params, &whole, comm)
+    }
+
+    /// [`Bsfa::new`] with `chunks[i]` elements per block of parameter `i` (contiguous, in
+    /// its row-major order; its `numel` for one block per tensor): each block has its own
+    /// directions, estimated from its own columns of the history.
+    pub fn partitioned(
+        config: &BsfaConfig,
+        params: &[Param],
+        chunks: &[usize],
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        if chunks.len() != params.len() {
+            anyhow::bail!(
+                "bsfa: {} block sizes for {} parameters (bsfa.partition needs the model's)",
+                chunks.len(),
+                params.len()
+            );
+        }
+        for (p, &chunk) in params.iter().zip(chunks) {
+            if chunk == 0 || !p.var.elem_count().is_multiple_of(chunk) {
+                anyhow::bail!("bsfa: '{}' does not split into blocks of {chunk}", p.name);
+            }
+        }
         let shard = Shard::new(config, params, comm);
         let blocks = shard
             .owned()
@@ -88,15 +119,24 @@ impl Bsfa {
             names: params.iter().map(|p| p.name.clone()).collect(),
             row_kinds: params.iter().map(RowKind::of).collect(),
             groups: params.iter().map(|p| p.group).collect(),
+            chunks: chunks.to_vec(),
             diagnostics: None,
             steps: 0,
         })
     }
 
     /// Whether this step may project: from the first re-estimation on, at step `interval`
-    /// (the same on every rank, owner of a block or not).
+    /// or as `bsfa.first_projection` says (the same on every rank, owner of a block or not).
     fn projects_at(&self, step: u64) -> bool {
-        step >= self.config.interval as u64
+        step >= self.config.first_estimate_step()
+    }
+
+    /// Whether this step re-estimates the directions: every `interval` steps from the first
+    /// re-estimation on.
+    fn refreshes_at(&self, step: u64) -> bool {
+        step > 0
+            && step.is_multiple_of(self.config.interval as u64)
+            && step >= self.config.first_estimate_step()
     }
 
     /// The parameter index of a BSFA state key (`<param>.bsfa_<slot>[.<part>]`).
@@ -120,14 +160,15 @@ impl Bsfa {
             })
             .collect::<Result<_>>()?;
         base_step()?;
-        let refresh = self.steps > 0 && self.steps.is_multiple_of(self.config.interval as u64);
+        let refresh = self.refreshes_at(self.steps);
         let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
         let mut found = diagnostics::Accumulator::default();
-        for (((param, block), before), group) in params
+        for ((((param, block), before), group), &chunk) in params
             .iter()
             .zip(&mut self.blocks)
             .zip(before)
             .zip(&self.groups)
+            .zip(&self.chunks)
         {
             let (Some(block), Some(before)) = (block, before) else {
                 continue;
@@ -137,28 +178,24 @@ impl Bsfa {
             // direction fewer than there are updates).
             if refresh {
                 let _span = tracing::info_span!("bsfa re-estimation").entered();
-                let history = block.stacked_history()?.matrix()?;
-                let estimate = estimate(&history, self.config.rank)?;
-                let overlap = match (&block.directions, &estimate.directions) {
-                    (Some(old), Some(new)) => Some(diagnostics::overlap(&old.matrix()?, new)?),
-                    _ => None,
-                };
-                let kept = estimate.directions.as_ref().map_or(Ok(0), |d| d.dim(0))?;
-                found.add(*group, estimate.energy, overlap, kept);
-                // A history without variance (a frozen or constant block) gives no
-                // directions: the block keeps the identity projection.
-                block.directions = estimate
-                    .directions
-                    .map(|d| Stored::keep(&d, bits))
-                    .transpose()?;
+                re_estimate(block, chunk, self.config.rank, bits, |e, o, k| {
+                    found.add(*group, e, o, k)
+                })?;
             }
-            let update = projection::project_update(
-                &param.var,
-                before,
-                block.directions.as_ref(),
-                alpha,
-                gamma,
-            )?;
+            let update = if chunk == param.var.elem_count() {
+                projection::project_update(
+                    &param.var,
+                    before,
+                    block.directions.as_ref(),
+                    alpha,
+                    gamma,
+                )?
+            } else {
+                let directions = block.directions.as_ref();
+                projection::project_update_chunked(
+                    &param.var, before, directions, alpha, gamma, chunk,
+                )?
+            };
             block.record(&update, self.config.history, bits)?;
         }
         if refresh {
@@ -182,6 +219,35 @@ impl Bsfa {
     pub fn state_bytes(&self) -> usize {
         self.blocks.iter().flatten().map(BlockState::bytes).sum()
     }
+}
+
+/// Re-estimates `block`'s directions from its history (one block per `chunk` columns, see
+/// [`Bsfa::partitioned`]) and reports what each block found to `found` (variance captured,
+/// overlap with the previous directions, directions kept). A history without variance (a
+/// frozen or constant block) gives no directions: the block keeps the identity projection.
+fn re_estimate(
+    block: &mut BlockState,
+    chunk: usize,
+    rank: usize,
+    bits: usize,
+    mut found: impl FnMut(f64, Option<f64>, usize),
+) -> Result<()> {
+    let history = block.stacked_history()?.matrix()?;
+    let old = block.directions.as_ref().map(Stored::matrix).transpose()?;
+    let directions = if chunk == history.dim(1)? {
+        let estimate = estimate(&history, rank)?;
+        let overlap = match (&old, &estimate.directions) {
+            (Some(old), Some(new)) => Some(diagnostics::overlap(old, new)?),
+            _ => None,
+        };
+        let kept = estimate.directions.as_ref().map_or(Ok(0), |d| d.dim(0))?;
+        found(estimate.energy, overlap, kept);
+        estimate.directions
+    } else {
+        pca::estimate_chunked(&history, rank, chunk, old.as_ref(), &mut found)?
+    };
+    block.directions = directions.map(|d| Stored::keep(&d, bits)).transpose()?;
+    Ok(())
 }
 
 impl OptimizerState for Bsfa {

@@ -9,6 +9,7 @@
 //! so a large but steady bulk update cannot pass for a dominant direction.
 
 use super::cpu::{with_cpu_f32, CHUNK};
+use super::diagnostics::overlap;
 use crate::cpu_kernels::fusable;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -82,6 +83,67 @@ pub fn estimate(history: &Tensor, rank: usize) -> Result<Estimate> {
         directions: Some(coefficients.matmul(&centred)?),
         energy: captured / trace,
     })
+}
+
+/// [`estimate`] for each block of `chunk` columns of `history` (`m x n`, `n` a multiple of
+/// `chunk`; `bsfa.partition = adam-mini`) on its own, each block's variance captured,
+/// overlap with its columns of the previous directions `old` and directions kept reported
+/// to `found`. The directions come back as one `k x n` matrix, `k` the most any block kept:
+/// row `j` holds, in each block's columns, that block's `j`-th direction, or zeros where it
+/// kept fewer (`None` when no block has any).
+pub(super) fn estimate_chunked(
+    history: &Tensor,
+    rank: usize,
+    chunk: usize,
+    old: Option<&Tensor>,
+    found: &mut impl FnMut(f64, Option<f64>, usize),
+) -> Result<Option<Tensor>> {
+    let (_, n) = history.dims2()?;
+    let mut parts = Vec::with_capacity(n / chunk);
+    for start in (0..n).step_by(chunk) {
+        let estimate = estimate(&history.narrow(1, start, chunk)?.contiguous()?, rank)?;
+        let kept = estimate.directions.as_ref().map_or(Ok(0), |d| d.dim(0))?;
+        let overlap = match (old, &estimate.directions) {
+            (Some(old), Some(new)) => nonzero_rows(&old.narrow(1, start, chunk)?)?
+                .map(|old| overlap(&old, new))
+                .transpose()?,
+            _ => None,
+        };
+        found(estimate.energy, overlap, kept);
+        parts.push(estimate.directions);
+    }
+    let k = parts.iter().flatten().map(|d| d.dim(0).unwrap_or(0)).max();
+    let Some(k) = k.filter(|&k| k > 0) else {
+        return Ok(None);
+    };
+    let (dtype, device) = (history.dtype(), history.device());
+    let padded = parts
+        .into_iter()
+        .map(|d| -> Result<Tensor> {
+            let rows = d.as_ref().map_or(Ok(0), |d| d.dim(0))?;
+            let zeros = Tensor::zeros((k - rows, chunk), dtype, device)?;
+            Ok(match d {
+                Some(d) if rows == k => d,
+                Some(d) => Tensor::cat(&[&d, &zeros], 0)?,
+                None => zeros,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&padded, 1)?))
+}
+
+/// The rows of `block` that are directions (unit length), without the zero rows that pad a
+/// block with fewer directions; `None` when there are none.
+fn nonzero_rows(block: &Tensor) -> Result<Option<Tensor>> {
+    let norms: Vec<f64> = block.to_dtype(DType::F64)?.sqr()?.sum(1)?.to_vec1()?;
+    let rows: Vec<u32> = (0..norms.len() as u32)
+        .filter(|&i| norms[i as usize] > 0.5)
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let index = Tensor::new(rows.as_slice(), block.device())?;
+    Ok(Some(block.contiguous()?.index_select(&index, 0)?))
 }
 
 /// The relative rounding error of `dtype` (machine epsilon).

@@ -103,6 +103,40 @@ pub(super) fn project_update(
     })
 }
 
+/// [`project_update`] for a parameter of several blocks of `chunk` elements
+/// (`bsfa.partition = adam-mini`), its directions laid out as `pca::estimate_chunked` gives
+/// them (row `j` holds every block's `j`-th direction in the block's columns, zeros where a
+/// block has fewer): each block's part of the update is projected on its own directions.
+/// Tensor ops on every device.
+pub(super) fn project_update_chunked(
+    param: &Var,
+    before: Before,
+    directions: Option<&Stored>,
+    alpha: f64,
+    gamma: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    let after = param.as_tensor();
+    let before = match before {
+        Before::CpuF32(values) => Tensor::from_vec(values, after.elem_count(), after.device())?,
+        Before::Tensor(t) => t,
+    };
+    let update = (after.flatten_all()? - &before)?;
+    if let Some(directions) = directions {
+        let u = directions.matrix()?;
+        let (k, blocks) = (u.dim(0)?, update.elem_count() / chunk);
+        let u = u.reshape((k, blocks, chunk))?;
+        // Per block, its coordinates in its directions (`k x blocks x 1`), then their sum.
+        let coordinates = u
+            .broadcast_mul(&update.reshape((1, blocks, chunk))?)?
+            .sum_keepdim(2)?;
+        let dominant = u.broadcast_mul(&coordinates)?.sum(0)?.flatten_all()?;
+        let correction = ((&update * (gamma - 1.0))? + (dominant * (alpha - gamma))?)?;
+        param.set(&(after + correction.reshape(after.shape())?)?)?;
+    }
+    Ok(update)
+}
+
 /// Directions as the CPU kernel reads them: f32 rows, or 4-bit rows.
 enum RowsRef<'a> {
     Full(&'a [f32]),
