@@ -120,15 +120,14 @@ fn self_check(
     let seq = x.dims3()?.1.min(256);
     let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
     let widths = [heads * dim, kv_heads * dim, kv_heads * dim];
-    let qkv = Tensor::randn(
-        0f32,
-        1.0,
-        (1, seq, widths.iter().sum::<usize>()),
-        x.device(),
-    )?
-    .to_dtype(x.dtype())?;
-    let weights =
-        Tensor::randn(0f32, 1.0, (1, seq, heads * dim), x.device())?.to_dtype(x.dtype())?;
+    // Drawn on the CPU and copied: the GPU's random generator is the run's, not the check's.
+    let random = |shape: (usize, usize, usize)| {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())
+    };
+    let qkv = random((1, seq, widths.iter().sum::<usize>()))?;
+    let weights = random((1, seq, heads * dim))?;
     let run = |fused: bool| -> Result<(Tensor, Tensor)> {
         let v = Var::from_tensor(&qkv)?;
         let out = if fused {
