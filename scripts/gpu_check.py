@@ -33,6 +33,7 @@ every step and bench row, so a hang or a kill loses at most the run in progress.
 """
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -188,12 +189,17 @@ class Check:
             out += REHEARSAL_GPU_MEMORY
         return out
 
-    def run(self, args, env=None, bench=False):
-        """Runs the binary on `args` (made this mode's) within the run bound; returns the last
-        stdout line as JSON (or None). Its stderr goes to the logs folder."""
+    def run_bound(self):
+        """Seconds the next run may take: --run-timeout, within the check's deadline."""
         timeout = min(self.args.run_timeout, self.left() - 10)
         if timeout < 10:
             raise Skip(f"the check's deadline ({self.args.deadline} s) has passed")
+        return timeout
+
+    def run(self, args, env=None, bench=False):
+        """Runs the binary on `args` (made this mode's) within the run bound; returns the last
+        stdout line as JSON (or None). Its stderr goes to the logs folder."""
+        timeout = self.run_bound()
         argv = [str(self.binary), *self.command(args, bench)]
         self.runs += 1
         log_path = self.logs / f"{self.runs:02d}.log"
@@ -269,7 +275,7 @@ class Check:
             raise Skip("no --nccl-test binary given")
         if not self.on_gpu:
             raise Skip(f"{self.mode}: the GPU tests need a GPU")
-        timeout = min(self.args.run_timeout, self.left() - 10)
+        timeout = self.run_bound()
         done = subprocess.run([self.args.nccl_test, "--ignored", "--test-threads", "1"],
                               capture_output=True, text=True, timeout=timeout)
         tail_lines = (done.stdout + done.stderr).strip().splitlines()[-15:]
@@ -415,6 +421,7 @@ def add_library_dirs():
     os.environ["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(given + library_dirs()))
 
 
+@functools.cache
 def ldconfig_cache():
     """soname -> path from the loader's cache (`ldconfig -p`), x86-64 entries."""
     for ldconfig in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):

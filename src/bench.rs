@@ -114,7 +114,7 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
             forward.push(outcome.forward_s);
             backward.push(outcome.backward_s);
             communication.push(outcome.communication_s);
-            if config.bsfa.enabled && reestimates(config, step) {
+            if config.bsfa.enabled && config.bsfa.reestimates_at(step as u64) {
                 reestimating.push(outcome.optimizer_s);
             } else {
                 update.push(outcome.optimizer_s);
@@ -199,12 +199,6 @@ pub fn steps(config: &RunConfig, warmup: Option<usize>, iters: Option<usize>) ->
 /// and at least one re-estimation among them.
 fn bsfa_steady(config: &RunConfig, warmup: usize, reestimations: usize) -> bool {
     warmup > config.bsfa.history && reestimations > 0
-}
-
-/// Whether the optimizer step at `step` (counted from 0) re-estimates BSFA's directions:
-/// every `bsfa.interval` steps from step `interval` on, as [`crate::optim::Bsfa`] does.
-fn reestimates(config: &RunConfig, step: usize) -> bool {
-    step > 0 && step.is_multiple_of(config.bsfa.interval)
 }
 
 fn mean(xs: &[f64]) -> f64 {

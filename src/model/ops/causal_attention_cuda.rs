@@ -39,15 +39,42 @@ fn variant(dtype: DType, dim: usize) -> Option<String> {
     Some(format!("{ty}-d{full}"))
 }
 
-/// The four kernels of `variant` on `device`'s GPU.
-fn kernels(device: &CudaDevice, variant: &str) -> std::result::Result<[Loaded; 4], String> {
-    let load = |kernel| triton::load(device, kernel, variant);
+/// The four kernels for `dtype` and head dim `dim` on `device`'s GPU.
+fn kernels(device: &CudaDevice, dtype: DType, dim: usize) -> Result<[Loaded; 4]> {
+    let variant = variant(dtype, dim).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "attention on CUDA: no kernel for {dtype:?}, dim {dim}"
+        ))
+    })?;
+    let load = |kernel| triton::load(device, kernel, &variant).map_err(candle_core::Error::Msg);
     Ok([
         load("attention_forward")?,
         load("attention_delta")?,
         load("attention_dkdv")?,
         load("attention_dq")?,
     ])
+}
+
+/// The size arguments the kernels take (`seq`, `heads`, `kv_heads`, `dim` as i32) and the
+/// queries' scale `1/sqrt(dim)`.
+struct Sizes {
+    seq: i32,
+    heads: i32,
+    kv_heads: i32,
+    dim: i32,
+    scale: f32,
+}
+
+impl Sizes {
+    fn of(d: AttentionDims) -> Result<Self> {
+        Ok(Self {
+            seq: int(d.seq)?,
+            heads: int(d.heads)?,
+            kv_heads: int(d.kv_heads)?,
+            dim: int(d.dim)?,
+            scale: 1.0 / (d.dim as f32).sqrt(),
+        })
+    }
 }
 
 /// Whether attention on `x` (`batch x seq x hidden`, on a GPU) runs our kernels: a CUDA
@@ -114,9 +141,7 @@ fn self_check(
         bail!("not a CUDA tensor");
     };
     let dim = cos.dims2()?.1;
-    variant(x.dtype(), dim)
-        .ok_or_else(|| candle_core::Error::Msg("no compiled variant".into()))
-        .and_then(|v| kernels(device, &v).map_err(candle_core::Error::Msg))?;
+    kernels(device, x.dtype(), dim)?;
     let seq = x.dims3()?.1.min(256);
     let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
     let widths = [heads * dim, kv_heads * dim, kv_heads * dim];
@@ -207,8 +232,7 @@ pub(super) fn forward(
         d: AttentionDims,
     ) -> Result<(CudaStorage, RowStats)> {
         let device = qkv.device().clone();
-        let [forward, ..] = kernels(&device, &variant(qkv.dtype(), d.dim).unwrap_or_default())
-            .map_err(candle_core::Error::Msg)?;
+        let [forward, ..] = kernels(&device, qkv.dtype(), d.dim)?;
         let qkv = slice_of::<T>(qkv, l)?;
         let (cos_storage, cos_layout) = op.cos.storage_and_layout();
         let (sin_storage, sin_layout) = op.sin.storage_and_layout();
@@ -218,9 +242,7 @@ pub(super) fn forward(
         // SAFETY: the kernel writes every element of `out` and `lse` (rows below `seq`).
         let out = unsafe { device.alloc::<T>(rows * d.q_width())? };
         let lse = unsafe { device.alloc::<f32>(d.batch * d.heads * d.seq)? };
-        let (seq, heads, kv_heads, dim) =
-            (int(d.seq)?, int(d.heads)?, int(d.kv_heads)?, int(d.dim)?);
-        let scale = 1.0f32 / (d.dim as f32).sqrt();
+        let n = Sizes::of(d)?;
         let grid = (
             blocks(d.seq, triton::ATTENTION_BLOCK_M)?,
             blocks(d.batch * d.heads, 1)?,
@@ -229,8 +251,8 @@ pub(super) fn forward(
         let null = 0u64;
         let stream = device.cuda_stream();
         launch!(stream, forward, forward.config(grid), triton::ATTENTION_FORWARD_PARAMS;
-            qkv = &qkv, cos = &cos, sin = &sin, out = &out, lse = &lse, seq = &seq,
-            heads = &heads, kv_heads = &kv_heads, dim = &dim, scale = &scale,
+            qkv = &qkv, cos = &cos, sin = &sin, out = &out, lse = &lse, seq = &n.seq,
+            heads = &n.heads, kv_heads = &n.kv_heads, dim = &n.dim, scale = &n.scale,
             scratch0 = &null, scratch1 = &null)
         .w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, device), lse))
@@ -260,9 +282,7 @@ pub(super) fn backward(
         (out, d_out, lse): (&Tensor, &Tensor, &RowStats),
     ) -> Result<CudaStorage> {
         let device = qkv.device().clone();
-        let [_, delta_kernel, dkdv, dq] =
-            kernels(&device, &variant(qkv.dtype(), d.dim).unwrap_or_default())
-                .map_err(candle_core::Error::Msg)?;
+        let [_, delta_kernel, dkdv, dq] = kernels(&device, qkv.dtype(), d.dim)?;
         let qkv = slice_of::<T>(qkv, l)?;
         let (cos_storage, cos_layout) = op.cos.storage_and_layout();
         let (sin_storage, sin_layout) = op.sin.storage_and_layout();
@@ -276,9 +296,7 @@ pub(super) fn backward(
         // `attention_dkdv`, every row below `seq`: no element is left unwritten.
         let d_qkv = unsafe { device.alloc::<T>(d.batch * d.seq * d.packed_width())? };
         let delta = unsafe { device.alloc::<f32>(d.batch * d.heads * d.seq)? };
-        let (seq, heads, kv_heads, dim) =
-            (int(d.seq)?, int(d.heads)?, int(d.kv_heads)?, int(d.dim)?);
-        let scale = 1.0f32 / (d.dim as f32).sqrt();
+        let n = Sizes::of(d)?;
         let row_blocks = blocks(d.seq, triton::ATTENTION_BLOCK_M)?;
         let key_blocks = blocks(d.seq, triton::ATTENTION_BLOCK_N)?;
         let query_heads = blocks(d.batch * d.heads, 1)?;
@@ -287,18 +305,18 @@ pub(super) fn backward(
         let stream = device.cuda_stream();
         launch!(stream, delta_kernel, delta_kernel.config((row_blocks, query_heads, 1)),
             triton::ATTENTION_DELTA_PARAMS;
-            out = &out, d_out = &d_out, delta = &delta, seq = &seq, heads = &heads, dim = &dim,
+            out = &out, d_out = &d_out, delta = &delta, seq = &n.seq, heads = &n.heads, dim = &n.dim,
             scratch0 = &null, scratch1 = &null)
         .w()?;
         launch!(stream, dkdv, dkdv.config((key_blocks, key_heads, 1)), triton::ATTENTION_DKDV_PARAMS;
             qkv = &qkv, cos = &cos, sin = &sin, d_out = &d_out, lse = lse, delta = &delta,
-            d_qkv = &d_qkv, seq = &seq, heads = &heads, kv_heads = &kv_heads, dim = &dim,
-            scale = &scale, scratch0 = &null, scratch1 = &null)
+            d_qkv = &d_qkv, seq = &n.seq, heads = &n.heads, kv_heads = &n.kv_heads, dim = &n.dim,
+            scale = &n.scale, scratch0 = &null, scratch1 = &null)
         .w()?;
         launch!(stream, dq, dq.config((row_blocks, query_heads, 1)), triton::ATTENTION_DQ_PARAMS;
             qkv = &qkv, cos = &cos, sin = &sin, d_out = &d_out, lse = lse, delta = &delta,
-            d_qkv = &d_qkv, seq = &seq, heads = &heads, kv_heads = &kv_heads, dim = &dim,
-            scale = &scale, scratch0 = &null, scratch1 = &null)
+            d_qkv = &d_qkv, seq = &n.seq, heads = &n.heads, kv_heads = &n.kv_heads, dim = &n.dim,
+            scale = &n.scale, scratch0 = &null, scratch1 = &null)
         .w()?;
         Ok(CudaStorage::wrap_cuda_slice(d_qkv, device))
     }

@@ -71,6 +71,13 @@ impl BsfaConfig {
         }
     }
 
+    /// Whether the optimizer step `step` (counted from 0) re-estimates the directions: every
+    /// `interval` steps from [`BsfaConfig::first_estimate_step`] on. `Bsfa` follows it, and
+    /// `bench` uses it to tell the steps that re-estimated.
+    pub fn reestimates_at(&self, step: u64) -> bool {
+        step > 0 && step.is_multiple_of(self.interval as u64) && step >= self.first_estimate_step()
+    }
+
     /// Checks the ranges; messages name the key.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 || self.rank >= self.history {

@@ -131,14 +131,6 @@ impl Bsfa {
         step >= self.config.first_estimate_step()
     }
 
-    /// Whether this step re-estimates the directions: every `interval` steps from the first
-    /// re-estimation on.
-    fn refreshes_at(&self, step: u64) -> bool {
-        step > 0
-            && step.is_multiple_of(self.config.interval as u64)
-            && step >= self.config.first_estimate_step()
-    }
-
     /// The parameter index of a BSFA state key (`<param>.bsfa_<slot>[.<part>]`).
     fn block_of(&self, key: &str) -> Option<usize> {
         let (name, _) = key.split_once(".bsfa_")?;
@@ -160,7 +152,7 @@ impl Bsfa {
             })
             .collect::<Result<_>>()?;
         base_step()?;
-        let refresh = self.refreshes_at(self.steps);
+        let refresh = self.config.reestimates_at(self.steps);
         let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
         let mut found = diagnostics::Accumulator::default();
         for ((((param, block), before), group), &chunk) in params
