@@ -15,7 +15,8 @@ Tolerances, as the worst absolute difference over the largest magnitude of the t
   math is measured on the same inputs: the kernel must be no less exact than what it replaces.
   (Measured: 0.4-0.7 of the reference's error forward, 0.6-0.9 backward.)
 
---break KERNEL perturbs one kernel's result on purpose (forward, dq, dkdv): the check must fail.
+--break KERNEL perturbs one kernel's result on purpose (attention: forward, dq, dkdv; the output
+head's cross-entropy: lse, grad): the check must fail.
 """
 
 import argparse
@@ -35,6 +36,7 @@ from triton.runtime import interpreter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src/model/ops/triton"))
 import causal_attention as ca  # noqa: E402
+import cross_entropy as ce  # noqa: E402
 
 # (batch, seq, heads, kv_heads, dim): sequence 1, one not a multiple of the tiles, a full tile
 # plus one, llama134m's 1024, grouped-query 2:1 and none, head dims 48 (llama134m's), 64 and
@@ -46,6 +48,15 @@ CASES = [
     (2, 65, 2, 1, 64),
     (1, 130, 2, 2, 128),
     (1, 200, 4, 4, 64),
+]
+
+# (rows, vocab) of the output head's row passes: one row; odd rows over a vocabulary that is
+# not a multiple of BLOCK_V; the test model's 4,096 and llama's 50,304 (13 blocks, the last
+# partial).
+CROSS_ENTROPY_CASES = [
+    (1, 4096),
+    (37, 1000),
+    (5, 50304),
 ]
 
 
@@ -146,6 +157,48 @@ def kernels(qkv, cos, sin, d_out, heads, kv_heads, dim, broken=None):
     return out, d_qkv
 
 
+def cross_entropy_kernels(logits, targets, scale, broken=None):
+    """The two row passes as the CUDA build launches them: each row's log-sum-exp, then the
+    gradient `scale * (softmax - onehot)` written over a copy of the logits."""
+    rows, vocab = logits.shape
+    lse = torch.empty(rows, dtype=torch.float32)
+    ce.row_logsumexp[(rows,)](logits, lse, vocab, BLOCK_V=ce.BLOCK_V)
+    if broken == "lse":
+        lse[-1] += 1e-3
+    grad = logits.clone()
+    ce.softmax_gradient[(rows,)](grad, lse, targets, vocab, scale, BLOCK_V=ce.BLOCK_V)
+    if broken == "grad":
+        grad[-1, -1] += 1e-3 * grad.abs().max()
+    return lse, grad
+
+
+def check_cross_entropy(case, dtype, broken):
+    """The row passes against the math in float64 from the same rounded logits. Bounds: 1e-5
+    for the log-sum-exp (f32 throughout); the gradient 1e-5 in f32, and in bf16 one rounding
+    of the result to bf16 (2^-8 of the largest magnitude), which the reference's own
+    bf16 gradient (its widened f32 softmax cast back) also carries."""
+    rows, vocab = case
+    torch.manual_seed(rows + vocab)
+    # Logits of a trained model's spread (a few units), so the softmax is far from uniform.
+    logits = (3 * torch.randn(rows, vocab, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), dtype=torch.int64)
+    scale = 1.0 / (3 * rows)
+    exact = logits.double()
+    exact_lse = exact.logsumexp(-1)
+    exact_grad = (exact - exact_lse[:, None]).exp()
+    exact_grad[torch.arange(rows), targets] -= 1.0
+    exact_grad *= scale
+    # int32 here, u32 in the CUDA build: the same bits for ids below 2^31.
+    lse, grad = cross_entropy_kernels(logits, targets.to(torch.int32), scale, broken)
+    lse_error = ((lse.double() - exact_lse).abs().max() / exact_lse.abs().max()).item()
+    result = {"case": dict(rows=rows, vocab=vocab), "dtype": str(dtype).removeprefix("torch."),
+              "lse_error": lse_error, "gradient_error": error(grad, exact_grad)}
+    bounds = (1e-5, 1e-5 if dtype == torch.float32 else 2.0 ** -8)
+    result["bounds"] = bounds
+    result["ok"] = lse_error <= bounds[0] and result["gradient_error"] <= bounds[1]
+    return result
+
+
 def error(got, truth):
     return ((got.double() - truth).abs().max() / truth.abs().max()).item()
 
@@ -181,7 +234,7 @@ def check(case, dtype, broken):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--break", dest="broken", choices=["forward", "dq", "dkdv"])
+    parser.add_argument("--break", dest="broken", choices=["forward", "dq", "dkdv", "lse", "grad"])
     parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -190,6 +243,11 @@ def main():
     for case in CASES[:args.cases]:
         for dtype in (torch.float32, torch.bfloat16):
             result = check(case, dtype, args.broken)
+            print(json.dumps(result), flush=True)
+            failed += not result["ok"]
+    for case in CROSS_ENTROPY_CASES[:args.cases]:
+        for dtype in (torch.float32, torch.bfloat16):
+            result = check_cross_entropy(case, dtype, args.broken)
             print(json.dumps(result), flush=True)
             failed += not result["ok"]
     print(f"{failed} case(s) beyond tolerance", file=sys.stderr)

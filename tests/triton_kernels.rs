@@ -29,7 +29,7 @@ fn check(broken: Option<&str>) -> Option<(bool, String)> {
 }
 
 #[test]
-fn attention_kernels_match_the_math_in_f32_and_bf16() {
+fn attention_and_cross_entropy_kernels_match_the_math_in_f32_and_bf16() {
     if let Some((ok, output)) = check(None) {
         assert!(ok, "{output}");
         assert!(output.contains("0 case(s) beyond tolerance"), "{output}");
@@ -39,7 +39,7 @@ fn attention_kernels_match_the_math_in_f32_and_bf16() {
 /// The check can fail: a perturbed result of each kernel is caught.
 #[test]
 fn a_broken_kernel_fails_the_check() {
-    for kernel in ["forward", "dq", "dkdv"] {
+    for kernel in ["forward", "dq", "dkdv", "lse", "grad"] {
         if let Some((ok, output)) = check(Some(kernel)) {
             assert!(!ok, "--break {kernel} passed: {output}");
         }

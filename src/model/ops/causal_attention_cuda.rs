@@ -8,6 +8,7 @@
 //! shape, forward and backward; on disagreement, or where a kernel cannot load, it warns once
 //! and the run takes the reference ops.
 
+use super::super::gpu_self_check as self_check;
 use super::super::triton::{self, launch, Loaded};
 use super::{reference, AttentionDims, CausalAttention};
 use candle_core::backend::BackendStorage;
@@ -16,8 +17,6 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
 };
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 
 /// Each row's log-sum-exp of scaled scores (`batch x heads x seq`), from the forward for
 /// the backward.
@@ -87,8 +86,6 @@ pub(super) fn applies(
     heads: usize,
     kv_heads: usize,
 ) -> bool {
-    type Key = (usize, DType, usize, usize, usize);
-    static CHECKED: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
     let Device::Cuda(device) = x.device() else {
         return false;
     };
@@ -99,34 +96,17 @@ pub(super) fn applies(
         return false;
     }
     let ordinal = device.cuda_stream().context().ordinal();
-    let key = (ordinal, x.dtype(), heads, kv_heads, dim);
-    let Ok(mut checked) = CHECKED.get_or_init(Default::default).lock() else {
-        return false;
-    };
-    *checked.entry(key).or_insert_with(|| {
-        let verdict = self_check(x, (cos, sin), heads, kv_heads).and_then(|worst| {
-            let bound = if x.dtype() == DType::F32 { 1e-4 } else { 3e-2 };
-            if worst <= bound {
-                Ok(())
-            } else {
-                Err(candle_core::Error::Msg(format!(
-                    "worst difference from the reference {worst:.2e} > {bound:.0e}"
-                )))
-            }
-        });
-        match verdict {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!(
-                    "warning: the Triton attention kernels failed their self-check on GPU \
-                     {ordinal} ({:?}, {heads} heads, {kv_heads} kv heads, head dim {dim}): {e}; \
-                     attention takes the reference ops (slower, the same math)",
-                    x.dtype()
-                );
-                false
-            }
-        }
-    })
+    let shape = format!(
+        "{:?}, {heads} heads, {kv_heads} kv heads, head dim {dim}",
+        x.dtype()
+    );
+    self_check::passes(
+        "attention",
+        ordinal,
+        shape,
+        self_check::bound(x.dtype()),
+        || self_check(x, (cos, sin), heads, kv_heads),
+    )
 }
 
 /// The worst relative difference between the kernels and the reference composition, forward
@@ -145,14 +125,9 @@ fn self_check(
     let seq = x.dims3()?.1.min(256);
     let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
     let widths = [heads * dim, kv_heads * dim, kv_heads * dim];
-    // Drawn on the CPU and copied: the GPU's random generator is the run's, not the check's.
-    let random = |shape: (usize, usize, usize)| {
-        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(x.device())
-    };
-    let qkv = random((1, seq, widths.iter().sum::<usize>()))?;
-    let weights = random((1, seq, heads * dim))?;
+    let random = |width| self_check::random((1, seq, width), x.dtype(), x.device());
+    let qkv = random(widths.iter().sum::<usize>())?;
+    let weights = random(heads * dim)?;
     let run = |fused: bool| -> Result<(Tensor, Tensor)> {
         let v = Var::from_tensor(&qkv)?;
         let out = if fused {
@@ -177,19 +152,8 @@ fn self_check(
         Ok((out, grad))
     };
     let (fused, reference) = (run(true)?, run(false)?);
-    let relative = |a: &Tensor, b: &Tensor| -> Result<f64> {
-        let b = b.to_dtype(DType::F64)?;
-        let diff = (a.to_dtype(DType::F64)? - &b)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f64>()?;
-        Ok(diff
-            / b.abs()?
-                .max_all()?
-                .to_scalar::<f64>()?
-                .max(f64::MIN_POSITIVE))
-    };
-    Ok(relative(&fused.0, &reference.0)?.max(relative(&fused.1, &reference.1)?))
+    Ok(self_check::relative(&fused.0, &reference.0)?
+        .max(self_check::relative(&fused.1, &reference.1)?))
 }
 
 /// The elements of type `T` that `layout` (contiguous) addresses in `s`.

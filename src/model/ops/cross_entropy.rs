@@ -15,17 +15,33 @@ use candle_core::{
 use rayon::prelude::*;
 
 /// Mean token cross-entropy of the output head `x @ w^T` (`x`: `N x hidden`, `w`:
-/// `vocab x hidden`) against `targets` (`N`, u32). Fused, the `N x vocab` logits never
-/// become a graph node.
+/// `vocab x hidden`) against `targets` (`N`, u32). Fused on the CPU, the `N x vocab` logits
+/// never become a graph node; on a GPU with our kernels they are never whole
+/// (`cross_entropy_chunked`).
 pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if fusable(x) {
         let op = LinearCrossEntropy::new(targets.contiguous()?);
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    } else if gpu_kernels_apply(x, w) {
+        let chunk = super::cross_entropy_chunked::chunk_rows(w.dim(0)?, x.dtype());
+        super::cross_entropy_chunked::linear_cross_entropy(x, w, targets, chunk)
     } else {
         // Half-precision logits are widened: log-softmax over a large vocabulary needs f32.
         let logits = super::linear::reference::linear(x, w)?;
         reference::cross_entropy(&super::widen(&logits)?, targets)
     }
+}
+
+/// Whether `x` and `w` are on a GPU whose Triton cross-entropy kernels serve them
+/// (`cross_entropy_chunked`'s `cuda` module).
+#[cfg(feature = "cuda")]
+fn gpu_kernels_apply(x: &Tensor, w: &Tensor) -> bool {
+    super::cross_entropy_chunked::applies(x, w)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kernels_apply(_: &Tensor, _: &Tensor) -> bool {
+    false
 }
 
 fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {

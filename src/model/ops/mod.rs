@@ -15,7 +15,8 @@
 //! - [`rope_tables`] and `reference::rope`: rotary embeddings (fused inside attention).
 //! - [`attention`](attention()): causal self-attention with RoPE and grouped-query heads.
 //! - [`swiglu`](swiglu()): the SwiGLU hidden layer.
-//! - [`linear_cross_entropy`]: the output head fused with the token cross-entropy.
+//! - [`linear_cross_entropy`]: the output head fused with the token cross-entropy (on a GPU
+//!   chunk by chunk: [`cross_entropy_chunked`]).
 //!
 //! ViT, under [`vit`] where its names differ from LLaMA's:
 //! - `vit::layer_norm`: LayerNorm.
@@ -31,8 +32,11 @@ mod bias;
 mod bidirectional_attention;
 mod causal_attention;
 mod cross_entropy;
+pub mod cross_entropy_chunked;
 mod embedding;
 mod gelu;
+#[cfg(feature = "cuda")]
+mod gpu_self_check;
 mod kernel;
 mod layer_norm;
 mod linear;

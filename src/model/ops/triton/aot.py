@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def kernels():
     """(kernel, variant, signature, constexprs, options) for every cubin, any architecture."""
     import causal_attention as ca
+    import cross_entropy as ce
 
     out = []
     for dtype in ("bf16", "fp32"):
@@ -55,6 +56,14 @@ def kernels():
                 out.append((fn, variant, dict(
                     qkv=ptr, cos=ptr, sin=ptr, d_out=ptr, lse="*fp32", delta="*fp32",
                     d_qkv=ptr, **shape, scale="fp32"), tiles, options))
+    for dtype in ("bf16", "fp32"):
+        ptr = f"*{dtype}"
+        block = dict(BLOCK_V=ce.BLOCK_V)
+        options = dict(num_warps=8)
+        out.append((ce.row_logsumexp, dtype, dict(logits=ptr, lse="*fp32", vocab="i32"),
+                    block, options))
+        out.append((ce.softmax_gradient, dtype, dict(
+            logits=ptr, lse="*fp32", targets="*u32", vocab="i32", scale="fp32"), block, options))
     return out
 
 
