@@ -16,7 +16,8 @@ Tolerances, as the worst absolute difference over the largest magnitude of the t
   (Measured: 0.4-0.7 of the reference's error forward, 0.6-0.9 backward.)
 
 --break KERNEL perturbs one kernel's result on purpose (attention: forward, dq, dkdv; the output
-head's cross-entropy: lse, grad): the check must fail.
+head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, swiglu, swiglu_grad): the
+check must fail.
 """
 
 import argparse
@@ -37,6 +38,8 @@ from triton.runtime import interpreter  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src/model/ops/triton"))
 import causal_attention as ca  # noqa: E402
 import cross_entropy as ce  # noqa: E402
+import rms_norm as rn  # noqa: E402
+import swiglu as sg  # noqa: E402
 
 # (batch, seq, heads, kv_heads, dim): sequence 1, one not a multiple of the tiles, a full tile
 # plus one, llama134m's 1024, grouped-query 2:1 and none, head dims 48 (llama134m's), 64 and
@@ -57,6 +60,14 @@ CROSS_ENTROPY_CASES = [
     (1, 4096),
     (37, 1000),
     (5, 50304),
+]
+
+# (rows, width) of the elementwise kernels: RMSNorm's n (llama134m's 768, one past a block,
+# two blocks with a partial one, more rows than one dw program takes) and SwiGLU's inter.
+ROW_CASES = [
+    (1, 768),
+    (130, 1025),
+    (67, 2100),
 ]
 
 
@@ -168,7 +179,7 @@ def cross_entropy_kernels(logits, targets, scale, broken=None):
     grad = logits.clone()
     ce.softmax_gradient[(rows,)](grad, lse, targets, vocab, scale, BLOCK_V=ce.BLOCK_V)
     if broken == "grad":
-        grad[-1, -1] += 1e-3 * grad.abs().max()
+        grad[-1, -1] += 0.02 * grad.abs().max()
     return lse, grad
 
 
@@ -196,6 +207,55 @@ def check_cross_entropy(case, dtype, broken):
     bounds = (1e-5, 1e-5 if dtype == torch.float32 else 2.0 ** -8)
     result["bounds"] = bounds
     result["ok"] = lse_error <= bounds[0] and result["gradient_error"] <= bounds[1]
+    return result
+
+
+def row_kernels(x, w, dy, gu, dyg, eps, broken=None):
+    """RMSNorm's forward, dx and dw (its per-program parts summed in order, as the launch code
+    does) and SwiGLU's forward and packed gradient, as the CUDA build launches them."""
+    rows, n = x.shape
+    inter = gu.shape[1] // 2
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    parts = ca.cdiv(rows, rn.ROWS)
+    dw_part = torch.empty(parts, n, dtype=torch.float32)
+    rn.rms_norm_forward[(rows,)](x, w, y, n, eps, BLOCK=rn.BLOCK)
+    rn.rms_norm_dx[(rows,)](x, w, dy, dx, n, eps, BLOCK=rn.BLOCK)
+    rn.rms_norm_dw[(parts, ca.cdiv(n, rn.BLOCK))](x, dy, dw_part, rows, n, eps,
+                                                   BLOCK=rn.BLOCK, ROWS=rn.ROWS)
+    dw = dw_part.sum(0).to(x.dtype)
+    out = torch.empty(rows, inter, dtype=gu.dtype)
+    d_gu = torch.empty_like(gu)
+    grid = (rows, ca.cdiv(inter, sg.BLOCK))
+    sg.swiglu_forward[grid](gu, out, inter, BLOCK=sg.BLOCK)
+    sg.swiglu_backward[grid](gu, dyg, d_gu, inter, BLOCK=sg.BLOCK)
+    results = dict(rms_norm=y, rms_norm_dx=dx, rms_norm_dw=dw, swiglu=out, swiglu_grad=d_gu)
+    if broken in results:
+        results[broken].view(-1)[-1] += 0.02 * results[broken].abs().max()
+    return results
+
+
+def check_rows(case, dtype, broken):
+    """RMSNorm and SwiGLU, forward and backward, against the math in float64 from the same
+    rounded inputs. Bounds: 1e-5 in f32 (f32 throughout); in bf16 one rounding of each result
+    to bf16 (2^-8 of the largest magnitude), the kernels computing in f32."""
+    rows, n = case
+    torch.manual_seed(rows + n)
+    eps = 1e-5
+    draw = lambda *shape: torch.randn(*shape, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, w, dy, gu, dyg = draw(rows, n), draw(n), draw(rows, n), draw(rows, 2 * n), draw(rows, n)
+    xe, we, gue = (t.double().requires_grad_() for t in (x, w, gu))
+    ye = xe * (xe.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * we
+    dxe, dwe = torch.autograd.grad(ye, (xe, we), dy.double())
+    g, u = gue.split(n, -1)
+    oute = torch.nn.functional.silu(g) * u
+    (d_gue,) = torch.autograd.grad(oute, gue, dyg.double())
+    exact = dict(rms_norm=ye, rms_norm_dx=dxe, rms_norm_dw=dwe, swiglu=oute, swiglu_grad=d_gue)
+    got = row_kernels(x, w, dy, gu, dyg, eps, broken)
+    bound = 1e-5 if dtype == torch.float32 else 2.0 ** -8
+    result = {"case": dict(rows=rows, width=n), "dtype": str(dtype).removeprefix("torch.")}
+    result.update({f"{k}_error": error(got[k], exact[k].detach()) for k in exact})
+    result["bound"] = bound
+    result["ok"] = all(result[f"{k}_error"] <= bound for k in exact)
     return result
 
 
@@ -232,24 +292,32 @@ def check(case, dtype, broken):
     return result
 
 
+# Each family of kernels: its check, its cases, and the kernels --break can perturb in it.
+FAMILIES = [
+    (check, CASES, ("forward", "dq", "dkdv")),
+    (check_cross_entropy, CROSS_ENTROPY_CASES, ("lse", "grad")),
+    (check_rows, ROW_CASES, ("rms_norm", "rms_norm_dx", "rms_norm_dw", "swiglu", "swiglu_grad")),
+]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--break", dest="broken", choices=["forward", "dq", "dkdv", "lse", "grad"])
+    parser.add_argument("--break", dest="broken",
+                        choices=[k for _, _, kernels in FAMILIES for k in kernels])
     parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     mend_interpreter_bf16()
     failed = 0
-    for case in CASES[:args.cases]:
-        for dtype in (torch.float32, torch.bfloat16):
-            result = check(case, dtype, args.broken)
-            print(json.dumps(result), flush=True)
-            failed += not result["ok"]
-    for case in CROSS_ENTROPY_CASES[:args.cases]:
-        for dtype in (torch.float32, torch.bfloat16):
-            result = check_cross_entropy(case, dtype, args.broken)
-            print(json.dumps(result), flush=True)
-            failed += not result["ok"]
+    for check_case, cases, kernels in FAMILIES:
+        # A broken kernel is looked for in its own family only.
+        if args.broken and args.broken not in kernels:
+            continue
+        for case in cases[:args.cases]:
+            for dtype in (torch.float32, torch.bfloat16):
+                result = check_case(case, dtype, args.broken)
+                print(json.dumps(result), flush=True)
+                failed += not result["ok"]
     print(f"{failed} case(s) beyond tolerance", file=sys.stderr)
     sys.exit(1 if failed else 0)
 

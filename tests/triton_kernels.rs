@@ -19,7 +19,7 @@ fn check(broken: Option<&str>) -> Option<(bool, String)> {
         ))
         .env("TRITON_INTERPRET", "1");
     if let Some(kernel) = broken {
-        // The two smallest cases suffice to see it fail.
+        // The two smallest cases of its family suffice to see it fail.
         command.args(["--break", kernel, "--cases", "2"]);
     }
     let out = command.output().expect("running check_triton_kernels.py");
@@ -29,7 +29,7 @@ fn check(broken: Option<&str>) -> Option<(bool, String)> {
 }
 
 #[test]
-fn attention_and_cross_entropy_kernels_match_the_math_in_f32_and_bf16() {
+fn every_kernel_matches_the_math_in_f32_and_bf16() {
     if let Some((ok, output)) = check(None) {
         assert!(ok, "{output}");
         assert!(output.contains("0 case(s) beyond tolerance"), "{output}");
@@ -39,7 +39,19 @@ fn attention_and_cross_entropy_kernels_match_the_math_in_f32_and_bf16() {
 /// The check can fail: a perturbed result of each kernel is caught.
 #[test]
 fn a_broken_kernel_fails_the_check() {
-    for kernel in ["forward", "dq", "dkdv", "lse", "grad"] {
+    let kernels = [
+        "forward",
+        "dq",
+        "dkdv",
+        "lse",
+        "grad",
+        "rms_norm",
+        "rms_norm_dx",
+        "rms_norm_dw",
+        "swiglu",
+        "swiglu_grad",
+    ];
+    for kernel in kernels {
         if let Some((ok, output)) = check(Some(kernel)) {
             assert!(!ok, "--break {kernel} passed: {output}");
         }

@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
+    bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// Each row's log-sum-exp of scaled scores (`batch x heads x seq`), from the forward for
@@ -67,10 +67,10 @@ struct Sizes {
 impl Sizes {
     fn of(d: AttentionDims) -> Result<Self> {
         Ok(Self {
-            seq: int(d.seq)?,
-            heads: int(d.heads)?,
-            kv_heads: int(d.kv_heads)?,
-            dim: int(d.dim)?,
+            seq: triton::int(d.seq)?,
+            heads: triton::int(d.heads)?,
+            kv_heads: triton::int(d.kv_heads)?,
+            dim: triton::int(d.dim)?,
             scale: 1.0 / (d.dim as f32).sqrt(),
         })
     }
@@ -86,27 +86,16 @@ pub(super) fn applies(
     heads: usize,
     kv_heads: usize,
 ) -> bool {
-    let Device::Cuda(device) = x.device() else {
-        return false;
-    };
     let Ok((_, dim)) = cos.dims2() else {
         return false;
     };
-    if crate::cpu_kernels::reference_only() || variant(x.dtype(), dim).is_none() {
+    if variant(x.dtype(), dim).is_none() {
         return false;
     }
-    let ordinal = device.cuda_stream().context().ordinal();
-    let shape = format!(
-        "{:?}, {heads} heads, {kv_heads} kv heads, head dim {dim}",
-        x.dtype()
-    );
-    self_check::passes(
-        "attention",
-        ordinal,
-        shape,
-        self_check::bound(x.dtype()),
-        || self_check(x, (cos, sin), heads, kv_heads),
-    )
+    let shape = format!("{heads} heads, {kv_heads} kv heads, head dim {dim}");
+    self_check::applies(x, "attention", shape, || {
+        self_check(x, (cos, sin), heads, kv_heads)
+    })
 }
 
 /// The worst relative difference between the kernels and the reference composition, forward
@@ -125,61 +114,28 @@ fn self_check(
     let seq = x.dims3()?.1.min(256);
     let (cos, sin) = (cos.narrow(0, 0, seq)?, sin.narrow(0, 0, seq)?);
     let widths = [heads * dim, kv_heads * dim, kv_heads * dim];
-    let random = |width| self_check::random((1, seq, width), x.dtype(), x.device());
-    let qkv = random(widths.iter().sum::<usize>())?;
-    let weights = random(heads * dim)?;
-    let run = |fused: bool| -> Result<(Tensor, Tensor)> {
-        let v = Var::from_tensor(&qkv)?;
-        let out = if fused {
-            v.as_tensor()
-                .apply_op1(CausalAttention::new(&cos, &sin, heads, kv_heads)?)?
-        } else {
-            let part = |i: usize| v.narrow(2, widths[..i].iter().sum(), widths[i]);
-            reference::causal_attention(
-                &part(0)?,
-                &part(1)?,
-                &part(2)?,
-                (&cos, &sin),
-                heads,
-                kv_heads,
-            )?
-        };
-        let grads = (&out * &weights)?.sum_all()?.backward()?;
-        let grad = grads
-            .get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
-        Ok((out, grad))
-    };
-    let (fused, reference) = (run(true)?, run(false)?);
-    Ok(self_check::relative(&fused.0, &reference.0)?
-        .max(self_check::relative(&fused.1, &reference.1)?))
+    let qkv = self_check::random(
+        (1, seq, widths.iter().sum::<usize>()),
+        x.dtype(),
+        x.device(),
+    )?;
+    self_check::worst_difference(
+        &[qkv],
+        |v| v[0].apply_op1(CausalAttention::new(&cos, &sin, heads, kv_heads)?),
+        |v| {
+            let part = |i: usize| v[0].narrow(2, widths[..i].iter().sum(), widths[i]);
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            reference::causal_attention(&q, &k, &v, (&cos, &sin), heads, kv_heads)
+        },
+    )
 }
 
-/// The elements of type `T` that `layout` (contiguous) addresses in `s`.
-fn slice_of<'a, T: CudaDType>(s: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("attention: non-contiguous input".into()))?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-/// [`slice_of`] a tensor's storage (held by the caller's guard).
+/// [`triton::view`] of a tensor's storage (held by the caller's guard).
 fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
     let Storage::Cuda(s) = storage else {
         bail!("attention: a table or gradient is not on the GPU");
     };
-    slice_of(s, layout)
-}
-
-/// A size as the kernels' i32.
-fn int(x: usize) -> Result<i32> {
-    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("attention: {x} exceeds i32")))
-}
-
-/// Blocks of `tile` covering `n` (a grid dimension).
-fn blocks(n: usize, tile: u32) -> Result<u32> {
-    u32::try_from(n.div_ceil(tile as usize)).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    triton::view(s, layout)
 }
 
 /// The forward: `out` (`batch x seq x heads*dim`) and each row's log-sum-exp.
@@ -197,7 +153,7 @@ pub(super) fn forward(
     ) -> Result<(CudaStorage, RowStats)> {
         let device = qkv.device().clone();
         let [forward, ..] = kernels(&device, qkv.dtype(), d.dim)?;
-        let qkv = slice_of::<T>(qkv, l)?;
+        let qkv = triton::view::<T>(qkv, l)?;
         let (cos_storage, cos_layout) = op.cos.storage_and_layout();
         let (sin_storage, sin_layout) = op.sin.storage_and_layout();
         let cos = view::<T>(&cos_storage, cos_layout)?;
@@ -208,8 +164,8 @@ pub(super) fn forward(
         let lse = unsafe { device.alloc::<f32>(d.batch * d.heads * d.seq)? };
         let n = Sizes::of(d)?;
         let grid = (
-            blocks(d.seq, triton::ATTENTION_BLOCK_M)?,
-            blocks(d.batch * d.heads, 1)?,
+            triton::blocks(d.seq, triton::ATTENTION_BLOCK_M)?,
+            triton::blocks(d.batch * d.heads, 1)?,
             1,
         );
         let null = 0u64;
@@ -247,7 +203,7 @@ pub(super) fn backward(
     ) -> Result<CudaStorage> {
         let device = qkv.device().clone();
         let [_, delta_kernel, dkdv, dq] = kernels(&device, qkv.dtype(), d.dim)?;
-        let qkv = slice_of::<T>(qkv, l)?;
+        let qkv = triton::view::<T>(qkv, l)?;
         let (cos_storage, cos_layout) = op.cos.storage_and_layout();
         let (sin_storage, sin_layout) = op.sin.storage_and_layout();
         let (out_storage, out_layout) = out.storage_and_layout();
@@ -261,10 +217,10 @@ pub(super) fn backward(
         let d_qkv = unsafe { device.alloc::<T>(d.batch * d.seq * d.packed_width())? };
         let delta = unsafe { device.alloc::<f32>(d.batch * d.heads * d.seq)? };
         let n = Sizes::of(d)?;
-        let row_blocks = blocks(d.seq, triton::ATTENTION_BLOCK_M)?;
-        let key_blocks = blocks(d.seq, triton::ATTENTION_BLOCK_N)?;
-        let query_heads = blocks(d.batch * d.heads, 1)?;
-        let key_heads = blocks(d.batch * d.kv_heads, 1)?;
+        let row_blocks = triton::blocks(d.seq, triton::ATTENTION_BLOCK_M)?;
+        let key_blocks = triton::blocks(d.seq, triton::ATTENTION_BLOCK_N)?;
+        let query_heads = triton::blocks(d.batch * d.heads, 1)?;
+        let key_heads = triton::blocks(d.batch * d.kv_heads, 1)?;
         let null = 0u64;
         let stream = device.cuda_stream();
         launch!(stream, delta_kernel, delta_kernel.config((row_blocks, query_heads, 1)),

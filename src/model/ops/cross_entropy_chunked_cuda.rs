@@ -6,47 +6,25 @@
 //! reference ops.
 
 use super::super::gpu_self_check as self_check;
-use super::super::triton::{self, launch, Loaded};
+use super::super::triton::{self, launch};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
-
-/// `kernel`'s variant for logits of `dtype` on `storage`'s GPU.
-fn kernel(storage: &CudaStorage, kernel: &str) -> Result<Loaded> {
-    let variant = match storage.dtype() {
-        DType::BF16 => "bf16",
-        DType::F32 => "fp32",
-        dtype => bail!("cross-entropy on CUDA: no kernel for {dtype:?}"),
-    };
-    triton::load(storage.device(), kernel, variant).map_err(candle_core::Error::Msg)
-}
-
-/// The elements of type `T` that `layout` (contiguous) addresses in `s`.
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy: strided input".into()))?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
+use candle_core::{bail, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
 
 /// `rows x vocab` as the kernels' grid and i32 vocabulary.
 fn sizes(l: &Layout) -> Result<(u32, i32)> {
     let (rows, vocab) = l.shape().dims2()?;
-    let too_big = |_| candle_core::Error::Msg(format!("cross-entropy: {rows} x {vocab} too big"));
-    Ok((
-        u32::try_from(rows).map_err(too_big)?,
-        i32::try_from(vocab).map_err(too_big)?,
-    ))
+    Ok((triton::blocks(rows, 1)?, triton::int(vocab)?))
 }
 
 /// Each row's log-sum-exp (`rows`, f32) of the `rows x vocab` logits.
 pub(super) fn row_logsumexp(logits: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     fn run<T: CudaDType + DeviceRepr>(logits: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         let device = logits.device().clone();
-        let loaded = kernel(logits, "row_logsumexp")?;
+        let loaded = triton::load_for(logits, "row_logsumexp")?;
         let (rows, vocab) = sizes(l)?;
-        let input = view::<T>(logits, l)?;
+        let input = triton::view::<T>(logits, l)?;
         // SAFETY: one program per row writes its element.
         let lse = unsafe { device.alloc::<f32>(rows as usize)? };
         let null = 0u64;
@@ -73,13 +51,13 @@ pub(super) fn softmax_gradient(
     (targets, targets_layout): (&CudaStorage, &Layout),
     scale: f64,
 ) -> Result<()> {
-    let loaded = kernel(logits, "softmax_gradient")?;
+    let loaded = triton::load_for(logits, "softmax_gradient")?;
     let (rows, vocab) = sizes(l)?;
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("cross-entropy: strided logits".into()))?;
-    let lse = view::<f32>(lse, lse_layout)?;
-    let targets = view::<u32>(targets, targets_layout)?;
+    let lse = triton::view::<f32>(lse, lse_layout)?;
+    let targets = triton::view::<u32>(targets, targets_layout)?;
     let scale = scale as f32;
     let null = 0u64;
     let config = loaded.config((rows, 1, 1));
@@ -109,24 +87,13 @@ pub(super) fn softmax_gradient(
 /// runs chunked through our kernels: a CUDA tensor of a compiled type, `train.kernels` not
 /// `reference`, the kernels loaded and their self-check passed for this type and size.
 pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
-    let Device::Cuda(device) = x.device() else {
-        return false;
-    };
     let Ok((vocab, hidden)) = w.dims2() else {
         return false;
     };
-    if crate::cpu_kernels::reference_only() || !matches!(x.dtype(), DType::BF16 | DType::F32) {
-        return false;
-    }
-    let ordinal = device.cuda_stream().context().ordinal();
-    let shape = format!("{:?}, vocabulary {vocab}, hidden {hidden}", x.dtype());
-    self_check::passes(
-        "cross-entropy",
-        ordinal,
-        shape,
-        self_check::bound(x.dtype()),
-        || self_check(x.dtype(), x.device(), (vocab, hidden)),
-    )
+    let shape = format!("vocabulary {vocab}, hidden {hidden}");
+    self_check::applies(x, "cross-entropy", shape, || {
+        self_check(x.dtype(), x.device(), (vocab, hidden))
+    })
 }
 
 /// The worst relative difference between the chunked head and the reference composition
@@ -137,31 +104,15 @@ fn self_check(dtype: DType, device: &Device, (vocab, hidden): (usize, usize)) ->
     let w = (self_check::random((vocab, hidden), dtype, device)? * 0.1)?;
     let targets: Vec<u32> = (0..rows).map(|i| (i * 7919 % vocab) as u32).collect();
     let targets = Tensor::from_vec(targets, rows, device)?;
-    let run = |chunked: bool| -> Result<[Tensor; 3]> {
-        let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-        let loss = if chunked {
-            super::linear_cross_entropy(&xv, &wv, &targets, 128)?
-        } else {
-            let logits = super::super::linear::reference::linear(&xv, &wv)?;
+    self_check::worst_difference(
+        &[x, w],
+        |v| super::linear_cross_entropy(&v[0], &v[1], &targets, 128),
+        |v| {
+            let logits = super::super::linear::reference::linear(&v[0], &v[1])?;
             super::super::cross_entropy::reference::cross_entropy(
                 &super::super::widen(&logits)?,
                 &targets,
-            )?
-        };
-        let grads = loss.backward()?;
-        let grad = |v: &Var| {
-            grads
-                .get(v.as_tensor())
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
-        };
-        Ok([loss, grad(&xv)?, grad(&wv)?])
-    };
-    let (fused, reference) = (run(true)?, run(false)?);
-    fused
-        .iter()
-        .zip(&reference)
-        .try_fold(0f64, |worst, (a, b)| {
-            Ok(worst.max(self_check::relative(a, b)?))
-        })
+            )
+        },
+    )
 }

@@ -10,13 +10,28 @@ use rayon::prelude::*;
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fusable(x) {
+    if fusable(x) || gpu_kernels_apply(x, eps) {
         x.contiguous()?
             .apply_op2(&weight.contiguous()?, RmsNorm { eps })
     } else {
         reference::rms_norm(x, weight, eps)
     }
 }
+
+/// Whether `x` is on a GPU whose Triton RMSNorm kernels serve it (`cuda` module).
+#[cfg(feature = "cuda")]
+fn gpu_kernels_apply(x: &Tensor, eps: f64) -> bool {
+    cuda::applies(x, eps)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kernels_apply(_: &Tensor, _: f64) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+#[path = "rms_norm_cuda.rs"]
+mod cuda;
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
 struct RmsNorm {
@@ -58,6 +73,17 @@ impl CustomOp2 for RmsNorm {
             run::<T>(slice(xs, xl)?, slice(ws, wl)?, self.eps),
             xl.shape()
         )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(xs, xl, ws, wl, self.eps)
     }
 
     fn bwd(
@@ -118,6 +144,19 @@ impl CustomOp3 for RmsNormGradInput {
             xl.shape()
         )))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        dys: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::grad_input((xs, xl), (ws, wl), (dys, dyl), self.eps)
+    }
 }
 
 /// `dw = sum over rows of dy * x * r`.
@@ -154,6 +193,17 @@ impl CustomOp2 for RmsNormGradWeight {
             run::<T>(slice(xs, xl)?, slice(dys, dyl)?, n, self.eps),
             &shape
         )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        dys: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::grad_weight((xs, xl), (dys, dyl), self.eps)
     }
 }
 

@@ -13,13 +13,28 @@ use rayon::prelude::*;
 /// The SwiGLU hidden layer `silu(x @ w_gate^T) * (x @ w_up^T)`. Fused, both projections
 /// are one matmul whose packed output feeds one elementwise kernel.
 pub fn swiglu(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
-    if fusable(x) {
+    if fusable(x) || gpu_kernels_apply(x, w_gate) {
         let packed = linear(x, &Tensor::cat(&[w_gate, w_up], 0)?)?;
         packed.apply_op1(Swiglu)
     } else {
         reference::swiglu(x, w_gate, w_up)
     }
 }
+
+/// Whether `x` is on a GPU whose Triton SwiGLU kernels serve it (`cuda` module).
+#[cfg(feature = "cuda")]
+fn gpu_kernels_apply(x: &Tensor, w_gate: &Tensor) -> bool {
+    w_gate.dim(0).is_ok_and(|inter| cuda::applies(x, inter))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kernels_apply(_: &Tensor, _: &Tensor) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+#[path = "swiglu_cuda.rs"]
+mod cuda;
 
 /// `silu(gate) * up` for `gu` of shape `... x (2 * inter)`, each row holding the gate
 /// projection then the up projection (one linear layer computes both).
@@ -58,6 +73,15 @@ impl CustomOp1 for Swiglu {
             run::<T>(slice(s, l)?, width / 2),
             &shape
         )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(s, l)
     }
 
     fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -103,6 +127,17 @@ impl CustomOp2 for SwigluGrad {
             run::<T>(slice(gus, gul)?, slice(dys, dyl)?, last_dim(dyl)),
             gul.shape()
         )))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gus: &candle_core::CudaStorage,
+        gul: &Layout,
+        dys: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(gus, gul, dys, dyl)
     }
 }
 

@@ -4,10 +4,12 @@
 //! one of the same major version below it (a cubin runs on later minor versions: sm_80's on
 //! an sm_86 or sm_89); none (the caller falls back to the reference ops) on any other GPU.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, DType, Layout};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
@@ -137,3 +139,38 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+/// The variant of a kernel compiled once per operand type, for `dtype`.
+pub fn type_variant(dtype: DType) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F32 => Ok("fp32"),
+        dtype => candle_core::bail!("no GPU kernel for {dtype:?}"),
+    }
+}
+
+/// `kernel`'s variant for `storage`'s type, on its GPU.
+pub fn load_for(storage: &CudaStorage, kernel: &str) -> candle_core::Result<Loaded> {
+    load(storage.device(), kernel, type_variant(storage.dtype())?).map_err(candle_core::Error::Msg)
+}
+
+/// The elements of type `T` that `layout` (contiguous) addresses in `s`.
+pub fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("a GPU kernel's input is strided".into()))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// A size as the kernels' i32.
+pub fn int(x: usize) -> candle_core::Result<i32> {
+    i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{x} exceeds a kernel's i32")))
+}
+
+/// Blocks of `tile` covering `n` (a grid dimension).
+pub fn blocks(n: usize, tile: u32) -> candle_core::Result<u32> {
+    u32::try_from(n.div_ceil(tile as usize)).map_err(|e| candle_core::Error::Msg(e.to_string()))
+}

@@ -1,0 +1,90 @@
+"""RMSNorm on the GPU as Triton kernels: the same op as the fused CPU kernel of `rms_norm.rs`,
+`y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
+
+Layouts (contiguous, row-major; element strides):
+  x, y, dy, dx   rows x n
+  w              n
+  dw_part        cdiv(rows, ROWS) x n, f32: each program's sum over its rows of dy * x * r (the
+                 launch code sums them in a fixed order: no atomics, deterministic)
+
+Precision: bf16 or f32 operands, f32 arithmetic and sums, each result rounded once to the
+operands' type (dw_part stays f32).
+
+Grids: forward and rms_norm_dx (rows,), one program per row, looping over the row in blocks of
+BLOCK columns (any n); rms_norm_dw (cdiv(rows, ROWS), cdiv(n, BLOCK)), one program per ROWS rows
+and BLOCK columns. Block:
+32 x num_warps threads (see `aot.py`).
+"""
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+ROWS = 64
+
+
+@triton.jit
+def _inv_rms(base, n, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row at `base`, f32."""
+    cols = tl.arange(0, BLOCK)
+    total = 0.0
+    for start in range(0, n, BLOCK):
+        x = tl.load(base + start + cols, mask=start + cols < n, other=0.0).to(tl.float32)
+        total += tl.sum(x * x, 0)
+    return 1.0 / tl.sqrt(total / n + eps)
+
+
+@triton.jit
+def rms_norm_forward(x, w, y, n, eps, BLOCK: tl.constexpr):
+    """y = x * r * w for one row."""
+    row = tl.program_id(0).to(tl.int64)
+    r = _inv_rms(x + row * n, n, eps, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        at = start + cols
+        mask = at < n
+        v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y + row * n + at, (v * r * g).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_dx(x, w, dy, dx, n, eps, BLOCK: tl.constexpr):
+    """dx = r * w * dy - x * r^3 * sum(w * dy * x) / n for one row."""
+    row = tl.program_id(0).to(tl.int64)
+    r = _inv_rms(x + row * n, n, eps, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    dot = 0.0
+    for start in range(0, n, BLOCK):
+        at = start + cols
+        mask = at < n
+        v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dy + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * d * v, 0)
+    c = r * r * r * dot / n
+    for start in range(0, n, BLOCK):
+        at = start + cols
+        mask = at < n
+        v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dy + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx + row * n + at, (r * g * d - v * c).to(dx.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_dw(x, dy, dw_part, rows, n, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """dw_part[p, block] = sum over program p's ROWS rows, in row order, of dy * x * r, for
+    one block of columns (each row's r is recomputed from the whole row)."""
+    part = tl.program_id(0).to(tl.int64)
+    at = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = at < n
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, ROWS):
+        row = part * ROWS + i
+        if row < rows:
+            r = _inv_rms(x + row * n, n, eps, BLOCK)
+            v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(dy + row * n + at, mask=mask, other=0.0).to(tl.float32)
+            acc += d * v * r
+    tl.store(dw_part + part * n + at, acc, mask=mask)
