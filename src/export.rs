@@ -2,8 +2,8 @@
 //! (`config.json`, `model.safetensors`, and `tokenizer.json` when the run used one).
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::model::Llama;
-use crate::model::LlamaConfig;
+use crate::config::RunConfig;
+use crate::model::{Llama, LlamaConfig, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -18,7 +18,8 @@ pub struct ExportReport {
 }
 
 /// Writes the Hugging Face folder `out` (which must not exist or be empty) from checkpoint
-/// `dir`. The folder is assembled under a temporary name and renamed when complete.
+/// `dir`. The folder is assembled in `<out>.export-tmp` (which must not exist) and renamed
+/// when complete.
 pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
     if out.exists() && out.read_dir().map_or(true, |mut d| d.next().is_some()) {
         bail!(
@@ -33,12 +34,49 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
     let (_, params) = Llama::new(&config.model, DType::F32, &Device::Cpu, 0)?;
     ck.load_model(&params)?;
 
-    let temp = out.with_extension("export-tmp");
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp)?;
+    let temp = claim_temp_folder(out)?;
+    let written = write_folder(&temp, &params, config);
+    let files = match written.and_then(|files| move_into(&temp, out).map(|()| files)) {
+        Ok(files) => files,
+        Err(e) => {
+            // Ours, created above: a failed export leaves nothing behind.
+            let _ = std::fs::remove_dir_all(&temp);
+            return Err(e);
+        }
+    };
+    Ok(ExportReport {
+        out: out.display().to_string(),
+        step: ck.state.step,
+        files,
+    })
+}
+
+/// Creates the empty folder `<out>.export-tmp` that the export is assembled in. One that
+/// exists already is not ours to delete (another export may be writing it, or it holds
+/// someone's files): that is an error naming it.
+fn claim_temp_folder(out: &Path) -> Result<PathBuf> {
+    let mut name = out.file_name().unwrap_or(out.as_os_str()).to_os_string();
+    name.push(".export-tmp");
+    let temp = out.with_file_name(name);
+    if let Some(parent) = temp.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create '{}'", parent.display()))?;
     }
-    std::fs::create_dir_all(&temp)
-        .with_context(|| format!("cannot create '{}'", temp.display()))?;
+    match std::fs::create_dir(&temp) {
+        Ok(()) => Ok(temp),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "'{}' already exists: export assembles '{}' there and deletes nothing it did not \
+             create; if it is a leftover of an interrupted export (and no export is running), \
+             remove it by hand and export again",
+            temp.display(),
+            out.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot create '{}'", temp.display())),
+    }
+}
+
+/// Writes the export's files into `temp`; returns their names.
+fn write_folder(temp: &Path, params: &[Param], config: &RunConfig) -> Result<Vec<String>> {
     let weights: Vec<(String, Tensor)> = params
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
@@ -49,7 +87,8 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
         &[("format", "pt")],
     )?;
     let hf_config = serde_json::to_string_pretty(&hf_config(&config.model))?;
-    std::fs::write(temp.join("config.json"), hf_config)?;
+    std::fs::write(temp.join("config.json"), hf_config)
+        .with_context(|| format!("cannot write '{}'", temp.join("config.json").display()))?;
     let mut files = vec!["config.json".to_string(), "model.safetensors".to_string()];
     match tokenizer_file(&config.data.tokenizer) {
         Some(file) => {
@@ -63,16 +102,18 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
             config.data.tokenizer
         ),
     }
+    Ok(files)
+}
+
+/// Renames the finished `temp` to `out`, which is missing or an empty folder.
+fn move_into(temp: &Path, out: &Path) -> Result<()> {
     if out.exists() {
-        std::fs::remove_dir(out)?;
+        // Only an empty folder: remove_dir fails on anything else.
+        std::fs::remove_dir(out)
+            .with_context(|| format!("cannot replace the empty folder '{}'", out.display()))?;
     }
-    std::fs::rename(&temp, out)
-        .with_context(|| format!("cannot move the export into '{}'", out.display()))?;
-    Ok(ExportReport {
-        out: out.display().to_string(),
-        step: ck.state.step,
-        files,
-    })
+    std::fs::rename(temp, out)
+        .with_context(|| format!("cannot move the export into '{}'", out.display()))
 }
 
 /// `config.json` of `LlamaForCausalLM` with our model's values.

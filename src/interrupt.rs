@@ -1,5 +1,6 @@
-//! Graceful stops on SIGINT and SIGTERM (Ctrl-C, preemption): the first signal asks the
-//! training loop to finish its step, write a checkpoint and exit; a second one exits at once.
+//! Graceful stops on SIGINT, SIGTERM and SIGHUP (Ctrl-C, preemption, a closed terminal or
+//! SSH session): the first signal asks the training loop to finish its step, write a
+//! checkpoint and exit; a second one exits at once.
 
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,7 +23,7 @@ pub fn install() -> Result<()> {
         requested: Arc::new(AtomicBool::new(false)),
         signal: Arc::new(AtomicUsize::new(0)),
     };
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for signal in stop_signals() {
         // Registered first, so it sees the flag as it was before this signal: a second
         // signal while the checkpoint is written ends the process with the usual status.
         signal_hook::flag::register_conditional_shutdown(
@@ -35,6 +36,32 @@ pub fn install() -> Result<()> {
     }
     let _ = FLAGS.set(flags);
     Ok(())
+}
+
+/// The signals that stop a run: SIGINT, SIGTERM and SIGHUP, but SIGHUP not when it is
+/// ignored (`nohup`): whoever started the process asked it to outlive its terminal.
+pub fn stop_signals() -> Vec<i32> {
+    let mut signals = vec![libc::SIGINT, libc::SIGTERM];
+    if !ignored(libc::SIGHUP) {
+        signals.push(libc::SIGHUP);
+    }
+    signals
+}
+
+/// Whether `signal` is set to be ignored in this process (ignoring survives exec).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction(2) with no new action only reads the current one into `current`.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Whether a process's exit status says that a stop signal ended it (128 + the signal, as
+/// shells report it, and as runs stopped by a signal exit).
+pub fn is_stop_status(code: i32) -> bool {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].contains(&(code - 128))
 }
 
 /// The signal that asked for a stop, if one did.
@@ -51,6 +78,7 @@ pub fn signal_name(signal: i32) -> &'static str {
     match signal {
         signal_hook::consts::SIGINT => "SIGINT",
         signal_hook::consts::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGHUP => "SIGHUP",
         _ => "a signal",
     }
 }

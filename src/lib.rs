@@ -10,12 +10,13 @@
 //! mirrored into `tensorboard` event files; `mfu` the peak and utilisation figures in them).
 //! `config` composes their sections into a run's config, starting from `presets`; `task`
 //! pairs a model with its data; `train` is the loop, stopped cleanly by `interrupt`
-//! (SIGINT/SIGTERM). The subcommands: `bench`, `eval`, `export`, `plot`, `sample`, and
+//! (SIGINT/SIGTERM/SIGHUP). The subcommands: `bench`, `eval`, `export`, `plot`, `sample`, and
 //! `dry_run` (`--dry-run`, with `memory`'s measured GPU peak); `cli` maps flags to config
 //! keys. Small helpers: `check` (config range checks), `cpu_kernels` (what the fused CPU
 //! kernels share, and the switch that turns them off), `durable` (files replaced atomically),
-//! `failpoint` (test hooks that crash a process at a chosen point), `profile` (`--profile`:
-//! a Chrome trace of a few steps).
+//! `failpoint` (test hooks that crash a process at a chosen point), `lock` (exclusive file
+//! locks: a run's out folder, data being prepared), `profile` (`--profile`: a Chrome trace
+//! of a few steps).
 //!
 //! The top-level modules form no import cycle, and only `model` and `task` name an
 //! architecture (`tests/layout.rs` checks both).
@@ -35,6 +36,7 @@ pub mod eval;
 pub mod export;
 pub mod failpoint;
 pub mod interrupt;
+pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod mfu;

@@ -3,6 +3,7 @@
 mod common;
 
 use common::data::word_tokenizer;
+use common::ranks::{spawn, wait_until_logged, KillOnDrop};
 use common::{
     fails, fails_with, ok, read_json, records, run, run_with, stderr, strings, test_model,
 };
@@ -496,4 +497,32 @@ fn bench_times_bsfa_at_steady_state_by_default() {
     let early = bench(&["--warmup", "1", "--iters", "2"]);
     assert_eq!(early["bsfa_steady_state"], false, "{early}");
     assert!(early["reestimation_ms"].is_null(), "{early}");
+}
+
+/// Two runs writing one out folder would replace each other's checkpoints and garble
+/// `metrics.jsonl`: the second (one process, or a launcher's ranks) fails at once, naming
+/// the first's pid, and the lock dies with its holder, so `kill -9` leaves none behind.
+#[test]
+fn a_second_run_on_a_busy_out_folder_fails_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    let long = test_model(&["--steps", "100000", "--checkpoint-every", "5", "--out", o]);
+    let mut first = KillOnDrop(spawn(&long, &[]));
+    wait_until_logged(&out, 1);
+    let holder = format!("pid {} on host", first.0.id());
+    for extra in [&[][..], &["--nproc-per-node", "2"]] {
+        let second = [&["--steps", "3", "--seed", "7", "--out", o][..], extra].concat();
+        fails(
+            run_fast(&second),
+            &["is in use by another run", &holder, "choose another --out"],
+        );
+    }
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first run goes on"
+    );
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    ok(run_fast(&["--steps", "2", "--out", o]));
 }

@@ -7,9 +7,10 @@ mod common;
 use bsfa_train::checkpoint::read_safetensors;
 use common::ranks::{free_port, sigterm, spawn, wait_bounded, wait_until_logged};
 use common::{logged, max_abs_diff, ok, run, small_bsfa_run, summary, worst_relative_difference};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Child;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn two_ranks_follow_one_rank_and_halve_bsfa_state() {
@@ -188,4 +189,129 @@ fn sigterm_to_the_launcher_checkpoints_every_rank_at_one_step() {
     let a: Vec<_> = a.iter().filter(|(_, k, _)| *k == "loss").collect();
     let b: Vec<_> = b.iter().filter(|(_, k, _)| *k == "loss").collect();
     assert_eq!(a, b);
+}
+
+/// The pids of `parent`'s children, from /proc.
+fn children_of(parent: u32) -> Vec<i32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (name) state ppid ...`: the name may hold spaces and parentheses.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let ppid = after_name.split_whitespace().nth(1);
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Whether process `pid` still runs (a zombie has ended).
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    state.is_some_and(|s| s != "Z" && s != "X")
+}
+
+/// Processes that are not this test's children, killed when dropped if they still run.
+struct KillPids(Vec<i32>);
+
+impl Drop for KillPids {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().filter(|&&pid| alive(pid)) {
+            // SAFETY: kill(2); the pids are ranks this test started, checked alive just now.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A launcher killed outright (SIGKILL: it passes nothing on) takes its ranks with it:
+/// the system sends them SIGTERM, so they checkpoint at one step and exit instead of
+/// training on under PID 1.
+#[test]
+fn ranks_stop_and_checkpoint_when_their_launcher_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let log = dir.path().join("stderr.txt");
+    let mut launcher = std::process::Command::new(common::BIN)
+        .args(small_bsfa_run(&out, 100_000, &["--nproc-per-node", "2"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until_logged(&out, 3);
+    let ranks = KillPids(children_of(launcher.id()));
+    assert_eq!(ranks.0.len(), 2, "the launcher's ranks: {:?}", ranks.0);
+    // A dying process with several threads hands its children from thread to thread, and
+    // each move sends them SIGTERM again: a second one ends a rank without its checkpoint.
+    let threads = std::fs::read_dir(format!("/proc/{}/task", launcher.id()))
+        .unwrap()
+        .count();
+    assert_eq!(threads, 1, "the launcher must stay single-threaded");
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let killed = Instant::now();
+    while ranks.0.iter().any(|&pid| alive(pid)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "ranks {:?} outlived their launcher by a minute",
+            ranks.0
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let stopped = stderr
+        .split("stopped by SIGTERM after step ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no checkpoint on the way out: {stderr}"));
+    let step: usize = stopped.split_whitespace().next().unwrap().parse().unwrap();
+    let checkpoint = out.join(format!("checkpoints/step-{step:08}"));
+    assert!(
+        checkpoint.join("optimizer-rank-00001.safetensors").exists(),
+        "{stderr}"
+    );
+}
+
+/// SIGHUP (a closed terminal or SSH session) stops a run as SIGTERM does, with a
+/// checkpoint and exit status 129: one process, and a launcher passing it on to its ranks.
+#[test]
+fn sighup_checkpoints_and_exits_one_process_or_a_launchers_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    for (what, extra) in [
+        ("one process", &[][..]),
+        ("launcher", &["--nproc-per-node", "2"]),
+    ] {
+        let out = dir.path().join(what.replace(' ', "-"));
+        let mut command = std::process::Command::new(common::BIN);
+        command
+            .args(small_bsfa_run(&out, 100_000, extra))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: signal(2) between fork and exec. Under a test runner started by nohup the
+        // run would inherit an ignored SIGHUP, and rightly keep ignoring it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_DFL);
+                Ok(())
+            })
+        };
+        let child = command.spawn().unwrap();
+        wait_until_logged(&out, 3);
+        // SAFETY: kill(2) on a child this test spawned and has not reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+        let (output, _) = wait_bounded(child, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(129), "{what}: {stderr}");
+        assert!(stderr.contains("stopped by SIGHUP"), "{what}: {stderr}");
+        let summary = summary(&output);
+        assert_eq!(summary["interrupted_by"], "SIGHUP", "{what}");
+        let step = summary["steps"].as_u64().unwrap() as usize;
+        let checkpoint = out.join(format!("checkpoints/step-{step:08}"));
+        assert!(checkpoint.join("trainer.json").exists(), "{what}: {stderr}");
+    }
 }

@@ -158,3 +158,43 @@ fn export_writes_a_llama_for_causal_lm_folder() {
         "{err}"
     );
 }
+
+/// `export` assembles `<out>.export-tmp` and renames it; one that exists already is not
+/// its own (a leftover, another export's, someone's files): it refuses, naming it, and
+/// deletes nothing.
+#[test]
+fn export_never_deletes_a_folder_it_did_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path());
+    // The temporary name is `--out` plus `.export-tmp`, dots in it or not.
+    for name in ["hf", "hf.v2"] {
+        let out = dir.path().join(name);
+        let temp = dir.path().join(format!("{name}.export-tmp"));
+        std::fs::create_dir(&temp).unwrap();
+        std::fs::write(temp.join("notes.txt"), "mine").unwrap();
+        let export = || {
+            run(&[
+                "export",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        };
+        let o = export();
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{name}: {err}");
+        assert!(err.contains(temp.to_str().unwrap()), "{name}: {err}");
+        assert!(err.contains("remove it by hand"), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        let kept = std::fs::read_to_string(temp.join("notes.txt")).unwrap();
+        assert_eq!(kept, "mine", "{name}");
+        assert!(!out.exists(), "{name}");
+
+        // Once the leftover is gone, the export goes through and leaves no temporary folder.
+        std::fs::remove_dir_all(&temp).unwrap();
+        ok_summary(export());
+        assert!(out.join("model.safetensors").exists(), "{name}");
+        assert!(!temp.exists(), "{name}");
+    }
+}

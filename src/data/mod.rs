@@ -6,7 +6,6 @@ mod config;
 pub mod hub;
 pub mod images;
 pub mod loader;
-mod lock;
 pub mod parquet_file;
 pub mod parquet_text;
 mod position;
@@ -14,6 +13,7 @@ pub mod prepare;
 pub mod shards;
 pub mod tokenizer;
 
+use crate::lock;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};

@@ -1,16 +1,17 @@
 //! `--nproc-per-node N` (or a Kubeflow pod's `PET_NPROC_PER_NODE`): runs this node's ranks
 //! of this same command, as torchrun does, and watches them. A rank that fails stops the
-//! others; a signal to the launcher (Ctrl-C, `docker stop`) is passed on once to every rank,
-//! which checkpoint and exit.
+//! others; a signal to the launcher (Ctrl-C, `docker stop`, a closed terminal) is passed on
+//! once to every rank, which checkpoint and exit. Ranks also get SIGTERM when the launcher
+//! dies without passing anything on (`kill -9`): they never outlive it.
 
 use super::env::NodeLaunch;
 use super::PEER_FAILED_STATUS;
+use crate::interrupt;
 use anyhow::{bail, Context, Result};
+use signal_hook::iterator::Signals;
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the other ranks get to stop by themselves after one failed, before they are
@@ -47,6 +48,10 @@ pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
     };
     let world = node.nnodes * nproc;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Caught before the first rank starts: a signal while they start is passed on to them
+    // once they all run, instead of killing the launcher.
+    let signals = Signals::new(interrupt::stop_signals())
+        .context("cannot install the launcher's signal handlers")?;
     let mut children: Vec<Child> = Vec::with_capacity(nproc);
     for local_rank in 0..nproc {
         let rank = node.node_rank * nproc + local_rank;
@@ -62,6 +67,7 @@ pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
             // A terminal's Ctrl-C reaches only the launcher, which passes it on exactly once
             // (a second signal would make a rank exit without its checkpoint).
             .process_group(0);
+        die_with_launcher(&mut command);
         if std::env::var_os("BSFA_RANK_THREADS").is_none() {
             // The ranks share the cores, unless told otherwise (`--threads` still wins).
             command.env("BSFA_RANK_THREADS", (cores / nproc).max(1).to_string());
@@ -77,73 +83,76 @@ pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
             }
         }
     }
-    let ranks = Arc::new(Ranks {
-        pids: children.iter().map(Child::id).collect(),
-        running: children.iter().map(|_| AtomicBool::new(true)).collect(),
-        signalled: AtomicBool::new(false),
-    });
-    forward_signals(Arc::clone(&ranks))?;
-    watch(children, &ranks)
+    watch(children, signals)
 }
 
-/// The ranks' processes, shared with the signal-forwarding thread.
-struct Ranks {
-    pids: Vec<u32>,
-    /// Cleared once a rank has been reaped: its pid may belong to another process then.
-    running: Vec<AtomicBool>,
-    /// Set once the launcher passed a signal on: ranks then exit 130/143 by request.
-    signalled: AtomicBool,
-}
-
-impl Ranks {
-    fn signal(&self, signal: i32) {
-        for (pid, running) in self.pids.iter().zip(&self.running) {
-            if running.load(Ordering::SeqCst) {
-                // SAFETY: kill(2) on a child we spawned and have not reaped.
-                unsafe { libc::kill(*pid as libc::pid_t, signal) };
+/// Makes the rank that `command` starts get SIGTERM (checkpoint and exit) when the launcher
+/// dies, even by SIGKILL: left running, it would train on to the end under PID 1 and
+/// collide with a relaunch. The launcher has one thread, which spawns the ranks: when a
+/// process with several threads dies, Linux hands its children from thread to thread and
+/// sends the signal at each move, and a second SIGTERM makes a rank exit at once, without
+/// its checkpoint.
+#[cfg(target_os = "linux")]
+fn die_with_launcher(command: &mut Command) {
+    let launcher = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl(2)
+    // and getppid(2), which are async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
+            // The launcher may have died before prctl: the rank has a new parent already
+            // and would never get the signal, so it does not start.
+            if libc::getppid() as u32 != launcher {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
+}
+
+/// Elsewhere there is no parent-death signal: ranks rely on the launcher passing signals on.
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_command: &mut Command) {}
+
+/// Sends `signal` to the ranks not yet reaped (a reaped rank's pid may belong to another
+/// process by now).
+fn signal_running(pids: &[u32], statuses: &[Option<ExitStatus>], signal: i32) {
+    for (pid, status) in pids.iter().zip(statuses) {
+        if status.is_none() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(*pid as libc::pid_t, signal) };
         }
     }
 }
 
-/// Passes every SIGINT/SIGTERM the launcher gets on to the ranks: the first makes them
-/// checkpoint and exit, a second makes them exit at once.
-fn forward_signals(ranks: Arc<Ranks>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .context("cannot install the launcher's signal handlers")?;
-    std::thread::Builder::new()
-        .name("signal-forwarder".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                ranks.signalled.store(true, Ordering::SeqCst);
-                ranks.signal(signal);
-            }
-        })?;
-    Ok(())
-}
-
-/// Waits for the ranks; see [`run`] for the returned status.
-fn watch(mut children: Vec<Child>, ranks: &Ranks) -> Result<u8> {
+/// Waits for the ranks; see [`run`] for the returned status. Every stop signal (SIGINT,
+/// SIGTERM, SIGHUP) the launcher gets is passed on to the ranks: the first makes them
+/// checkpoint and exit, a second makes them exit at once. This loop does it, not a thread
+/// of its own: see [`die_with_launcher`].
+fn watch(mut children: Vec<Child>, mut signals: Signals) -> Result<u8> {
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
     // Ranks that failed, in the order noticed.
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
     let mut first_failure: Option<Instant> = None;
-    let mut killed = false;
+    let (mut killed, mut signalled) = (false, false);
     loop {
+        for signal in signals.pending() {
+            // Ranks then exit 129, 130 or 143 by request.
+            signalled = true;
+            signal_running(&pids, &statuses, signal);
+        }
         for (rank, child) in children.iter_mut().enumerate() {
             if statuses[rank].is_some() {
                 continue;
             }
-            // Cleared before the reaping try_wait, so the forwarder does not signal a reaped
-            // pid (which the system may give to another process).
-            ranks.running[rank].store(false, Ordering::SeqCst);
             let Some(status) = child.try_wait()? else {
-                ranks.running[rank].store(true, Ordering::SeqCst);
                 continue;
             };
             statuses[rank] = Some(status);
-            let requested = ranks.signalled.load(Ordering::SeqCst)
-                && status.code().is_some_and(|c| c == 130 || c == 143);
+            let requested = signalled && status.code().is_some_and(interrupt::is_stop_status);
             if status.success() || requested {
                 continue;
             }
@@ -154,7 +163,7 @@ fn watch(mut children: Vec<Child>, ranks: &Ranks) -> Result<u8> {
                     describe(status)
                 );
                 first_failure = Some(Instant::now());
-                ranks.signal(libc::SIGTERM);
+                signal_running(&pids, &statuses, libc::SIGTERM);
             }
         }
         if statuses.iter().all(Option::is_some) {
@@ -162,7 +171,7 @@ fn watch(mut children: Vec<Child>, ranks: &Ranks) -> Result<u8> {
         }
         if first_failure.is_some_and(|at| at.elapsed() > GRACE) && !killed {
             killed = true;
-            ranks.signal(libc::SIGKILL);
+            signal_running(&pids, &statuses, libc::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

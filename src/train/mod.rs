@@ -12,12 +12,14 @@ use crate::config::RunConfig;
 use crate::dist::{self, Job};
 use crate::failpoint::{self, Point};
 use crate::interrupt;
+use crate::lock;
 use crate::optim::schedule::lr_at;
 use crate::profile::Profiler;
 use crate::sample::TrainingSampler;
 use crate::task::{self, Position};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use record::Recorder;
+use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,8 +29,11 @@ pub fn run(config: &RunConfig, resume: Option<&str>) -> Result<Summary> {
     run_job(config, resume, &Job::single(config.train.device)?)
 }
 
+/// The lock file in a run's out folder, held by the run that writes there.
+pub const LOCK_FILE: &str = "run.lock";
+
 /// [`run`] as one rank of a data-parallel `job`: every rank calls it with the same config.
-/// Rank 0 alone writes the out folder; an error on any rank stops every rank.
+/// Rank 0 alone writes the out folder (and locks it); an error on any rank stops every rank.
 pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
     let outcome = train(&config.on_device(&job.device), resume, job);
     if let Err(e) = &outcome {
@@ -39,6 +44,12 @@ pub fn run_job(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Su
 
 fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary> {
     let wall = Instant::now();
+    // Before anything is read or written there; held until training ends. Other ranks
+    // write only checkpoint shards, and only after rank 0 has the lock.
+    let _lock = match job.is_root() {
+        true => Some(lock_out_folder(Path::new(&config.train.out))?),
+        false => None,
+    };
     config.train.set_compute(&job.device)?;
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
@@ -85,6 +96,23 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
     recorder.finish(&trainer, start)
 }
 
+/// Locks the out folder `out` (creating it) for this run: a second run writing into it too
+/// would replace the first's checkpoints and garble its `metrics.jsonl`. Fails at once,
+/// naming the holder, when another run holds it.
+fn lock_out_folder(out: &Path) -> Result<File> {
+    let path = out.join(LOCK_FILE);
+    match lock::try_exclusive(&path)? {
+        Some(file) => Ok(file),
+        None => bail!(
+            "out folder '{}' is in use by another run ({}, which holds '{}'); wait for that \
+             run to end or stop it, or choose another --out",
+            out.display(),
+            lock::holder(&path),
+            path.display()
+        ),
+    }
+}
+
 /// Opens the checkpoint to resume (if any), the task, the optimizer and the outputs; every
 /// rank starts from the same weights. Returns the step training starts at; `wall` is when
 /// the run started, for the summary.
@@ -97,7 +125,8 @@ fn setup(
     let (comm, root) = (job.comm.as_ref(), job.is_root());
     let out = Path::new(&config.train.out);
     let checkpoints = out.join("checkpoints");
-    // Read and check the checkpoint before anything in the out folder is touched.
+    // Read and check the checkpoint before anything in the out folder is written (but the
+    // lock).
     let resumed = checkpoint::open_resumed(resume, &checkpoints, config, comm)?;
     if root {
         std::fs::create_dir_all(out)
