@@ -130,3 +130,190 @@ fn model_builds_the_traced_graph() -> Result<()> {
     );
     Ok(())
 }
+
+/// The runs `gpu_perf_model.py --json` predicts, under each path.
+const RUNS: [&str; 6] = [
+    "bench_adamw",
+    "bench_adam_mini_bsfa_f32",
+    "bench_adam_mini_bsfa_4bit",
+    "preset_adamw",
+    "preset_adam_mini_bsfa_f32",
+    "preset_adam_mini_bsfa_4bit",
+];
+/// The code paths, slowest first: candle's ops only, the code today, every fusion planned.
+const PATHS: [&str; 3] = ["reference", "now", "planned"];
+
+/// A run's milliseconds per step and peak GiB.
+type StepAndPeak = (f64, f64);
+
+/// `gpu_perf_model.py --json`: its whole stdout must be one JSON object.
+fn predictions() -> Result<Value> {
+    let out = Command::new("python3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["scripts/gpu_perf_model.py", "--json"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("--json printed more than one JSON object")
+}
+
+/// `v[key]` as a number, or a problem naming `at`.
+fn number(v: &Value, key: &str, at: &str) -> Result<f64, String> {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format!("{at}: no number {key}"))
+}
+
+/// The model, micro-batch, type and GPU of a `--json` object, or what is wrong with them.
+fn header_problem(p: &Value) -> Result<(), String> {
+    if p["model"] != "llama134m" || p["micro_batch"] != 12 || p["dtype"] != "bf16" {
+        return Err(format!(
+            "not llama134m at micro-batch 12 in bf16: {} {} {}",
+            p["model"], p["micro_batch"], p["dtype"]
+        ));
+    }
+    let gpu = &p["gpu"];
+    if !gpu["name"].is_string() {
+        return Err("gpu: no name".into());
+    }
+    let (memory, usable) = (
+        number(gpu, "memory_gib", "gpu")?,
+        number(gpu, "usable_gib", "gpu")?,
+    );
+    if !(0.0 < usable && usable <= memory) {
+        return Err(format!("gpu: usable {usable} GiB of {memory}"));
+    }
+    Ok(())
+}
+
+/// Peak FLOP/s, model FLOPs per token, tokens per micro-batch, micro-batches per preset
+/// step and usable GiB of a `--json` object.
+fn figures_of(p: &Value) -> Result<[f64; 5], String> {
+    Ok([
+        number(&p["gpu"], "peak_bf16_tflops", "gpu")? * 1e12,
+        number(p, "model_flops_per_token", "top level")?,
+        number(p, "micro_batch", "top level")? * number(p, "seq_len", "top level")?,
+        number(p, "micro_batches_per_preset_step", "top level")?,
+        number(&p["gpu"], "usable_gib", "gpu")?,
+    ])
+}
+
+/// Tokens per step, ms per step, MFU and peak GiB of one run at `at`.
+fn run_figures(r: &Value, at: &str) -> Result<[f64; 4], String> {
+    Ok([
+        number(r, "tokens_per_step", at)?,
+        number(r, "ms_per_step", at)?,
+        number(r, "mfu_percent", at)?,
+        number(r, "peak_gib", at)?,
+    ])
+}
+
+/// What is wrong with a `--json` object, in words: a key missing or of the wrong type, or
+/// figures that disagree with each other (MFU with the step time, tokens/s, the fit with
+/// the peak, a later path slower or larger than an earlier one). Checks no figure itself:
+/// the model's numbers may move, its arithmetic may not.
+fn prediction_problems(p: &Value) -> Vec<String> {
+    let mut problems: Vec<String> = header_problem(p).err().into_iter().collect();
+    let [peak, flops, tokens, micro_batches, usable] = match figures_of(p) {
+        Ok(h) => h,
+        Err(e) => {
+            problems.push(e);
+            return problems;
+        }
+    };
+    let mut last: Option<(&str, Vec<Option<StepAndPeak>>)> = None;
+    for path in PATHS {
+        let mut figures = Vec::new();
+        for run in RUNS {
+            let at = format!("{path}.{run}");
+            let r = &p[path][run];
+            let [step_tokens, ms, mfu, gib] = match run_figures(r, &at) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(e);
+                    figures.push(None);
+                    continue;
+                }
+            };
+            let want = if run.starts_with("bench") {
+                1.0
+            } else {
+                micro_batches
+            } * tokens;
+            if step_tokens != want {
+                problems.push(format!("{at}: {step_tokens} tokens per step, not {want}"));
+            }
+            let secs = ms / 1e3;
+            let expected = flops * step_tokens / secs / peak * 100.0;
+            if !(ms > 0.0 && (mfu - expected).abs() <= 0.01 + 1e-3 * expected) {
+                problems.push(format!(
+                    "{at}: MFU {mfu}% but model FLOPs / (time x peak) = {expected:.3}%"
+                ));
+            }
+            match number(r, "tokens_per_s", &at) {
+                Ok(tps) if (tps - step_tokens / secs).abs() <= 1.0 + 1e-4 * tps => {}
+                Ok(tps) => problems.push(format!("{at}: {tps} tokens/s in {ms} ms")),
+                Err(e) => problems.push(e),
+            }
+            match r["fits_80gb"].as_bool() {
+                // the peak is rounded to 0.01 GiB, the verdict is not
+                Some(fits) if fits == (gib <= usable) || (gib - usable).abs() < 0.01 => {}
+                Some(fits) => problems.push(format!("{at}: fits_80gb {fits} at {gib} GiB")),
+                None => problems.push(format!("{at}: no fits_80gb")),
+            }
+            figures.push(Some((ms, gib)));
+        }
+        if let Some((before, earlier)) = &last {
+            for ((run, was), now) in RUNS.iter().zip(earlier).zip(&figures) {
+                if let (Some((ms0, gib0)), Some((ms, gib))) = (was, now) {
+                    if ms > ms0 || gib > gib0 {
+                        problems.push(format!(
+                            "{path}.{run}: {ms} ms, {gib} GiB, above {before}'s {ms0} ms, \
+                             {gib0} GiB"
+                        ));
+                    }
+                }
+            }
+        }
+        last = Some((path, figures));
+    }
+    problems
+}
+
+/// `--json` prints one object whose figures agree with each other; the check catches a key
+/// dropped and an MFU that is not the step time's, so it can fail.
+#[test]
+fn json_predictions_are_consistent() -> Result<()> {
+    let p = predictions()?;
+    let problems = prediction_problems(&p);
+    assert!(problems.is_empty(), "{problems:#?}\n{p:#}");
+    for path in PATHS {
+        let r = &p[path];
+        println!(
+            "{path}: bench AdamW {} ms, {}% MFU; bench Adam-mini + BSFA f32 {} ms, {}% MFU, \
+             peak {} GiB",
+            r["bench_adamw"]["ms_per_step"],
+            r["bench_adamw"]["mfu_percent"],
+            r["bench_adam_mini_bsfa_f32"]["ms_per_step"],
+            r["bench_adam_mini_bsfa_f32"]["mfu_percent"],
+            r["bench_adam_mini_bsfa_f32"]["peak_gib"]
+        );
+    }
+
+    let mut dropped = p.clone();
+    dropped["now"]["bench_adamw"]
+        .as_object_mut()
+        .context("now.bench_adamw")?
+        .remove("peak_gib");
+    assert!(!prediction_problems(&dropped).is_empty());
+    let mut wrong = p.clone();
+    let mfu = wrong["planned"]["bench_adamw"]["mfu_percent"]
+        .as_f64()
+        .context("mfu")?;
+    wrong["planned"]["bench_adamw"]["mfu_percent"] = json!(mfu * 1.1);
+    assert!(!prediction_problems(&wrong).is_empty());
+    Ok(())
+}

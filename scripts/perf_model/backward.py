@@ -237,8 +237,9 @@ def rule_narrow(bw, node, grad):
 
 
 def rule_cat(bw, node, grad):
+    """Narrowed views of the gradient: contiguous when the cat was along the first dim."""
     for a in node.args:
-        bw.accumulate(a, Grad.view(grad, shape=a.shape, contig=False))
+        bw.accumulate(a, Grad.view(grad, shape=a.shape, contig=node.meta == 0))
 
 
 def rule_scatter(bw, node, grad):
@@ -285,4 +286,5 @@ RULES = {
     "cat": rule_cat,
     "index_select": rule_scatter,
     "gather": rule_scatter,
+    "custom": lambda bw, node, grad: node.meta(bw, node, grad),
 }

@@ -1,5 +1,7 @@
-"""The forward pass of `Llama::loss` on CUDA in bf16, through the `reference` ops of
-src/model/ops (candle primitives), at any model shape (`Dims`)."""
+"""The forward pass of `Llama::loss` on CUDA in bf16, at any model shape (`Dims`): through the
+`reference` ops of src/model/ops (candle primitives), or with our CUDA kernels (cuda.py) where
+`kernels` names them."""
+from . import cuda
 from .hw import SYNC, prod
 from .sim import (S, Tensor, affine, bbinary, binary, cat, const, contiguous, detach, gather,
                   index_select, matmul, narrow, reduce, reshape, to_dtype, transpose, unary, var,
@@ -73,19 +75,28 @@ def attention(d, x, wq, wk, wv, wo, cos, sin):
     return linear(out, wo)
 
 
-def forward(d, weights):
+def forward(d, weights, kernels=frozenset()):
     """`Llama::loss` of one micro-batch of shape `d`, then train/step.rs's weighting: the root
-    of the graph `Tensor::backward` walks."""
+    of the graph `Tensor::backward` walks. `kernels`: which of cuda.KERNELS run (none is
+    `train.kernels=reference`, the graph tests/perf_model.rs traces)."""
+    assert set(kernels) <= set(cuda.KERNELS), kernels
     S.phase = "fwd"
     S.group = "embedding"
-    x = to_dtype(reshape(index_select(weights["embed"], d.N), (d.B, d.T, d.C)), "bf16")
+    if "embedding" in kernels:
+        emb = cuda.embedding(d, weights["embed"])
+    else:
+        emb = index_select(weights["embed"], d.N)
+    x = to_dtype(reshape(emb, (d.B, d.T, d.C)), "bf16")
     S.group = "RoPE"
     cos = to_dtype(Tensor((d.T, d.HD), "f32"), "bf16")
     sin = to_dtype(Tensor((d.T, d.HD), "f32"), "bf16")
     for layer in weights["layers"]:
         c = {n: cast_weight(w) for n, w in layer.items() if not n.startswith("norm")}
         h = rms_norm(x, layer["norm1"])
-        a = attention(d, h, c["q"], c["k"], c["v"], c["o"], cos, sin)
+        if "attention" in kernels:
+            a = linear(cuda.attention(d, h, c["q"], c["k"], c["v"]), c["o"])
+        else:
+            a = attention(d, h, c["q"], c["k"], c["v"], c["o"], cos, sin)
         S.group = "residual adds"
         x = binary(x, a, "add")
         h = rms_norm(x, layer["norm2"])
@@ -97,9 +108,12 @@ def forward(d, weights):
         S.group = "residual adds"
         x = binary(x, m, "add")
     h = rms_norm(x, weights["norm"])
-    # Llama::loss: linear_cross_entropy -> reference linear + widened cross_entropy
     S.group = "output head + cross-entropy"
     hidden = reshape(h, (d.N, d.C))
+    if "cross_entropy" in kernels:
+        loss = cuda.linear_cross_entropy(d, hidden, cast_weight(weights["head"], S.group))
+        return weigh(loss)
+    # Llama::loss: linear_cross_entropy -> reference linear + widened cross_entropy
     logits = reshape(matmul(reshape(hidden, (d.N, d.C)),
                             transpose(cast_weight(weights["head"], S.group), 0, 1)), (d.N, d.V))
     S.group = "output head + cross-entropy"
@@ -108,12 +122,14 @@ def forward(d, weights):
     shifted = bbinary(lf, mx, "sub")
     lse = unary(reduce(unary(shifted, "exp"), [1], True, "sum"), "log")
     loss = reduce(binary(lse, gather(shifted, d.N), "sub"), [0, 1], False, "sum")
-    loss = affine(loss, 1.0 / d.N)
-    # train/step.rs: loss.to_dtype(F64).to_scalar() (a sync), then (loss * weight).backward()
+    return weigh(affine(loss, 1.0 / d.N))
+
+
+def weigh(loss):
+    """train/step.rs: loss.to_dtype(F64).to_scalar() (a sync), then (loss * weight)."""
     S.k("cast", nbytes=12)
     S.k("sync", gpu=SYNC)
     return affine(loss, 1.0)
-
 
 
 def make_weights(d):

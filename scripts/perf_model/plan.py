@@ -1,29 +1,49 @@
-"""The fused kernels of docs/gpu.md applied one by one to the reference path, largest saving
-first, with the bench and preset step times after each."""
+"""The fused kernels of docs/gpu.md applied one by one, largest saving first: first those the
+code has (simulated kernel by kernel, cuda.py), which together make the CUDA path as it is now,
+then those still to write (costed in fused.py) on top of it. The bench and preset step times
+after each, and the predictions `--json` prints."""
+from .cuda import KERNELS
 from .fused import fmt_ms, fused_bsfa, fused_items, fused_optimizer, t_bw
-from .hw import BSFA_T, L, LAUNCH, MASK_HOST, MICRO_PER_STEP, N, SYNC
-from .report import mfu, steps
+from .hw import BSFA_T, GIB, HBM, LAUNCH, MICRO_PER_STEP, N, PEAK_BF16, SYNC, T, B
+from .report import USABLE, DEVICE_BYTES, fixed_bytes, mfu, planned_activations, steps
+from .simulate import Run
 
+# The kernels the code has, as the table names them.
+IMPLEMENTED = {
+    "attention": "flash-attention fwd+bwd (Triton, FlashAttention-2): causal mask, GQA, scale, "
+                 "RoPE on load, packed qkv read in place, deterministic backward; "
+                 "**implemented** (`causal_attention.py`)",
+    "cross_entropy": "fused linear + cross-entropy over row chunks (logits never whole, "
+                     "gradients in the forward); **implemented**",
+    "embedding": "embedding backward: one block per vocabulary row, no atomics "
+                 "(deterministic); **implemented** (`embedding.cu`)",
+}
 # Fusions outside the micro-batch's op groups, or of candle itself.
 OPTIMIZER = "fused AdamW / Adam-mini and gradient norm (multi-tensor apply, one sync)"
 BSFA = "BSFA projection and re-estimation as batched GEMMs (state on the device)"
 PATCH = ("autograd: a tensor's first gradient moved in, not zero-filled and added "
          "(candle patch)")
+# The optimizers the table and the predictions follow.
+OPTS = ("AdamW", "Adam-mini + BSFA f32", "Adam-mini + BSFA 4-bit")
 
 
 class Plan:
-    """The state after the fusions applied so far."""
+    """The fusions applied in order, from the reference path (`ref`) through the CUDA path
+    now (`now`) to the end state; `rows` holds each step's label, saving, micro-batch time
+    and optimizer times."""
 
-    def __init__(self, r, opt):
-        self.r = r
-        self.items = fused_items(r.micro)
+    def __init__(self, ref, now, opt):
+        self.ref, self.r = ref, now
+        self.items = fused_items(now.micro)
         self.state = {"replaced": set(), "gpu": 0.0, "calls": 0, "gbytes": 0.0, "grads": 0,
                       "patched": False}
-        self.opt_now = {"AdamW": opt["AdamW"],
-                        "Adam-mini + BSFA f32": opt["Adam-mini + BSFA f32"]}
-        self.base_mini = r.t_clip + r.t_mini
-        self.bsfa_now = r.t_b32 + r.t_b32_re / BSFA_T
-        self.fb_step, self.fb_re = fused_bsfa(32)
+        self.opt = dict(opt)           # the code's optimizers
+        self.opt_now = dict(opt)
+        self.base_mini = ref.t_clip + ref.t_mini
+        self.bsfa_now = {32: ref.t_b32 + ref.t_b32_re / BSFA_T, 4: ref.t_b4 + ref.t_b4_re / BSFA_T}
+        self.fb = {bits: fused_bsfa(bits) for bits in (32, 4)}
+        self.rows = []
+        self.build()
 
     def micro_time(self, st):
         ks = [kn for kn in self.r.micro if kn.group not in st["replaced"]
@@ -34,8 +54,7 @@ class Plan:
         if not st["patched"]:
             gpu += t_bw(4 * st["gbytes"])
             calls += 2 * st["grads"]
-        mask = 0 if "attention (scores, softmax, heads)" in st["replaced"] else L * MASK_HOST
-        return max(gpu, calls * LAUNCH + mask) + SYNC, gpu, calls
+        return max(gpu, calls * LAUNCH + self.r.host) + SYNC, gpu, calls, ks
 
     def with_item(self, it):
         st, st2 = self.state, dict(self.state)
@@ -46,15 +65,6 @@ class Plan:
         st2["grads"] = st["grads"] + it.grads
         return st2
 
-    def row(self, label, saving):
-        r, m = self.r, self.micro_time(self.state)[0]
-        a1, a40 = steps(r, m, self.opt_now["AdamW"])
-        b1, b40 = steps(r, m, self.opt_now["Adam-mini + BSFA f32"])
-        print(f"| {label} | {saving} | {fmt_ms(a1)} ms, {mfu(r, N, a1) * 100:.1f}% "
-              f"| {fmt_ms(b1)} ms, {mfu(r, N, b1) * 100:.1f}% "
-              f"| {a40:.2f} s, {mfu(r, MICRO_PER_STEP * N, a40) * 100:.1f}% "
-              f"| {b40:.2f} s, {mfu(r, MICRO_PER_STEP * N, b40) * 100:.1f}% |")
-
     def saving(self, name, it, cur):
         """Per bench step, of applying `name` (`it`: its fused item, None for the others)."""
         if it is not None:
@@ -62,10 +72,14 @@ class Plan:
         if name == OPTIMIZER:
             return self.opt_now["AdamW"] - fused_optimizer(False)
         if name == BSFA:
-            return self.bsfa_now - (self.fb_step + self.fb_re / BSFA_T)
+            return self.bsfa_now[32] - (self.fb[32][0] + self.fb[32][1] / BSFA_T)
         st2 = dict(self.state)
         st2["patched"] = True
         return cur - self.micro_time(st2)[0]
+
+    def set_mini(self):
+        for bits, name in ((32, "Adam-mini + BSFA f32"), (4, "Adam-mini + BSFA 4-bit")):
+            self.opt_now[name] = self.base_mini + self.bsfa_now[bits]
 
     def apply(self, name, it, save):
         """Applies `name`; returns the saving's label."""
@@ -75,21 +89,33 @@ class Plan:
         if name == OPTIMIZER:
             self.opt_now["AdamW"] = fused_optimizer(False)
             self.base_mini = fused_optimizer(True)
-            self.opt_now["Adam-mini + BSFA f32"] = self.base_mini + self.bsfa_now
+            self.set_mini()
             return f"{fmt_ms(save)} ms (AdamW)"
         if name == BSFA:
-            self.bsfa_now = self.fb_step + self.fb_re / BSFA_T
-            self.opt_now["Adam-mini + BSFA f32"] = self.base_mini + self.bsfa_now
+            self.bsfa_now = {bits: s + re / BSFA_T for bits, (s, re) in self.fb.items()}
+            self.set_mini()
             return f"{fmt_ms(save)} ms (BSFA)"
         self.state["patched"] = True
         return f"{fmt_ms(save)} ms"
 
-    def print_table(self):
-        print()
-        print("| after (cumulative) | saving per bench step | bench AdamW | bench Adam-mini + BSFA "
-              "f32 | preset AdamW | preset Adam-mini + BSFA f32 |")
-        print("|---|---|---|---|---|---|")
-        self.row("reference path (today)", "")
+    def add_row(self, label, saving, micro):
+        self.rows.append((label, saving, micro, dict(self.opt_now)))
+
+    def build(self):
+        cur = self.ref.micro_time()
+        self.add_row("reference path (`train.kernels=reference`)", "", cur)
+        # the kernels the code has, each simulated on top of those before it
+        applied = set()
+        while len(applied) < len(KERNELS):
+            times = {k: Run(applied | {k}, optimizer=False).micro_time()
+                     for k in KERNELS if k not in applied}
+            best = min(times, key=times.get)
+            applied.add(best)
+            self.add_row("+ " + IMPLEMENTED[best], f"{fmt_ms(cur - times[best])} ms",
+                         times[best])
+            cur = times[best]
+        assert abs(cur - self.r.micro_time()) < 1e-12, "the last row is the CUDA path now"
+        self.rows.append(None)          # the CUDA path as it is now ends here
         pending = {it.name: it for it in self.items}
         pending.update({e: None for e in (OPTIMIZER, BSFA, PATCH)})
         while pending:
@@ -100,22 +126,84 @@ class Plan:
                 if save > best_save:
                     best, best_save = name, save
             label = self.apply(best, pending.pop(best), best_save)
-            self.row("+ " + best, label)
+            self.add_row("+ " + best, label, self.micro_time(self.state)[0])
+
+    def print_table(self):
+        r = self.r
+        print()
+        print("| after (cumulative) | saving per bench step | bench AdamW | bench Adam-mini + BSFA "
+              "f32 | preset AdamW | preset Adam-mini + BSFA f32 |")
+        print("|---|---|---|---|---|---|")
+        for row in self.rows:
+            if row is None:
+                print("| **= the CUDA path now** (the row above); still to write, largest saving first: | | | | | |")
+                continue
+            label, saving, m, opt = row
+            a1, a40 = steps(r, m, opt["AdamW"])
+            b1, b40 = steps(r, m, opt["Adam-mini + BSFA f32"])
+            print(f"| {label} | {saving} | {fmt_ms(a1)} ms, {mfu(r, N, a1) * 100:.1f}% "
+                  f"| {fmt_ms(b1)} ms, {mfu(r, N, b1) * 100:.1f}% "
+                  f"| {a40:.2f} s, {mfu(r, MICRO_PER_STEP * N, a40) * 100:.1f}% "
+                  f"| {b40:.2f} s, {mfu(r, MICRO_PER_STEP * N, b40) * 100:.1f}% |")
 
     def print_end_state(self):
-        m, gpu, calls = self.micro_time(self.state)
-        micro, items = self.r.micro, self.items
-        gemm = sum(kn.time for kn in micro if kn.group == "linear GEMMs" and kn.kind == "gemm")
-        head = [it for it in items if it.name.startswith("fused linear")][0].gpu
-        fa = [it for it in items if it.name.startswith("flash")][0].gpu
+        m, gpu, calls, ks = self.micro_time(self.state)
+
+        def group(g):
+            return sum(kn.time for kn in ks if kn.group == g)
+
+        gemm = sum(kn.time for kn in self.r.micro
+                   if kn.group == "linear GEMMs" and kn.kind == "gemm")
+        head = group("output head + cross-entropy")
+        fa = group("attention (scores, softmax, heads)")
         print()
         print(f"fused end state per micro-batch: {fmt_ms(m)} ms: linear-layer GEMMs {fmt_ms(gemm)}, "
               f"output head + CE {fmt_ms(head)}, flash-attention {fmt_ms(fa)}, the rest "
               f"{fmt_ms(gpu - gemm - head - fa)} ms; {calls} launches ({fmt_ms(calls * LAUNCH)} ms "
               f"host)")
+        (s32, re32), (s4, re4) = self.fb[32], self.fb[4]
         print(f"optimizer per step after fusion: AdamW {fmt_ms(self.opt_now['AdamW'])} ms; Adam-mini "
               f"+ BSFA f32 {fmt_ms(self.opt_now['Adam-mini + BSFA f32'])} ms (BSFA projection "
-              f"{fmt_ms(self.fb_step)} ms, re-estimation {fmt_ms(self.fb_re)} ms every {BSFA_T} steps)")
-        f4_step, f4_re = fused_bsfa(4)
+              f"{fmt_ms(s32)} ms, re-estimation {fmt_ms(re32)} ms every {BSFA_T} steps)")
         print(f"BSFA with 4-bit state kept on the device, decoded inside the kernels: projection "
-              f"{fmt_ms(f4_step)} ms, re-estimation {fmt_ms(f4_re)} ms")
+              f"{fmt_ms(s4)} ms, re-estimation {fmt_ms(re4)} ms")
+
+    def predictions(self):
+        """The `--json` object (its schema: gpu_perf_model.py's docstring)."""
+        r = self.r
+        planned_m = self.micro_time(self.state)[0]
+        fixed = fixed_bytes(r)
+        paths = {"reference": (self.ref.micro_time(), self.opt, self.ref.act_peak),
+                 "now": (r.micro_time(), self.opt, r.act_peak),
+                 "planned": (planned_m, self.opt_now, planned_activations())}
+        keys = {"AdamW": "adamw", "Adam-mini + BSFA f32": "adam_mini_bsfa_f32",
+                "Adam-mini + BSFA 4-bit": "adam_mini_bsfa_4bit"}
+        out = {
+            "model": "llama134m",
+            "dtype": "bf16",
+            "gpu": {"name": "NVIDIA H100 SXM5 80 GB", "count": 1,
+                    "peak_bf16_tflops": PEAK_BF16 / 1e12, "hbm_tb_per_s": HBM / 1e12,
+                    "memory_gib": round(DEVICE_BYTES / GIB, 2),
+                    "usable_gib": round(USABLE / GIB, 2)},
+            "micro_batch": B,
+            "seq_len": T,
+            "micro_batches_per_preset_step": MICRO_PER_STEP,
+            "model_flops_per_token": r.flops_tok,
+            "now_kernels": sorted(r.kernels),
+        }
+        for path, (micro, opt, act) in paths.items():
+            runs = {}
+            for name, key in keys.items():
+                peak = fixed[name] + act
+                for kind, secs, tokens in zip(("bench", "preset"), steps(r, micro, opt[name]),
+                                              (N, MICRO_PER_STEP * N)):
+                    runs[f"{kind}_{key}"] = {
+                        "tokens_per_step": tokens,
+                        "ms_per_step": round(secs * 1e3, 3),
+                        "tokens_per_s": round(tokens / secs),
+                        "mfu_percent": round(mfu(r, tokens, secs) * 100, 2),
+                        "peak_gib": round(peak / GIB, 2),
+                        "fits_80gb": peak <= USABLE,
+                    }
+            out[path] = runs
+        return out

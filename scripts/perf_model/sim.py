@@ -6,7 +6,7 @@ arguments and the storage it shares with them (views) or owns."""
 from collections import defaultdict
 
 from .hw import (DB, EFF_BW, EFF_GEMM, EFF_GEMM_F32, EFF_RED_STRIDED, EFF_STRIDED, HBM,
-                 MIN_KERNEL, PCIE, PEAK_BF16, PEAK_FP32, prod)
+                 MASK_HOST, MIN_KERNEL, PCIE, PEAK_BF16, PEAK_FP32, prod)
 
 
 class Kernel:
@@ -15,12 +15,17 @@ class Kernel:
 
 class Sim:
     def __init__(self):
+        self.reset()
+
+    def reset(self):
+        """A fresh process: each simulated run starts from an empty device."""
         self.kernels = []
         self.phase = "fwd"
         self.group = "misc"
         self.live = 0
         self.peak = 0
         self.kept = defaultdict(int)    # bytes allocated in the forward, per op group
+        self.host = 0.0                 # serial host work besides launches (causal masks)
 
     def alloc(self, nbytes):
         self.live += nbytes
@@ -239,6 +244,14 @@ def cat(parts, dim):
 def const(shape, dtype):
     """An untracked tensor built on the host (the causal mask): H2D of f32 data, then a cast."""
     t = Tensor(shape, "f32")
+    S.host += MASK_HOST
     S.k("h2d-data", gpu=t.nbytes / PCIE)
     return to_dtype(t, dtype)
+
+
+def custom(args, shape, dtype, bwd):
+    """A candle `CustomOp` node over `args`: the caller records its forward kernels, and
+    `bwd(backward, node, grad)` runs its backward (the gradients it returns are accumulated
+    into `args` as candle accumulates any other)."""
+    return Tensor(shape, dtype, op=rec("custom", *args), args=args, meta=bwd)
 

@@ -3,16 +3,20 @@ simulated: the kernels, times and memory the report prints."""
 from .backward import backward
 from .forward import forward, make_weights
 from .fused import phase_time
-from .hw import LLAMA134M, V, C, L, T, prod
+from .hw import LAUNCH, LLAMA134M, SYNC, V, C, L, T, prod
 from .optim import adam, bsfa, clip, grad_accumulate, param_shapes
 from .sim import S
 
 
 class Run:
-    """What the simulation of llama134m yields: kernels per phase, times, memory."""
+    """What the simulation of llama134m yields: kernels per phase, times, memory. `kernels`:
+    which of our CUDA kernels (cuda.KERNELS) the micro-batch runs; none is the reference
+    path."""
 
-    def __init__(self):
+    def __init__(self, kernels=frozenset(), optimizer=True):
+        self.kernels = frozenset(kernels)
         # parameters: f32 masters on the device
+        S.reset()
         S.phase, S.group = "setup", "parameters"
         weights = make_weights(LLAMA134M)
         self.params = sum(prod(sh) for _, sh, _, _ in param_shapes())
@@ -22,12 +26,15 @@ class Run:
         # one micro-batch: forward, then backward
         S.kernels = []
         S.kept.clear()
-        loss = forward(LLAMA134M, weights)
+        loss = forward(LLAMA134M, weights, self.kernels)
         self.fwd_live = S.live - self.param_bytes
         _, self.orphan_bytes, _ = backward(loss)
         self.act_peak = S.peak - self.param_bytes
         self.micro = list(S.kernels)
-        self.optimizer_kernels()
+        self.host = S.host      # host work besides launches: the causal masks
+        self.kept = dict(S.kept)
+        if optimizer:
+            self.optimizer_kernels()
         self.nonembed = self.params - V * C
         self.flops_tok = 6 * self.nonembed + 12 * L * C * T
 
@@ -52,3 +59,9 @@ class Run:
         self.t_b32_re = phase_time(b32[re32:]) + h32[1]
         # 4-bit: host decoding, pageable copies and encoding run one after the other
         self.t_b4, self.t_b4_re = phase_time(b4[:re4]) + h4[0], phase_time(b4[re4:]) + h4[1]
+
+    def micro_time(self):
+        """One micro-batch: GPU and host overlap until the sync that ends it."""
+        gpu = sum(kn.time for kn in self.micro)
+        calls = sum(kn.calls for kn in self.micro)
+        return max(gpu, calls * LAUNCH + self.host) + SYNC
