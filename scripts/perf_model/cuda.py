@@ -6,13 +6,16 @@ them for the names in `kernels`; the reference ops run the rest.
   over the packed q/k/v projection, RoPE applied on load (so no RoPE ops remain).
 - "embedding": candle's `index_select` forward, our embedding.cu backward.
 - "cross_entropy": the output head fused with the cross-entropy, chunked over rows, gradients
-  made in the forward (Liger's scheme)."""
+  made in the forward (Liger's scheme).
+- "rms_norm": RMSNorm's Triton kernels (rms_norm.py) in the f32 the model normalises in.
+- "swiglu": the gate and up projections as one linear layer, SwiGLU's Triton kernels
+  (swiglu.py) on its packed output."""
 from .backward import Grad, temp_done
 from .hw import EFF_BW, HBM, HD, MIN_KERNEL, PEAK_BF16, prod
-from .sim import S, cat, custom, matmul, reshape, transpose
+from .sim import S, cat, custom, matmul, reshape, to_dtype, transpose
 
 # The kernels, in the names `forward`'s `kernels` takes.
-KERNELS = ("attention", "embedding", "cross_entropy")
+KERNELS = ("attention", "embedding", "cross_entropy", "rms_norm", "swiglu")
 
 ATTENTION = "attention (scores, softmax, heads)"
 HEAD = "output head + cross-entropy"
@@ -160,3 +163,50 @@ def ce_extra_bytes(d):
     logits and row statistics, while the old sum, the widened product and the new sum are
     alive together (12 bytes per weight)."""
     return 2 * d.N * d.C + chunk_rows(d) * (2 * d.V + 4) + 12 * d.V * d.C
+
+
+def rms_norm(x, w):
+    """Llama::norm with ops::rms_norm on CUDA: x to f32, `rms_norm_forward` (one program per
+    row: reads the row twice, writes y), back to bf16. Backward: `rms_norm_dx` (reads x, dy
+    twice and w, writes dx) and `rms_norm_dw` (reads x twice and dy, writes f32 parts per 64
+    rows), the parts summed by candle's reduction and copied to x's type."""
+    S.group = "RMSNorm"
+    xf = to_dtype(x, "f32")
+    rows, n = prod(xf.shape[:-1]), xf.shape[-1]
+    parts = -(-rows // 64) * n * 4
+
+    def backward(bw, node, grad):
+        dx, dw = Grad(xf.shape, xf.dtype), Grad(w.shape, w.dtype)
+        S.k("rms-norm-dx", nbytes=2 * xf.nbytes + 2 * grad.nbytes + dx.nbytes)
+        S.alloc(parts)
+        S.k("rms-norm-dw", nbytes=2 * xf.nbytes + grad.nbytes + parts)
+        S.k("reduce-sum", nbytes=parts + 4 * n)
+        S.k("cast", nbytes=8 * n)
+        S.free(parts)
+        bw.accumulate(xf, dx)
+        bw.accumulate(w, dw)
+        temp_done(dx, dw)
+
+    y = custom([xf, w], xf.shape, "f32", backward)
+    S.k("rms-norm-forward", nbytes=3 * xf.nbytes + w.nbytes)
+    return to_dtype(y, "bf16")
+
+
+def swiglu(x, w_gate, w_up):
+    """ops::swiglu on CUDA: the two projections as one linear layer over the weights
+    concatenated (`Tensor::cat`, a copy per micro-batch), `swiglu_forward` on the packed
+    output (reads gate and up, writes the product); backward `swiglu_backward` (reads the
+    packed output and dy, writes the packed gradient)."""
+    S.group = "linear GEMMs"
+    gu = linear(x, cat([w_gate, w_up], 0))
+    S.group = "SwiGLU (silu, product)"
+
+    def backward(bw, node, grad):
+        d_gu = Grad(gu.shape, gu.dtype)
+        S.k("swiglu-backward", nbytes=gu.nbytes + grad.nbytes + d_gu.nbytes)
+        bw.accumulate(gu, d_gu)
+        temp_done(d_gu)
+
+    out = custom([gu], gu.shape[:-1] + (gu.shape[-1] // 2,), gu.dtype, backward)
+    S.k("swiglu-forward", nbytes=gu.nbytes + out.nbytes)
+    return out

@@ -35,6 +35,11 @@ def rms_norm(x, w):
     return to_dtype(y, "bf16")
 
 
+def norm(x, w, kernels):
+    """Llama::norm through our kernels where `kernels` names them, else the reference."""
+    return cuda.rms_norm(x, w) if "rms_norm" in kernels else rms_norm(x, w)
+
+
 def rope(x, cos, sin):
     """ops::rope::reference::rope."""
     S.group = "RoPE"
@@ -92,22 +97,25 @@ def forward(d, weights, kernels=frozenset()):
     sin = to_dtype(Tensor((d.T, d.HD), "f32"), "bf16")
     for layer in weights["layers"]:
         c = {n: cast_weight(w) for n, w in layer.items() if not n.startswith("norm")}
-        h = rms_norm(x, layer["norm1"])
+        h = norm(x, layer["norm1"], kernels)
         if "attention" in kernels:
             a = linear(cuda.attention(d, h, c["q"], c["k"], c["v"]), c["o"])
         else:
             a = attention(d, h, c["q"], c["k"], c["v"], c["o"], cos, sin)
         S.group = "residual adds"
         x = binary(x, a, "add")
-        h = rms_norm(x, layer["norm2"])
-        S.group = "SwiGLU (silu, product)"
-        g = linear(h, c["gate"])
-        u = linear(h, c["up"])
-        S.group = "SwiGLU (silu, product)"
-        m = linear(binary(unary(g, "silu"), u, "mul"), c["down"])
+        h = norm(x, layer["norm2"], kernels)
+        if "swiglu" in kernels:
+            m = linear(cuda.swiglu(h, c["gate"], c["up"]), c["down"])
+        else:
+            S.group = "SwiGLU (silu, product)"
+            g = linear(h, c["gate"])
+            u = linear(h, c["up"])
+            S.group = "SwiGLU (silu, product)"
+            m = linear(binary(unary(g, "silu"), u, "mul"), c["down"])
         S.group = "residual adds"
         x = binary(x, m, "add")
-    h = rms_norm(x, weights["norm"])
+    h = norm(x, weights["norm"], kernels)
     S.group = "output head + cross-entropy"
     hidden = reshape(h, (d.N, d.C))
     if "cross_entropy" in kernels:

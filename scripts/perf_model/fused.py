@@ -50,8 +50,9 @@ class Item:
 
 def fused_items(micro):
     """The fused kernels still to write, over the CUDA path as it is now (`micro`: its
-    kernels). Attention (with RoPE), the output head with the cross-entropy and the
-    embedding's backward are written: cuda.py simulates them kernel by kernel."""
+    kernels). Attention (with RoPE), the output head with the cross-entropy, the embedding's
+    backward, RMSNorm and SwiGLU are written: cuda.py simulates them kernel by kernel; the
+    residual add still to fuse into RMSNorm replaces both groups."""
     lin = [kn for kn in micro if kn.group == "linear GEMMs" and
            (kn.kind == "gemm" or (kn.phase == "fwd" and kn.kind == "cast"))]
     nc, ni = 2 * N * C, 2 * N * I                  # one bf16 activation of width C / I
@@ -67,8 +68,6 @@ def fused_items(micro):
         Item("linear as one op (cuBLAS fwd/bwd in a CustomOp, f32 weight, dW in f32)",
              ["linear GEMMs"], sum(kn.time for kn in lin), sum(kn.calls for kn in lin),
              L * (4 * nc + ni) + mat, L * 10),
-        Item("fused SwiGLU fwd+bwd (packed gate/up output)", ["SwiGLU (silu, product)"],
-             L * t_bw(ni * (3 + 5)), L * 2, L * 2 * ni, L),
     ]
 
 

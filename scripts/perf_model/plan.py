@@ -17,6 +17,10 @@ IMPLEMENTED = {
                      "gradients in the forward); **implemented**",
     "embedding": "embedding backward: one block per vocabulary row, no atomics "
                  "(deterministic); **implemented** (`embedding.cu`)",
+    "rms_norm": "RMSNorm fwd+bwd (Triton, dw from per-block parts: deterministic); "
+                "**implemented** (`rms_norm.py`)",
+    "swiglu": "SwiGLU fwd+bwd on the packed gate/up output (Triton); **implemented** "
+              "(`swiglu.py`)",
 }
 # Fusions outside the micro-batch's op groups, or of candle itself.
 OPTIMIZER = "fused AdamW / Adam-mini and gradient norm (multi-tensor apply, one sync)"
