@@ -75,7 +75,10 @@ BENCH_ROWS = {
     # Without our GPU kernels (Triton attention): what they save.
     "adamw-reference-ops": ["--optimizer", "adamw", "--set", "train.kernels=reference"],
 }
-QUICK_STEPS = ("device", "libraries", "parity", "resume", "bench")
+QUICK_STEPS = ("device", "libraries", "parity", "resume", "bench", "kernels")
+# The kernels step's bound on each fused op's worst relative difference from its reference
+# composition, per compute type (the GPU self-check's bounds).
+KERNEL_BOUNDS = {"f32": 1e-4, "bf16": 3e-2}
 QUICK_ROWS = ("adamw",)
 
 # What the rehearsal changes in a GPU command line, and nothing else: (flag, value) pairs
@@ -372,6 +375,21 @@ class Check:
                 "bsfa_steady_state", "peak_rss_mib")
         return {**{k: report.get(k) for k in keep}, "peak_gpu_memory_mib": memory.peak_mib}
 
+    def kernels(self):
+        """Each fused op against its reference composition at the bench's shapes (`bench
+        --kernels`): worst difference and times; on a GPU every op must take our kernels."""
+        report = self.run(["bench", *BENCH, "--device", "cuda", "--kernels",
+                           "--out", str(self.work / "bench-kernels")], bench=True)
+        bound = KERNEL_BOUNDS.get(report["dtype"], 1e-4)
+        rows = {}
+        for k in report["kernels"]:
+            rows[k["kernel"]] = {**k, "speedup": k["reference_ms"] / k["fused_ms"]}
+        problems = [name for name, k in rows.items() if k["worst_difference"] > bound
+                    or (self.on_gpu and k["path"] != "triton")]
+        return {"bound": bound, "kernels": rows,
+                **({"status": "failed", "error": f"beyond the bound or not on our kernels: "
+                    f"{problems}"} if problems else {})}
+
     def memory(self):
         report = self.run([*BENCH, "--device", "cuda", "--optimizer", "adamw", "--dry-run"])
         predicted = report["gpu_memory"]["peak_bytes"] / 2**20
@@ -389,6 +407,7 @@ class Check:
         self.step("resume", self.resume)
         self.step("nccl", self.nccl)
         self.step("bench", self.bench)
+        self.step("kernels", self.kernels)
         self.step("memory", self.memory)
         self.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.save()

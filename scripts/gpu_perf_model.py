@@ -7,9 +7,10 @@ It replays what the CUDA build executes, on two paths: the `reference` ops of sr
 path a CUDA run takes now, where our kernels replace three of them (perf_model/cuda.py: the
 Triton flash-attention with RoPE on load over the packed q/k/v projection, the embedding's
 backward, the chunked linear + cross-entropy). Each path is the forward pass of `Llama::loss`,
-then candle 0.11.1's `Tensor::backward` (backprop.rs) node by node with its rules (every gradient
-contribution is a zero-filled tensor plus an `add`, untracked broadcast operands still get a
-full-size gradient that stays in the store, ...), then clipping and the optimizer's tensor-op
+then candle 0.11.1's `Tensor::backward` (backprop.rs) node by node with its rules, with our autograd
+patch (vendor/candle-core: a first gradient stored as it is, none for untracked operands; the plan's
+first row is candle as released: every contribution a zero-filled tensor plus an `add`, untracked
+operands given a full-size gradient kept in the store), then clipping and the optimizer's tensor-op
 paths (src/optim/adam.rs, src/optim/bsfa/). Each kernel gets FLOPs, bytes read + written (in
 the dtype the code stores) and a time at the roofline max(FLOPs / (peak x eff), bytes /
 (bandwidth x eff)); each launch costs host time. Live device memory is tracked through the

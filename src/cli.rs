@@ -204,6 +204,11 @@ pub struct BenchArgs {
     /// Also time the data loader alone for this many steps on --data (0: skip).
     #[arg(long, default_value_t = 0)]
     pub loader_steps: usize,
+    /// Instead of training steps, compare each fused op (attention, cross-entropy, RMSNorm,
+    /// SwiGLU) with its reference composition at the run's shapes: worst difference and
+    /// median forward + backward times (--iters of them, default 5).
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 /// The flags shared by training and `bench`.

@@ -22,6 +22,7 @@
 //! architecture (`tests/layout.rs` checks both).
 
 pub mod bench;
+pub mod bench_kernels;
 mod check;
 pub mod checkpoint;
 pub mod cli;

@@ -107,6 +107,16 @@ fn train_or_bench(args: &RunArgs, bench: Option<&BenchArgs>) -> Result<u8> {
     }
     let timeout = Duration::from_secs(config.train.dist_timeout_s);
     let job = Job::from_env(config.train.device, timeout)?;
+    if let Some(b) = bench.filter(|b| b.kernels) {
+        let reports = bsfa_train::bench_kernels::run(&config, &job.device, b.iters.unwrap_or(5))?;
+        if job.is_root() {
+            let device = bsfa_train::device::name(&job.device);
+            let dtype = config.precision_on(job.device.is_cuda());
+            let line = serde_json::json!({"device": device, "dtype": dtype, "kernels": reports});
+            println!("{line}");
+        }
+        return Ok(0);
+    }
     if let Some(b) = bench {
         let options = bench::BenchOptions {
             threads,

@@ -466,6 +466,36 @@ fn bench_needs_no_dataset_unless_it_times_the_loader() {
     );
 }
 
+/// `bench --kernels` compares each fused op with its reference: on the CPU in f32 through the
+/// fused CPU kernels (within rounding), under `train.kernels=reference` the reference on both
+/// sides (no difference at all).
+#[test]
+fn bench_kernels_compares_each_fused_op_with_its_reference() {
+    let report = |extra: &[&str]| -> serde_json::Value {
+        let mut args = strings(&["bench", "--kernels", "--iters", "1"]);
+        args.extend(test_model(&["--batch-size", "2", "--seq-len", "16"]));
+        args.extend(strings(extra));
+        let o = ok(run(&args));
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap()
+    };
+    let names = ["attention", "cross-entropy", "rms-norm", "swiglu"];
+    let fused = report(&[]);
+    let kernels = fused["kernels"].as_array().unwrap();
+    assert_eq!(kernels.len(), names.len(), "{fused}");
+    for (k, name) in kernels.iter().zip(names) {
+        assert_eq!(k["kernel"], name);
+        assert_eq!(k["path"], "cpu-fused", "{k}");
+        let worst = k["worst_difference"].as_f64().unwrap();
+        assert!(worst > 0.0 && worst < 1e-5, "{k}");
+        assert!(k["fused_ms"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    let reference = report(&["--set", "train.kernels=reference"]);
+    for k in reference["kernels"].as_array().unwrap() {
+        assert_eq!(k["path"], "reference", "{k}");
+        assert_eq!(k["worst_difference"].as_f64().unwrap(), 0.0, "{k}");
+    }
+}
+
 /// With BSFA, `bench`'s default step counts reach steady state: the history full before the
 /// first timed step, and one re-estimation timed (and priced); explicit counts that do not
 /// are said to.

@@ -1,6 +1,8 @@
-"""candle-core 0.11.1's `Tensor::backward` (backprop.rs), replayed node by node: every gradient
-contribution is `grads.or_insert(arg)` (a zero-filled tensor) plus an `add`, and untracked
-operands still get a full-size gradient that stays in the store to the end."""
+"""candle-core 0.11.1's `Tensor::backward` (backprop.rs), replayed node by node. As released
+(`S.patched` false), every gradient contribution is `grads.or_insert(arg)` (a zero-filled tensor)
+plus an `add`, and untracked operands still get a full-size gradient that stays in the store to
+the end; with our patch (vendor/candle-core, `GradStore::accumulate`) a first gradient is stored
+as it is (copied if strided, negated if subtracted) and untracked operands get none."""
 from .hw import (DB, EFF_BW, EFF_MEMSET, EFF_RED_STRIDED, EFF_STRIDED, INDEX_ADD_ITER,
                  MIN_KERNEL, PEAK_BF16, PEAK_FP32, prod)
 from .sim import S
@@ -70,13 +72,26 @@ class Backward:
         self.tracked_ids = {n.id for n in self.order}
 
     def accumulate(self, target, g, sub=False):
-        """grads.or_insert(target) (zeros_like: memset) then add/sub: a new contiguous tensor."""
+        """grads.or_insert(target) (zeros_like: memset) then add/sub: a new contiguous tensor;
+        patched, a first gradient is kept as it is (a copy if strided, a negation if
+        subtracted) and an untracked target gets none."""
+        untracked = not target.tracked or (target.id not in self.tracked_ids and not target.var)
+        if S.patched:
+            if untracked:
+                return
+            if target.id not in self.store:
+                if sub or not g.contig:
+                    new = g_elementwise("neg" if sub else "copy", [g], target.shape, target.dtype)
+                else:
+                    new = Grad(target.shape, target.dtype)   # the caller's tensor, moved in
+                self.store[target.id] = new
+                return
         old = self.store.get(target.id)
         first = old is None
         if first:
             old = Grad(target.shape, target.dtype)
             S.k("memset", nbytes=old.nbytes, eff=EFF_MEMSET).first = True
-            if not target.tracked or (target.id not in self.tracked_ids and not target.var):
+            if untracked:
                 self.orphans.add(target.id)
         new = g_elementwise("sub" if sub else "add", [old, g], target.shape, target.dtype)
         if first:

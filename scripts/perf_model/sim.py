@@ -26,6 +26,7 @@ class Sim:
         self.peak = 0
         self.kept = defaultdict(int)    # bytes allocated in the forward, per op group
         self.host = 0.0                 # serial host work besides launches (causal masks)
+        self.patched = True             # candle with our autograd patch (backward.py)
 
     def alloc(self, nbytes):
         self.live += nbytes

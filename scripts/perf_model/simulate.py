@@ -11,12 +11,13 @@ from .sim import S
 class Run:
     """What the simulation of llama134m yields: kernels per phase, times, memory. `kernels`:
     which of our CUDA kernels (cuda.KERNELS) the micro-batch runs; none is the reference
-    path."""
+    path. `patched`: candle's autograd with our patch (false: candle 0.11.1 as released)."""
 
-    def __init__(self, kernels=frozenset(), optimizer=True):
+    def __init__(self, kernels=frozenset(), optimizer=True, patched=True):
         self.kernels = frozenset(kernels)
         # parameters: f32 masters on the device
         S.reset()
+        S.patched = patched
         S.phase, S.group = "setup", "parameters"
         weights = make_weights(LLAMA134M)
         self.params = sum(prod(sh) for _, sh, _, _ in param_shapes())

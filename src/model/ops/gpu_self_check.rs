@@ -3,9 +3,28 @@
 //! the bound, or where a kernel cannot load, a warning names the kernels once and the run
 //! takes the reference ops for that shape.
 
-use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+pub(super) use super::compare::{random, worst_difference};
+use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
+
+/// The kernels, the GPU's ordinal and the shape.
+type Key = (String, usize, String);
+
+/// Each self-check's verdict.
+static CHECKED: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
+
+/// Whether the kernels `what` passed every self-check they ran in this process (None: none
+/// ran): `bench --kernels` reports which path an op took.
+pub(crate) fn verdict(what: &str) -> Option<bool> {
+    let checked = CHECKED.get()?.lock().ok()?;
+    let mut verdicts = checked
+        .iter()
+        .filter(|(key, _)| key.0 == what)
+        .map(|(_, &ok)| ok);
+    let first = verdicts.next()?;
+    Some(verdicts.fold(first, |all, ok| all && ok))
+}
 
 /// Whether the kernels `what` serve `x`: a CUDA tensor of bf16 or f32, `train.kernels` not
 /// `reference`, and the kernels' self-check `check` passed on its GPU for `shape` ([`passes`]).
@@ -36,9 +55,6 @@ pub(super) fn passes(
     bound: f64,
     check: impl FnOnce() -> Result<f64>,
 ) -> bool {
-    /// The kernels, the GPU's ordinal and the shape.
-    type Key = (String, usize, String);
-    static CHECKED: OnceLock<Mutex<HashMap<Key, bool>>> = OnceLock::new();
     let Ok(mut checked) = CHECKED.get_or_init(Default::default).lock() else {
         return false;
     };
@@ -71,58 +87,4 @@ fn bound(dtype: DType) -> f64 {
     } else {
         3e-2
     }
-}
-
-/// A standard normal tensor of `dtype` on `device`, drawn on the CPU: the GPU's random
-/// generator is the run's, not the check's.
-pub(super) fn random(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
-    Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)
-}
-
-/// The largest absolute difference between `a` and `b` over the largest magnitude of `b`.
-pub(super) fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let b = b.to_dtype(DType::F64)?;
-    let diff = (a.to_dtype(DType::F64)? - &b)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f64>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(diff / scale.max(f64::MIN_POSITIVE))
-}
-
-/// The worst [`relative`] difference between the `fused` op and its `reference` composition
-/// applied to `inputs`: their outputs, and the gradients of every input through the sum of
-/// the output weighted by random weights (drawn once, the same for both).
-pub(super) fn worst_difference(
-    inputs: &[Tensor],
-    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
-    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<f64> {
-    let mut weights = None;
-    let mut run = |op: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<Vec<Tensor>> {
-        let vars = inputs
-            .iter()
-            .map(Var::from_tensor)
-            .collect::<Result<Vec<_>>>()?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let out = op(&tensors)?;
-        let weights = match &weights {
-            Some(w) => w,
-            None => weights.insert(random(out.shape(), out.dtype(), out.device())?),
-        };
-        let grads = (&out * weights)?.sum_all()?.backward()?;
-        let mut results = vec![out];
-        for v in &vars {
-            let grad = grads.get(v.as_tensor()).cloned();
-            results.push(grad.ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?);
-        }
-        Ok(results)
-    };
-    let (fused, reference) = (run(&fused)?, run(&reference)?);
-    fused
-        .iter()
-        .zip(&reference)
-        .try_fold(0f64, |worst, (a, b)| Ok(worst.max(relative(a, b)?)))
 }

@@ -31,12 +31,13 @@
 mod bias;
 mod bidirectional_attention;
 mod causal_attention;
+pub mod compare;
 mod cross_entropy;
 pub mod cross_entropy_chunked;
 mod embedding;
 mod gelu;
 #[cfg(feature = "cuda")]
-mod gpu_self_check;
+pub(crate) mod gpu_self_check;
 mod kernel;
 mod layer_norm;
 mod linear;

@@ -1,0 +1,162 @@
+//! `bench --kernels`: each fused LLaMA op against its reference composition at the run's
+//! shapes (one micro-batch of `train.micro_batch_size x train.seq_len` tokens, the model's
+//! widths, the run's device and compute type): the worst relative difference of the output
+//! and the input gradients, and the median time of a forward and backward of each. On a GPU
+//! the fused path is our Triton kernels (after their self-check), on the CPU the fused CPU
+//! kernels (f32); where neither applies both sides are the reference and the report says so.
+
+use crate::config::RunConfig;
+use crate::model::ops::{self, compare, reference};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One op's comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    /// The op: attention, cross-entropy, rms-norm or swiglu.
+    pub kernel: String,
+    /// Its input shapes.
+    pub shape: String,
+    /// Which implementation the run's dispatch took: `triton`, `cpu-fused` or `reference`.
+    pub path: String,
+    /// The worst difference from the reference over the output and the input gradients,
+    /// relative to each one's largest magnitude.
+    pub worst_difference: f64,
+    /// Median ms of a forward and backward through the run's dispatch.
+    pub fused_ms: f64,
+    /// Median ms of the same through the reference composition.
+    pub reference_ms: f64,
+}
+
+/// An op of tensors: the inputs in, the output out.
+type Op<'a> = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + 'a>;
+
+/// Compares and times every op on `device` with `config`'s shapes, `iters` timed runs each
+/// after one untimed one.
+pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<KernelReport>> {
+    let config = config.on_device(device);
+    config.train.set_compute(device)?;
+    let m = &config.model;
+    let dtype = config.train.dtype.dtype();
+    let (batch, seq) = (config.train.micro_batch(), config.train.seq_len);
+    let (rows, hidden, heads, kv) = (
+        batch * seq,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.kv_heads(),
+    );
+    let (dim, inter, vocab) = (m.head_dim(), m.intermediate_size, m.vocab_size);
+    let draw = |shape: &[usize]| compare::random(shape, dtype, device);
+    let (cos, sin) = ops::rope_tables(dim, seq, m.rope_theta, dtype, device)?;
+    let targets: Vec<u32> = (0..rows).map(|i| (i * 7919 % vocab) as u32).collect();
+    let targets = Tensor::from_vec(targets, rows, device)?;
+    let eps = m.rms_norm_eps;
+    let widths = (heads * dim, kv * dim);
+    let cases: Vec<(&str, String, Vec<Tensor>, Op, Op)> = vec![
+        (
+            "attention",
+            format!("x {batch}x{seq}x{hidden}, {heads} heads, {kv} kv heads, head dim {dim}"),
+            vec![
+                (draw(&[batch, seq, hidden])? * 0.5)?,
+                (draw(&[widths.0, hidden])? * (hidden as f64).powf(-0.5))?,
+                (draw(&[widths.1, hidden])? * (hidden as f64).powf(-0.5))?,
+                (draw(&[widths.1, hidden])? * (hidden as f64).powf(-0.5))?,
+            ],
+            Box::new(|v| ops::attention(&v[0], (&v[1], &v[2], &v[3]), (&cos, &sin), heads, kv)),
+            Box::new(|v| {
+                let (q, k, w) = (
+                    reference::linear(&v[0], &v[1])?,
+                    reference::linear(&v[0], &v[2])?,
+                    reference::linear(&v[0], &v[3])?,
+                );
+                reference::causal_attention(&q, &k, &w, (&cos, &sin), heads, kv)
+            }),
+        ),
+        (
+            "cross-entropy",
+            format!("x {rows}x{hidden}, head {vocab}x{hidden}"),
+            vec![draw(&[rows, hidden])?, (draw(&[vocab, hidden])? * 0.05)?],
+            Box::new(|v| ops::linear_cross_entropy(&v[0], &v[1], &targets)),
+            Box::new(|v| {
+                let logits = reference::linear(&v[0], &v[1])?.to_dtype(DType::F32)?;
+                reference::cross_entropy(&logits, &targets)
+            }),
+        ),
+        (
+            // The model normalises in f32 (its norm weights' type) under bf16 compute.
+            "rms-norm",
+            format!("x {rows}x{hidden}, f32"),
+            vec![
+                compare::random(&[rows, hidden][..], DType::F32, device)?,
+                compare::random(&[hidden][..], DType::F32, device)?,
+            ],
+            Box::new(move |v| ops::rms_norm(&v[0], &v[1], eps)),
+            Box::new(move |v| reference::rms_norm(&v[0], &v[1], eps)),
+        ),
+        (
+            "swiglu",
+            format!("x {rows}x{hidden}, gate and up {inter}x{hidden}"),
+            vec![
+                draw(&[rows, hidden])?,
+                (draw(&[inter, hidden])? * (hidden as f64).powf(-0.5))?,
+                (draw(&[inter, hidden])? * (hidden as f64).powf(-0.5))?,
+            ],
+            Box::new(|v| ops::swiglu(&v[0], &v[1], &v[2])),
+            Box::new(|v| reference::swiglu(&v[0], &v[1], &v[2])),
+        ),
+    ];
+    let mut reports = Vec::new();
+    for (kernel, shape, inputs, fused, reference) in cases {
+        let worst_difference = compare::worst_difference(&inputs, &fused, &reference)?;
+        let fused_ms = median_ms(&inputs, &fused, device, iters)?;
+        let reference_ms = median_ms(&inputs, &reference, device, iters)?;
+        reports.push(KernelReport {
+            kernel: kernel.to_string(),
+            path: path(kernel, &inputs[0])?,
+            shape,
+            worst_difference,
+            fused_ms,
+            reference_ms,
+        });
+    }
+    Ok(reports)
+}
+
+/// The implementation the dispatch took for `kernel` on an input like `x`.
+fn path(kernel: &str, x: &Tensor) -> Result<String> {
+    if x.device().is_cpu() {
+        let fused = crate::cpu_kernels::fusable(x);
+        return Ok(if fused { "cpu-fused" } else { "reference" }.to_string());
+    }
+    #[cfg(feature = "cuda")]
+    if ops::gpu_self_check::verdict(kernel) == Some(true) {
+        return Ok("triton".to_string());
+    }
+    let _ = kernel;
+    Ok("reference".to_string())
+}
+
+/// The median ms of `iters` forwards and backwards of `op` (after one untimed), the device
+/// synchronised around each.
+fn median_ms(inputs: &[Tensor], op: &Op, device: &Device, iters: usize) -> Result<f64> {
+    let vars = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..=iters {
+        device.synchronize()?;
+        let started = Instant::now();
+        let out = op(&tensors)?;
+        let grads = out.sum_all()?.backward()?;
+        device.synchronize()?;
+        drop(grads);
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(crate::metrics::median(&times))
+}
