@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 
 /// Whether the kernels `what` serve `x`: a CUDA tensor of bf16 or f32, `train.kernels` not
 /// `reference`, and the kernels' self-check `check` passed on its GPU for `shape` ([`passes`]).
-pub(super) fn applies(
+pub(crate) fn applies(
     x: &Tensor,
     what: &str,
     shape: String,
@@ -75,14 +75,14 @@ fn bound(dtype: DType) -> f64 {
 
 /// A standard normal tensor of `dtype` on `device`, drawn on the CPU: the GPU's random
 /// generator is the run's, not the check's.
-pub(super) fn random(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+pub(crate) fn random(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)
 }
 
 /// The largest absolute difference between `a` and `b` over the largest magnitude of `b`.
-pub(super) fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
+pub(crate) fn relative(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?;
     let diff = (a.to_dtype(DType::F64)? - &b)?
         .abs()?

@@ -36,7 +36,7 @@ pub mod cross_entropy_chunked;
 mod embedding;
 mod gelu;
 #[cfg(feature = "cuda")]
-mod gpu_self_check;
+pub(crate) mod gpu_self_check;
 mod kernel;
 mod layer_norm;
 mod linear;
@@ -46,7 +46,7 @@ mod soft_cross_entropy;
 mod softmax;
 mod swiglu;
 #[cfg(feature = "cuda")]
-mod triton;
+pub(crate) mod triton;
 
 use candle_core::{DType, Result, Tensor};
 
