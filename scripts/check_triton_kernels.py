@@ -15,9 +15,15 @@ Tolerances, as the worst absolute difference over the largest magnitude of the t
   math is measured on the same inputs: the kernel must be no less exact than what it replaces.
   (Measured: 0.4-0.7 of the reference's error forward, 0.6-0.9 backward.)
 
+The optimizer's kernels (adam.py: AdamW and Adam-mini updates, the gradient norm's sum of squares)
+run in f32 only, as every run keeps parameters and moments in f32. Tolerances: 1e-6 for each of
+the new parameter, first and second moments (f32 throughout; measured at most 1.7e-7), and 1e-12
+for the sum of squares (f64 sums of exact f64 squares; measured at most 1.8e-16).
+
 --break KERNEL perturbs one kernel's result on purpose (attention: forward, dq, dkdv; the output
-head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, swiglu, swiglu_grad): the
-check must fail.
+head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, swiglu, swiglu_grad; the
+optimizer: adamw_theta, adamw_m, adamw_v, adam_mini_theta, adam_mini_m, adam_mini_v, sum_squares):
+the check must fail.
 """
 
 import argparse
@@ -36,6 +42,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src/model/ops/triton"))
+import adam  # noqa: E402
 import causal_attention as ca  # noqa: E402
 import cross_entropy as ce  # noqa: E402
 import rms_norm as rn  # noqa: E402
@@ -68,6 +75,17 @@ ROW_CASES = [
     (1, 768),
     (130, 1025),
     (67, 2100),
+]
+
+# (n, block) of the optimizer's kernels: AdamW (block 1) over 40,000 elements (40 programs, the
+# last partial; three sum-of-squares parts, the last partial), then Adam-mini with blocks of 100
+# (odd, under one chunk), 768 (llama134m's rows) and 2,100 (three chunks, the last partial); n
+# never a multiple of BLOCK.
+OPTIMIZER_CASES = [
+    (40000, 1),
+    (3700, 100),
+    (3840, 768),
+    (4200, 2100),
 ]
 
 
@@ -259,6 +277,70 @@ def check_rows(case, dtype, broken):
     return result
 
 
+def optimizer_kernels(theta, grad, moments, block, h, broken=None):
+    """The update (AdamW or Adam-mini by the block) and the sum of squares, as the CUDA build
+    launches them: the hyper-parameters rounded once to f32 from the same f64 values as the CPU
+    op's, the parts of the sum added in order."""
+    n = theta.numel()
+    out = torch.full((2 * n + n // block,), float("nan"), dtype=torch.float32)
+    # f32 values as Python floats: the interpreter computes with a float argument unrounded (an
+    # f32 kernel parameter on the GPU).
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    scalars = dict(beta1=f32(h["beta1"]), beta2=f32(h["beta2"]), eps=f32(h["eps"]),
+                   keep=f32(1.0 - h["decay"]), step=f32(h["lr"] / h["bias1"]),
+                   inv_bias2=f32(1.0 / h["bias2_sqrt"]), grad_scale=f32(h["grad_scale"]))
+    kind = "adamw" if block == 1 else "adam_mini"
+    if block == 1:
+        adam.adamw_update[(ca.cdiv(n, adam.BLOCK),)](
+            theta, grad, moments, out, n, **scalars, BLOCK=adam.BLOCK)
+    else:
+        adam.adam_mini_update[(n // block,)](
+            theta, grad, moments, out, n, block, **scalars, inv_block=f32(1.0 / block),
+            BLOCK=adam.BLOCK)
+    results = {"theta": out[:n], "m": out[n:2 * n], "v": out[2 * n:]}
+    part = torch.full((max(ca.cdiv(n, adam.BLOCK * adam.STEPS), 1),), float("nan"),
+                      dtype=torch.float64)
+    adam.sum_squares_part[(part.numel(),)](grad, part, n, BLOCK=adam.BLOCK, STEPS=adam.STEPS)
+    total = torch.zeros((), dtype=torch.float64)
+    for p in part:
+        total += p
+    results["sum_squares"] = total.reshape(1)
+    for name, result in results.items():
+        if broken in (f"{kind}_{name}", name):
+            result[-1] += 0.02 * result.abs().max()
+    return results
+
+
+def check_optimizer(case, dtype, broken):
+    """One Adam update (AdamW, or Adam-mini per block) and the gradient's sum of squares against
+    the math in float64 from the same f32 inputs and the unrounded hyper-parameters: step 3, a
+    learning rate (0.1) that makes the update as large as the parameters, weight decay, a clip
+    scale. Bounds: 1e-6 for each result (f32 throughout), 1e-12 for the sum (f64)."""
+    n, block = case
+    torch.manual_seed(n + block)
+    lr, beta1, beta2, t = 0.1, 0.9, 0.95, 3
+    h = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, decay=lr * 0.1, grad_scale=0.7,
+             bias1=1.0 - beta1 ** t, bias2_sqrt=math.sqrt(1.0 - beta2 ** t))
+    draw = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    theta, grad = draw(n).to(dtype), draw(n).to(dtype)
+    moments = torch.cat([0.1 * draw(n), 0.05 * draw(n // block) ** 2]).to(dtype)
+    g = grad.double() * h["grad_scale"]
+    m = beta1 * moments[:n].double() + (1 - beta1) * g
+    v = beta2 * moments[n:].double() + (1 - beta2) * (g * g).reshape(-1, block).mean(1)
+    denominator = v.sqrt() / h["bias2_sqrt"] + h["eps"]
+    update = (m.reshape(-1, block) / denominator[:, None]).reshape(-1) * (lr / h["bias1"])
+    exact = dict(theta=theta.double() * (1 - h["decay"]) - update, m=m, v=v,
+                 sum_squares=(grad.double() ** 2).sum().reshape(1))
+    got = optimizer_kernels(theta, grad, moments, block, h, broken)
+    result = {"case": dict(n=n, block=block), "dtype": str(dtype).removeprefix("torch."),
+              "kernel": "adamw" if block == 1 else "adam_mini"}
+    result.update({f"{k}_error": error(got[k], exact[k]) for k in exact})
+    bounds = dict(theta=1e-6, m=1e-6, v=1e-6, sum_squares=1e-12)
+    result["bounds"] = bounds
+    result["ok"] = all(result[f"{k}_error"] <= bounds[k] for k in exact)
+    return result
+
+
 def error(got, truth):
     return ((got.double() - truth).abs().max() / truth.abs().max()).item()
 
@@ -292,29 +374,35 @@ def check(case, dtype, broken):
     return result
 
 
-# Each family of kernels: its check, its cases, and the kernels --break can perturb in it.
+# Each family of kernels: its check, its cases, the kernels --break can perturb in it, and the
+# operand types it is checked in.
+BOTH = (torch.float32, torch.bfloat16)
 FAMILIES = [
-    (check, CASES, ("forward", "dq", "dkdv")),
-    (check_cross_entropy, CROSS_ENTROPY_CASES, ("lse", "grad")),
-    (check_rows, ROW_CASES, ("rms_norm", "rms_norm_dx", "rms_norm_dw", "swiglu", "swiglu_grad")),
+    (check, CASES, ("forward", "dq", "dkdv"), BOTH),
+    (check_cross_entropy, CROSS_ENTROPY_CASES, ("lse", "grad"), BOTH),
+    (check_rows, ROW_CASES, ("rms_norm", "rms_norm_dx", "rms_norm_dw", "swiglu", "swiglu_grad"),
+     BOTH),
+    (check_optimizer, OPTIMIZER_CASES, ("adamw_theta", "adamw_m", "adamw_v", "adam_mini_theta",
+                                        "adam_mini_m", "adam_mini_v", "sum_squares"),
+     (torch.float32,)),
 ]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--break", dest="broken",
-                        choices=[k for _, _, kernels in FAMILIES for k in kernels])
+                        choices=[k for _, _, kernels, _ in FAMILIES for k in kernels])
     parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     mend_interpreter_bf16()
     failed = 0
-    for check_case, cases, kernels in FAMILIES:
+    for check_case, cases, kernels, dtypes in FAMILIES:
         # A broken kernel is looked for in its own family only.
         if args.broken and args.broken not in kernels:
             continue
         for case in cases[:args.cases]:
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in dtypes:
                 result = check_case(case, dtype, args.broken)
                 print(json.dumps(result), flush=True)
                 failed += not result["ok"]

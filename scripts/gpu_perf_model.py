@@ -86,7 +86,7 @@ def main():
     print()
     print("CUDA path now (our kernels: " + ", ".join(KERNELS) + "):")
     print_op_table(now, RUNS_NOW, False)
-    print_step_table([("reference", ref), ("now", now)], opt)
+    print_step_table([("reference", ref, opt), ("now", now, plan.opt_code)])
     print_memory(ref, now)
     plan.print_table()
     plan.print_end_state()

@@ -1,8 +1,9 @@
 //! The arithmetic of our Triton kernels (`src/model/ops/triton/`), checked on the CPU: the
 //! kernel source the CUDA build compiles to cubins, run by Triton's interpreter against the
-//! math in float64, forward and backward, at odd shapes (`scripts/check_triton_kernels.py`,
-//! which states the cases and tolerances). Needs `BSFA_PYTHON` with torch and triton
-//! (`scripts/install_test_tools.sh`); skips without it unless `BSFA_REQUIRE_TOOLS` is set.
+//! math in float64, forward and backward (the optimizer's: the update and the sum of squares),
+//! at odd shapes (`scripts/check_triton_kernels.py`, which states the cases and tolerances).
+//! Needs `BSFA_PYTHON` with torch and triton (`scripts/install_test_tools.sh`); skips without
+//! it unless `BSFA_REQUIRE_TOOLS` is set.
 
 mod common;
 
@@ -50,6 +51,13 @@ fn a_broken_kernel_fails_the_check() {
         "rms_norm_dw",
         "swiglu",
         "swiglu_grad",
+        "adamw_theta",
+        "adamw_m",
+        "adamw_v",
+        "adam_mini_theta",
+        "adam_mini_m",
+        "adam_mini_v",
+        "sum_squares",
     ];
     for kernel in kernels {
         if let Some((ok, output)) = check(Some(kernel)) {

@@ -79,6 +79,20 @@ def fused_optimizer(block_mini):
     return t_bw(per * n) + t_bw(4 * n) + 6 * MIN_KERNEL + SYNC
 
 
+def code_optimizer(block_mini):
+    """The fused update as the code has it (src/optim/fused_cuda.rs): per parameter one Triton
+    update kernel (AdamW 28 B per value, Adam-mini 24 B) whose packed output's new values
+    `Var::set` copies into the parameter (8 B), and the gradient norm's sum-of-squares kernel
+    (4 B) with candle's reduction of its parts; then one stack, sum and host read for the clip
+    scale. GPU time against the host's launches, whichever binds."""
+    shapes = param_shapes()
+    n = sum(prod(sh) for _, sh, _, _ in shapes)
+    per = 24 if block_mini else 28
+    gpu = t_bw((per + 8) * n) + t_bw(4 * n) + 4 * len(shapes) * MIN_KERNEL
+    launches = 4 * len(shapes) + 3
+    return max(gpu, launches * LAUNCH) + SYNC
+
+
 def fused_bsfa(bits):
     n = sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS)
     k, m = BSFA_K, BSFA_L

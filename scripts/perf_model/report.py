@@ -111,6 +111,16 @@ def optimizer_times(r):
             "Adam-mini + BSFA 4-bit": r.t_clip + r.t_mini + r.t_b4 + r.t_b4_re / BSFA_T}
 
 
+def optimizer_times_now(r):
+    """`optimizer_times` with the fused update and gradient norm the code has on CUDA
+    (`fused.code_optimizer`); BSFA's projection still takes its tensor ops."""
+    from .fused import code_optimizer
+    mini = code_optimizer(True)
+    return {"AdamW": code_optimizer(False),
+            "Adam-mini + BSFA f32": mini + r.t_b32 + r.t_b32_re / BSFA_T,
+            "Adam-mini + BSFA 4-bit": mini + r.t_b4 + r.t_b4_re / BSFA_T}
+
+
 def steps(r, micro_t, opt_t):
     """The bench step (one micro-batch) and the preset's step (40 of them)."""
     bench = micro_t + opt_t
@@ -122,13 +132,14 @@ def mfu(r, tokens, secs):
     return r.flops_tok * tokens / secs / PEAK_BF16
 
 
-def print_step_table(paths, opt):
-    """`paths`: (name, Run) of each code path; its micro-batch with each optimizer."""
+def print_step_table(paths):
+    """`paths`: (name, Run, optimizer times) of each code path; its micro-batch with each
+    optimizer."""
     print()
     print("| path | optimizer | bench step (batch 12) | tokens/s | MFU | preset step (480 x 1024) "
           "| tokens/s | MFU |")
     print("|---|---|---|---|---|---|---|---|")
-    for path, r in paths:
+    for path, r, opt in paths:
         for name, o in opt.items():
             s1, s40 = steps(r, r.micro_time(), o)
             print(f"| {path} | {name} | {fmt_ms(s1)} ms | {N / s1:,.0f} | "

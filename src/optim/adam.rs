@@ -7,7 +7,7 @@
 //! Weight decay, as in both references, skips norm weights (Adam-mini: names containing
 //! `norm`, `ln` or `bias`; here: tensors of rank 1, the same set for LLaMA).
 
-use super::fused::AdamUpdate;
+use super::fused::{gpu_update_applies, AdamUpdate};
 use super::OptimizerConfig;
 use super::{fusable, Optimizer, OptimizerState};
 use crate::model::Param;
@@ -122,7 +122,8 @@ impl Adam {
 impl Optimizer for Adam {
     /// PyTorch's AdamW: `p *= 1 - lr*wd`; `m = b1 m + (1-b1) g`; `v = b2 v + (1-b2) g^2`
     /// (Adam-mini: the mean of `g^2` over the block); `p -= lr/(1-b1^t) * m /
-    /// (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per parameter on the CPU.
+    /// (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per parameter on the CPU, and on a
+    /// GPU (f32) once its Triton kernel passed its self-check there for the block size.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if params.len() != self.moments.len() || grads.len() != params.len() {
             bail!(
@@ -152,7 +153,11 @@ impl Optimizer for Adam {
             };
             let theta = param.var.as_tensor();
             let n = theta.elem_count();
-            let (new_theta, moments) = if fusable(theta) {
+            let fused = fusable(theta)
+                || gpu_update_applies(theta, &h, &|t, g, m, h| {
+                    self.update_with_tensor_ops(t, g, m, h)
+                });
+            let (new_theta, moments) = if fused {
                 let packed = theta.contiguous()?.apply_op3_no_bwd(
                     &grad.contiguous()?,
                     &self.moments[i],

@@ -178,9 +178,10 @@ fn norm_with(grads: &[Tensor], squares: fn(&Tensor) -> Result<Tensor>) -> Result
 }
 
 /// The sum of squares of `g` as a 0-dim f64 tensor on `g`'s device, without a host read:
-/// the fused kernel on the CPU, candle ops elsewhere.
+/// the fused kernel on the CPU and (f32, once its self-check passed) on a GPU, candle ops
+/// elsewhere.
 fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
-    if fusable(g) {
+    if fusable(g) || fused::gpu_sum_applies(g, tensor_sum_of_squares) {
         Ok(g.contiguous()?.apply_op1_no_bwd(&fused::SumSquares)?)
     } else {
         tensor_sum_of_squares(g)

@@ -28,7 +28,7 @@ pub(crate) fn verdict(what: &str) -> Option<bool> {
 
 /// Whether the kernels `what` serve `x`: a CUDA tensor of bf16 or f32, `train.kernels` not
 /// `reference`, and the kernels' self-check `check` passed on its GPU for `shape` ([`passes`]).
-pub(super) fn applies(
+pub(crate) fn applies(
     x: &Tensor,
     what: &str,
     shape: String,

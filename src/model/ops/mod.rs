@@ -47,7 +47,7 @@ mod soft_cross_entropy;
 mod softmax;
 mod swiglu;
 #[cfg(feature = "cuda")]
-mod triton;
+pub(crate) mod triton;
 
 use candle_core::{DType, Result, Tensor};
 

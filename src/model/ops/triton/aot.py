@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def kernels():
     """(kernel, variant, signature, constexprs, options) for every cubin, any architecture."""
+    import adam
     import causal_attention as ca
     import cross_entropy as ce
     import rms_norm as rn
@@ -79,6 +80,20 @@ def kernels():
         out.append((sg.swiglu_forward, dtype, dict(gu=ptr, y=ptr, inter="i32"), block, options))
         out.append((sg.swiglu_backward, dtype, dict(gu=ptr, dy=ptr, d_gu=ptr, inter="i32"),
                     block, options))
+    # The optimizer: f32 only (parameters and moments are f32 in every run); no fused
+    # multiply-adds, so that AdamW's update is the CPU op's arithmetic operation for operation.
+    ptr = "*fp32"
+    hyper = dict(beta1="fp32", beta2="fp32", eps="fp32", keep="fp32", step="fp32",
+                 inv_bias2="fp32", grad_scale="fp32")
+    options = dict(num_warps=4, enable_fp_fusion=False)
+    tensors = dict(theta=ptr, grad=ptr, moments=ptr, out=ptr, n="i32")
+    out.append((adam.adamw_update, "fp32", dict(**tensors, **hyper), dict(BLOCK=adam.BLOCK),
+                options))
+    out.append((adam.adam_mini_update, "fp32", dict(**tensors, block="i32", **hyper,
+                                                     inv_block="fp32"),
+                dict(BLOCK=adam.BLOCK), options))
+    out.append((adam.sum_squares_part, "fp32", dict(x=ptr, part="*fp64", n="i32"),
+                dict(BLOCK=adam.BLOCK, STEPS=adam.STEPS), dict(num_warps=4)))
     return out
 
 
@@ -131,6 +146,7 @@ def compile_all(out_dir, archs):
 def rust(entries, out_dir):
     """The table as Rust: per kernel its parameter names (the same in every variant), the tile
     sizes, and every cubin."""
+    import adam
     import causal_attention as ca
     import rms_norm as rn
     import swiglu as sg
@@ -145,7 +161,11 @@ def rust(entries, out_dir):
              "/// Rows per program of `rms_norm_dw` (`ROWS`).",
              f"pub const RMS_NORM_ROWS: u32 = {rn.ROWS};",
              "/// Columns per program of the SwiGLU kernels (`BLOCK`).",
-             f"pub const SWIGLU_BLOCK: u32 = {sg.BLOCK};"]
+             f"pub const SWIGLU_BLOCK: u32 = {sg.BLOCK};",
+             "/// Elements per program of `adamw_update`, and per chunk of `adam_mini_update`.",
+             f"pub const ADAM_BLOCK: u32 = {adam.BLOCK};",
+             "/// Elements per program (one f64 part) of `sum_squares_part` (`BLOCK * STEPS`).",
+             f"pub const SUM_SQUARES_PER_PROGRAM: u32 = {adam.BLOCK * adam.STEPS};"]
     params = {}
     for e in entries:
         names = [p["name"] for p in e["params"]]
