@@ -240,7 +240,7 @@ def row_kernels(x, w, dy, gu, dyg, eps, broken=None):
     rn.rms_norm_dx[(rows,)](x, w, dy, dx, n, eps, BLOCK=rn.BLOCK)
     rn.rms_norm_dw[(parts, ca.cdiv(n, rn.BLOCK))](x, dy, dw_part, rows, n, eps,
                                                    BLOCK=rn.BLOCK, ROWS=rn.ROWS)
-    dw = dw_part.sum(0).to(x.dtype)
+    dw = dw_part.sum(0)             # f32, the weight's type
     out = torch.empty(rows, inter, dtype=gu.dtype)
     d_gu = torch.empty_like(gu)
     grid = (rows, ca.cdiv(inter, sg.BLOCK))
@@ -260,7 +260,8 @@ def check_rows(case, dtype, broken):
     torch.manual_seed(rows + n)
     eps = 1e-5
     draw = lambda *shape: torch.randn(*shape, dtype=torch.float64).to(dtype)  # noqa: E731
-    x, w, dy, gu, dyg = draw(rows, n), draw(n), draw(rows, n), draw(rows, 2 * n), draw(rows, n)
+    x, dy, gu, dyg = draw(rows, n), draw(rows, n), draw(rows, 2 * n), draw(rows, n)
+    w = torch.randn(n, dtype=torch.float64).to(torch.float32)   # f32 norm weights, as LLaMA's
     xe, we, gue = (t.double().requires_grad_() for t in (x, w, gu))
     ye = xe * (xe.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * we
     dxe, dwe = torch.autograd.grad(ye, (xe, we), dy.double())

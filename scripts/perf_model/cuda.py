@@ -7,12 +7,12 @@ them for the names in `kernels`; the reference ops run the rest.
 - "embedding": candle's `index_select` forward, our embedding.cu backward.
 - "cross_entropy": the output head fused with the cross-entropy, chunked over rows, gradients
   made in the forward (Liger's scheme).
-- "rms_norm": RMSNorm's Triton kernels (rms_norm.py) in the f32 the model normalises in.
+- "rms_norm": RMSNorm's Triton kernels (rms_norm.py) on the bf16 rows with f32 weights.
 - "swiglu": the gate and up projections as one linear layer, SwiGLU's Triton kernels
   (swiglu.py) on its packed output."""
 from .backward import Grad, temp_done
 from .hw import EFF_BW, HBM, HD, MIN_KERNEL, PEAK_BF16, prod
-from .sim import S, cat, custom, matmul, reshape, to_dtype, transpose
+from .sim import S, cat, custom, matmul, reshape, transpose
 
 # The kernels, in the names `forward`'s `kernels` takes.
 KERNELS = ("attention", "embedding", "cross_entropy", "rms_norm", "swiglu")
@@ -166,30 +166,29 @@ def ce_extra_bytes(d):
 
 
 def rms_norm(x, w):
-    """Llama::norm with ops::rms_norm on CUDA: x to f32, `rms_norm_forward` (one program per
-    row: reads the row twice, writes y), back to bf16. Backward: `rms_norm_dx` (reads x, dy
-    twice and w, writes dx) and `rms_norm_dw` (reads x twice and dy, writes f32 parts per 64
-    rows), the parts summed by candle's reduction and copied to x's type."""
+    """Llama::norm with ops::rms_norm on CUDA: `rms_norm_forward` on the bf16 rows with the f32
+    weight (one program per row: reads the row twice, writes y in bf16), no casts. Backward:
+    `rms_norm_dx` (reads x, dy twice and w, writes dx in bf16) and `rms_norm_dw` (reads x twice
+    and dy, writes f32 parts per 64 rows), the parts summed by candle's reduction (f32, the
+    weight's type)."""
     S.group = "RMSNorm"
-    xf = to_dtype(x, "f32")
-    rows, n = prod(xf.shape[:-1]), xf.shape[-1]
+    rows, n = prod(x.shape[:-1]), x.shape[-1]
     parts = -(-rows // 64) * n * 4
 
     def backward(bw, node, grad):
-        dx, dw = Grad(xf.shape, xf.dtype), Grad(w.shape, w.dtype)
-        S.k("rms-norm-dx", nbytes=2 * xf.nbytes + 2 * grad.nbytes + dx.nbytes)
+        dx, dw = Grad(x.shape, x.dtype), Grad(w.shape, w.dtype)
+        S.k("rms-norm-dx", nbytes=2 * x.nbytes + 2 * grad.nbytes + dx.nbytes + w.nbytes)
         S.alloc(parts)
-        S.k("rms-norm-dw", nbytes=2 * xf.nbytes + grad.nbytes + parts)
+        S.k("rms-norm-dw", nbytes=2 * x.nbytes + grad.nbytes + parts)
         S.k("reduce-sum", nbytes=parts + 4 * n)
-        S.k("cast", nbytes=8 * n)
         S.free(parts)
-        bw.accumulate(xf, dx)
+        bw.accumulate(x, dx)
         bw.accumulate(w, dw)
         temp_done(dx, dw)
 
-    y = custom([xf, w], xf.shape, "f32", backward)
-    S.k("rms-norm-forward", nbytes=3 * xf.nbytes + w.nbytes)
-    return to_dtype(y, "bf16")
+    y = custom([x, w], x.shape, x.dtype, backward)
+    S.k("rms-norm-forward", nbytes=3 * x.nbytes + w.nbytes)
+    return y
 
 
 def swiglu(x, w_gate, w_up):

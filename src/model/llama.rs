@@ -319,12 +319,8 @@ impl Llama {
 
     /// RMSNorm in the weights' type (f32 under bf16 compute), returned in the compute type.
     fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        rms_norm(
-            &x.to_dtype(weight.dtype())?,
-            weight,
-            self.config.rms_norm_eps,
-        )?
-        .to_dtype(self.compute)
+        // `x` is in the compute type, which `rms_norm` returns.
+        rms_norm(x, weight, self.config.rms_norm_eps)
     }
 
     /// The final normalised hidden states (`batch x seq x hidden`).

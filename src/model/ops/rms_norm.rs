@@ -8,24 +8,34 @@ use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, computed in the
+/// weight's type and returned in `x`'s (LLaMA normalises bf16 activations with f32 weights).
+/// On a GPU with our kernels the bf16 rows are read and written as they are; elsewhere `x` is
+/// cast to the weight's type and the result back.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fusable(x) || gpu_kernels_apply(x, eps) {
-        x.contiguous()?
-            .apply_op2(&weight.contiguous()?, RmsNorm { eps })
-    } else {
-        reference::rms_norm(x, weight, eps)
+    if gpu_kernels_apply(x, weight, eps) {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, RmsNorm { eps });
     }
+    let wide = x.to_dtype(weight.dtype())?;
+    let y = if fusable(&wide) {
+        wide.contiguous()?
+            .apply_op2(&weight.contiguous()?, RmsNorm { eps })?
+    } else {
+        reference::rms_norm(&wide, weight, eps)?
+    };
+    y.to_dtype(x.dtype())
 }
 
-/// Whether `x` is on a GPU whose Triton RMSNorm kernels serve it (`cuda` module).
+/// Whether `x` is on a GPU whose Triton RMSNorm kernels serve it with `weight` (`cuda` module).
 #[cfg(feature = "cuda")]
-fn gpu_kernels_apply(x: &Tensor, eps: f64) -> bool {
-    cuda::applies(x, eps)
+fn gpu_kernels_apply(x: &Tensor, weight: &Tensor, eps: f64) -> bool {
+    cuda::applies(x, weight, eps)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_kernels_apply(_: &Tensor, _: f64) -> bool {
+fn gpu_kernels_apply(_: &Tensor, _: &Tensor, _: f64) -> bool {
     false
 }
 

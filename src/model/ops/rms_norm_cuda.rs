@@ -1,7 +1,7 @@
 //! RMSNorm on CUDA: the Triton kernels of `triton/rms_norm.py` (layouts and grids stated
 //! there) behind the op's `cuda_fwd` (`rms_norm_forward`) and its gradient ops'
 //! (`rms_norm_dx`; `rms_norm_dw`, whose per-program parts are summed here in a fixed order),
-//! bf16 or f32. Before a GPU's first use for a type and width, [`applies`] checks them against
+//! bf16 or f32 rows with f32 weights (the weight's gradient is f32). Before a GPU's first use for a type and width, [`applies`] checks them against
 //! the reference composition.
 
 use super::super::gpu_self_check as self_check;
@@ -12,17 +12,24 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-/// Whether RMSNorm on `x` (`... x n`) with `eps` runs our kernels.
-pub(super) fn applies(x: &Tensor, eps: f64) -> bool {
+/// Whether RMSNorm on `x` (`... x n`, bf16 or f32) with the f32 `weight` and `eps` runs our
+/// kernels.
+pub(super) fn applies(x: &Tensor, weight: &Tensor, eps: f64) -> bool {
     let Some(&n) = x.dims().last() else {
         return false;
     };
-    self_check::applies(x, "rms-norm", format!("width {n}"), || {
-        let draw = |shape: &[usize]| self_check::random(shape, x.dtype(), x.device());
+    if weight.dtype() != DType::F32 {
+        return false;
+    }
+    self_check::applies(x, "rms-norm", format!("width {n}, f32 weight"), || {
+        let rows = self_check::random(&[130, n][..], x.dtype(), x.device())?;
+        let w = self_check::random(&[n][..], DType::F32, x.device())?;
         self_check::worst_difference(
-            &[draw(&[130, n])?, draw(&[n])?],
+            &[rows, w],
             |v| v[0].apply_op2(&v[1], RmsNorm { eps }),
-            |v| reference::rms_norm(&v[0], &v[1], eps),
+            |v| {
+                reference::rms_norm(&v[0].to_dtype(DType::F32)?, &v[1], eps)?.to_dtype(v[0].dtype())
+            },
         )
     })
 }
@@ -66,7 +73,7 @@ pub(super) fn forward(
         let device = x.device().clone();
         let kernel = triton::load_for(x, "rms_norm_forward")?;
         let (rows, n) = sizes(xl);
-        let (xv, wv) = (triton::view::<T>(x, xl)?, triton::view::<T>(w, wl)?);
+        let (xv, wv) = (triton::view::<T>(x, xl)?, triton::view::<f32>(w, wl)?);
         // SAFETY: one program per row writes all of it.
         let y = unsafe { device.alloc::<T>(rows * n)? };
         let width = triton::int(n)?;
@@ -98,7 +105,7 @@ pub(super) fn grad_input(
         let device = x.device().clone();
         let kernel = triton::load_for(x, "rms_norm_dx")?;
         let (rows, n) = sizes(xl);
-        let (xv, wv) = (triton::view::<T>(x, xl)?, triton::view::<T>(w, wl)?);
+        let (xv, wv) = (triton::view::<T>(x, xl)?, triton::view::<f32>(w, wl)?);
         let dyv = triton::view::<T>(dy, dyl)?;
         // SAFETY: one program per row writes all of it.
         let dx = unsafe { device.alloc::<T>(rows * n)? };
@@ -116,8 +123,8 @@ pub(super) fn grad_input(
     Ok((dx, xl.shape().clone()))
 }
 
-/// `dw = sum over rows of dy * x * r` (`n`, `x`'s type): the kernel's f32 parts per block of
-/// rows, summed over the blocks in order.
+/// `dw = sum over rows of dy * x * r` (`n`, f32): the kernel's f32 parts per block of rows,
+/// summed over the blocks in order.
 pub(super) fn grad_weight(
     (x, xl): (&CudaStorage, &Layout),
     (dy, dyl): (&CudaStorage, &Layout),
@@ -143,11 +150,11 @@ pub(super) fn grad_weight(
             x = &xv, dy = &dyv, dw_part = &dw_part, rows = &count, n = &width, eps = &eps,
             scratch0 = &null, scratch1 = &null)
         .w()?;
-        // The parts summed by candle's reduction over the first dimension, then cast.
+        // The parts summed by candle's reduction over the first dimension: f32, the weight's
+        // type.
         let layout = Layout::contiguous((parts as usize, n));
         let parts = CudaStorage::wrap_cuda_slice(dw_part, device);
-        let sum = parts.reduce_op(candle_core::op::ReduceOp::Sum, &layout, &[0])?;
-        sum.to_dtype(&Layout::contiguous(n), x.dtype())
+        parts.reduce_op(candle_core::op::ReduceOp::Sum, &layout, &[0])
     }
     let dw = dispatch!(x, |T| run::<T>((x, xl), (dy, dyl), eps as f32)?);
     Ok((dw, Shape::from(sizes(xl).1)))

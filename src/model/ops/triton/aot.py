@@ -69,10 +69,11 @@ def kernels():
             logits=ptr, lse="*fp32", targets="*u32", vocab="i32", scale="fp32"), block, options))
         rows = dict(BLOCK=rn.BLOCK)
         options = dict(num_warps=4)
-        out.append((rn.rms_norm_forward, dtype, dict(x=ptr, w=ptr, y=ptr, n="i32", eps="fp32"),
-                    rows, options))
-        out.append((rn.rms_norm_dx, dtype, dict(x=ptr, w=ptr, dy=ptr, dx=ptr, n="i32", eps="fp32"),
-                    rows, options))
+        # The weight is f32 in every variant: LLaMA normalises bf16 rows with f32 weights.
+        out.append((rn.rms_norm_forward, dtype, dict(x=ptr, w="*fp32", y=ptr, n="i32",
+                                                     eps="fp32"), rows, options))
+        out.append((rn.rms_norm_dx, dtype, dict(x=ptr, w="*fp32", dy=ptr, dx=ptr, n="i32",
+                                                eps="fp32"), rows, options))
         out.append((rn.rms_norm_dw, dtype, dict(
             x=ptr, dy=ptr, dw_part="*fp32", rows="i32", n="i32", eps="fp32"),
             dict(BLOCK=rn.BLOCK, ROWS=rn.ROWS), options))

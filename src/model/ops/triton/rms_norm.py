@@ -2,13 +2,13 @@
 `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
 
 Layouts (contiguous, row-major; element strides):
-  x, y, dy, dx   rows x n
-  w              n
+  x, y, dy, dx   rows x n, bf16 or f32
+  w              n, f32 (the model's norm weights stay f32 under bf16 compute)
   dw_part        cdiv(rows, ROWS) x n, f32: each program's sum over its rows of dy * x * r (the
                  launch code sums them in a fixed order: no atomics, deterministic)
 
-Precision: bf16 or f32 operands, f32 arithmetic and sums, each result rounded once to the
-operands' type (dw_part stays f32).
+Precision: bf16 or f32 rows, f32 weights, f32 arithmetic and sums, each row result rounded once
+to the rows' type (dw_part stays f32, the weight's type).
 
 Grids: forward and rms_norm_dx (rows,), one program per row, looping over the row in blocks of
 BLOCK columns (any n); rms_norm_dw (cdiv(rows, ROWS), cdiv(n, BLOCK)), one program per ROWS rows
