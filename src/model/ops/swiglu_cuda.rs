@@ -53,6 +53,15 @@ fn sizes(l: &Layout) -> Result<(usize, usize)> {
     Ok((l.shape().elem_count() / width, width / 2))
 }
 
+/// The kernels' grid: one row and `SWIGLU_BLOCK` columns of `inter` per program.
+fn grid(rows: usize, inter: usize) -> Result<(u32, u32, u32)> {
+    Ok((
+        triton::blocks(rows, 1)?,
+        triton::blocks(inter, triton::SWIGLU_BLOCK)?,
+        1,
+    ))
+}
+
 /// `silu(gate) * up` of the packed `gu` (`... x 2 inter`): `... x inter`.
 pub(super) fn forward(gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     fn run<T: CudaDType + DeviceRepr>(gu: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -62,12 +71,7 @@ pub(super) fn forward(gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
         let input = triton::view::<T>(gu, l)?;
         // SAFETY: the grid covers every row and column of `y`.
         let y = unsafe { device.alloc::<T>(rows * inter)? };
-        let width = triton::int(inter)?;
-        let grid = (
-            triton::blocks(rows, 1)?,
-            triton::blocks(inter, triton::SWIGLU_BLOCK)?,
-            1,
-        );
+        let (width, grid) = (triton::int(inter)?, grid(rows, inter)?);
         let null = 0u64;
         let stream = device.cuda_stream();
         launch!(stream, kernel, kernel.config(grid), triton::SWIGLU_FORWARD_PARAMS;
@@ -104,12 +108,7 @@ pub(super) fn backward(
         let (input, d_out) = (triton::view::<T>(gu, l)?, triton::view::<T>(dy, dyl)?);
         // SAFETY: the grid covers every row; each program writes its gate and up columns.
         let d_gu = unsafe { device.alloc::<T>(rows * 2 * inter)? };
-        let width = triton::int(inter)?;
-        let grid = (
-            triton::blocks(rows, 1)?,
-            triton::blocks(inter, triton::SWIGLU_BLOCK)?,
-            1,
-        );
+        let (width, grid) = (triton::int(inter)?, grid(rows, inter)?);
         let null = 0u64;
         let stream = device.cuda_stream();
         launch!(stream, kernel, kernel.config(grid), triton::SWIGLU_BACKWARD_PARAMS;
