@@ -100,6 +100,7 @@ pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
             out: dir.clone(),
             shard_tokens: prepare::DEFAULT_SHARD_TOKENS,
             val_tokens: prepare::DEFAULT_VAL_TOKENS,
+            revision: data.revision.clone(),
         })
         .map_err(|e| unprepared(name, data, e))?;
     }
