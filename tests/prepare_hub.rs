@@ -390,6 +390,21 @@ fn openwebtext_is_the_whole_main_branch_set_in_order_with_counts() {
         .collect();
     assert_eq!(meta["hub"]["files"], serde_json::json!(names));
 
+    // A folder prepared before #27 (no record of the hub files read: OpenWebText's were the
+    // partial conversion) is not taken as prepared: it is prepared again.
+    let meta_path = shards.join("meta.json");
+    let mut old_meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    old_meta.as_object_mut().unwrap().remove("hub");
+    std::fs::write(&meta_path, old_meta.to_string()).unwrap();
+    let output = prepare_owt(&[], &online);
+    assert!(
+        !stderr(&output).contains("nothing to do"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(ok_summary(output)["hub"], meta["hub"]);
+
     // Offline, the same revision comes from the hub cache alone.
     let cached = dir.path().join("cached");
     let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HOME", home)];

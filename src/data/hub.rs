@@ -124,22 +124,10 @@ pub struct HubFiles {
 /// the hub cache's copy of that revision.
 pub fn list(dataset: &KnownDataset, revision: Option<&str>) -> Result<HubFiles> {
     let revision = revision.unwrap_or(dataset.revision).to_string();
-    let (commit, names) = if offline() {
-        cached_listing(dataset.repo, &revision)?
-    } else {
-        let handle = api()?.repo(dataset_repo(dataset.repo, &revision));
-        let info = retrying(&format!("the file list of '{}'", dataset.repo), || {
-            handle.info()
-        })?;
-        // Offline runs find this revision in the cache by this reference (files are
-        // downloaded at the commit, which records only the commit's own).
-        hf_hub::Cache::from_env()
-            .repo(dataset_repo(dataset.repo, &revision))
-            .create_ref(&info.sha)
-            .context("cannot write to the Hugging Face cache")?;
-        let names = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        (info.sha, names)
-    };
+    // Only a failure to reach the listing gets the advice to prepare elsewhere: a refused
+    // listing would be refused there too.
+    let (commit, names) = fetch_listing(dataset, &revision)
+        .map_err(|e| super::prepare::offline_advice(dataset.name, e))?;
     let files = dataset_files(dataset, &revision, &names)?;
     Ok(HubFiles {
         repo: dataset.repo.to_string(),
@@ -147,6 +135,27 @@ pub fn list(dataset: &KnownDataset, revision: Option<&str>) -> Result<HubFiles> 
         commit,
         files,
     })
+}
+
+/// The commit `revision` resolves to and every file at it: from the hub, or offline from
+/// the hub cache's copy.
+fn fetch_listing(dataset: &KnownDataset, revision: &str) -> Result<(String, Vec<String>)> {
+    if offline() {
+        cached_listing(dataset.repo, revision)
+    } else {
+        let handle = api()?.repo(dataset_repo(dataset.repo, revision));
+        let info = retrying(&format!("the file list of '{}'", dataset.repo), || {
+            handle.info()
+        })?;
+        // Offline runs find this revision in the cache by this reference (files are
+        // downloaded at the commit, which records only the commit's own).
+        hf_hub::Cache::from_env()
+            .repo(dataset_repo(dataset.repo, revision))
+            .create_ref(&info.sha)
+            .context("cannot write to the Hugging Face cache")?;
+        let names = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        Ok((info.sha, names))
+    }
 }
 
 /// The parquet files under the dataset's folder, refused when they are a partial conversion

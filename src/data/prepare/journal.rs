@@ -31,6 +31,8 @@ pub struct Journal {
     pub sink: Option<SinkState>,
     /// The file holding the split's unwritten tokens.
     pub carry: Option<String>,
+    /// How many tokens it holds.
+    pub carried: usize,
 }
 
 impl Journal {
@@ -42,6 +44,7 @@ impl Journal {
             splits: Map::new(),
             sink: None,
             carry: None,
+            carried: 0,
         }
     }
 
@@ -70,6 +73,7 @@ impl Journal {
             self.sink = Some(state.clone());
             self.carry = Some(name);
         }
+        self.carried = sink.map_or(0, |s| s.state().1.len());
         crate::durable::replace(
             &out.join(JOURNAL_FILE),
             serde_json::to_string(self)?.as_bytes(),
@@ -93,7 +97,7 @@ impl Journal {
         Ok(tokens)
     }
 
-    /// Tokens written or carried so far.
+    /// Tokens tokenized so far: written to shards or carried.
     pub fn tokens(&self) -> usize {
         let finished: u64 = self
             .splits
@@ -101,7 +105,7 @@ impl Journal {
             .filter_map(|s| s["tokens"].as_u64())
             .sum();
         let current = self.sink.as_ref().map_or(0, |s| s.written.tokens);
-        finished as usize + current
+        finished as usize + current + self.carried
     }
 
     /// Deletes what a killed run wrote after its last commit: `dataset`'s shards (and

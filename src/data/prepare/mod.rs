@@ -110,7 +110,7 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
     }
     let started = Instant::now();
     let meta_path = options.out.join(META_FILE);
-    if let Some(meta) = existing(&meta_path, options) {
+    if let Some(meta) = existing(options) {
         eprintln!(
             "'{}' already holds {} prepared with {}: nothing to do",
             options.out.display(),
@@ -221,11 +221,7 @@ fn tokenize_inputs(
         }
     };
     let carry = journal.carry_tokens(&options.out)?;
-    let mut progress = FileProgress::new(
-        plan.inputs.len(),
-        journal.files_done,
-        journal.tokens() + carry.len(),
-    );
+    let mut progress = FileProgress::new(plan.inputs.len(), journal.files_done, journal.tokens());
     let mut sink = journal.sink.clone().map(|state| {
         let hold = hold_back(&state.split);
         ShardSink::restore(setup, state, carry, hold)
@@ -523,8 +519,7 @@ fn plan(options: &PrepareOptions) -> Result<Plan> {
         let files = local_parquet(dir)?;
         files.into_iter().map(|(s, f)| (s, local(f))).collect()
     } else if let Some(dataset) = hub::known(source) {
-        let listing = hub::list(dataset, options.revision.as_deref())
-            .map_err(|e| offline_advice(source, e))?;
+        let listing = hub::list(dataset, options.revision.as_deref())?;
         plan.dataset = dataset.name.to_string();
         plan.rule = dataset.documents;
         plan.known = Some(dataset);
@@ -604,10 +599,18 @@ pub fn offline_advice(dataset: &str, cause: anyhow::Error) -> anyhow::Error {
     )
 }
 
-/// The earlier preparation in `meta_path`, when it is complete and matches this request.
-fn existing(meta_path: &Path, options: &PrepareOptions) -> Option<Meta> {
-    let text = std::fs::read_to_string(meta_path).ok()?;
+/// The preparation recorded in `dir`'s `meta.json`, when it is complete. A named dataset's
+/// records the hub files it read; one without that record was made before #27, when
+/// `openwebtext` read the hub's partial conversion, and is prepared again.
+pub fn completed(dir: &Path) -> Option<Meta> {
+    let text = std::fs::read_to_string(dir.join(META_FILE)).ok()?;
     let meta = serde_json::from_str::<Meta>(&text).ok()?;
+    (hub::known(&meta.source).is_none() || meta.hub.is_some()).then_some(meta)
+}
+
+/// The earlier preparation in `options.out`, when it is complete and matches this request.
+fn existing(options: &PrepareOptions) -> Option<Meta> {
+    let meta = completed(&options.out)?;
     let same = meta.source == options.source
         && meta.tokenizer == options.tokenizer
         && meta.shard_tokens == options.shard_tokens
