@@ -129,6 +129,10 @@ pub struct PrepareArgs {
     /// Validation tokens held back from the end when the source has no validation split.
     #[arg(long, default_value_t = crate::data::prepare::DEFAULT_VAL_TOKENS)]
     pub val_tokens: usize,
+    /// Hub revision (branch, tag or commit) of wikitext103/openwebtext to read (default: the
+    /// dataset's own, `main`); meta.json records the commit it resolved to.
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Threads for tokenization (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,

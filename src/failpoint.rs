@@ -7,6 +7,7 @@
 //! | `rank-abort` | after step `<step>` on rank `<rank>` | the rank aborts without a word to the others |
 //! | `rank-error` | same | the rank fails with an error, as on bad data |
 //! | `rank-hang` | same | the rank stops answering |
+//! | `prepare-shard` | after `prepare` writes a shard while reading input file `<step>` (from 0) | the process aborts, as `kill -9` would |
 //!
 //! A failpoint fires in a launcher's first attempt only: the ranks torchrun restarts
 //! (`TORCHELASTIC_RESTART_COUNT` above 0) run on, as after a transient crash.
@@ -20,6 +21,8 @@ pub enum Point {
     CheckpointWrite,
     /// After an optimizer step.
     AfterStep,
+    /// After `prepare` writes a token shard (the "step" is the input file's index).
+    PrepareShard,
 }
 
 /// Fails as `BSFA_TRAIN_FAILPOINT` asks if it names `point` at `step` on `rank`; otherwise
@@ -40,7 +43,9 @@ pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
     let here = at_step == step.to_string() && at_rank.is_none_or(|r| r == rank.to_string());
     match (point, kind) {
         _ if !here => Ok(()),
-        (Point::CheckpointWrite, "checkpoint-write") | (Point::AfterStep, "rank-abort") => {
+        (Point::CheckpointWrite, "checkpoint-write")
+        | (Point::AfterStep, "rank-abort")
+        | (Point::PrepareShard, "prepare-shard") => {
             eprintln!("failpoint {spec}: aborting");
             std::process::abort();
         }

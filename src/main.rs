@@ -165,6 +165,7 @@ fn prepare(p: &PrepareArgs) -> Result<u8> {
         out: out.clone(),
         shard_tokens: p.shard_tokens,
         val_tokens: p.val_tokens,
+        revision: p.revision.clone(),
     })?;
     eprintln!("prepared '{}'", out.display());
     println!("{}", serde_json::to_string(&meta)?);

@@ -5,86 +5,52 @@ mod common;
 
 use bsfa_train::data::parquet_text::write_string_column;
 use common::data::{encode, hub_free, run_hub_free, split_ids, word_tokenizer};
+use common::hub::{self, Hub, Repository, Revision};
 use common::ranks::stops_before_training;
-use common::{fails, ok_summary, stderr, test_model};
+use common::{fails, ok, ok_summary, stderr, summary, test_model};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A stand-in for the hub on 127.0.0.1: serves `files` (repository path -> bytes) of the
-/// dataset `Salesforce/wikitext` and `tokenizer.json` of the model `gpt2`, with the headers
-/// hf-hub needs, each request answered after `delay`. It stops by itself after `lifetime`.
-fn hub_server(files: HashMap<String, Vec<u8>>, lifetime: Duration, delay: Duration) -> String {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let port = server.server_addr().to_ip().unwrap().port();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + lifetime;
-        let commit = "0123456789abcdef0123456789abcdef01234567";
-        while Instant::now() < deadline {
-            let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(100)) else {
-                continue;
-            };
-            std::thread::sleep(delay);
-            let url = request.url().to_string();
-            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k, v).unwrap();
-            if url.starts_with("/api/datasets/Salesforce/wikitext/revision/main") {
-                let siblings: Vec<Value> = files
-                    .keys()
-                    .filter(|k| !k.starts_with("gpt2/"))
-                    .map(|k| serde_json::json!({"rfilename": k.trim_start_matches("wikitext/")}))
-                    .collect();
-                let body = serde_json::json!({"sha": commit, "siblings": siblings}).to_string();
-                let _ = request.respond(tiny_http::Response::from_string(body));
-                continue;
-            }
-            let key = url
-                .strip_prefix("/datasets/Salesforce/wikitext/resolve/main/")
-                .map(|f| format!("wikitext/{f}"))
-                .or_else(|| {
-                    url.strip_prefix("/gpt2/resolve/main/")
-                        .map(|f| format!("gpt2/{f}"))
-                });
-            let Some(data) = key.and_then(|k| files.get(&k)) else {
-                let _ = request.respond(tiny_http::Response::empty(404));
-                continue;
-            };
-            let range = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Range"))
-                .map(|h| h.value.to_string())
-                .unwrap_or_default();
-            let spec = range.trim_start_matches("bytes=");
-            let (start, end) = match spec.split_once('-') {
-                Some((a, b)) => (
-                    a.parse().unwrap_or(0),
-                    b.parse().unwrap_or(data.len() - 1).min(data.len() - 1),
-                ),
-                None => (0, data.len() - 1),
-            };
-            let etag = format!(
-                "{:016x}{:08x}",
-                data.len(),
-                data.iter().map(|&b| b as u32).sum::<u32>()
-            );
-            let response = tiny_http::Response::from_data(data[start..=end].to_vec())
-                .with_status_code(206)
-                .with_header(header("ETag", &format!("\"{etag}\"")))
-                .with_header(header("X-Repo-Commit", commit))
-                .with_header(header(
-                    "Content-Range",
-                    &format!("bytes {start}-{end}/{}", data.len()),
-                ));
-            let _ = request.respond(response);
-        }
-    });
-    format!("http://127.0.0.1:{port}")
+/// The stand-in hub serving `dataset` (a repository id such as `datasets/Salesforce/wikitext`)
+/// at `revisions`, and the model `gpt2` with `tokenizer` as its `tokenizer.json`.
+fn hub_with(dataset: &str, revisions: Vec<Revision>, tokenizer: &Path, delay: Duration) -> Hub {
+    let gpt2 = HashMap::from([(
+        "tokenizer.json".to_string(),
+        std::fs::read(tokenizer).unwrap(),
+    )]);
+    hub::serve(
+        vec![
+            Repository {
+                id: dataset.into(),
+                revisions,
+            },
+            Repository {
+                id: "gpt2".into(),
+                revisions: vec![Revision::new("main", hub::COMMIT, gpt2)],
+            },
+        ],
+        Duration::from_secs(240),
+        delay,
+    )
+}
+
+/// The stand-in hub serving `small_wikitext`'s files at `main`.
+fn wikitext_hub(dir: &Path, files: HashMap<String, Vec<u8>>, delay: Duration) -> Hub {
+    let main = Revision::new("main", hub::COMMIT, files);
+    hub_with(
+        "datasets/Salesforce/wikitext",
+        vec![main],
+        &dir.join("tok.json"),
+        delay,
+    )
 }
 
 /// A small WikiText-103 as the hub serves it (three parquet splits, and another config of
 /// the repository that must not be read), with the `gpt2` tokenizer: a word tokenizer of
-/// 300 tokens. Returns the files, the tokenizer and the articles (rows) in split order:
+/// 300 tokens (`dir/tok.json`). Returns the files, the tokenizer and the articles (rows) in
+/// split order:
 /// 26 train, 2 validation, 2 test.
 fn small_wikitext(
     dir: &Path,
@@ -128,18 +94,14 @@ fn small_wikitext(
         let path = dir.join(format!("{name}.parquet"));
         write_string_column(&path, "text", rows, 50).unwrap();
         files.insert(
-            format!("wikitext/wikitext-103-raw-v1/{name}.parquet"),
+            format!("wikitext-103-raw-v1/{name}.parquet"),
             std::fs::read(&path).unwrap(),
         );
     }
     // Another config of the same repository, which must not be read.
     files.insert(
-        "wikitext/wikitext-2-raw-v1/train-00000-of-00001.parquet".into(),
+        "wikitext-2-raw-v1/train-00000-of-00001.parquet".into(),
         vec![0; 8],
-    );
-    files.insert(
-        "gpt2/tokenizer.json".into(),
-        std::fs::read(&tok_path).unwrap(),
     );
     (files, tok, articles)
 }
@@ -148,7 +110,8 @@ fn small_wikitext(
 fn wikitext103_downloads_from_the_hub_prepares_once_and_trains_offline() {
     let dir = tempfile::tempdir().unwrap();
     let (files, tok, articles) = small_wikitext(dir.path());
-    let endpoint = hub_server(files, Duration::from_secs(120), Duration::ZERO);
+    let hub = wikitext_hub(dir.path(), files, Duration::ZERO);
+    let endpoint = hub.url.clone();
     let home = dir.path().join("hf_home");
     let home = home.to_str().unwrap();
     let online = [("HF_ENDPOINT", endpoint.as_str()), ("HF_HOME", home)];
@@ -256,7 +219,8 @@ fn ranks_prepare_once_before_joining_and_a_signal_ends_their_wait() {
     let dir = tempfile::tempdir().unwrap();
     let (files, _, _) = small_wikitext(dir.path());
     // Each request takes 1.5 s: preparing takes several times the 3 s bound on joining.
-    let endpoint = hub_server(files, Duration::from_secs(120), Duration::from_millis(1500));
+    let hub = wikitext_hub(dir.path(), files, Duration::from_millis(1500));
+    let endpoint = hub.url.clone();
     let home = dir.path().join("hf_home");
     let home = home.to_str().unwrap();
     let out = dir.path().join("run");
@@ -304,4 +268,352 @@ fn ranks_prepare_once_before_joining_and_a_signal_ends_their_wait() {
     std::thread::sleep(Duration::from_millis(1500));
     let stopped_in = stops_before_training(child, "waiting for the preparing process");
     assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
+}
+
+/// The repository id of OpenWebText on the stand-in hub.
+const OWT: &str = "datasets/Skylion007/openwebtext";
+
+/// A small OpenWebText in the main branch's layout: `count` files
+/// `data/train-0000i-of-0000N.parquet` of 20 documents (rows) each, in row groups of 7,
+/// each document 5 to 60 words of the word tokenizer; `salt` varies the words. Returns the
+/// repository files and the documents in the order `prepare` reads them (file index, then
+/// row).
+fn small_openwebtext(
+    dir: &Path,
+    count: usize,
+    salt: usize,
+) -> (HashMap<String, Vec<u8>>, Vec<String>) {
+    let mut files = HashMap::new();
+    let mut docs = Vec::new();
+    for f in 0..count {
+        let rows: Vec<String> = (0..20)
+            .map(|r| {
+                let d = salt + 20 * f + r;
+                let words = 5 + (d * 7) % 56;
+                let text: Vec<String> = (0..words)
+                    .map(|k| format!("w{}", (d * 31 + k * 17) % 299))
+                    .collect();
+                text.join(" ")
+            })
+            .collect();
+        let name = format!("data/train-{f:05}-of-{count:05}.parquet");
+        let path = dir.join(format!("owt-{salt}-{f}.parquet"));
+        let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
+        write_string_column(&path, "text", &refs, 7).unwrap();
+        files.insert(name, std::fs::read(&path).unwrap());
+        docs.extend(rows);
+    }
+    (files, docs)
+}
+
+/// The token stream of `docs` by definition: `<|endoftext|>` (299) before every document.
+fn stream(tok: &tokenizers::Tokenizer, docs: &[String]) -> Vec<u32> {
+    docs.iter()
+        .flat_map(|d| std::iter::once(299).chain(encode(tok, d)))
+        .collect()
+}
+
+/// `prepare --data openwebtext --shard-tokens 150 --val-tokens 200` and `extra`.
+fn prepare_owt(extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let args = [
+        "prepare",
+        "--data",
+        "openwebtext",
+        "--shard-tokens",
+        "150",
+        "--val-tokens",
+        "200",
+    ];
+    run_hub_free(&[&args[..], extra].concat(), env)
+}
+
+#[test]
+fn openwebtext_is_the_whole_main_branch_set_in_order_with_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = dir.path().join("tok.json");
+    let tok = word_tokenizer(&tok_path, 300);
+    let (files, docs) = small_openwebtext(dir.path(), 3, 0);
+    let (old_files, old_docs) = small_openwebtext(dir.path(), 2, 1000);
+    let old_commit = "fedcba9876543210fedcba9876543210fedcba98";
+    let revisions = vec![
+        Revision::new("main", hub::COMMIT, files),
+        Revision::new("v0", old_commit, old_files),
+    ];
+    let hub = hub_with(OWT, revisions, &tok_path, Duration::ZERO);
+    // The second file fails twice: retried, with back-off.
+    let second = "data/train-00001-of-00003.parquet";
+    hub.failing.lock().unwrap().insert(second.into(), 2);
+    let home = dir.path().join("hf_home");
+    let home = home.to_str().unwrap();
+    let online = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HOME", home)];
+
+    let output = prepare_owt(&[], &online);
+    let err = stderr(&output);
+    let meta = ok_summary(output);
+    assert!(err.contains("retrying in 1 s (attempt 1 of 4)"), "{err}");
+    let shards = PathBuf::from(home).join("hub/bsfa-train/openwebtext-gpt2");
+    let expected = stream(&tok, &docs);
+    let (train, val) = (
+        split_ids(&shards, &meta, "train"),
+        split_ids(&shards, &meta, "val"),
+    );
+    assert!(
+        [train.clone(), val.clone()].concat() == expected,
+        "not the documents in order"
+    );
+    // Validation: the last --val-tokens tokens, from the first document start in them.
+    assert_eq!(val[0], 299);
+    assert!(val.len() <= 200 && val.len() > 200 - 62, "{}", val.len());
+    assert_eq!(
+        meta["splits"]["train"]["shards"][0],
+        "openwebtext_train_000001.bin"
+    );
+    // Counts: what was written, beside the published size (far off here: a warning).
+    let count = |split: &str, what: &str| meta["splits"][split][what].as_u64().unwrap();
+    assert_eq!(count("train", "documents") + count("val", "documents"), 60);
+    assert_eq!(count("train", "tokens") as usize, train.len());
+    assert_eq!(
+        count("val", "documents") as usize,
+        val.iter().filter(|&&t| t == 299).count()
+    );
+    assert!(err.contains("wrote 60 documents ("), "{err}");
+    assert!(
+        err.contains("warning: documents: 60 written, 8,013,769 published"),
+        "{err}"
+    );
+    assert_eq!(meta["published"]["warnings"].as_array().unwrap().len(), 2);
+    assert_eq!(meta["published"]["documents"]["train"], 8_013_769);
+    // The commit and the files it used.
+    assert_eq!(meta["hub"]["commit"], hub::COMMIT);
+    let names: Vec<String> = (0..3)
+        .map(|f| format!("data/train-{f:05}-of-00003.parquet"))
+        .collect();
+    assert_eq!(meta["hub"]["files"], serde_json::json!(names));
+
+    // A folder prepared before #27 (no record of the hub files read: OpenWebText's were the
+    // partial conversion) is not taken as prepared: it is prepared again.
+    let meta_path = shards.join("meta.json");
+    let mut old_meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    old_meta.as_object_mut().unwrap().remove("hub");
+    std::fs::write(&meta_path, old_meta.to_string()).unwrap();
+    let output = prepare_owt(&[], &online);
+    assert!(
+        !stderr(&output).contains("nothing to do"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(ok_summary(output)["hub"], meta["hub"]);
+
+    // Offline, the same revision comes from the hub cache alone.
+    let cached = dir.path().join("cached");
+    let offline = [("HF_HUB_OFFLINE", "1"), ("HF_HOME", home)];
+    let again = ok_summary(prepare_owt(&["--out", cached.to_str().unwrap()], &offline));
+    assert_eq!(again["splits"], meta["splits"]);
+    assert_eq!(again["hub"], meta["hub"]);
+
+    // A pinned revision reads that commit's files.
+    let old = dir.path().join("old");
+    let pinned = ok_summary(prepare_owt(
+        &["--revision", "v0", "--out", old.to_str().unwrap()],
+        &online,
+    ));
+    assert_eq!(pinned["hub"]["commit"], old_commit);
+    assert_eq!(pinned["revision"], "v0");
+    let all = [
+        split_ids(&old, &pinned, "train"),
+        split_ids(&old, &pinned, "val"),
+    ]
+    .concat();
+    assert!(
+        all == stream(&tok, &old_docs),
+        "not the pinned commit's documents"
+    );
+}
+
+#[test]
+fn incomplete_sets_partial_conversions_and_failed_downloads_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = dir.path().join("tok.json");
+    word_tokenizer(&tok_path, 300);
+    let (files, _) = small_openwebtext(dir.path(), 3, 0);
+    let mut incomplete = files.clone();
+    incomplete.remove("data/train-00001-of-00003.parquet");
+    let partial = HashMap::from([(
+        "plain_text/partial-train/0000.parquet".to_string(),
+        files["data/train-00000-of-00003.parquet"].clone(),
+    )]);
+    let revisions = vec![
+        Revision::new("main", hub::COMMIT, files),
+        Revision::new(
+            "gap",
+            "1111111111111111111111111111111111111111",
+            incomplete,
+        ),
+        Revision::new(
+            "refs/convert/parquet",
+            "2222222222222222222222222222222222222222",
+            partial,
+        ),
+    ];
+    let hub = hub_with(OWT, revisions, &tok_path, Duration::ZERO);
+    let home = dir.path().join("hf_home");
+    let online = [
+        ("HF_ENDPOINT", hub.url.as_str()),
+        ("HF_HOME", home.to_str().unwrap()),
+    ];
+    fails(
+        prepare_owt(&["--revision", "gap"], &online),
+        &[
+            "'data/train-00001-of-00003.parquet' is missing",
+            "--revision",
+        ],
+    );
+    fails(
+        prepare_owt(&["--revision", "refs/convert/parquet"], &online),
+        &[
+            "plain_text/partial-train/0000.parquet",
+            "about 5 GB",
+            "--data parquet:DIR",
+        ],
+    );
+    // A download that keeps failing: retried, then an error naming the file and the remedy.
+    let second = "data/train-00001-of-00003.parquet";
+    hub.failing.lock().unwrap().insert(second.into(), 100);
+    let message = fails(
+        prepare_owt(&[], &online),
+        &[
+            second,
+            "after 4 attempt(s)",
+            "Run the same command again to resume",
+        ],
+    );
+    assert_eq!(hub.requests_for(second), 4, "{message}");
+}
+
+/// Shard and meta files of a prepared folder, by name; the run's own figures (time, rate,
+/// resumed files) left out of `meta.json`.
+fn prepared_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let mut bytes = std::fs::read(&p).unwrap();
+            if name == "meta.json" {
+                let mut meta: Value = serde_json::from_slice(&bytes).unwrap();
+                for run_figure in ["seconds", "tokens_per_s", "resumed_files"] {
+                    meta.as_object_mut().unwrap().remove(run_figure);
+                }
+                bytes = meta.to_string().into_bytes();
+            }
+            (name, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_killed_prepare_resumes_to_the_same_bytes_without_downloading_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_path = dir.path().join("tok.json");
+    word_tokenizer(&tok_path, 300);
+    let (files, _) = small_openwebtext(dir.path(), 3, 0);
+    let main = || vec![Revision::new("main", hub::COMMIT, files.clone())];
+    let (first, second) = (
+        "data/train-00000-of-00003.parquet",
+        "data/train-00001-of-00003.parquet",
+    );
+    let prepare = |hub: &Hub, home: &Path| {
+        let env = [
+            ("HF_ENDPOINT", hub.url.as_str()),
+            ("HF_HOME", home.to_str().unwrap()),
+        ];
+        prepare_owt(&[], &env)
+    };
+    // The uninterrupted reference.
+    let reference = hub_with(OWT, main(), &tok_path, Duration::ZERO);
+    let reference_home = dir.path().join("reference");
+    ok(prepare(&reference, &reference_home));
+
+    // kill -9 while the second file downloads (the stand-in holds its request), once the
+    // first is recorded as done.
+    let hub = hub_with(OWT, main(), &tok_path, Duration::ZERO);
+    hub.stalled.lock().unwrap().insert(second.into());
+    let home = dir.path().join("interrupted");
+    let shards = home.join("hub/bsfa-train/openwebtext-gpt2");
+    let args = [
+        "prepare",
+        "--data",
+        "openwebtext",
+        "--shard-tokens",
+        "150",
+        "--val-tokens",
+        "200",
+    ];
+    let mut child = hub_free(&args)
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HOME", &home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let files_done = || -> Option<u64> {
+        let text = std::fs::read_to_string(shards.join("prepare-journal.json")).ok()?;
+        serde_json::from_str::<Value>(&text).ok()?["files_done"].as_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (files_done() != Some(1) || hub.requests_for(second) == 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        files_done(),
+        Some(1),
+        "the first file was never recorded as done"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    hub.stalled.lock().unwrap().clear();
+
+    // Again, aborting (as kill -9 would) right after writing a shard of the second file:
+    // that shard is past the journal's last record.
+    let output = run_hub_free(
+        &args,
+        &[
+            ("HF_ENDPOINT", hub.url.as_str()),
+            ("HF_HOME", home.to_str().unwrap()),
+            ("BSFA_TRAIN_FAILPOINT", "prepare-shard:1"),
+        ],
+    );
+    assert!(
+        !output.status.success() && stderr(&output).contains("failpoint"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(files_done(), Some(1));
+
+    // What a kill in the middle of writing leaves: temporaries, a carry no journal names.
+    for stray in [
+        "openwebtext_train_000009.bin.tmp",
+        "prepare-carry-000007.bin",
+    ] {
+        std::fs::write(shards.join(stray), b"torn").unwrap();
+    }
+    let output = ok(prepare(&hub, &home));
+    let err = stderr(&output);
+    assert!(err.contains("1 of 3 input files were done"), "{err}");
+    assert_eq!(summary(&output)["resumed_files"], 1);
+    let reference_shards = reference_home.join("hub/bsfa-train/openwebtext-gpt2");
+    let (ours, theirs) = (prepared_files(&shards), prepared_files(&reference_shards));
+    assert_eq!(
+        ours.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        theirs.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert!(
+        ours == theirs,
+        "the resumed shards differ from the uninterrupted ones"
+    );
+    // The first file was downloaded once, as by the uninterrupted run.
+    assert_eq!(hub.requests_for(first), reference.requests_for(first));
+    assert!(hub.requests_for(first) > 0);
 }

@@ -105,6 +105,9 @@ pub struct DataConfig {
     /// Where `wikitext103` / `openwebtext` shards are prepared and looked for (null: under
     /// the Hugging Face hub cache).
     pub data_dir: Option<String>,
+    /// Hub revision (branch, tag or commit) a named dataset is prepared from (null: the
+    /// dataset's own, `main`); pin a commit for reproducible runs.
+    pub revision: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -115,6 +118,7 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             tokenizer: "bytes".into(),
             data_dir: None,
+            revision: None,
         }
     }
 }

@@ -100,6 +100,7 @@ pub fn resolve_dataset(spec: &DataSpec, data: &DataConfig) -> Result<DataSpec> {
             out: dir.clone(),
             shard_tokens: prepare::DEFAULT_SHARD_TOKENS,
             val_tokens: prepare::DEFAULT_VAL_TOKENS,
+            revision: data.revision.clone(),
         })
         .map_err(|e| unprepared(name, data, e))?;
     }
@@ -120,9 +121,9 @@ pub fn prepare_named(data: &DataConfig) -> Result<()> {
     Ok(())
 }
 
-/// True when `dir` holds prepared shards (`prepare` writes its meta file last).
+/// True when `dir` holds a complete preparation (`prepare` writes its meta file last).
 fn prepared(dir: &std::path::Path) -> bool {
-    dir.join(prepare::META_FILE).is_file()
+    prepare::completed(dir).is_some()
 }
 
 /// `error` (the tokenizer or dataset could not be fetched), explained when `data` names a

@@ -59,12 +59,19 @@ impl Tokenizer {
                 .par_iter()
                 .map(|t| t.bytes().map(u32::from).collect())
                 .collect()),
-            Self::HuggingFace { source, inner } => Ok(inner
-                .encode_batch(texts.to_vec(), false)
-                .map_err(|e| anyhow::anyhow!("tokenizer '{source}' failed: {e}"))?
-                .into_iter()
-                .map(|e| e.get_ids().to_vec())
-                .collect()),
+            // Each worker keeps only the ids: an `Encoding` (token strings, offsets, masks)
+            // is many times their size, and freeing millions of them on one thread (as
+            // `encode_batch`'s result would be) is a serial tail. `encode_fast` skips the
+            // offsets, which are not needed; the ids are the same.
+            Self::HuggingFace { source, inner } => texts
+                .par_iter()
+                .map(|t| {
+                    inner
+                        .encode_fast(t.as_str(), false)
+                        .map(|e| e.get_ids().to_vec())
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("tokenizer '{source}' failed: {e}")),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod finite_differences;
+pub mod hub;
 pub mod op_cases;
 pub mod ranks;
 pub mod tools;
