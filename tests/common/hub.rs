@@ -179,3 +179,31 @@ fn send_file(
         ));
     let _ = request.respond(response);
 }
+
+/// The stand-in hub serving `dataset` (a repository id such as `datasets/Salesforce/wikitext`)
+/// at `revisions`, and the model `gpt2` with `tokenizer` as its `tokenizer.json`.
+pub fn hub_with(
+    dataset: &str,
+    revisions: Vec<Revision>,
+    tokenizer: &std::path::Path,
+    delay: Duration,
+) -> Hub {
+    let gpt2 = HashMap::from([(
+        "tokenizer.json".to_string(),
+        std::fs::read(tokenizer).unwrap(),
+    )]);
+    serve(
+        vec![
+            Repository {
+                id: dataset.into(),
+                revisions,
+            },
+            Repository {
+                id: "gpt2".into(),
+                revisions: vec![Revision::new("main", COMMIT, gpt2)],
+            },
+        ],
+        Duration::from_secs(240),
+        delay,
+    )
+}
