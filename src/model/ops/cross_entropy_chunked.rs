@@ -15,7 +15,9 @@
 //! The gradients are thus computed with the loss, in the forward pass: three GEMMs of `2 R
 //! hidden vocab` each, the two that an unfused backward runs plus the forward's, and no
 //! logits kept for a backward. The backward only scales them by the loss's gradient. Without a
-//! gradient (evaluation: neither `x` nor `w` is tracked) only steps 1 and 2 run.
+//! gradient (neither `x` nor `w` tracked: a loss of detached tensors) only steps 1 and 2 run.
+//! The training loop's evaluation detaches the loss after computing it from tracked
+//! parameters, so on a GPU it still pays for the gradients (correct, slower).
 //!
 //! The row passes are Triton kernels on CUDA (`triton/cross_entropy.py`) and plain loops on
 //! the CPU, where they serve the tests of this chunking against the reference composition (the
