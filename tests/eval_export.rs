@@ -198,3 +198,44 @@ fn export_never_deletes_a_folder_it_did_not_create() {
         assert!(!temp.exists(), "{name}");
     }
 }
+
+/// A checkpoint whose config was edited to zero attention heads is refused by `eval`,
+/// `export` and `sample` with an error naming the file and the key, not a panic (it
+/// divided by zero before: #26 item 9).
+#[test]
+fn a_checkpoint_config_that_does_not_validate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path());
+    let trainer = ckpt.join("trainer.json");
+    let mut state = read_json(&trainer);
+    state["config"]["model"]["num_attention_heads"] = 0.into();
+    std::fs::write(&trainer, state.to_string()).unwrap();
+    let path = ckpt.to_str().unwrap();
+    let out = dir.path().join("hf");
+    for args in [
+        vec!["eval", "--checkpoint", path, "--data", "builtin"],
+        vec![
+            "export",
+            "--checkpoint",
+            path,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "sample",
+            "--checkpoint",
+            path,
+            "--prompt",
+            "a",
+            "--max-new-tokens",
+            "2",
+        ],
+    ] {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.contains("trainer.json"), "{args:?}: {err}");
+        assert!(err.contains("num_attention_heads"), "{args:?}: {err}");
+    }
+}

@@ -281,6 +281,14 @@ impl Checkpoint {
         }
         let state: TrainerState = serde_json::from_value(raw)
             .with_context(|| format!("'{}' is not a valid trainer state", trainer.display()))?;
+        // The same checks as a config from the command line: an edited or corrupted file must
+        // not reach the model (zero heads divide by zero, huge sizes allocate terabytes).
+        state.config.validate().with_context(|| {
+            format!(
+                "'{}' holds a config that does not validate (edited or corrupted?)",
+                trainer.display()
+            )
+        })?;
         let (model, _) = read_safetensors(&dir.join(MODEL_FILE))?;
         let optimizer = if with_optimizer {
             let path = dir.join(OPTIMIZER_FILE);
