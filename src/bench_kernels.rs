@@ -8,7 +8,7 @@
 use crate::config::RunConfig;
 use crate::model::ops::{self, compare, reference};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -66,12 +66,7 @@ pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<Kern
             ],
             Box::new(|v| ops::attention(&v[0], (&v[1], &v[2], &v[3]), (&cos, &sin), heads, kv)),
             Box::new(|v| {
-                let (q, k, w) = (
-                    reference::linear(&v[0], &v[1])?,
-                    reference::linear(&v[0], &v[2])?,
-                    reference::linear(&v[0], &v[3])?,
-                );
-                reference::causal_attention(&q, &k, &w, (&cos, &sin), heads, kv)
+                reference::attention(&v[0], (&v[1], &v[2], &v[3]), (&cos, &sin), heads, kv)
             }),
         ),
         (
@@ -79,10 +74,7 @@ pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<Kern
             format!("x {rows}x{hidden}, head {vocab}x{hidden}"),
             vec![draw(&[rows, hidden])?, (draw(&[vocab, hidden])? * 0.05)?],
             Box::new(|v| ops::linear_cross_entropy(&v[0], &v[1], &targets)),
-            Box::new(|v| {
-                let logits = reference::linear(&v[0], &v[1])?.to_dtype(DType::F32)?;
-                reference::cross_entropy(&logits, &targets)
-            }),
+            Box::new(|v| reference::linear_cross_entropy(&v[0], &v[1], &targets)),
         ),
         (
             // The model normalises in f32 (its norm weights' type) under bf16 compute.
@@ -141,11 +133,8 @@ fn path(kernel: &str, x: &Tensor) -> Result<String> {
 /// The median ms of `iters` forwards and backwards of `op` (after one untimed), the device
 /// synchronised around each.
 fn median_ms(inputs: &[Tensor], op: &Op, device: &Device, iters: usize) -> Result<f64> {
-    let vars = inputs
-        .iter()
-        .map(Var::from_tensor)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    // The tensors are variables: the timed backward computes their gradients.
+    let (_, tensors) = compare::tracked(inputs)?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..=iters {
         device.synchronize()?;

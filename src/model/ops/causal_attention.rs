@@ -34,9 +34,7 @@ pub fn attention(
         let qkv = linear(x, &Tensor::cat(&[wq, wk, wv], 0)?)?;
         qkv.apply_op1(CausalAttention::new(cos, sin, heads, kv_heads)?)
     } else {
-        use super::linear::reference::linear;
-        let (q, k, v) = (linear(x, wq)?, linear(x, wk)?, linear(x, wv)?);
-        reference::causal_attention(&q, &k, &v, (cos, sin), heads, kv_heads)
+        reference::attention(x, (wq, wk, wv), (cos, sin), heads, kv_heads)
     }
 }
 
@@ -512,6 +510,20 @@ pub mod reference {
     use super::super::rope::reference::rope;
     use super::super::softmax::reference::softmax_last_dim;
     use candle_core::{Result, Tensor};
+
+    /// [`super::attention`] as candle primitives: three linear layers, then
+    /// [`causal_attention`].
+    pub fn attention(
+        x: &Tensor,
+        (wq, wk, wv): (&Tensor, &Tensor, &Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<Tensor> {
+        use super::super::linear::reference::linear;
+        let (q, k, v) = (linear(x, wq)?, linear(x, wk)?, linear(x, wv)?);
+        causal_attention(&q, &k, &v, (cos, sin), heads, kv_heads)
+    }
 
     /// Causal attention of the projected `q` (`batch x seq x heads*head_dim`), `k` and `v`
     /// (`batch x seq x kv_heads*head_dim`) as matmuls, a masked softmax and head transposes.

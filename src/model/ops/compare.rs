@@ -33,11 +33,7 @@ pub fn worst_difference(
 ) -> Result<f64> {
     let mut weights = None;
     let mut run = |op: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<Vec<Tensor>> {
-        let vars = inputs
-            .iter()
-            .map(Var::from_tensor)
-            .collect::<Result<Vec<_>>>()?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (vars, tensors) = tracked(inputs)?;
         let out = op(&tensors)?;
         let weights = match &weights {
             Some(w) => w,
@@ -56,4 +52,14 @@ pub fn worst_difference(
         .iter()
         .zip(&reference)
         .try_fold(0f64, |worst, (a, b)| Ok(worst.max(relative(a, b)?)))
+}
+
+/// `inputs` as variables (for their gradients) and as the tensors an op takes.
+pub fn tracked(inputs: &[Tensor]) -> Result<(Vec<Var>, Vec<Tensor>)> {
+    let vars = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<Vec<_>>>()?;
+    let tensors = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    Ok((vars, tensors))
 }

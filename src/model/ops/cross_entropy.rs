@@ -26,9 +26,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<
         let chunk = super::cross_entropy_chunked::chunk_rows(w.dim(0)?, x.dtype());
         super::cross_entropy_chunked::linear_cross_entropy(x, w, targets, chunk)
     } else {
-        // Half-precision logits are widened: log-softmax over a large vocabulary needs f32.
-        let logits = super::linear::reference::linear(x, w)?;
-        reference::cross_entropy(&super::widen(&logits)?, targets)
+        reference::linear_cross_entropy(x, w, targets)
     }
 }
 
@@ -181,6 +179,14 @@ fn softmax_minus_one_hot<T: Elem>(p: &mut [T], targets: &[u32], vocab: usize, sc
 /// Cross-entropy as candle primitives.
 pub mod reference {
     use candle_core::{Result, Tensor, D};
+
+    /// [`super::linear_cross_entropy`] as candle primitives: the logits of the output head
+    /// (half-precision ones widened: log-softmax over a large vocabulary needs f32), then
+    /// [`cross_entropy`].
+    pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = super::super::linear::reference::linear(x, w)?;
+        cross_entropy(&super::super::widen(&logits)?, targets)
+    }
 
     /// Mean token cross-entropy of `logits` (`N x V`) against `targets` (`N`, u32).
     pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {

@@ -62,8 +62,8 @@ pub use swiglu::swiglu;
 /// The LLaMA ops composed of candle primitives: the path for devices without our fused
 /// kernels, and the reference the fused kernels are tested against.
 pub mod reference {
-    pub use super::causal_attention::reference::causal_attention;
-    pub use super::cross_entropy::reference::cross_entropy;
+    pub use super::causal_attention::reference::{attention, causal_attention};
+    pub use super::cross_entropy::reference::{cross_entropy, linear_cross_entropy};
     pub use super::linear::reference::linear;
     pub use super::rms_norm::reference::rms_norm;
     pub use super::rope::reference::rope;
