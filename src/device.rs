@@ -3,6 +3,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// The `train.device` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,7 +178,8 @@ impl std::fmt::Display for Precision {
 pub enum Kernels {
     /// The fused kernels wherever they apply (f32 on the CPU), the reference elsewhere.
     Auto,
-    /// The fused kernels, and an error at start-up for a run they cannot serve (a GPU, bf16).
+    /// The fused kernels: on the CPU in f32 (an error at start-up in bf16); on a GPU ours,
+    /// with a failed self-check an error instead of a fall-back.
     Fused,
     /// The reference compositions and tensor-op updates everywhere: on the CPU, exactly the
     /// ops a CUDA run executes.
@@ -184,23 +187,16 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// Fails when `fused` is asked of a run on a GPU (`on_cpu` false) or in bf16; the message
-    /// names the fix. An unresolved `auto` device or precision passes: the config check calls
-    /// this before the device is known, [`Kernels::apply`] again once it is.
+    /// Fails when `fused` is asked of a run on the CPU in bf16 (`on_cpu`): the CPU's fused
+    /// kernels compute in f32; the message names the fix. On a GPU `fused` means our GPU
+    /// kernels, with a failed self-check an error ([`self_check_failure`]). An unresolved
+    /// `auto` device or precision passes: the config check calls this before the device is
+    /// known, [`Kernels::apply`] again once it is.
     pub fn check(self, on_cpu: bool, precision: Precision) -> Result<()> {
-        if self != Self::Fused {
-            return Ok(());
-        }
-        if !on_cpu {
+        if self == Self::Fused && on_cpu && precision == Precision::Bf16 {
             bail!(
-                "train.kernels = fused: the fused kernels run on the CPU only, and this run is on \
-                 a GPU; use train.kernels=auto (or reference), or --device cpu"
-            );
-        }
-        if precision == Precision::Bf16 {
-            bail!(
-                "train.kernels = fused: the fused kernels compute in f32, and this run computes \
-                 in bf16; use --dtype f32, or train.kernels=auto (or reference)"
+                "train.kernels = fused: the CPU's fused kernels compute in f32, and this run \
+                 computes in bf16; use --dtype f32, or train.kernels=auto (or reference)"
             );
         }
         Ok(())
@@ -213,8 +209,78 @@ impl Kernels {
     pub fn apply(self, device: &Device, precision: Precision) -> Result<()> {
         self.check(device.is_cpu(), precision)?;
         crate::cpu_kernels::set_reference_only(self == Self::Reference);
+        SELF_CHECKS.set_strict(self == Self::Fused && !device.is_cpu());
         Ok(())
     }
+}
+
+/// What a failed self-check of our GPU kernels does: under `train.kernels = fused` on a GPU
+/// (strict) it stops the run, otherwise the op warns and takes the reference composition.
+/// Process-wide, as the choice of kernels is ([`SELF_CHECKS`], set by [`Kernels::apply`]).
+pub(crate) struct SelfChecks {
+    strict: AtomicBool,
+    /// The first failure while strict, until reported.
+    failure: Mutex<Option<String>>,
+}
+
+/// The process's [`SelfChecks`].
+static SELF_CHECKS: SelfChecks = SelfChecks::new();
+
+impl SelfChecks {
+    const fn new() -> Self {
+        Self {
+            strict: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    fn set_strict(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
+    /// Notes that the GPU kernels `what` failed their self-check (`why`, with the GPU and
+    /// the shape); returns whether that is an error, which [`SelfChecks::failure`] reports.
+    #[cfg(any(feature = "cuda", test))]
+    fn failed(&self, what: &str, why: &str) -> bool {
+        if !self.strict.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert_with(|| {
+                format!(
+                    "train.kernels = fused: the GPU's {what} kernels failed their self-check \
+                     ({why}); use train.kernels=auto to run on with the reference ops for them \
+                     (slower, the same math), and report this with the output of \
+                     `bsfa-train bench --kernels`"
+                )
+            });
+        }
+        true
+    }
+
+    /// The first strict failure as an error, once.
+    fn failure(&self) -> Result<()> {
+        match self.failure.lock().ok().and_then(|mut f| f.take()) {
+            Some(message) => bail!(message),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Notes that the GPU kernels `what` failed their self-check (`why`). Returns whether that
+/// is an error (`train.kernels = fused` on a GPU), which [`self_check_failure`] reports;
+/// otherwise the caller warns and takes the reference ops. The op that found the failure
+/// computes with the reference ops either way: a self-check runs inside an op, which cannot
+/// fail the step without losing it.
+#[cfg(feature = "cuda")]
+pub(crate) fn strict_self_check_failed(what: &str, why: &str) -> bool {
+    SELF_CHECKS.failed(what, why)
+}
+
+/// An error for a GPU kernel that failed its self-check under `train.kernels = fused` (the
+/// training loop asks after every step and evaluation); `Ok` otherwise.
+pub fn self_check_failure() -> Result<()> {
+    SELF_CHECKS.failure()
 }
 
 impl std::fmt::Display for Kernels {
@@ -258,5 +324,27 @@ mod tests {
             assert_eq!(gpus, 0);
             assert!(device.is_cpu());
         }
+    }
+
+    /// Under `train.kernels = fused` on a GPU a failed self-check is an error naming the
+    /// kernels, reported once; otherwise it is only noted (the op warns and falls back).
+    #[test]
+    fn a_failed_self_check_is_an_error_only_when_strict() {
+        let checks = super::SelfChecks::new();
+        assert!(!checks.failed("attention", "not strict"));
+        assert!(checks.failure().is_ok());
+        // What `Kernels::apply(Fused, <a CUDA device>)` sets.
+        checks.set_strict(true);
+        assert!(checks.failed("attention", "GPU 0, BF16: 5e-1 > 3e-2"));
+        assert!(checks.failed("swiglu", "a later one"));
+        let err = checks.failure().unwrap_err().to_string();
+        assert!(
+            err.contains("train.kernels = fused")
+                && err.contains("attention")
+                && err.contains("5e-1"),
+            "{err}"
+        );
+        assert!(!err.contains("swiglu"), "{err}");
+        assert!(checks.failure().is_ok());
     }
 }

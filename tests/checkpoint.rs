@@ -480,8 +480,8 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
             assert!(p.var.device().same_device(&device), "{}", p.name);
         }
         let devices = optimizer.devices();
-        // Adam: one moments tensor per parameter; BSFA: per block, its full history (one
-        // tensor per update) and its directions.
+        // Adam: one moments tensor per parameter; BSFA: per block, its directions and its
+        // full history, one matrix in f32 and one tensor per update in 4-bit.
         let bsfa_blocks = if config.bsfa.enabled {
             optim::bsfa::owners(&config.bsfa, &params, 1)
                 .iter()
@@ -491,9 +491,10 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
             0
         };
         assert!(steps > history && (!config.bsfa.enabled || bsfa_blocks > 0));
+        let history_tensors = if config.bsfa.bits == 4 { history } else { 1 };
         assert_eq!(
             devices.len(),
-            params.len() + bsfa_blocks * (history + 1),
+            params.len() + bsfa_blocks * (history_tensors + 1),
             "{sets:?}: {} parameters, {bsfa_blocks} BSFA blocks; listed: {} ... {}",
             params.len(),
             devices.first().map_or("", |d| d.0.as_str()),

@@ -33,12 +33,12 @@ fn losses(
 /// train, 2 val) within 1e-5 relative, but not bitwise: the two paths round differently, so
 /// equal logs would mean the reference path never ran.
 fn reference_follows_fused(what: &str, extra: &[&str]) {
-    reference_follows_fused_over(what, 20, extra);
+    reference_follows_fused_over(what, 20, extra, 1e-5);
 }
 
 /// [`reference_follows_fused`] over `steps` steps (a multiple of the evaluation interval,
-/// 10).
-fn reference_follows_fused_over(what: &str, steps: usize, extra: &[&str]) {
+/// 10), within `bound` relative.
+fn reference_follows_fused_over(what: &str, steps: usize, extra: &[&str], bound: f64) {
     let dir = tempfile::tempdir().unwrap();
     let fused = losses(dir.path(), "fused", steps, extra);
     let reference = losses(dir.path(), "reference", steps, extra);
@@ -54,7 +54,7 @@ fn reference_follows_fused_over(what: &str, steps: usize, extra: &[&str]) {
     );
     let worst = worst_relative_difference(&fused, &reference);
     eprintln!("{what}: reference vs fused kernels, largest relative difference {worst:.2e}");
-    assert!(worst < 1e-5, "{what}: relative difference {worst:.2e}");
+    assert!(worst < bound, "{what}: relative difference {worst:.2e}");
 }
 
 /// 4-bit state rounds every stored value to one of 16 codes, and each group's scale to 3
@@ -62,8 +62,13 @@ fn reference_follows_fused_over(what: &str, steps: usize, extra: &[&str]) {
 /// code, and the model trains on from there. At the default peak learning rate (3e-3) that
 /// alone moves the step-20 val loss by up to 3e-4 (a 1e-7 relative change of the learning
 /// rate does it in the fused path, seeds 1337 and 2); at 1e-3 reference and fused stayed
-/// within 5.5e-6 over eight seeds of the GQA variant and six of the tied one.
+/// within 5.5e-6 over eight seeds of the GQA variant and six of the tied one while the
+/// re-estimation centred the history itself, and within 1.33e-5 (tied) since it centres the
+/// Gram matrix (`pca`), whose uncentred rounding is larger: hence [`FOUR_BIT_BOUND`].
 const FOUR_BIT: [&str; 4] = ["--set", "bsfa.bits=4", "--lr", "1e-3"];
+
+/// The relative bound for runs with [`FOUR_BIT`] state.
+const FOUR_BIT_BOUND: f64 = 3e-5;
 
 const GQA: [&str; 4] = ["--model", "test", "--set", "model.num_key_value_heads=2"];
 const TIED: [&str; 4] = ["--model", "test", "--set", "model.tie_word_embeddings=true"];
@@ -75,9 +80,11 @@ fn gqa_llama_reference_follows_fused() {
 
 #[test]
 fn gqa_llama_with_4bit_state_reference_follows_fused() {
-    reference_follows_fused(
+    reference_follows_fused_over(
         "GQA LLaMA, 4-bit BSFA state",
+        20,
         &[&GQA[..], &FOUR_BIT].concat(),
+        FOUR_BIT_BOUND,
     );
 }
 
@@ -88,9 +95,11 @@ fn tied_llama_reference_follows_fused() {
 
 #[test]
 fn tied_llama_with_4bit_state_reference_follows_fused() {
-    reference_follows_fused(
+    reference_follows_fused_over(
         "tied LLaMA, 4-bit BSFA state",
+        20,
         &[&TIED[..], &FOUR_BIT].concat(),
+        FOUR_BIT_BOUND,
     );
 }
 
@@ -122,6 +131,7 @@ fn adamw_and_bsfa_tensor_paths_follow_fused_over_30_steps() {
         "AdamW + BSFA, 30 steps",
         30,
         &[&TEST_MODEL[..], &["--set", "optimizer.name=adamw"]].concat(),
+        1e-5,
     );
 }
 

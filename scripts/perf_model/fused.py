@@ -2,8 +2,10 @@
 and what it costs per micro-batch or optimizer step."""
 from collections import defaultdict
 
-from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, C, EFF_BW, EIGEN, HBM, I, L, LAUNCH, MIN_KERNEL,
-                 N, PEAK_BF16, SYNC, prod)
+from math import ceil
+
+from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, BSFA_T, C, EFF_BW, EIGEN, HBM, HOST_THREADS, I, L,
+                 LAUNCH, MIN_KERNEL, N, PEAK_BF16, SYNC, prod)
 from .optim import param_shapes
 
 
@@ -100,9 +102,11 @@ def fused_bsfa(bits):
     # U v and U^T c for every block in two batched launches (U read twice); the update written
     # to the history row by the Adam kernel and theta updated in place (16 B per value)
     step = t_bw(2 * rb * k * n + 16 * n) + 4 * MIN_KERNEL
-    # Gram of the centred history in one pass (H H^T - m mu mu^T), directions C H, overlap
-    # U_old U_new^T: history read twice, U written once and read twice; batched eigensolver on
-    # the host with one sync
-    refresh = (t_bw(2 * rb * m * n + 3 * rb * k * n) + 2.0 * m * m * n / (PEAK_BF16 * 0.3)
-               + 55 * EIGEN + 2 * SYNC)
+    # the Gram products of the T rows written since the last re-estimation, directions
+    # (C P) H, overlap U_old U_new^T: history read twice, U written once and read twice; the
+    # eigenproblems on the host's threads with one sync each way
+    blocks = sum(1 for _, _, grp, _ in param_shapes() if grp in BSFA_GROUPS)
+    refresh = (t_bw(rb * (BSFA_T + 2 * m) * n + 3 * rb * k * n)
+               + 2.0 * (BSFA_T + k) * m * n / (PEAK_BF16 * 0.3)
+               + ceil(blocks / HOST_THREADS) * EIGEN + 2 * SYNC)
     return step, refresh

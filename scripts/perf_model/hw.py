@@ -19,6 +19,7 @@ LAUNCH = 5e-6           # host time per kernel launch / memset / small copy (can
 SYNC = 10e-6            # one host <-> device round trip (to_scalar)
 INDEX_ADD_ITER = 0.5e-6 # candle's index_add: one thread per column, a dependent loop over tokens
 EIGEN = 255e-6          # nalgebra symmetric_eigen of a 60 x 60 Gram matrix (measured, docs/bsfa.md)
+HOST_THREADS = 16       # host cores solving BSFA's eigenproblems in parallel (the lent H100 box's)
 MASK_HOST = 1.5e-3      # causal_mask: 1M f32 built on one core, per layer and micro-batch
 
 # The candle-core release whose graph and backprop.rs the model replays; the inventory check

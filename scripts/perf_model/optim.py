@@ -1,7 +1,9 @@
 """Clipping and the optimizers, on the tensor-op paths any non-CPU tensor takes
 (src/optim/adam.rs, src/optim/bsfa/): their kernels per optimizer step."""
-from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, EFF_BW, EFF_RED_STRIDED, EIGEN, LLAMA134M,
-                 MIN_KERNEL, PCIE, PEAK_FP32, SYNC, prod)
+from math import ceil
+
+from .hw import (BSFA_GROUPS, BSFA_K, BSFA_L, BSFA_T, EFF_BW, EIGEN, HOST_THREADS,
+                 LLAMA134M, MIN_KERNEL, PCIE, PEAK_FP32, SYNC, prod)
 from .sim import S
 
 
@@ -86,7 +88,10 @@ def quantize4(rows, n):
 
 
 def bsfa(bits):
-    """Bsfa::step on device tensors, per covered block (norms, attention, MLP), per step."""
+    """Bsfa::step on device tensors, per covered block (norms, attention, MLP), per step; the
+    re-estimation every T steps batched over the blocks (pca::estimate_all): their Gram
+    matrices read back in one sync, the eigenproblems solved on HOST_THREADS cores, the
+    overlaps read back in one more sync."""
     S.phase, S.group = "opt", "BSFA projection"
     covered = [(nm, prod(sh)) for nm, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS]
     k, m = BSFA_K, BSFA_L
@@ -99,41 +104,46 @@ def bsfa(bits):
         if bits == 4:
             dequantize4(k, n)                               # Stored::matrix() of U
         S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U v
-        S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U^T (U v)
-        S.k("affine", nbytes=8 * n)
-        S.k("affine", nbytes=8 * n)
+        S.k("affine", nbytes=8 * k)                         # (alpha - gamma) U v
+        S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U^T (..)
+        S.k("affine", nbytes=8 * n)                         # (gamma - 1) v
         S.k("add", nbytes=12 * n)
         S.k("add", nbytes=12 * n)                           # after + correction
         S.k("copy", nbytes=8 * n)                           # Var::set
         if bits == 4:
-            quantize4(1, n)                                 # Stored::keep of the update
+            quantize4(1, n)                                 # History::record, 4-bit row
+        else:
+            S.k("copy2d", nbytes=8 * n)                     # History::record: slice_set
     S.group = "BSFA re-estimation (per T)"
     re_kernels_start = len(S.kernels)
     for _, n in covered:
         if bits == 4:
             S.k("copy2d", nbytes=2 * (0.5 + 2 / 64) * m * n + 8 * m, calls=4 * m)  # concat
             dequantize4(m, n)                               # stacked history
+            S.k("gemm", flops=2.0 * m * m * n, nbytes=8 * m * n, peak=PEAK_FP32)   # H H^T
+            S.k("cast", nbytes=12 * m * m)                  # to f64
         else:
-            S.k("copy2d", nbytes=8 * n * m, calls=m)        # Tensor::cat of l rows
-        S.k("h2d-layout", gpu=MIN_KERNEL)
-        S.k("reduce-sum", nbytes=4 * m * n + 4 * n, eff=EFF_RED_STRIDED)   # mean over rows
-        S.k("affine", nbytes=8 * n)
-        S.k("h2d-layout", gpu=MIN_KERNEL)
-        S.k("sub", nbytes=8 * m * n + 4 * n)                # centred
-        S.k("gemm", flops=2.0 * m * m * n, nbytes=8 * m * n, peak=PEAK_FP32)       # Gram
-        S.k("cast", nbytes=12 * m * m)
-        S.k("sync", gpu=SYNC)                               # to_vec1
-        host[1] += EIGEN                                    # nalgebra symmetric_eigen
+            # the ring, read in place: only the group of T rows written since the last
+            # re-estimation times the whole ring (history.rs)
+            S.k("gemm", flops=2.0 * BSFA_T * m * n, nbytes=4 * (BSFA_T + m) * n,
+                peak=PEAK_FP32)
+            S.k("cast", nbytes=12 * BSFA_T * m)
+    rows = m if bits == 4 else BSFA_T
+    S.k("copy2d", nbytes=16 * rows * m * len(covered))      # cat of the Gram products
+    S.k("sync", gpu=SYNC)                                   # one to_vec1
+    host[1] += EIGEN * ceil(len(covered) / HOST_THREADS)    # P G P, symmetric_eigen (rayon)
+    for _, n in covered:
         S.k("h2d-data", gpu=8 * k * m / PCIE + MIN_KERNEL)
         S.k("cast", nbytes=12 * k * m)
-        S.k("gemm", flops=2.0 * k * m * n, nbytes=4 * m * n + 4 * k * n, peak=PEAK_FP32)
+        S.k("gemm", flops=2.0 * k * m * n, nbytes=4 * m * n + 4 * k * n, peak=PEAK_FP32)  # (C P) H
         if bits == 4:
             dequantize4(k, n)                               # old directions for the overlap
         S.k("gemm", flops=2.0 * k * k * n, nbytes=8 * k * n, peak=PEAK_FP32)       # overlap
         S.k("cast", nbytes=12 * k * k)
         S.k("sqr", nbytes=16 * k * k)
         S.k("reduce-sum", nbytes=8 * k * k)
-        S.k("sync", gpu=SYNC)
         if bits == 4:
             quantize4(k, n)                                 # Stored::keep of the directions
+    S.k("copy2d", nbytes=16 * len(covered))                 # cat of the overlaps
+    S.k("sync", gpu=SYNC)                                   # one to_vec1
     return host, re_kernels_start

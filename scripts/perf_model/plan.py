@@ -26,7 +26,8 @@ IMPLEMENTED = {
 CODE_OPTIMIZER = ("fused AdamW / Adam-mini update and gradient norm (Triton, one launch each per "
                   "parameter); **implemented** (`adam.py`)")
 OPTIMIZER = "the optimizer as one multi-tensor launch (all parameters at once)"
-BSFA = "BSFA projection and re-estimation as batched GEMMs (state on the device)"
+BSFA = ("BSFA's projection in a few fused launches over all blocks (U read twice, no "
+        "elementwise passes) and its re-estimation products batched")
 PATCH = ("autograd: a tensor's first gradient moved in, not zero-filled and added, none for "
          "untracked operands (candle patch)")
 # The optimizers the table and the predictions follow.

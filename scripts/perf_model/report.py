@@ -79,16 +79,18 @@ def print_op_table(r, runs, optimizer):
                  "`Var::set` per tensor", r.adamw_k, r.t_adamw),
                 ("Adam-mini", "the same with one second moment per block", r.mini_k, r.t_mini),
                 ("BSFA f32, every step", "copy before the step, difference, `U v` and `U^T (U "
-                 "v)` (f32 GEMVs, `U` read twice), 4 elementwise, `Var::set`", b32[:re32],
-                 r.t_b32),
-                ("BSFA f32, every 10 steps", "per block: `cat` of 60 rows, column mean, "
-                 "centring, f32 Gram, eigen on the host (255 us, 2 syncs), `C H`, overlap",
-                 b32[re32:], r.t_b32_re),
+                 "v)` (f32 GEMVs, `U` read twice), 3 elementwise, `Var::set`, the update "
+                 "written into the history's ring", b32[:re32], r.t_b32),
+                ("BSFA f32, every 10 steps", "the ring read in place; per block the product of "
+                 "the 10 rows written since with all 60 (f32), one read-back for every block, "
+                 "centring and eigenproblems on the host (16 threads), `(C P) H`, overlap, one "
+                 "more read-back", b32[re32:], r.t_b32_re),
                 ("BSFA 4-bit, every step", "as f32, plus the directions decoded on the device "
                  "(about 15 launches, 46 bytes moved per value) and the update encoded there "
                  "(about 70 launches)", b4[:re4], r.t_b4),
-                ("BSFA 4-bit, every 10 steps", "history and old directions decoded, new "
-                 "directions encoded, on the device", b4[re4:], r.t_b4_re)]:
+                ("BSFA 4-bit, every 10 steps", "history decoded and its whole Gram matrix, old "
+                 "directions decoded, new directions encoded, on the device", b4[re4:],
+                 r.t_b4_re)]:
             fl = sum(kn.flops for kn in ks) / 1e9
             gb = sum(kn.bytes for kn in ks) / 1e9
             calls = sum(kn.calls for kn in ks)

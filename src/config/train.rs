@@ -180,6 +180,6 @@ impl TrainConfig {
         }
         // `auto` devices and precisions are checked again once resolved, when a run starts.
         self.kernels
-            .check(self.device != DeviceKind::Cuda, self.dtype)
+            .check(self.device == DeviceKind::Cpu, self.dtype)
     }
 }

@@ -72,10 +72,12 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         let outcome = tracing::info_span!("step", step = done)
             .in_scope(|| trainer.step(lr, interrupt::requested()))?;
         failpoint::hit(Point::AfterStep, job.rank(), done)?;
+        crate::device::self_check_failure()?;
         recorder.step(done, lr, &outcome, started.elapsed())?;
         if recorder.evaluates_at(done) {
             let evaluation = tracing::info_span!("evaluation")
                 .in_scope(|| trainer.task.evaluate(job.comm.as_ref()))?;
+            crate::device::self_check_failure()?;
             recorder.evaluation(done, &evaluation)?;
         }
         if let Some(sampler) = sampler.as_ref().filter(|_| recorder.samples_at(done)) {

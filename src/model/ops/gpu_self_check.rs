@@ -1,7 +1,8 @@
 //! The self-check of our GPU kernels: before a GPU's first use of a kernel family for a shape,
 //! it runs against the reference composition on a small random input of that shape; beyond
 //! the bound, or where a kernel cannot load, a warning names the kernels once and the run
-//! takes the reference ops for that shape.
+//! takes the reference ops for that shape; under `train.kernels = fused` the run stops with
+//! an error instead (`device::self_check_failure`).
 
 pub(super) use super::compare::{random, worst_difference};
 use candle_core::{DType, Device, Result, Tensor};
@@ -70,6 +71,10 @@ pub(super) fn passes(
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = &verdict {
+        let why = format!("GPU {ordinal}, {}: {e}", key.2);
+        if crate::device::strict_self_check_failed(what, &why) {
+            return false;
+        }
         eprintln!(
             "warning: the Triton {what} kernels failed their self-check on GPU {ordinal} ({}): \
              {e}; {what} takes the reference ops (slower, the same math)",

@@ -1,4 +1,4 @@
-//! What BSFA's CPU fast paths (the centring in `pca`, the projection kernel in `projection`)
+//! What BSFA's CPU fast path (the projection kernel in `projection`)
 //! share: a tensor's f32 data read in place, and the column chunk they split a row into for
 //! rayon. (`crate::cpu_kernels` serves candle custom ops, which see storages, not tensors.)
 

@@ -7,7 +7,7 @@ use super::config::BsfaGroup;
 use crate::dist::{all_gather_f64, Communicator};
 use crate::model::ParamGroup;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 /// One group's means over its blocks at one re-estimation.
@@ -86,12 +86,25 @@ impl Accumulator {
 
 /// `|A B^T|_F^2 / min(rows)` for two sets of orthonormal rows of the same width.
 pub(super) fn overlap(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let rows = a.dim(0)?.min(b.dim(0)?);
-    let products = a.matmul(&b.t()?)?;
-    let squared: f64 = products
-        .to_dtype(candle_core::DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar()?;
-    Ok(squared / rows.max(1) as f64)
+    Ok(overlaps(&[(a, b)])?[0])
+}
+
+/// [`overlap`] of each pair, read back in one transfer when the pairs share a device (one
+/// wait for the device per re-estimation, not one per block).
+pub(super) fn overlaps(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<f64>> {
+    let mut rows = Vec::with_capacity(pairs.len());
+    let mut sums = Vec::with_capacity(pairs.len());
+    for (a, b) in pairs {
+        rows.push(a.dim(0)?.min(b.dim(0)?).max(1) as f64);
+        let products = a.matmul(&b.t()?)?;
+        sums.push(
+            products
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .reshape(1)?,
+        );
+    }
+    let squared = super::pca::read_back(&sums)?;
+    Ok(squared.iter().zip(rows).map(|(s, r)| s[0] / r).collect())
 }

@@ -8,7 +8,7 @@
 //!   model's Adam-mini partition, contiguous runs of its elements): its state is still kept
 //!   per tensor, and each block's directions lie in its own columns of one matrix.
 //! - *update*: a block's change in one base optimizer step, flattened (`numel` values).
-//! - *history*: a block's last `bsfa.history` updates (`rows x numel`, oldest first).
+//! - *history*: a block's last `bsfa.history` updates (`rows x numel`; `history`).
 //! - *directions*: `k <= bsfa.rank` orthonormal rows (`k x numel`) spanning the block's
 //!   estimated dominant subspace; its orthogonal complement is the *bulk*.
 //! - *owner*: the data-parallel rank that keeps a block's history and directions.
@@ -23,13 +23,15 @@
 //! dominant subspace and by `gamma` in the bulk. `v` itself joins the history.
 //!
 //! Files: `pca` (the estimate), `projection` (its use), `diagnostics` (what each estimate
-//! found), `state` (the stored history and directions, f32 or 4-bit through `quant` on the
+//! found), `history` (the updates kept, a ring written in place), `state` (the stored
+//! history and directions, f32 or 4-bit through `quant` on the
 //! host or `quant_tensor` on the parameters' device), `shard`
 //! (owners and what moves between ranks), `cpu` (what the CPU fast paths share).
 
 mod config;
 mod cpu;
 mod diagnostics;
+mod history;
 mod pca;
 mod projection;
 pub mod quant;
@@ -39,7 +41,7 @@ mod state;
 
 pub use config::{BsfaConfig, BsfaGroup, BsfaGroups, BsfaPartition, FirstProjection};
 pub use diagnostics::GroupDiagnostics;
-pub use pca::{estimate, top_directions, Estimate};
+pub use pca::{estimate, estimate_all, top_directions, Estimate};
 pub use projection::project;
 pub use shard::owners;
 pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
@@ -110,7 +112,7 @@ impl Bsfa {
         let shard = Shard::new(config, params, comm);
         let blocks = shard
             .owned()
-            .map(|owned| owned.then(|| BlockState::new(config.history)))
+            .map(|owned| owned.then(|| BlockState::new(config.bits)))
             .collect();
         Ok(Self {
             config: config.clone(),
@@ -153,27 +155,29 @@ impl Bsfa {
             .collect::<Result<_>>()?;
         base_step()?;
         let refresh = self.config.reestimates_at(self.steps);
-        let (alpha, gamma, bits) = (self.config.alpha, self.config.gamma, self.config.bits);
+        let (alpha, gamma) = (self.config.alpha, self.config.gamma);
         let mut found = diagnostics::Accumulator::default();
-        for ((((param, block), before), group), &chunk) in params
+        // As Algorithm 1 does: from the first interval on, with the updates there are (until
+        // the history is full, fewer than `history`, giving at most one direction fewer than
+        // there are updates). Every block at once, before any block records this update.
+        if refresh {
+            let _span = tracing::info_span!("bsfa re-estimation").entered();
+            re_estimate_all(
+                &mut self.blocks,
+                &self.chunks,
+                &self.groups,
+                &self.config,
+                &mut found,
+            )?;
+        }
+        for ((param, block), (before, &chunk)) in params
             .iter()
             .zip(&mut self.blocks)
-            .zip(before)
-            .zip(&self.groups)
-            .zip(&self.chunks)
+            .zip(before.into_iter().zip(&self.chunks))
         {
             let (Some(block), Some(before)) = (block, before) else {
                 continue;
             };
-            // As Algorithm 1 does: from the first interval on, with the updates there are
-            // (until the history is full, fewer than `history`, giving at most one
-            // direction fewer than there are updates).
-            if refresh {
-                let _span = tracing::info_span!("bsfa re-estimation").entered();
-                re_estimate(block, chunk, self.config.rank, bits, |e, o, k| {
-                    found.add(*group, e, o, k)
-                })?;
-            }
             let update = if chunk == param.var.elem_count() {
                 projection::project_update(
                     &param.var,
@@ -188,7 +192,7 @@ impl Bsfa {
                     &param.var, before, directions, alpha, gamma, chunk,
                 )?
             };
-            block.record(&update, self.config.history, bits)?;
+            block.record(&update, self.config.history, self.config.interval)?;
         }
         if refresh {
             self.diagnostics = Some(found.finish(self.shard.comm())?);
@@ -213,32 +217,74 @@ impl Bsfa {
     }
 }
 
-/// Re-estimates `block`'s directions from its history (one block per `chunk` columns, see
-/// [`Bsfa::partitioned`]) and reports what each block found to `found` (variance captured,
-/// overlap with the previous directions, directions kept). A history without variance (a
-/// frozen or constant block) gives no directions: the block keeps the identity projection.
-fn re_estimate(
-    block: &mut BlockState,
-    chunk: usize,
-    rank: usize,
-    bits: usize,
-    mut found: impl FnMut(f64, Option<f64>, usize),
+/// Re-estimates the directions of every block from its history and reports what each found
+/// to `found` (variance captured, overlap with the previous directions, directions kept). A
+/// history without variance (a frozen or constant block) gives no directions: the block
+/// keeps the identity projection. Blocks of one tensor each are estimated together
+/// ([`pca::estimate_all`], one wait for the device for their Gram matrices and one for their
+/// overlaps); a tensor of several blocks (`bsfa.partition = adam-mini`) block by block.
+fn re_estimate_all(
+    blocks: &mut [Option<BlockState>],
+    chunks: &[usize],
+    groups: &[crate::model::ParamGroup],
+    config: &BsfaConfig,
+    found: &mut diagnostics::Accumulator,
 ) -> Result<()> {
-    let history = block.stacked_history()?.matrix()?;
-    let old = block.directions.as_ref().map(Stored::matrix).transpose()?;
-    let directions = if chunk == history.dim(1)? {
-        let estimate = estimate(&history, rank)?;
-        let overlap = match (&old, &estimate.directions) {
-            (Some(old), Some(new)) => Some(diagnostics::overlap(old, new)?),
+    let (rank, bits) = (config.rank, config.bits);
+    // The blocks of one tensor each: their group, state and history.
+    let mut whole = Vec::new();
+    for ((block, &chunk), &group) in blocks.iter_mut().zip(chunks).zip(groups) {
+        let Some(block) = block else { continue };
+        let Some(history) = block.history_matrix()? else {
+            continue;
+        };
+        if chunk == history.dim(1)? {
+            whole.push((group, block, history));
+            continue;
+        }
+        let old = block.directions.as_ref().map(Stored::matrix).transpose()?;
+        let directions =
+            pca::estimate_chunked(&history, rank, chunk, old.as_ref(), &mut |e, o, k| {
+                found.add(group, e, o, k)
+            })?;
+        block.directions = directions.map(|d| Stored::keep(&d, bits)).transpose()?;
+    }
+    // Every block's Gram products in one transfer, then the eigenproblems in parallel.
+    let parts: Vec<Vec<Tensor>> = whole
+        .iter()
+        .map(|(_, block, _)| block.gram_parts())
+        .collect::<Result<_>>()?;
+    let flat: Vec<Tensor> = parts.iter().flatten().cloned().collect();
+    let mut values = pca::read_back(&flat)?.into_iter();
+    let mut grams = Vec::with_capacity(whole.len());
+    for ((_, block, _), parts) in whole.iter_mut().zip(&parts) {
+        grams.push(block.gram(values.by_ref().take(parts.len()).collect())?);
+    }
+    let histories: Vec<Tensor> = whole.iter().map(|(_, _, h)| h.clone()).collect();
+    let estimates = pca::estimate_with(&histories, grams, rank)?;
+    // Their overlaps with the previous directions in one more transfer.
+    let olds: Vec<Option<Tensor>> = whole
+        .iter()
+        .map(|(_, block, _)| block.directions.as_ref().map(Stored::matrix).transpose())
+        .collect::<Result<_>>()?;
+    let pairs: Vec<(&Tensor, &Tensor)> = olds
+        .iter()
+        .zip(&estimates)
+        .filter_map(|(old, e)| Some((old.as_ref()?, e.directions.as_ref()?)))
+        .collect();
+    let mut overlaps = diagnostics::overlaps(&pairs)?.into_iter();
+    for (((group, block, _), old), estimate) in whole.into_iter().zip(&olds).zip(estimates) {
+        let overlap = match (old, &estimate.directions) {
+            (Some(_), Some(_)) => overlaps.next(),
             _ => None,
         };
         let kept = estimate.directions.as_ref().map_or(Ok(0), |d| d.dim(0))?;
-        found(estimate.energy, overlap, kept);
-        estimate.directions
-    } else {
-        pca::estimate_chunked(&history, rank, chunk, old.as_ref(), &mut found)?
-    };
-    block.directions = directions.map(|d| Stored::keep(&d, bits)).transpose()?;
+        found.add(group, estimate.energy, overlap, kept);
+        block.directions = estimate
+            .directions
+            .map(|d| Stored::keep(&d, bits))
+            .transpose()?;
+    }
     Ok(())
 }
 
@@ -266,7 +312,7 @@ impl OptimizerState for Bsfa {
     fn load(&mut self, steps_taken: u64, state: &HashMap<String, Tensor>) -> Result<()> {
         for ((name, block), row) in self.names.iter().zip(&mut self.blocks).zip(&self.row_kinds) {
             let Some(block) = block else { continue };
-            block.load(name, state, &self.config, row)?;
+            block.load(name, state, &self.config, row, steps_taken)?;
         }
         self.steps = steps_taken;
         Ok(())

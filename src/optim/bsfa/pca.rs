@@ -1,33 +1,30 @@
 //! The PCA of a block's update history (the paper's BPPE estimator): its top principal
 //! directions through the small Gram matrix and a symmetric eigendecomposition, never a
-//! `numel x numel` matrix. Layout: the history is `m x numel` (one update per row), the
-//! directions `k x numel` (orthonormal rows, `k <= rank`).
+//! `numel x numel` matrix. Layout: the history is `m x numel` (one update per row, in any
+//! order: the estimate does not depend on it), the directions `k x numel` (orthonormal rows,
+//! `k <= rank`).
 //!
-//! The history is centred before the PCA: PCA is the decomposition of variance, and
-//! Proposition 1's signal is the oscillation of the dominant components (their sign flips
-//! step to step) while bulk components drift steadily one way. Centring removes that drift,
-//! so a large but steady bulk update cannot pass for a dominant direction.
+//! The history is centred: PCA is the decomposition of variance, and Proposition 1's signal
+//! is the oscillation of the dominant components (their sign flips step to step) while bulk
+//! components drift steadily one way. Centring removes that drift, so a large but steady
+//! bulk update cannot pass for a dominant direction. It is done on the `m x m` Gram matrix,
+//! not on the history: with `P = I - 1 1^T / m`, the centred history is `P H`, its Gram
+//! matrix `P (H H^T) P` and its directions `C P H` for the eigenvector coefficients `C`. So
+//! the only passes over the history are the two products `H H^T` and `(C P) H`, and the
+//! centring costs nothing on a GPU (docs/gpu.md). The price is the rounding of the
+//! uncentred Gram matrix, which the eigenvalue floor accounts for (see [`estimate_all`]).
+//!
+//! Many blocks are estimated at once ([`estimate_all`]): their Gram matrices come to the
+//! host in one transfer (one wait for the device per re-estimation, not one per block) and
+//! their eigenproblems are solved in parallel.
 
-use super::cpu::{with_cpu_f32, CHUNK};
 use super::diagnostics::overlap;
-use crate::cpu_kernels::fusable;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Top `rank` principal directions of `history` (`m x n`, one update per row), centred, as
-/// orthonormal rows (`k x n`, `k <= rank`). Through the `m x m` Gram matrix: with `H`
-/// centred and `H H^T = W L W^T`, the directions are `L^-1/2 W^T H`.
-///
-/// Eigenvalues at or below the Gram matrix's rounding noise give no direction: their
-/// eigenvectors are noise, and `L^-1/2` would blow that noise up into rows that are not
-/// orthonormal. The floor is `m * eps * trace(G)` for the history's precision `eps`: each
-/// Gram entry `h_i . h_j` is rounded to about `eps |h_i| |h_j|`, so the rounding error
-/// matrix has a norm of at most about `eps * trace(G)`; the factor `m` is margin (in f32 the
-/// noise eigenvalues of rank-deficient histories measure 1e-8 of the trace, the floor at
-/// m = 60 is 7e-6). So a rank-deficient history yields fewer than `rank` rows, and one
-/// with no variance at all (a frozen or constant block) yields `None`: no directions, the
-/// identity projection.
+/// orthonormal rows (`k x n`, `k <= rank`); see [`estimate_all`].
 pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
     Ok(estimate(history, rank)?.directions)
 }
@@ -37,26 +34,130 @@ pub fn top_directions(history: &Tensor, rank: usize) -> Result<Option<Tensor>> {
 pub struct Estimate {
     /// Orthonormal rows (`k x n`), or `None` for a history without variance.
     pub directions: Option<Tensor>,
-    /// Their eigenvalues over the Gram matrix's trace (0 without variance).
+    /// Their eigenvalues over the centred Gram matrix's trace (0 without variance).
     pub energy: f64,
 }
 
 /// [`top_directions`] with the variance they capture.
 pub fn estimate(history: &Tensor, rank: usize) -> Result<Estimate> {
-    let (m, _) = history.dims2()?;
-    let dtype = history.dtype();
-    // The two large products run in the history's precision (f32 in training); the small
-    // eigenproblem in f64.
-    let centred = centre_rows(history)?;
-    let gram: Vec<f64> = centred
-        .matmul(&centred.t()?)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1()?;
-    let centred_gram = nalgebra::DMatrix::from_row_slice(m, m, &gram);
-    let trace = centred_gram.trace();
-    let floor = m as f64 * epsilon(dtype) * trace;
-    let eigen = centred_gram.symmetric_eigen();
+    let mut one = estimate_all(std::slice::from_ref(history), rank)?;
+    Ok(one.pop().expect("one estimate per history"))
+}
+
+/// The estimate of each history (`m_i x n_i`, one update per row): its top `rank` principal
+/// directions, centred, as orthonormal rows. With `G = H H^T`, its centred form `P G P =
+/// W L W^T` and `C = L^-1/2 W^T`, the directions are `(C P) H`.
+///
+/// Eigenvalues at or below the rounding noise of `G` give no direction: their eigenvectors
+/// are noise, and `L^-1/2` would blow that noise up into rows that are not orthonormal. The
+/// floor is `m * eps * trace(G)` for the history's precision `eps`: each entry `h_i . h_j` of
+/// `G` is rounded to about `eps |h_i| |h_j|`, so the rounding error matrix has a norm of at
+/// most about `eps * trace(G)`, which centring (a projection) does not enlarge; the factor
+/// `m` is margin (in f32 the noise eigenvalues of rank-deficient histories measure 1e-8 of the
+/// trace, the floor at m = 60 is 7e-6). The trace is the uncentred one: a block whose updates
+/// are a steady drift many times larger than their variation keeps fewer directions, those
+/// its rounding can resolve. So a rank-deficient history yields fewer than `rank` rows, and
+/// one with no variance at all (a frozen or constant block) yields `None`: no directions, the
+/// identity projection.
+pub fn estimate_all(histories: &[Tensor], rank: usize) -> Result<Vec<Estimate>> {
+    let products = histories
+        .iter()
+        .map(|h| gram_product(h, h))
+        .collect::<Result<Vec<_>>>()?;
+    estimate_with(histories, read_back(&products)?, rank)
+}
+
+/// [`estimate_all`] given each history's Gram matrix (`m x m`, row-major).
+pub(super) fn estimate_with(
+    histories: &[Tensor],
+    grams: Vec<Vec<f64>>,
+    rank: usize,
+) -> Result<Vec<Estimate>> {
+    let solved: Vec<Solved> = grams
+        .par_iter()
+        .zip(histories)
+        .map(|(gram, h)| solve(gram, h.dim(0).unwrap_or(0), rank, epsilon(h.dtype())))
+        .collect();
+    histories
+        .iter()
+        .zip(solved)
+        .map(|(history, solved)| {
+            if solved.kept == 0 {
+                return Ok(Estimate {
+                    directions: None,
+                    energy: 0.0,
+                });
+            }
+            let m = history.dim(0)?;
+            let coefficients =
+                Tensor::from_vec(solved.coefficients, (solved.kept, m), history.device())?
+                    .to_dtype(history.dtype())?;
+            Ok(Estimate {
+                directions: Some(coefficients.matmul(history)?),
+                energy: solved.energy,
+            })
+        })
+        .collect()
+}
+
+/// `A B^T` in the rows' precision where they lie, as a flat f64 tensor: a Gram matrix, or
+/// part of one.
+pub(super) fn gram_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.matmul(&b.t()?)?.to_dtype(DType::F64)?.flatten_all()?)
+}
+
+/// The values of flat f64 tensors on the host, in one transfer when they share a device
+/// (one wait for the device, not one per tensor).
+pub(super) fn read_back(parts: &[Tensor]) -> Result<Vec<Vec<f64>>> {
+    let Some(first) = parts.first() else {
+        return Ok(Vec::new());
+    };
+    if parts
+        .iter()
+        .any(|p| !p.device().same_device(first.device()))
+    {
+        return parts.iter().map(|p| Ok(p.to_vec1()?)).collect();
+    }
+    let all: Vec<f64> = Tensor::cat(parts, 0)?.to_vec1()?;
+    let mut rest = all.as_slice();
+    Ok(parts
+        .iter()
+        .map(|p| {
+            let (values, tail) = rest.split_at(p.elem_count());
+            rest = tail;
+            values.to_vec()
+        })
+        .collect())
+}
+
+/// What the eigenproblem of one history gives: `kept` rows of coefficients (`kept x m`,
+/// row-major) for its directions, and the centred variance they capture.
+struct Solved {
+    coefficients: Vec<f64>,
+    kept: usize,
+    energy: f64,
+}
+
+/// The coefficients `C P` of the top `rank` directions from the Gram matrix `gram` (`m x m`)
+/// of a history of precision `eps`, as [`estimate_all`] describes.
+fn solve(gram: &[f64], m: usize, rank: usize, eps: f64) -> Solved {
+    let none = Solved {
+        coefficients: Vec::new(),
+        kept: 0,
+        energy: 0.0,
+    };
+    if m == 0 {
+        return none;
+    }
+    let gram = nalgebra::DMatrix::from_row_slice(m, m, gram);
+    let floor = m as f64 * eps * gram.trace();
+    // P G P: every entry minus its row's and its column's mean, plus the overall mean.
+    let means: Vec<f64> = (0..m).map(|i| gram.row(i).sum() / m as f64).collect();
+    let overall = means.iter().sum::<f64>() / m as f64;
+    let centred =
+        nalgebra::DMatrix::from_fn(m, m, |i, j| gram[(i, j)] - means[i] - means[j] + overall);
+    let trace = centred.trace();
+    let eigen = centred.symmetric_eigen();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| eigen.eigenvalues[b].total_cmp(&eigen.eigenvalues[a]));
     let mut coefficients = Vec::with_capacity(rank * m);
@@ -67,22 +168,22 @@ pub fn estimate(history: &Tensor, rank: usize) -> Result<Estimate> {
             break;
         }
         let scale = 1.0 / lambda.sqrt();
-        coefficients.extend((0..m).map(|j| eigen.eigenvectors[(j, i)] * scale));
+        let row: Vec<f64> = (0..m).map(|j| eigen.eigenvectors[(j, i)] * scale).collect();
+        // Times P: the row minus its mean (an eigenvector of P G P with a nonzero eigenvalue
+        // is orthogonal to 1, so this removes only rounding).
+        let mean = row.iter().sum::<f64>() / m as f64;
+        coefficients.extend(row.iter().map(|c| c - mean));
         kept += 1;
         captured += lambda;
     }
     if kept == 0 {
-        return Ok(Estimate {
-            directions: None,
-            energy: 0.0,
-        });
+        return none;
     }
-    let coefficients =
-        Tensor::from_vec(coefficients, (kept, m), history.device())?.to_dtype(dtype)?;
-    Ok(Estimate {
-        directions: Some(coefficients.matmul(&centred)?),
+    Solved {
+        coefficients,
+        kept,
         energy: captured / trace,
-    })
+    }
 }
 
 /// [`estimate`] for each block of `chunk` columns of `history` (`m x n`, `n` a multiple of
@@ -156,54 +257,144 @@ fn epsilon(dtype: DType) -> f64 {
     }
 }
 
-/// `H - 1 mu^T`: every row minus the mean row. On the CPU in f32 a parallel pass (candle's
-/// broadcast subtraction took half of a re-estimation), elsewhere tensor ops.
-fn centre_rows(history: &Tensor) -> Result<Tensor> {
-    let (m, n) = history.dims2()?;
-    // Under `train.kernels = reference` the tensor ops a GPU runs, on the CPU too.
-    let fast = fusable(history).then(|| {
-        with_cpu_f32(history, |h| {
-            let mut out = h.to_vec();
-            // Column means over the rows, then subtraction, in column chunks.
-            let mut mean = vec![0.0f32; n];
-            mean.par_chunks_mut(CHUNK)
-                .enumerate()
-                .for_each(|(c, mean)| {
-                    let (start, len) = (c * CHUNK, mean.len());
-                    for row in h.chunks_exact(n) {
-                        for (acc, x) in mean.iter_mut().zip(&row[start..start + len]) {
-                            *acc += x;
-                        }
-                    }
-                    for acc in mean.iter_mut() {
-                        *acc /= m as f32;
-                    }
-                });
-            out.par_chunks_mut(n).for_each(|row| {
-                for (x, mu) in row.iter_mut().zip(&mean) {
-                    *x -= mu;
-                }
-            });
-            out
-        })
-    });
-    match fast.flatten() {
-        Some(values) => Ok(Tensor::from_vec(values, (m, n), history.device())?),
-        None => Ok(history.broadcast_sub(&history.mean_keepdim(0)?)?),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::optim::bsfa::test_tensors::{max_diff, random};
 
-    /// The fused CPU centring agrees with the tensor-op definition it replaces.
+    /// A history of a steady drift 20 times its variation, plus 4 oscillating directions
+    /// and noise: `m x n` in f32.
+    fn drifting_history(m: usize, n: usize, seed: u64) -> Tensor {
+        let drift = (random(1, n, seed) * 20.0).unwrap();
+        let oscillation = random(m, 4, seed + 1)
+            .matmul(&random(4, n, seed + 2))
+            .unwrap();
+        let noise = (random(m, n, seed + 3) * 1e-2).unwrap();
+        (oscillation.broadcast_add(&drift).unwrap() + noise).unwrap()
+    }
+
+    /// The top `k` right singular vectors (`k x n`) of the history centred in f64, and the
+    /// fraction of its variance they hold: the definition, by another route (no Gram
+    /// matrix).
+    fn by_definition(history: &Tensor, k: usize) -> (nalgebra::DMatrix<f64>, f64) {
+        let (m, n) = history.dims2().unwrap();
+        let h: Vec<f64> = history
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut h = nalgebra::DMatrix::from_row_slice(m, n, &h);
+        for j in 0..n {
+            let mean = h.column(j).mean();
+            h.column_mut(j).add_scalar_mut(-mean);
+        }
+        let svd = h.svd(false, true);
+        let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+        order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
+        let v_t = svd.v_t.unwrap();
+        let top = nalgebra::DMatrix::from_fn(k, n, |r, c| v_t[(order[r], c)]);
+        let total: f64 = svd.singular_values.iter().map(|s| s * s).sum();
+        let held: f64 = order
+            .iter()
+            .take(k)
+            .map(|&i| svd.singular_values[i].powi(2))
+            .sum();
+        (top, held / total)
+    }
+
+    /// `|A B^T|_F^2 / k`: 1 when the two sets of `k` orthonormal rows span one subspace.
+    fn same_span(a: &Tensor, b: &nalgebra::DMatrix<f64>) -> f64 {
+        let (k, n) = a.dims2().unwrap();
+        let a: Vec<f64> = a
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let a = nalgebra::DMatrix::from_row_slice(k, n, &a);
+        (a * b.transpose()).norm_squared() / k as f64
+    }
+
+    /// Centring on the Gram matrix (`P G P`, then `C P`) gives the directions and variance
+    /// of the centred history itself, for a history whose mean is 20 times its variation.
     #[test]
-    fn cpu_centring_matches_the_tensor_definition() {
-        let h = random(9, 2 * CHUNK + 77, 1);
-        let by_definition = h.broadcast_sub(&h.mean_keepdim(0).unwrap()).unwrap();
-        assert!(max_diff(&centre_rows(&h).unwrap(), &by_definition) < 1e-6);
+    fn centring_the_gram_matrix_equals_centring_the_history() {
+        let (m, n, k) = (16, 700, 4);
+        let history = drifting_history(m, n, 11);
+        let estimate = estimate(&history, k).unwrap();
+        let u = estimate.directions.unwrap();
+        assert_eq!(u.dims(), [k, n]);
+        let gram = u.matmul(&u.t().unwrap()).unwrap();
+        let identity = Tensor::eye(k, DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(
+            max_diff(&gram, &identity) < 1e-4,
+            "{}",
+            max_diff(&gram, &identity)
+        );
+        let (v, energy) = by_definition(&history, k);
+        let span = same_span(&u, &v);
+        assert!((1.0 - span).abs() < 1e-4, "span overlap {span}");
+        assert!(
+            (estimate.energy - energy).abs() < 1e-4,
+            "{} vs {energy}",
+            estimate.energy
+        );
+        // Without centring the drift would be the first direction: not in the span.
+        let drift: Vec<f32> = history.mean(0).unwrap().to_vec1().unwrap();
+        let norm = drift.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let drift = (Tensor::new(drift.as_slice(), &candle_core::Device::Cpu).unwrap()
+            / norm as f64)
+            .unwrap();
+        let along: f32 = u
+            .matmul(&drift.unsqueeze(1).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(along < 0.1, "the drift lies {along} in the directions");
+    }
+
+    /// The rows' order does not matter (the history is a ring), and estimating several
+    /// histories at once gives what estimating each alone gives.
+    #[test]
+    fn estimates_ignore_row_order_and_batching() {
+        let (m, n, k) = (12, 500, 4);
+        let histories: Vec<Tensor> = (0..3)
+            .map(|i| drifting_history(m, n + i, 20 + i as u64 * 5))
+            .collect();
+        let together = estimate_all(&histories, k).unwrap();
+        for (history, batched) in histories.iter().zip(&together) {
+            let alone = estimate(history, k).unwrap();
+            let (a, b) = (
+                alone.directions.unwrap(),
+                batched.directions.as_ref().unwrap(),
+            );
+            assert_eq!(max_diff(&a, b), 0.0);
+            assert_eq!(alone.energy, batched.energy);
+            let order: Vec<u32> = (0..m as u32).map(|i| (i * 5 + 3) % m as u32).collect();
+            let index = Tensor::new(order.as_slice(), history.device()).unwrap();
+            let shuffled = estimate(&history.index_select(&index, 0).unwrap(), k).unwrap();
+            let shuffled = shuffled.directions.unwrap();
+            let shuffled: Vec<f64> = shuffled
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let span = same_span(
+                &a,
+                &nalgebra::DMatrix::from_row_slice(k, history.dim(1).unwrap(), &shuffled),
+            );
+            // Rounding of the uncentred Gram matrix: about eps (drift / variation)^2 = 5e-5.
+            assert!((1.0 - span).abs() < 1e-4, "span overlap {span}");
+        }
     }
 
     /// A history of rank 3 yields 3 orthonormal directions when asked for 8: the other

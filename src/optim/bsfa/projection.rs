@@ -18,12 +18,13 @@ use rayon::prelude::*;
 
 /// `gamma * v + (alpha - gamma) * U^T (U v)` for a flat update `v` and orthonormal rows `U`.
 pub fn project(v: &Tensor, directions: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
-    Ok(((v * gamma)? + (dominant_part(v, directions)? * (alpha - gamma))?)?)
+    Ok(((v * gamma)? + dominant_part(v, directions, alpha - gamma)?)?)
 }
 
-/// `U^T (U v)`: the part of `v` inside the span of the rows of `U`.
-fn dominant_part(v: &Tensor, directions: &Tensor) -> Result<Tensor> {
-    let coordinates = directions.matmul(&v.unsqueeze(1)?)?;
+/// `scale U^T (U v)`: the part of `v` inside the span of the rows of `U`, scaled. The scale
+/// multiplies the `k` coordinates, not the `numel` values (one pass less over the block).
+fn dominant_part(v: &Tensor, directions: &Tensor, scale: f64) -> Result<Tensor> {
+    let coordinates = (directions.matmul(&v.unsqueeze(1)?)? * scale)?;
     Ok(directions.t()?.matmul(&coordinates)?.squeeze(1)?)
 }
 
@@ -95,7 +96,7 @@ pub(super) fn project_update(
                 // theta + (gamma - 1) v + (alpha - gamma) U^T U v: exactly the base step when
                 // alpha = gamma = 1.
                 let correction = ((&update * (gamma - 1.0))?
-                    + (dominant_part(&update, &directions)? * (alpha - gamma))?)?;
+                    + dominant_part(&update, &directions, alpha - gamma)?)?;
                 param.set(&(after + correction.reshape(after.shape())?)?)?;
             }
             update

@@ -7,6 +7,7 @@
 //! numel`, oldest first) and `<param>.bsfa_directions`; in 4-bit, each as four tensors under
 //! `<key>.codes`, `.scales`, `.zeros`, `.norms` (see [`Quant4::to_tensors`]).
 
+use super::history::History;
 use super::quant::{self, Quant4};
 use super::quant_tensor::Quant4Tensors;
 use super::shard::owners;
@@ -16,7 +17,7 @@ use crate::model::Param;
 use crate::optim::StateTensor;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 /// A matrix BSFA keeps (`rows x numel`): in full precision, or 4-bit (`bsfa.bits = 4`) and
 /// dequantized only when used. 4-bit state lives where it is used: on the host for the CPU
@@ -68,7 +69,7 @@ impl Stored {
     }
 
     /// The device the matrix computes on (4-bit on the host: the one it is dequantized to).
-    fn device(&self) -> &Device {
+    pub(super) fn device(&self) -> &Device {
         match self {
             Self::Full(t) => t.device(),
             Self::Bits4 { device, .. } => device,
@@ -76,7 +77,7 @@ impl Stored {
         }
     }
 
-    fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         match self {
             Self::Full(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Self::Bits4 { q, .. } => q.bytes(),
@@ -85,7 +86,7 @@ impl Stored {
     }
 
     /// The rows of several matrices of one form, as one matrix.
-    fn stack(parts: &[&Stored]) -> Result<Self> {
+    pub(super) fn stack(parts: &[&Stored]) -> Result<Self> {
         match parts.first() {
             Some(Self::Bits4 { dtype, device, .. }) => {
                 let qs: Vec<&Quant4> = parts
@@ -122,7 +123,7 @@ impl Stored {
     }
 
     /// One matrix per row.
-    fn into_rows(self) -> Result<Vec<Self>> {
+    pub(super) fn into_rows(self) -> Result<Vec<Self>> {
         match self {
             Self::Full(t) => (0..t.dim(0)?)
                 .map(|r| Ok(Self::Full(t.narrow(0, r, 1)?)))
@@ -250,36 +251,42 @@ impl RowKind {
 
 /// The state of one block.
 pub(super) struct BlockState {
-    /// The most recent base updates (`1 x numel` each), oldest first.
-    pub(super) history: VecDeque<Stored>,
+    /// The most recent base updates.
+    history: History,
     /// Estimated dominant directions as orthonormal rows (`rank x numel`), once estimated.
     pub(super) directions: Option<Stored>,
 }
 
 impl BlockState {
-    /// No history yet, room for `capacity` updates.
-    pub(super) fn new(capacity: usize) -> Self {
+    /// No history yet, kept at `bits` precision.
+    pub(super) fn new(bits: usize) -> Self {
         Self {
-            history: VecDeque::with_capacity(capacity),
+            history: History::new(bits),
             directions: None,
         }
     }
 
-    /// The history as one `rows x numel` matrix.
-    pub(super) fn stacked_history(&self) -> Result<Stored> {
-        let history: Vec<&Stored> = self.history.iter().collect();
-        Stored::stack(&history)
+    /// The history as one `rows x numel` matrix, its rows in any order (`None` before the
+    /// first update).
+    pub(super) fn history_matrix(&self) -> Result<Option<Tensor>> {
+        self.history.matrix()
     }
 
-    /// Appends `update` (flat) at `bits` precision, dropping the oldest once `capacity`
-    /// updates are held.
-    pub(super) fn record(&mut self, update: &Tensor, capacity: usize, bits: usize) -> Result<()> {
-        if self.history.len() == capacity {
-            self.history.pop_front();
-        }
-        self.history
-            .push_back(Stored::keep(&update.unsqueeze(0)?, bits)?);
-        Ok(())
+    /// Appends `update` (flat), dropping the oldest once `capacity` updates are held (the
+    /// Gram matrix kept in products of `group` rows, see `history`).
+    pub(super) fn record(&mut self, update: &Tensor, capacity: usize, group: usize) -> Result<()> {
+        self.history.record(update, capacity, group)
+    }
+
+    /// The products the history's Gram matrix needs computed now (see `history`).
+    pub(super) fn gram_parts(&self) -> Result<Vec<Tensor>> {
+        self.history.gram_parts()
+    }
+
+    /// The Gram matrix of [`BlockState::history_matrix`]'s rows from the values of
+    /// [`BlockState::gram_parts`].
+    pub(super) fn gram(&mut self, parts: Vec<Vec<f64>>) -> Result<Vec<f64>> {
+        self.history.gram(parts)
     }
 
     /// The checkpoint tensors of the block of parameter `name` (see the module doc).
@@ -291,19 +298,15 @@ impl BlockState {
                 .map(|(key, t)| (key, StateTensor::Whole(t)))
         };
         let key = format!("{name}.bsfa_history");
-        let full: Option<Vec<Tensor>> = self
-            .history
-            .iter()
-            .map(|s| match s {
-                Stored::Full(t) => Some(t.clone()),
-                _ => None,
-            })
-            .collect();
-        match full {
-            // f32 history: its rows are joined only while the file is written.
+        // Full-precision rows are joined only while the file is written.
+        match self.history.full_rows()? {
             Some(rows) if !rows.is_empty() => out.push((key, StateTensor::rows(rows)?)),
             Some(_) => {}
-            None => out.extend(whole(self.stacked_history()?.tensors(&key)?)),
+            None => {
+                if let Some(stacked) = self.history.stacked_rows()? {
+                    out.extend(whole(stacked.tensors(&key)?));
+                }
+            }
         }
         if let Some(directions) = &self.directions {
             out.extend(whole(
@@ -314,19 +317,21 @@ impl BlockState {
     }
 
     /// Replaces the state with what `state` holds for the block of parameter `name` (nothing
-    /// where the checkpoint has none).
+    /// where the checkpoint has none), saved after `recorded` updates.
     pub(super) fn load(
         &mut self,
         name: &str,
         state: &HashMap<String, Tensor>,
         config: &BsfaConfig,
         row: &RowKind,
+        recorded: u64,
     ) -> Result<()> {
         let key = format!("{name}.bsfa_history");
         self.history = match Stored::read(state, &key, config.bits, config.history, row, "history")?
         {
-            Some(history) => history.into_rows()?.into(),
-            None => VecDeque::new(),
+            Some(history) => History::restore(history, config.history, config.interval, recorded)
+                .with_context(|| format!("optimizer state '{key}'"))?,
+            None => History::new(config.bits),
         };
         let key = format!("{name}.bsfa_directions");
         self.directions = Stored::read(state, &key, config.bits, config.rank, row, "rank")?;
@@ -334,27 +339,20 @@ impl BlockState {
     }
 
     /// The device of every stored matrix of the block of parameter `name`, named as in
-    /// checkpoints (history rows by their index).
+    /// checkpoints (4-bit history rows by their index).
     pub(super) fn devices(&self, name: &str) -> Vec<(String, Device)> {
-        let history = self
-            .history
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("{name}.bsfa_history[{i}]"), s.device().clone()));
-        let directions = self
-            .directions
-            .iter()
-            .map(|s| (format!("{name}.bsfa_directions"), s.device().clone()));
-        history.chain(directions).collect()
+        let mut out = self.history.devices(&format!("{name}.bsfa_history"));
+        out.extend(
+            self.directions
+                .iter()
+                .map(|s| (format!("{name}.bsfa_directions"), s.device().clone())),
+        );
+        out
     }
 
     /// Bytes held.
     pub(super) fn bytes(&self) -> usize {
-        self.history
-            .iter()
-            .chain(&self.directions)
-            .map(Stored::bytes)
-            .sum()
+        self.history.bytes() + self.directions.as_ref().map_or(0, Stored::bytes)
     }
 }
 
