@@ -65,7 +65,8 @@ fn set_aside_after(out: &Path, step: usize) -> Result<Option<String>> {
     Ok(Some(format!(
         "note: resuming from step {step} of a run that went on to step {newest}: its \
          checkpoints after step {step} (steps {}) and a copy of its metrics were set aside in \
-         '{}'; continue that run with the same command plus --out '{}' --resume auto",
+         '{}'; continue that run with the same command, its --out and --resume replaced by \
+         --out '{}' --resume auto",
         steps.join(", "),
         dest.display(),
         dest.display()
@@ -110,8 +111,8 @@ fn set_aside_whole(out: &Path, resumed: Option<&Checkpoint>) -> Result<Option<St
     };
     let how = match newest {
         Some(step) => format!(
-            "with its checkpoints (up to step {step}); continue it with the same command plus \
-             --out '{}' --resume auto (--resume auto continues a run in place)",
+            "with its checkpoints (up to step {step}); continue it with the same command, its \
+             --out and --resume replaced by --out '{}' --resume auto",
             dest.display()
         ),
         None => "(it wrote no checkpoint: its metrics only)".to_string(),
