@@ -9,8 +9,8 @@
 //! - `trainer.json`: [`TrainerState`] (step, tokens seen, sampler position, resolved config,
 //!   format version).
 //!
-//! The folder's protocol ([`folder`]), which keeps a complete checkpoint of every step a
-//! crash could interrupt:
+//! The checkpoints folder's protocol ([`folder`]), under which a crash at any instant loses
+//! no complete checkpoint:
 //!
 //! - a checkpoint is written into the hidden folder `.tmp-step-N`, every file and the folder
 //!   are fsynced, and only then is the folder renamed to `step-N`;
