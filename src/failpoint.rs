@@ -4,6 +4,7 @@
 //! | kind | where | what happens |
 //! |---|---|---|
 //! | `checkpoint-write` | while writing the checkpoint of `<step>` | the process aborts, as `kill -9` would |
+//! | `checkpoint-replace` | while replacing a checkpoint of `<step>` by a new one, between renaming the old one to `step-N.old` and the new one in | same |
 //! | `rank-abort` | after step `<step>` on rank `<rank>` | the rank aborts without a word to the others |
 //! | `rank-error` | same | the rank fails with an error, as on bad data |
 //! | `rank-hang` | same | the rank stops answering |
@@ -19,6 +20,8 @@ use anyhow::{bail, Result};
 pub enum Point {
     /// Half way through writing a checkpoint.
     CheckpointWrite,
+    /// Between the two renames of a checkpoint replaced by one of the same step.
+    CheckpointReplace,
     /// After an optimizer step.
     AfterStep,
     /// After `prepare` writes a token shard (the "step" is the input file's index).
@@ -44,6 +47,7 @@ pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
     match (point, kind) {
         _ if !here => Ok(()),
         (Point::CheckpointWrite, "checkpoint-write")
+        | (Point::CheckpointReplace, "checkpoint-replace")
         | (Point::AfterStep, "rank-abort")
         | (Point::PrepareShard, "prepare-shard") => {
             eprintln!("failpoint {spec}: aborting");

@@ -409,19 +409,6 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
         let moved = max_abs_diff(after, before);
         assert!(moved > 0.0, "'{name}' did not change between steps 4 and 8");
     }
-
-    // A fresh run in the same folder sets the earlier run's checkpoints aside, not mixed in.
-    let o = ok(run(&a));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("checkpoints.previous"));
-    assert!(out
-        .join("checkpoints.previous/step-00000008/trainer.json")
-        .is_file());
-    let fresh: Vec<usize> = checkpoint::list(&root)
-        .unwrap()
-        .iter()
-        .map(|c| c.0)
-        .collect();
-    assert_eq!(fresh, vec![4, 8]);
 }
 
 /// After a resume every restored tensor sits on the parameters' device: the weights, Adam's
@@ -432,10 +419,7 @@ fn every_weight_changes_between_checkpoints_without_weight_decay() {
 /// through `Checkpoint::restore`'s check); a CUDA run proves the placement itself.
 #[test]
 fn resume_restores_every_state_tensor_on_the_parameters_device() {
-    use bsfa_train::dist::{Communicator, SingleRank};
     use bsfa_train::optim::{self, OptimizerState};
-    use bsfa_train::task;
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (steps, history) = (6, 4);
     for (i, sets) in [
@@ -464,17 +448,9 @@ fn resume_restores_every_state_tensor_on_the_parameters_device() {
 
         let device = bsfa_train::device::select(config.train.device, 0).unwrap();
         let config = config.on_device(&device);
-        let params = task::params(&config, &device).unwrap();
-        let blocks = match config.optimizer.name {
-            optim::OptimizerName::AdamMini => task::adam_mini_blocks(&config, &params).unwrap(),
-            optim::OptimizerName::AdamW => Vec::new(),
-        };
-        let comm: Arc<dyn Communicator> = Arc::new(SingleRank);
-        let mut optimizer =
-            optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &comm).unwrap();
         let ck =
             checkpoint::Checkpoint::open(&out.join("checkpoints/step-00000006"), true).unwrap();
-        ck.restore(&params, &mut optimizer).unwrap();
+        let (params, optimizer) = common::restored(&config, &device, &ck);
 
         for p in &params {
             assert!(p.var.device().same_device(&device), "{}", p.name);

@@ -9,10 +9,22 @@
 //! - `trainer.json`: [`TrainerState`] (step, tokens seen, sampler position, resolved config,
 //!   format version).
 //!
-//! A checkpoint is written into a hidden temporary folder, every file and the folder are
-//! fsynced, and only then is the folder renamed to its final name. A crash at any moment
-//! therefore leaves either a complete `step-*` folder or a temporary one that readers ignore.
+//! The checkpoints folder's protocol ([`folder`]), under which a crash at any instant loses
+//! no complete checkpoint:
+//!
+//! - a checkpoint is written into the hidden folder `.tmp-step-N`, every file and the folder
+//!   are fsynced, and only then is the folder renamed to `step-N`;
+//! - a checkpoint of the same step already there is first renamed to `step-N.old`, which
+//!   readers take for step N while no `step-N` exists, and is deleted once `step-N` is in;
+//! - a checkpoint is deleted (pruned, or an `.old` one replaced) by renaming it to a hidden
+//!   `.tmp-` name first, then removing that;
+//! - readers ignore hidden folders and anything else that is not a `step-N[.old]` folder
+//!   with its `trainer.json`; pruning deletes only checkpoints and hidden folders of ours.
+//!
+//! A crash at any moment therefore leaves every checkpoint complete under a name readers
+//! take, and at worst a hidden folder that they ignore and the next save deletes.
 
+mod folder;
 mod resume;
 
 use crate::config::RunConfig;
@@ -29,7 +41,8 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-pub use resume::{open_resumed, set_aside_old_checkpoints};
+pub use folder::{folders_after, list, prune, step_dir_name};
+pub use resume::open_resumed;
 
 /// Version of the checkpoint layout this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -42,8 +55,6 @@ pub const TRAINER_FILE: &str = "trainer.json";
 
 /// Metadata key of `optimizer.safetensors` listing the other ranks' shard files.
 const SHARDS_KEY: &str = "shard_files";
-const STEP_PREFIX: &str = "step-";
-const TEMP_PREFIX: &str = ".tmp-";
 
 /// Everything besides tensors that a run needs to continue exactly.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,11 +73,6 @@ pub struct TrainerState {
     pub config: RunConfig,
 }
 
-/// The folder name of the checkpoint after `step` steps.
-pub fn step_dir_name(step: usize) -> String {
-    format!("{STEP_PREFIX}{step:08}")
-}
-
 /// The shard file of data-parallel rank `rank` (> 0).
 pub fn shard_file(rank: usize) -> String {
     format!("optimizer-rank-{rank:05}.safetensors")
@@ -75,7 +81,8 @@ pub fn shard_file(rank: usize) -> String {
 /// Writes a checkpoint under `root` atomically and returns its folder; a collective: every
 /// rank of `comm` calls it. Rank 0 writes the weights, the shared optimizer state with its
 /// own shard, and the trainer state; every other rank writes its optimizer shard, if any.
-/// An existing checkpoint of the same step is replaced only once the new one is complete.
+/// An existing checkpoint of the same step is replaced only once the new one is complete
+/// (see the module documentation).
 pub fn save(
     root: &Path,
     state: &TrainerState,
@@ -84,7 +91,7 @@ pub fn save(
     comm: &dyn Communicator,
 ) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
-    let temp = root.join(format!("{TEMP_PREFIX}{name}"));
+    let temp = root.join(format!("{}{name}", folder::TEMP_PREFIX));
     if comm.rank() == 0 {
         fs::create_dir_all(root)
             .with_context(|| format!("cannot create checkpoint folder '{}'", root.display()))?;
@@ -166,61 +173,7 @@ fn write_root_part(
     write_synced(&temp.join(TRAINER_FILE), &json)?;
     sync_dir(temp)?;
 
-    let target = root.join(name);
-    if target.exists() {
-        // Same step written twice (e.g. interrupted right after resuming): swap it in.
-        let old = root.join(format!("{TEMP_PREFIX}old-{name}"));
-        fs::rename(&target, &old)?;
-        fs::rename(temp, &target)?;
-        fs::remove_dir_all(&old)?;
-    } else {
-        fs::rename(temp, &target)
-            .with_context(|| format!("cannot rename checkpoint into '{}'", target.display()))?;
-    }
-    sync_dir(root)?;
-    Ok(target)
-}
-
-/// The complete checkpoints under `root`, oldest first, as `(step, folder)`. Temporary
-/// folders of interrupted writes are not listed.
-pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    if !root.exists() {
-        return Ok(Vec::new());
-    }
-    let mut found = Vec::new();
-    for entry in fs::read_dir(root).with_context(|| format!("cannot list '{}'", root.display()))? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(step) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(STEP_PREFIX))
-            .and_then(|s| s.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if entry.path().join(TRAINER_FILE).is_file() {
-            found.push((step, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Deletes all but the newest `keep` complete checkpoints, and leftovers of interrupted
-/// writes. Never deletes the newest complete one.
-pub fn prune(root: &Path, keep: usize) -> Result<()> {
-    let complete = list(root)?;
-    let excess = complete.len().saturating_sub(keep.max(1));
-    for (_, dir) in &complete[..excess] {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot delete '{}'", dir.display()))?;
-    }
-    for entry in fs::read_dir(root)? {
-        let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-            fs::remove_dir_all(entry.path())?;
-        }
-    }
-    Ok(())
+    folder::put_in_place(root, temp, name, state.step)
 }
 
 /// A checkpoint read from disk and checked: its trainer state and its tensors.

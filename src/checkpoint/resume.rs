@@ -1,10 +1,9 @@
-//! The resume policy: which checkpoint a run continues from, whether it may, and where a
-//! fresh run puts an earlier run's checkpoints.
+//! The resume policy: which checkpoint a run continues from, and whether it may.
 
 use super::{list, optimizer_kind, Checkpoint, TRAINER_FILE};
 use crate::config::{self, RunConfig};
 use crate::dist::{self, Communicator};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 /// The checkpoint `--resume` (`spec`: `auto` or a checkpoint folder) names under `root`,
@@ -88,25 +87,4 @@ fn check_resumable(config: &RunConfig, ck: &Checkpoint) -> Result<()> {
         eprintln!("note: resuming with changed settings: {}", keys.join(", "));
     }
     Ok(())
-}
-
-/// A fresh run must not mix its checkpoints with an earlier run's in the same folder: those
-/// are moved to `checkpoints.previous/` (replacing an older set there), never deleted
-/// outright. Returns the note to show when it moved them.
-pub fn set_aside_old_checkpoints(checkpoints: &Path) -> Result<Option<String>> {
-    if list(checkpoints)?.is_empty() {
-        return Ok(None);
-    }
-    let previous = checkpoints.with_extension("previous");
-    if previous.exists() {
-        std::fs::remove_dir_all(&previous)
-            .with_context(|| format!("cannot delete '{}'", previous.display()))?;
-    }
-    std::fs::rename(checkpoints, &previous)
-        .with_context(|| format!("cannot move '{}'", checkpoints.display()))?;
-    Ok(Some(format!(
-        "note: starting fresh; the earlier run's checkpoints were moved to '{}' (use --resume \
-         auto to continue a run instead)",
-        previous.display()
-    )))
 }

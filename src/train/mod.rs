@@ -2,9 +2,11 @@
 //! from a checkpoint when asked), then step after step: update, log, evaluate, sample, checkpoint.
 
 mod record;
+mod set_aside;
 mod step;
 
 pub use record::Summary;
+pub use set_aside::{CHECKPOINTS_DIR, PREVIOUS_DIR};
 pub use step::{StepOutcome, Trainer};
 
 use crate::checkpoint;
@@ -126,7 +128,7 @@ fn setup(
 ) -> Result<(Trainer, Recorder, usize)> {
     let (comm, root) = (job.comm.as_ref(), job.is_root());
     let out = Path::new(&config.train.out);
-    let checkpoints = out.join("checkpoints");
+    let checkpoints = out.join(CHECKPOINTS_DIR);
     // Read and check the checkpoint before anything in the out folder is written (but the
     // lock).
     let resumed = checkpoint::open_resumed(resume, &checkpoints, config, comm)?;
@@ -162,14 +164,16 @@ fn setup(
                     checkpoints.display()
                 ));
             }
-            if root {
-                if let Some(note) = checkpoint::set_aside_old_checkpoints(&checkpoints)? {
-                    recorder.note(&note);
-                }
-            }
             0
         }
     };
+    // Once the checkpoint is restored (an error leaves the folder as it was), and before
+    // anything of this run is written.
+    if root {
+        if let Some(note) = set_aside::set_aside(out, resumed.as_ref())? {
+            recorder.note(&note);
+        }
+    }
     // Every rank starts from rank 0's weights, as PyTorch's DDP does.
     dist::broadcast_params(&trainer.params, comm)?;
     let recorder = recorder.started(&trainer, resumed.map(|ck| ck.dir), start)?;

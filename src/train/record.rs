@@ -111,7 +111,7 @@ impl Recorder {
         Self {
             config: config.clone(),
             root,
-            checkpoints: out.join("checkpoints"),
+            checkpoints: out.join(super::CHECKPOINTS_DIR),
             progress,
             metrics: None,
             summary: Summary {
@@ -343,7 +343,8 @@ impl Recorder {
         (every > 0 && done.is_multiple_of(every)) || done == self.config.train.steps
     }
 
-    /// Writes the checkpoint after step `done` (every rank takes part) and prunes old ones.
+    /// Writes the checkpoint after step `done` (every rank takes part) and prunes old ones
+    /// (never one after `done`).
     pub fn checkpoint(&mut self, done: usize, trainer: &Trainer) -> Result<()> {
         let position = trainer.task.position();
         let state = TrainerState {
@@ -359,7 +360,7 @@ impl Recorder {
         let optimizer = &trainer.optimizer;
         let dir = checkpoint::save(&self.checkpoints, &state, &trainer.params, optimizer, comm)?;
         if self.root {
-            checkpoint::prune(&self.checkpoints, self.config.train.keep_checkpoints)?;
+            checkpoint::prune(&self.checkpoints, self.config.train.keep_checkpoints, done)?;
         }
         self.note(&format!(
             "checkpoint '{}' written in {:.1}s",

@@ -206,3 +206,24 @@ pub fn small_config(out: &Path, sets: &[&str]) -> RunConfig {
         .unwrap();
     b.build().unwrap()
 }
+
+/// The parameters and optimizer that `config` (on `device`) builds, restored from the
+/// checkpoint `ck`, as a resumed run has them before its first step.
+pub fn restored(
+    config: &RunConfig,
+    device: &candle_core::Device,
+    ck: &bsfa_train::checkpoint::Checkpoint,
+) -> (Vec<bsfa_train::model::Param>, bsfa_train::optim::Stack) {
+    use bsfa_train::dist::{Communicator, SingleRank};
+    use bsfa_train::{optim, task};
+    let params = task::params(config, device).unwrap();
+    let blocks = match config.optimizer.name {
+        optim::OptimizerName::AdamMini => task::adam_mini_blocks(config, &params).unwrap(),
+        optim::OptimizerName::AdamW => Vec::new(),
+    };
+    let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleRank);
+    let mut optimizer =
+        optim::build(&config.optimizer, &config.bsfa, &params, &blocks, &comm).unwrap();
+    ck.restore(&params, &mut optimizer).unwrap();
+    (params, optimizer)
+}
