@@ -284,3 +284,45 @@ fn a_full_disk_while_saving_is_one_clear_error() {
         .collect();
     assert_eq!(complete, vec![4]);
 }
+
+/// The cost of checksums on a checkpoint file of `BSFA_CHECKSUM_BENCH_MB` MB (default 500) of
+/// f32: what `save` adds (one CRC-32 pass over the file just written) and what a load adds
+/// (the same pass), beside writing and reading the file. By hand, for docs/checkpoints.md:
+/// `cargo test --release --test checkpoint_integrity -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn checksum_cost() {
+    use std::time::Instant;
+    let mb: usize = std::env::var("BSFA_CHECKSUM_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    let n = mb * 1_000_000 / 4;
+    let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let t = candle_core::Tensor::from_vec(values, n, &candle_core::Device::Cpu).unwrap();
+    let time = |what: &str, f: &mut dyn FnMut()| {
+        let best = (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        eprintln!("{what}: {:.3} s ({:.2} GB/s)", best, mb as f64 / 1e3 / best);
+    };
+    time("write and fsync", &mut || {
+        checkpoint::write_safetensors(&file, &[("w".into(), t.clone())], &[]).unwrap()
+    });
+    time("checksum (save and load each add one)", &mut || {
+        checkpoint::checksum(&file).unwrap();
+    });
+    time("read (finite check included)", &mut || {
+        read_safetensors(&file).unwrap();
+    });
+    let bytes = std::fs::read(&file).unwrap();
+    time("finite check alone", &mut || {
+        assert!(!checkpoint::has_non_finite(safetensors::Dtype::F32, &bytes));
+    });
+}

@@ -38,7 +38,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use integrity::{checked_file, checksum, explain_disk_full};
+use integrity::{checked_file, explain_disk_full};
+pub use integrity::{checksum, has_non_finite};
 pub use resume::{open_resumed, set_aside_old_checkpoints};
 pub use tensors::{
     read_safetensors, read_safetensors_where, write_safetensors, write_state_safetensors,
