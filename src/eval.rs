@@ -54,7 +54,7 @@ pub fn run(dir: &Path, spec: &DataSpec, options: &EvalOptions) -> Result<EvalRep
     let tokenizer = if matches!(spec, DataSpec::Shards(_)) {
         Tokenizer::Bytes
     } else {
-        Tokenizer::load(&config.data.tokenizer)?
+        ck.tokenizer()?
     };
     let tokens = TokenSegments::open(spec, &tokenizer, "val", config.model.vocab_size)?;
     if tokens.segment_lens().iter().all(|&n| n <= seq_len) {

@@ -1,8 +1,10 @@
 //! `bsfa-train export`: a checkpoint as a Hugging Face `LlamaForCausalLM` folder
-//! (`config.json`, `model.safetensors`, and `tokenizer.json` when the run used one).
+//! (`config.json`, `model.safetensors`, and `tokenizer.json` when the run used one). Every
+//! file comes from inside the checkpoint: the export is for upload, and a path that a
+//! checkpoint names must not pull other local files into it.
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::RunConfig;
+use crate::data::Tokenizer;
 use crate::model::{Llama, LlamaConfig, Param};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -35,7 +37,7 @@ pub fn run(dir: &Path, out: &Path) -> Result<ExportReport> {
     ck.load_model(&params)?;
 
     let temp = claim_temp_folder(out)?;
-    let written = write_folder(&temp, &params, config);
+    let written = write_folder(&temp, &params, &ck);
     let files = match written.and_then(|files| move_into(&temp, out).map(|()| files)) {
         Ok(files) => files,
         Err(e) => {
@@ -76,7 +78,8 @@ fn claim_temp_folder(out: &Path) -> Result<PathBuf> {
 }
 
 /// Writes the export's files into `temp`; returns their names.
-fn write_folder(temp: &Path, params: &[Param], config: &RunConfig) -> Result<Vec<String>> {
+fn write_folder(temp: &Path, params: &[Param], ck: &Checkpoint) -> Result<Vec<String>> {
+    let config = &ck.state.config;
     let weights: Vec<(String, Tensor)> = params
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
@@ -90,16 +93,23 @@ fn write_folder(temp: &Path, params: &[Param], config: &RunConfig) -> Result<Vec
     std::fs::write(temp.join("config.json"), hf_config)
         .with_context(|| format!("cannot write '{}'", temp.join("config.json").display()))?;
     let mut files = vec!["config.json".to_string(), "model.safetensors".to_string()];
-    match tokenizer_file(&config.data.tokenizer) {
+    let spec = &config.data.tokenizer;
+    match ck.tokenizer_file()? {
         Some(file) => {
-            std::fs::copy(&file, temp.join("tokenizer.json"))
+            // Only a tokenizer goes into the export, whatever else a file of that name holds.
+            Tokenizer::load(&file.to_string_lossy())?;
+            std::fs::copy(&file, temp.join(checkpoint::TOKENIZER_FILE))
                 .with_context(|| format!("cannot copy '{}'", file.display()))?;
-            files.push("tokenizer.json".into());
+            files.push(checkpoint::TOKENIZER_FILE.into());
         }
+        None if spec == "bytes" => eprintln!(
+            "note: no tokenizer.json exported (the run used the bytes tokenizer, which maps \
+             each UTF-8 byte to its value)"
+        ),
         None => eprintln!(
-            "note: no tokenizer.json exported (the run used '{}'; the bytes tokenizer maps \
-             each UTF-8 byte to its value)",
-            config.data.tokenizer
+            "note: no tokenizer.json exported: '{}' holds none (written by an older version); \
+             copy the run's tokenizer ('{spec}') into the export yourself",
+            ck.dir.display()
         ),
     }
     Ok(files)
@@ -140,22 +150,4 @@ pub fn hf_config(model: &LlamaConfig) -> Value {
         "mlp_bias": false,
         "torch_dtype": "float32",
     })
-}
-
-/// The `tokenizer.json` a run's tokenizer spec refers to, when it is one on this machine
-/// (a file, a folder holding one, or a hub name already in the local cache).
-fn tokenizer_file(spec: &str) -> Option<PathBuf> {
-    if spec == "bytes" {
-        return None;
-    }
-    let path = Path::new(spec);
-    if path.is_file() {
-        return Some(path.to_path_buf());
-    }
-    if path.join("tokenizer.json").is_file() {
-        return Some(path.join("tokenizer.json"));
-    }
-    hf_hub::Cache::from_env()
-        .model(spec.to_string())
-        .get("tokenizer.json")
 }

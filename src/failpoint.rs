@@ -4,7 +4,8 @@
 //! | kind | where | what happens |
 //! |---|---|---|
 //! | `checkpoint-write` | while writing the checkpoint of `<step>` | the process aborts, as `kill -9` would |
-//! | `checkpoint-replace` | while replacing a checkpoint of `<step>` by a new one, between renaming the old one to `step-N.old` and the new one in | same |
+//! | `checkpoint-disk-full` | same | the write fails with ENOSPC, as on a full disk |
+//! | `checkpoint-replace` | while replacing a checkpoint of `<step>` by a new one, between renaming the old one to `step-N.old` and the new one in | the process aborts |
 //! | `rank-abort` | after step `<step>` on rank `<rank>` | the rank aborts without a word to the others |
 //! | `rank-error` | same | the rank fails with an error, as on bad data |
 //! | `rank-hang` | same | the rank stops answering |
@@ -13,7 +14,7 @@
 //! A failpoint fires in a launcher's first attempt only: the ranks torchrun restarts
 //! (`TORCHELASTIC_RESTART_COUNT` above 0) run on, as after a transient crash.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// The points a failpoint can stop at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,10 @@ pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
             std::process::abort();
         }
         (Point::AfterStep, "rank-error") => bail!("failpoint {spec}: injected error"),
+        (Point::CheckpointWrite, "checkpoint-disk-full") => {
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                .with_context(|| format!("failpoint {spec}: injected write error"))
+        }
         (Point::AfterStep, "rank-hang") => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },

@@ -161,9 +161,11 @@ impl Generator {
         let config = ck.state.config.model.clone();
         let (_, params) = Llama::new(&config, DType::F32, device, 0)?;
         ck.load_model(&params)?;
-        let spec = tokenizer.unwrap_or(&ck.state.config.data.tokenizer);
-        let tokenizer = Tokenizer::load(spec)
-            .with_context(|| format!("loading the tokenizer of '{}'", dir.display()))?;
+        let tokenizer = match tokenizer {
+            Some(spec) => Tokenizer::load(spec),
+            None => ck.tokenizer(),
+        }
+        .with_context(|| format!("loading the tokenizer of '{}'", dir.display()))?;
         Self::new(
             &config,
             &params,

@@ -7,7 +7,8 @@ mod common;
 use bsfa_train::checkpoint::{self, read_safetensors};
 use common::ranks::{sigterm, wait_until_logged};
 use common::{
-    command, fails, max_abs_diff, ok, ok_summary, records, run, summary, test_model, SMALL_BSFA,
+    command, fails, max_abs_diff, ok, ok_summary, records, restamp, run, summary, test_model,
+    SMALL_BSFA,
 };
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -329,6 +330,8 @@ fn damaged_or_mismatched_checkpoints_are_named_errors() {
     let save = |t: &std::collections::HashMap<String, candle_core::Tensor>| {
         let list: Vec<_> = t.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         checkpoint::write_safetensors(&model, &list, &[]).unwrap();
+        // Past the checksum, to the checks of names and shapes.
+        restamp(&ckpt, "model.safetensors");
     };
     save(&tensors);
     resume_fails(&a, &ckpt, &metrics, &format!("has no tensor '{name}'"));
@@ -336,6 +339,7 @@ fn damaged_or_mismatched_checkpoints_are_named_errors() {
     save(&tensors);
     resume_fails(&a, &ckpt, &metrics, &format!("tensor '{name}'"));
     std::fs::write(&model, &pristine_model).unwrap();
+    restamp(&ckpt, "model.safetensors");
 
     // A BSFA history of the wrong width.
     let (mut state, meta) = read_safetensors(&optimizer).unwrap();
@@ -345,8 +349,10 @@ fn damaged_or_mismatched_checkpoints_are_named_errors() {
     let list: Vec<_> = state.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     checkpoint::write_safetensors(&optimizer, &list, &meta).unwrap();
+    restamp(&ckpt, "optimizer.safetensors");
     resume_fails(&a, &ckpt, &metrics, key);
     std::fs::write(&optimizer, &pristine_optimizer).unwrap();
+    restamp(&ckpt, "optimizer.safetensors");
 
     // Another model: every differing key is listed.
     let wider = with(

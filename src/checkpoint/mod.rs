@@ -6,8 +6,10 @@
 //!   metadata;
 //! - `optimizer-rank-<5-digit rank>.safetensors`: written by data-parallel ranks other than 0,
 //!   the BSFA blocks that rank owned (see `optim::bsfa`); any rank count can resume them;
+//! - `tokenizer.json`: the run's tokenizer (none for the bytes tokenizer), so that `export`,
+//!   `sample` and `eval` never read a file outside the checkpoint;
 //! - `trainer.json`: [`TrainerState`] (step, tokens seen, sampler position, resolved config,
-//!   format version).
+//!   format version, the CRC-32 of every other file).
 //!
 //! The checkpoints folder's protocol ([`folder`]), under which a crash at any instant loses
 //! no complete checkpoint:
@@ -22,10 +24,18 @@
 //!   with its `trainer.json`; pruning deletes only checkpoints and hidden folders of ours.
 //!
 //! A crash at any moment therefore leaves every checkpoint complete under a name readers
-//! take, and at worst a hidden folder that they ignore and the next save deletes.
+//! take, and at worst a hidden folder that they ignore and the next save deletes. A write
+//! that fails (a full disk) removes its hidden folder and says so.
+//!
+//! A reader opens only files named inside the folder, checks each against its recorded
+//! checksum (checkpoints written before checksums are read unverified), and refuses tensors
+//! that hold NaN or infinity (see `integrity`).
 
 mod folder;
+mod integrity;
 mod resume;
+mod tensors;
+mod tokenizer;
 
 use crate::config::RunConfig;
 use crate::data::TokenPosition;
@@ -34,15 +44,19 @@ use crate::durable::{sync_dir, write_synced};
 use crate::model::Param;
 use crate::optim::{OptimizerState, StateTensor};
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::Load;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::fs::{self, File};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 pub use folder::{folders_after, list, prune, step_dir_name};
+use integrity::{checked_file, explain_disk_full};
+pub use integrity::{checksum, has_non_finite};
 pub use resume::open_resumed;
+pub use tensors::{
+    read_safetensors, read_safetensors_where, write_safetensors, write_state_safetensors,
+};
 
 /// Version of the checkpoint layout this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -52,6 +66,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Trainer state file inside a checkpoint folder.
 pub const TRAINER_FILE: &str = "trainer.json";
+/// The run's tokenizer inside a checkpoint folder (none for the bytes tokenizer).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Metadata key of `optimizer.safetensors` listing the other ranks' shard files.
 const SHARDS_KEY: &str = "shard_files";
@@ -71,6 +87,11 @@ pub struct TrainerState {
     pub image_position: Option<crate::data::images::pipeline::ImagePosition>,
     /// The resolved config of the run that wrote the checkpoint.
     pub config: RunConfig,
+    /// The checksum of every other file of the checkpoint by name (`crc32:<8 hex digits>`),
+    /// recorded by [`save`] (which fills it in) and checked on every load; empty in
+    /// checkpoints written before checksums, whose files are read unverified.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 /// The shard file of data-parallel rank `rank` (> 0).
@@ -80,15 +101,17 @@ pub fn shard_file(rank: usize) -> String {
 
 /// Writes a checkpoint under `root` atomically and returns its folder; a collective: every
 /// rank of `comm` calls it. Rank 0 writes the weights, the shared optimizer state with its
-/// own shard, and the trainer state; every other rank writes its optimizer shard, if any.
-/// An existing checkpoint of the same step is replaced only once the new one is complete
-/// (see the module documentation).
+/// own shard, the trainer state and `tokenizer` (the run's tokenizer.json, `None` for the
+/// bytes tokenizer); every other rank writes its optimizer shard, if any. An existing
+/// checkpoint of the same step is replaced only once the new one is complete (see the
+/// module documentation).
 pub fn save(
     root: &Path,
     state: &TrainerState,
     params: &[Param],
     optimizer: &dyn OptimizerState,
     comm: &dyn Communicator,
+    tokenizer: Option<&[u8]>,
 ) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
     let temp = root.join(format!("{}{name}", folder::TEMP_PREFIX));
@@ -103,77 +126,113 @@ pub fn save(
     }
     comm.barrier()?;
     let shard = optimizer.shard()?;
+    // `<file> <checksum>` of this rank's shard, if it has one.
     let mut written = String::new();
     if comm.rank() > 0 && !shard.is_empty() {
-        written = shard_file(comm.rank());
-        write_state_safetensors(&temp.join(&written), &shard, &[])?;
+        let name = shard_file(comm.rank());
+        let path = temp.join(&name);
+        let sum = write_state_safetensors(&path, &shard, &[])
+            .and_then(|()| checksum(&path))
+            .map_err(|e| explain_disk_full(e, root, state.step))?;
+        written = format!("{name} {sum}");
     }
     // Doubles as the barrier after which every shard is on disk.
-    let shard_files: Vec<String> = comm
+    let shard_files: Vec<(String, String)> = comm
         .all_gather_bytes(written.as_bytes())?
         .into_iter()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .filter(|f| !f.is_empty())
+        .filter_map(|b| {
+            let entry = String::from_utf8_lossy(&b).into_owned();
+            let (name, sum) = entry.split_once(' ')?;
+            Some((name.to_string(), sum.to_string()))
+        })
         .collect();
     if comm.rank() > 0 {
         comm.barrier()?;
         return Ok(root.join(&name));
     }
-    let target = write_root_part(
-        root,
-        &temp,
-        &name,
-        state,
+    let files = RootFiles {
         params,
         optimizer,
         shard,
-        &shard_files,
-    );
+        shard_files: &shard_files,
+        tokenizer,
+    };
+    let target = write_root_part(root, &temp, &name, state, files);
     // The other ranks wait for the complete checkpoint (or rank 0's error).
     comm.barrier()?;
     target
 }
 
-/// Rank 0's part of [`save`]: weights, shared state, trainer state, then the rename.
-#[allow(clippy::too_many_arguments)]
+/// What rank 0 writes into a checkpoint besides the trainer state.
+struct RootFiles<'a> {
+    params: &'a [Param],
+    optimizer: &'a dyn OptimizerState,
+    /// Rank 0's own optimizer shard, written into the shared file.
+    shard: Vec<(String, StateTensor)>,
+    /// The other ranks' shard files and their checksums.
+    shard_files: &'a [(String, String)],
+    tokenizer: Option<&'a [u8]>,
+}
+
+/// Rank 0's part of [`save`]: its files (see [`write_root_files`]), then the rename.
 fn write_root_part(
     root: &Path,
     temp: &Path,
     name: &str,
     state: &TrainerState,
-    params: &[Param],
-    optimizer: &dyn OptimizerState,
-    shard: Vec<(String, StateTensor)>,
-    shard_files: &[String],
+    files: RootFiles,
 ) -> Result<PathBuf> {
-    let weights: Vec<(String, Tensor)> = params
+    if let Err(e) = write_root_files(temp, state, files) {
+        // Nothing half-written stays behind to fill the disk further.
+        let _ = fs::remove_dir_all(temp);
+        return Err(explain_disk_full(e, root, state.step));
+    }
+    folder::put_in_place(root, temp, name, state.step)
+}
+
+/// Writes rank 0's files into `temp`: weights, shared optimizer state, the tokenizer, and
+/// last the trainer state with every file's checksum; then syncs the folder.
+fn write_root_files(temp: &Path, state: &TrainerState, files: RootFiles) -> Result<()> {
+    let weights: Vec<(String, Tensor)> = files
+        .params
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
         .collect();
     // `format: pt` is what `transformers` expects of a safetensors weights file.
     write_safetensors(&temp.join(MODEL_FILE), &weights, &[("format", "pt")])?;
     crate::failpoint::hit(crate::failpoint::Point::CheckpointWrite, 0, state.step)?;
+    let mut checksums: BTreeMap<String, String> = files.shard_files.iter().cloned().collect();
+    checksums.insert(MODEL_FILE.into(), checksum(&temp.join(MODEL_FILE))?);
+    let optimizer = files.optimizer;
     let steps = optimizer.steps_taken().to_string();
     let mut tensors: Vec<(String, StateTensor)> = optimizer
         .shared()?
         .into_iter()
         .map(|(key, t)| (key, StateTensor::Whole(t)))
         .collect();
-    tensors.extend(shard);
+    tensors.extend(files.shard);
+    let names: Vec<&str> = files.shard_files.iter().map(|(n, _)| n.as_str()).collect();
     write_state_safetensors(
         &temp.join(OPTIMIZER_FILE),
         &tensors,
         &[
             ("optimizer", &optimizer_kind(&state.config)),
             ("steps", &steps),
-            (SHARDS_KEY, &shard_files.join(",")),
+            (SHARDS_KEY, &names.join(",")),
         ],
     )?;
-    let json = serde_json::to_vec_pretty(state)?;
+    checksums.insert(OPTIMIZER_FILE.into(), checksum(&temp.join(OPTIMIZER_FILE))?);
+    if let Some(bytes) = files.tokenizer {
+        write_synced(&temp.join(TOKENIZER_FILE), bytes)?;
+        checksums.insert(TOKENIZER_FILE.into(), checksum(&temp.join(TOKENIZER_FILE))?);
+    }
+    let state = TrainerState {
+        checksums,
+        ..state.clone()
+    };
+    let json = serde_json::to_vec_pretty(&state)?;
     write_synced(&temp.join(TRAINER_FILE), &json)?;
-    sync_dir(temp)?;
-
-    folder::put_in_place(root, temp, name, state.step)
+    sync_dir(temp)
 }
 
 /// A checkpoint read from disk and checked: its trainer state and its tensors.
@@ -242,9 +301,17 @@ impl Checkpoint {
                 trainer.display()
             )
         })?;
-        let (model, _) = read_safetensors(&dir.join(MODEL_FILE))?;
+        let sums = &state.checksums;
+        if sums.is_empty() {
+            eprintln!(
+                "note: '{}' was written before checkpoints recorded checksums: its files are \
+                 read unverified",
+                dir.display()
+            );
+        }
+        let (model, _) = read_safetensors(&checked_file(dir, MODEL_FILE, sums)?)?;
         let optimizer = if with_optimizer {
-            let path = dir.join(OPTIMIZER_FILE);
+            let path = checked_file(dir, OPTIMIZER_FILE, sums)?;
             // Headers only: every rank reads just the tensors it needs later.
             let meta = read_safetensors_where(&path, &|_| false)?.1;
             let steps = meta
@@ -256,13 +323,9 @@ impl Checkpoint {
                 if shard.is_empty() {
                     continue;
                 }
-                let shard = dir.join(shard);
-                read_safetensors_where(&shard, &|_| false).with_context(|| {
-                    format!(
-                        "the checkpoint lists the optimizer shard '{}' of another rank",
-                        shard.display()
-                    )
-                })?;
+                let context = || format!("the checkpoint lists the optimizer shard '{shard}'");
+                let shard = checked_file(dir, shard, sums).with_context(context)?;
+                read_safetensors_where(&shard, &|_| false).with_context(context)?;
                 files.push(shard);
             }
             Some((files, steps))
@@ -352,118 +415,4 @@ pub fn optimizer_kind(config: &RunConfig) -> String {
     } else {
         config.optimizer.name.to_string()
     }
-}
-
-/// Writes named tensors with string metadata, then fsyncs the file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    meta: &[(&str, &str)],
-) -> Result<()> {
-    let whole: Vec<(String, StateTensor)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), StateTensor::Whole(t.clone())))
-        .collect();
-    write_state_safetensors(path, &whole, meta)
-}
-
-/// [`write_safetensors`] for optimizer state, whose row tensors are joined one at a time as
-/// they are written.
-pub fn write_state_safetensors(
-    path: &Path,
-    tensors: &[(String, StateTensor)],
-    meta: &[(&str, &str)],
-) -> Result<()> {
-    let metadata: HashMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .with_context(|| format!("cannot write '{}'", path.display()))?;
-    // The writer goes through a private (0600) temp file; checkpoints and exports are for
-    // sharing, like every other output.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o644))?;
-    }
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync '{}'", path.display()))
-}
-
-impl safetensors::View for &StateTensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        match self {
-            StateTensor::Whole(t) => <Tensor as safetensors::View>::dtype(t),
-            StateTensor::Rows { rows, .. } => <Tensor as safetensors::View>::dtype(&rows[0]),
-        }
-    }
-
-    fn shape(&self) -> &[usize] {
-        match self {
-            StateTensor::Whole(t) => t.dims(),
-            StateTensor::Rows { shape, .. } => shape,
-        }
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        match self {
-            StateTensor::Whole(t) => <Tensor as safetensors::View>::data(t),
-            StateTensor::Rows { rows, .. } => {
-                let mut bytes = Vec::with_capacity(self.data_len());
-                for row in rows {
-                    bytes.extend_from_slice(&<Tensor as safetensors::View>::data(row));
-                }
-                std::borrow::Cow::Owned(bytes)
-            }
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        match self {
-            StateTensor::Whole(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            StateTensor::Rows { rows, shape } => {
-                shape[0] * shape[1] * rows[0].dtype().size_in_bytes()
-            }
-        }
-    }
-}
-
-/// Reads every tensor of a safetensors file (on the CPU) and its metadata.
-pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    read_safetensors_where(path, &|_| true)
-}
-
-/// Reads the tensors of a safetensors file whose names `keep` accepts, and its metadata;
-/// the file is mapped, so the others are never read. The whole header is checked either
-/// way.
-pub fn read_safetensors_where(
-    path: &Path,
-    keep: &dyn Fn(&str) -> bool,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let file = File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
-    // SAFETY: checkpoint files are written once, renamed into place and never modified.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("cannot read '{}'", path.display()))?;
-    let corrupt = |e: &dyn std::fmt::Display| {
-        anyhow::anyhow!(
-            "'{}' is corrupted or truncated ({e}); resume from an earlier checkpoint",
-            path.display()
-        )
-    };
-    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
-    let mut tensors = HashMap::new();
-    for (name, view) in parsed.tensors() {
-        if !keep(&name) {
-            continue;
-        }
-        let t = view
-            .load(&Device::Cpu)
-            .map_err(|e| corrupt(&format!("tensor '{name}': {e}")))?;
-        tensors.insert(name, t);
-    }
-    Ok((tensors, header.metadata().clone().unwrap_or_default()))
 }

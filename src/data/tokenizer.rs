@@ -1,7 +1,7 @@
 //! Tokenizers: raw bytes, or any Hugging Face `tokenizer.json` (local or from the hub).
 
 use anyhow::{Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Turns text into token ids.
 pub enum Tokenizer {
@@ -17,8 +17,22 @@ pub enum Tokenizer {
 impl Tokenizer {
     /// Loads `bytes`, a path to a `tokenizer.json`, or a hub repository name (e.g. `gpt2`).
     pub fn load(spec: &str) -> Result<Self> {
-        if spec == "bytes" {
+        let Some(file) = Self::file(spec)? else {
             return Ok(Self::Bytes);
+        };
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer '{}': {e}", file.display()))?;
+        Ok(Self::HuggingFace {
+            source: spec.to_string(),
+            inner: Box::new(inner),
+        })
+    }
+
+    /// The `tokenizer.json` that [`Tokenizer::load`] reads for `spec` (downloading a hub
+    /// repository's into the local cache); `None` for `bytes`, which has no file.
+    pub fn file(spec: &str) -> Result<Option<PathBuf>> {
+        if spec == "bytes" {
+            return Ok(None);
         }
         let path = Path::new(spec);
         let file = if path.exists() {
@@ -35,12 +49,7 @@ impl Tokenizer {
         } else {
             download(spec)?
         };
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| anyhow::anyhow!("cannot load tokenizer '{}': {e}", file.display()))?;
-        Ok(Self::HuggingFace {
-            source: spec.to_string(),
-            inner: Box::new(inner),
-        })
+        Ok(Some(file))
     }
 
     /// Number of distinct ids this tokenizer can emit (added tokens included).
@@ -136,7 +145,7 @@ impl Tokenizer {
 
 /// Fetches `tokenizer.json` of a hub repository into the local Hugging Face cache (or finds
 /// it there: offline, only there).
-fn download(repo: &str) -> Result<std::path::PathBuf> {
+fn download(repo: &str) -> Result<PathBuf> {
     if let Some(cached) = hf_hub::Cache::from_env()
         .model(repo.to_string())
         .get("tokenizer.json")

@@ -4,6 +4,7 @@
 use super::{StepOutcome, Trainer};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
+use crate::data::Tokenizer;
 use crate::device::Precision;
 use crate::dist::{self, Job};
 use crate::interrupt;
@@ -90,6 +91,9 @@ pub struct Recorder {
     device: candle_core::Device,
     /// The highest memory reading so far (MiB): a GPU reports only the current use.
     peak_mem_mib: f64,
+    /// Rank 0 of a language model run: the run's tokenizer.json as read when it started
+    /// (none for the bytes tokenizer), stored in every checkpoint.
+    tokenizer: Option<Vec<u8>>,
 }
 
 impl Recorder {
@@ -145,6 +149,7 @@ impl Recorder {
             train_s: 0.0,
             device: job.device.clone(),
             peak_mem_mib: 0.0,
+            tokenizer: None,
         }
     }
 
@@ -174,6 +179,15 @@ impl Recorder {
             let path = out.join("config.json");
             std::fs::write(&path, serde_json::to_string_pretty(config)?)
                 .with_context(|| format!("cannot write '{}'", path.display()))?;
+        }
+        if self.root && config.spec().language_model().is_some() {
+            // Read once: every checkpoint holds the tokenizer this run started with.
+            let file = Tokenizer::file(&config.data.tokenizer)?;
+            self.tokenizer = file
+                .map(|f| {
+                    std::fs::read(&f).with_context(|| format!("cannot read '{}'", f.display()))
+                })
+                .transpose()?;
         }
         self.summary.checkpoint = resumed_dir.map(|dir| dir.display().to_string());
         let train = &config.train;
@@ -354,11 +368,20 @@ impl Recorder {
             data_position: position.tokens,
             image_position: position.images,
             config: self.config.clone(),
+            checksums: Default::default(),
         };
         let saving = Instant::now();
         let comm = trainer.comm.as_ref();
         let optimizer = &trainer.optimizer;
-        let dir = checkpoint::save(&self.checkpoints, &state, &trainer.params, optimizer, comm)?;
+        let tokenizer = self.tokenizer.as_deref();
+        let dir = checkpoint::save(
+            &self.checkpoints,
+            &state,
+            &trainer.params,
+            optimizer,
+            comm,
+            tokenizer,
+        )?;
         if self.root {
             checkpoint::prune(&self.checkpoints, self.config.train.keep_checkpoints, done)?;
         }
