@@ -171,8 +171,9 @@ pub(super) fn read_handshake(
     Ok(payload)
 }
 
-/// Fills `buf` from `stream` in polls of at most [`POLL`], until `deadline`.
-fn read_full(
+/// Fills `buf` from `stream` in polls of at most [`POLL`], until `deadline`, calling `stop`
+/// between polls.
+pub(super) fn read_full(
     stream: &mut TcpStream,
     buf: &mut [u8],
     deadline: Instant,
