@@ -41,7 +41,6 @@ pub(super) struct StoreClient {
 impl StoreClient {
     /// Wraps a connection to the store and introduces itself as the store requires.
     pub(super) fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
-        stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         let mut client = Self { stream, timeout };
