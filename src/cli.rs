@@ -310,7 +310,8 @@ pub struct RunArgs {
     /// takes its share of every global batch.
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<usize>,
-    /// Seconds a rank waits for the others in one collective before failing.
+    /// Seconds a rank waits for the others in one collective (or to join) before failing;
+    /// at most 604800 (a week).
     #[arg(long, value_name = "SECONDS")]
     pub dist_timeout: Option<u64>,
     /// Trace N training steps (after the first) into OUT/trace.json, for chrome://tracing or

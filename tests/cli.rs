@@ -70,6 +70,11 @@ fn bad_config_input_is_a_clear_error() {
             "train.batch_size must be a positive",
         ),
         (&["--model", "gpt5"], "unknown --model"),
+        // Used to overflow the clock, a panic, once ranks joined.
+        (
+            &["--dist-timeout", "18446744073709551615"],
+            "train.dist_timeout_s (--dist-timeout) is 18446744073709551615 s",
+        ),
         (&["--bsfa", "--set", "bsfa.rank=60"], "below bsfa.history"),
         (&["--bsfa", "--set", "bsfa.rank=0"], "bsfa.rank"),
         (&["--bsfa", "--set", "bsfa.interval=0"], "bsfa.interval"),

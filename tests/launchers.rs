@@ -490,17 +490,22 @@ fn srun_and_kubeflow_stand_ins_match_and_stop_on_sigterm() {
 #[test]
 fn a_signal_ends_the_wait_for_other_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    // Rank 0 waiting for rank 1, and rank 1 waiting for rank 0, each alone.
+    // Rank 0 waiting for rank 1, and rank 1 waiting for rank 0, each alone; rank 0 also
+    // holds a connection that never says anything (it used to block rank 0 for 30 s).
     for rank in [0, 1] {
         let out = dir.path().join(format!("alone-{rank}"));
+        let port = free_port();
         let vars = [
             ("RANK", rank.to_string()),
             ("WORLD_SIZE", "2".into()),
             ("MASTER_ADDR", "127.0.0.1".into()),
-            ("MASTER_PORT", free_port().to_string()),
+            ("MASTER_PORT", port.to_string()),
         ];
         let child = spawn(&small_bsfa_run(&out, STEPS, &[]), &vars);
         std::thread::sleep(Duration::from_millis(1500));
+        let _silent = (rank == 0)
+            .then(|| std::net::TcpStream::connect(("127.0.0.1", port)).expect("rank 0 listens"));
+        std::thread::sleep(Duration::from_millis(200));
         let took = stops_before_training(child, &format!("rank {rank}"));
         assert!(took < Duration::from_secs(2), "rank {rank} took {took:?}");
         eprintln!(

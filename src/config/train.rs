@@ -8,6 +8,10 @@ use crate::device::{DeviceKind, Kernels, Precision};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+/// The longest `--dist-timeout` accepted: deadlines are the clock plus it, which must not
+/// overflow, and a week covers any wait (another rank preparing a corpus included).
+pub const MAX_DIST_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
 /// Loop lengths, batch shape and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -161,6 +165,13 @@ impl TrainConfig {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");
             }
+        }
+        if self.dist_timeout_s > MAX_DIST_TIMEOUT_S {
+            bail!(
+                "train.dist_timeout_s (--dist-timeout) is {} s; at most {MAX_DIST_TIMEOUT_S} s \
+                 (a week) is allowed: a rank silent for longer is hung",
+                self.dist_timeout_s
+            );
         }
         if self
             .peak_tflops

@@ -4,7 +4,7 @@
 //! once to every rank, which checkpoint and exit. Ranks also get SIGTERM when the launcher
 //! dies without passing anything on (`kill -9`): they never outlive it.
 
-use super::env::NodeLaunch;
+use super::env::{generate_secret, NodeLaunch, SECRET_VAR};
 use super::PEER_FAILED_STATUS;
 use crate::interrupt;
 use anyhow::{bail, Context, Result};
@@ -19,10 +19,14 @@ use std::time::{Duration, Instant};
 const GRACE: Duration = Duration::from_secs(15);
 
 /// The node of `--nproc-per-node N` on one machine: rank 0 on loopback, at `MASTER_PORT`
-/// or else a free port.
+/// or else (unset or 0) a free port, which this launcher picks and passes to its ranks.
 pub fn single_node(nproc: usize) -> Result<NodeLaunch> {
     let port = std::env::var("MASTER_PORT").ok();
-    let master_port = port.as_deref().map(super::env::parse_port).transpose()?;
+    let master_port = port
+        .as_deref()
+        .filter(|p| p.trim() != "0")
+        .map(super::env::parse_port)
+        .transpose()?;
     Ok(NodeLaunch {
         nproc,
         nnodes: 1,
@@ -47,6 +51,13 @@ pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
         None => free_port()?,
     };
     let world = node.nnodes * nproc;
+    // The ranks of one node prove to rank 0 that they belong to this job with a secret the
+    // launcher makes up, unless one is given. Several nodes (Kubeflow pods) would each make
+    // up their own: theirs must come from outside, or is derived (see `env::JobSecret`).
+    let secret = match std::env::var_os(SECRET_VAR) {
+        None if node.nnodes == 1 => Some(generate_secret()?),
+        _ => None,
+    };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Caught before the first rank starts: a signal while they start is passed on to them
     // once they all run, instead of killing the launcher.
@@ -64,6 +75,7 @@ pub fn run(node: &NodeLaunch, args: &[OsString]) -> Result<u8> {
             .env("LOCAL_WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", &node.master_addr)
             .env("MASTER_PORT", port.to_string())
+            .envs(secret.iter().map(|s| (SECRET_VAR, s)))
             // A terminal's Ctrl-C reaches only the launcher, which passes it on exactly once
             // (a second signal would make a rank exit without its checkpoint).
             .process_group(0);

@@ -18,6 +18,9 @@
 use crate::dist::hostlist;
 use anyhow::{bail, Context, Result};
 
+mod secret;
+pub use secret::{generate as generate_secret, hex, random_bytes, JobSecret, SECRET_VAR};
+
 /// Port rank 0 listens on when `MASTER_PORT` is unset (torchrun's default).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
@@ -77,6 +80,8 @@ pub struct RankEnv {
     /// (`TORCHELASTIC_USE_AGENT_STORE`): the restart count of this attempt. Rank 0 then
     /// listens on a free port and publishes it in that store.
     pub agent_store_attempt: Option<u64>,
+    /// The key every rank proves it holds when it joins (see [`JobSecret`]).
+    pub secret: JobSecret,
 }
 
 impl RankEnv {
@@ -93,6 +98,8 @@ impl RankEnv {
             master_port: port,
             launcher: Launcher::Torchrun,
             agent_store_attempt: None,
+            // Threads of one test process: a key every rank of this port agrees on.
+            secret: JobSecret::derived(&["local", &port.to_string()]),
         }
     }
 }
@@ -187,6 +194,7 @@ pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Placement> {
         master_addr,
         launcher,
         agent_store_attempt,
+        secret: secret::from_vars(&|name| vars.get(name), launcher, world)?,
     }))
 }
 
@@ -411,11 +419,22 @@ fn master_port(vars: &Vars, launcher: Launcher) -> Result<u16> {
     }
 }
 
-/// `MASTER_PORT`'s value as a port number, or an error naming it.
+/// `MASTER_PORT`'s value as a port number, or an error naming it. Port 0 (let the system
+/// pick) is refused: every rank must know rank 0's port before it starts, and a port the
+/// system picks would be known to rank 0 alone.
 pub fn parse_port(port: &str) -> Result<u16> {
-    port.trim()
+    let number = port
+        .trim()
         .parse::<u16>()
-        .with_context(|| format!("MASTER_PORT='{port}' is not a port number"))
+        .with_context(|| format!("MASTER_PORT='{port}' is not a port number"))?;
+    if number == 0 {
+        bail!(
+            "MASTER_PORT=0: the other ranks could never find the port the system would pick \
+             for rank 0; set a free port every rank knows (e.g. 29500), or unset MASTER_PORT \
+             (our --nproc-per-node picks a free one itself)"
+        );
+    }
+    Ok(number)
 }
 
 /// Whether `host` names this machine's loopback interface.

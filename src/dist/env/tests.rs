@@ -46,6 +46,8 @@ fn torchrun_variables_win_over_mpi_and_slurm() {
             master_port: 1234,
             launcher: Launcher::Torchrun,
             agent_store_attempt: Some(2),
+            // torchrun's TORCHELASTIC_RUN_ID is unset here.
+            secret: JobSecret::derived(&["torchrun", "8", ""]),
         }
     );
 }
@@ -224,5 +226,53 @@ fn single_process_and_bad_values() -> Result<()> {
         format!("{err:#}").contains("MASTER_PORT='70000'"),
         "{err:#}"
     );
+    Ok(())
+}
+
+#[test]
+fn master_port_0_is_refused() {
+    let err = layout(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "0"),
+    ])
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("MASTER_PORT=0"), "{err:#}");
+}
+
+/// The secret of rank `rank` of a 4-rank Slurm step of job `job`, with `extra` variables.
+fn slurm_secret(rank: &str, job: &str, extra: &[(&str, &str)]) -> Result<JobSecret> {
+    let mut vars = vec![
+        ("SLURM_PROCID", rank),
+        ("SLURM_STEP_NUM_TASKS", "4"),
+        ("SLURM_STEP_NODELIST", "node[1-2]"),
+        ("SLURM_LOCALID", rank),
+        ("SLURM_STEP_TASKS_PER_NODE", "4"),
+        ("SLURM_JOB_ID", job),
+        ("SLURM_STEP_ID", "0"),
+    ];
+    vars.extend(extra);
+    match layout(&vars)? {
+        Placement::Rank(env) => Ok(env.secret),
+        other => panic!("not a rank: {other:?}"),
+    }
+}
+
+#[test]
+fn ranks_of_one_job_share_a_secret_and_other_jobs_do_not() -> Result<()> {
+    // Derived from the launcher's job ids: alike on every rank, different for each job.
+    let (one, two) = (slurm_secret("0", "41", &[])?, slurm_secret("3", "41", &[])?);
+    assert_eq!(one, two);
+    assert!(!one.explicit);
+    assert_ne!(one, slurm_secret("0", "42", &[])?);
+    // An explicit secret wins, and its Debug shows no key.
+    let explicit = [(SECRET_VAR, "0123456789abcdef0123")];
+    let secret = slurm_secret("0", "41", &explicit)?;
+    assert!(secret.explicit);
+    assert_eq!(secret, slurm_secret("2", "99", &explicit)?);
+    assert_eq!(format!("{secret:?}"), "JobSecret(explicit)");
+    let err = slurm_secret("0", "41", &[(SECRET_VAR, "short")]).unwrap_err();
+    assert!(format!("{err:#}").contains("at least 16"), "{err:#}");
     Ok(())
 }

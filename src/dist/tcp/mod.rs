@@ -10,10 +10,15 @@
 //! read timeout. In each case rank 0 tells the others, and every rank fails with an error
 //! naming the rank at fault.
 //!
-//! Layout: `rendezvous` connects the ranks at start, `frame` is the wire format, `values`
-//! turns tensors into bytes and back, and this file runs the collectives.
+//! Layout: `rendezvous` connects the ranks at start (`listen` is rank 0's side of it, `auth`
+//! the handshake that proves a rank belongs to the job), `frame` is the wire format,
+//! `values` turns tensors into bytes and back, and this file runs the collectives.
 
+mod auth;
 mod frame;
+#[cfg(test)]
+mod hostile_tests;
+mod listen;
 mod rendezvous;
 mod store;
 #[cfg(test)]
@@ -52,7 +57,11 @@ impl TcpCommunicator {
     /// other rank, which connect (retrying until rank 0 is up). `timeout` bounds both the
     /// start and every wait for a peer inside a collective; a signal ends the start.
     pub fn connect(env: &RankEnv, timeout: Duration) -> Result<Self> {
-        let peers = join(env, timeout)?;
+        Self::over(join(env, timeout)?, env, timeout)
+    }
+
+    /// The communicator over the connections a join made.
+    fn over(peers: Vec<Peer>, env: &RankEnv, timeout: Duration) -> Result<Self> {
         for peer in &peers {
             peer.stream.set_nodelay(true)?;
             peer.stream.set_read_timeout(Some(timeout))?;
@@ -93,9 +102,17 @@ impl TcpCommunicator {
             self.root_round(&mut links.peers, op, seq, mine, fold, reply)
         } else {
             let root = &mut links.peers[0];
-            send(&mut root.stream, DATA, op as u8, seq, mine)
-                .and_then(|_| recv(&mut root.stream, op, seq))
-                .map_err(|failure| self.describe(0, failure))
+            match send(&mut root.stream, DATA, op as u8, seq, mine) {
+                Ok(()) => recv(&mut root.stream, op, seq),
+                // Rank 0 closed the connection after another rank failed: the abort it sent
+                // first, naming that rank, may be waiting to be read.
+                Err(Failure::Left) => match recv(&mut root.stream, op, seq) {
+                    Err(aborted @ Failure::Aborted { .. }) => Err(aborted),
+                    _ => Err(Failure::Left),
+                },
+                Err(failure) => Err(failure),
+            }
+            .map_err(|failure| self.describe(0, failure))
         };
         if let Err(e) = &outcome {
             links.failed = Some(format!("{e:#}"));

@@ -15,10 +15,12 @@
 //! The numbering is the `QueryType` enum of c10d's `TCPStoreBackend.hpp`, unchanged since
 //! PyTorch 1.x (new queries are appended).
 
+use super::frame::read_full;
+use crate::interrupt;
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const VALIDATE: u8 = 0;
 const SET: u8 = 1;
@@ -32,15 +34,16 @@ const READY: u8 = 0;
 /// One connection to a `TCPStore` server.
 pub(super) struct StoreClient {
     stream: TcpStream,
+    /// How long one reply may take.
+    timeout: Duration,
 }
 
 impl StoreClient {
     /// Wraps a connection to the store and introduces itself as the store requires.
     pub(super) fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
-        stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
-        let mut client = Self { stream };
+        let mut client = Self { stream, timeout };
         let mut request = vec![VALIDATE];
         request.extend(MAGIC.to_le_bytes());
         client.send(&request)?;
@@ -67,8 +70,7 @@ impl StoreClient {
         push_bytes(&mut request, key.as_bytes());
         self.send(&request)?;
         let mut reply = [0u8; 1];
-        self.stream
-            .read_exact(&mut reply)
+        self.read(&mut reply)
             .context("the store did not answer a check")?;
         Ok(reply[0] == READY)
     }
@@ -79,16 +81,22 @@ impl StoreClient {
         push_bytes(&mut request, key.as_bytes());
         self.send(&request)?;
         let mut len = [0u8; 8];
-        self.stream
-            .read_exact(&mut len)
+        self.read(&mut len)
             .context("the store did not answer a get")?;
         let len = u64::from_le_bytes(len);
         if len > 1 << 20 {
             bail!("the store answered a get with {len} bytes: not a value of ours");
         }
         let mut value = vec![0u8; len as usize];
-        self.stream.read_exact(&mut value)?;
+        self.read(&mut value)
+            .context("the store did not answer a get")?;
         Ok(value)
+    }
+
+    /// Fills `buf` with the store's reply, in short polls that notice a signal.
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        let deadline = Instant::now() + self.timeout;
+        read_full(&mut self.stream, buf, deadline, &interrupt::check)
     }
 
     fn send(&mut self, request: &[u8]) -> Result<()> {
