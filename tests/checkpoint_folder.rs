@@ -129,7 +129,15 @@ fn replace_step_10(checkpoints: &Path) {
     let device = bsfa_train::device::select(ck.state.config.train.device, 0).unwrap();
     let config = ck.state.config.on_device(&device);
     let (params, optimizer) = common::restored(&config, &device, &ck);
-    checkpoint::save(checkpoints, &ck.state, &params, &optimizer, &SingleRank).unwrap();
+    checkpoint::save(
+        checkpoints,
+        &ck.state,
+        &params,
+        &optimizer,
+        &SingleRank,
+        None,
+    )
+    .unwrap();
     panic!("the failpoint did not stop the save");
 }
 

@@ -277,15 +277,8 @@ mod tests {
     /// fraction of its variance they hold: the definition, by another route (no Gram
     /// matrix).
     fn by_definition(history: &Tensor, k: usize) -> (nalgebra::DMatrix<f64>, f64) {
-        let (m, n) = history.dims2().unwrap();
-        let h: Vec<f64> = history
-            .to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut h = nalgebra::DMatrix::from_row_slice(m, n, &h);
+        let n = history.dim(1).unwrap();
+        let mut h = matrix(history);
         for j in 0..n {
             let mean = h.column(j).mean();
             h.column_mut(j).add_scalar_mut(-mean);
@@ -306,16 +299,20 @@ mod tests {
 
     /// `|A B^T|_F^2 / k`: 1 when the two sets of `k` orthonormal rows span one subspace.
     fn same_span(a: &Tensor, b: &nalgebra::DMatrix<f64>) -> f64 {
-        let (k, n) = a.dims2().unwrap();
-        let a: Vec<f64> = a
+        (matrix(a) * b.transpose()).norm_squared() / a.dim(0).unwrap() as f64
+    }
+
+    /// A matrix tensor's values in f64.
+    fn matrix(t: &Tensor) -> nalgebra::DMatrix<f64> {
+        let (rows, cols) = t.dims2().unwrap();
+        let values: Vec<f64> = t
             .to_dtype(DType::F64)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        let a = nalgebra::DMatrix::from_row_slice(k, n, &a);
-        (a * b.transpose()).norm_squared() / k as f64
+        nalgebra::DMatrix::from_row_slice(rows, cols, &values)
     }
 
     /// Centring on the Gram matrix (`P G P`, then `C P`) gives the directions and variance
@@ -380,18 +377,7 @@ mod tests {
             let order: Vec<u32> = (0..m as u32).map(|i| (i * 5 + 3) % m as u32).collect();
             let index = Tensor::new(order.as_slice(), history.device()).unwrap();
             let shuffled = estimate(&history.index_select(&index, 0).unwrap(), k).unwrap();
-            let shuffled = shuffled.directions.unwrap();
-            let shuffled: Vec<f64> = shuffled
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let span = same_span(
-                &a,
-                &nalgebra::DMatrix::from_row_slice(k, history.dim(1).unwrap(), &shuffled),
-            );
+            let span = same_span(&a, &matrix(&shuffled.directions.unwrap()));
             // Rounding of the uncentred Gram matrix: about eps (drift / variation)^2 = 5e-5.
             assert!((1.0 - span).abs() < 1e-4, "span overlap {span}");
         }
