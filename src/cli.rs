@@ -1,6 +1,6 @@
 //! Command-line interface: flags map onto config keys (see `config`).
 
-use crate::config::{ConfigBuilder, RunConfig};
+use crate::config::{ConfigBuilder, RunConfig, MAX_THREADS};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -53,13 +53,13 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 always picks the most likely token (greedy).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Draw among the K most likely tokens only.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Draw among the most likely tokens whose probabilities sum to P only (nucleus).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Seed of the draws.
     #[arg(long, default_value_t = 1337)]
@@ -75,7 +75,7 @@ pub struct SampleArgs {
     #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
     pub device: String,
     /// Compute threads (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
 }
 
@@ -134,7 +134,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub revision: Option<String>,
     /// Threads for tokenization (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
 }
 
@@ -154,7 +154,7 @@ pub struct TokenizerArgs {
     #[arg(long, default_value = "tokenizer.json")]
     pub out: String,
     /// Threads (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
 }
 
@@ -177,7 +177,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub eval_batches: Option<usize>,
     /// Compute threads (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = thread_count)]
     pub threads: Option<usize>,
 }
 
@@ -253,16 +253,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub seq_len: Option<u64>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Linear warmup steps.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
     /// Final learning rate as a fraction of the peak (cosine floor).
-    #[arg(long)]
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub min_lr_ratio: Option<f64>,
     /// Global gradient-norm clip (0 disables).
-    #[arg(long)]
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub grad_clip: Option<f64>,
     /// Optimizer: adamw or adam-mini.
     #[arg(long)]
@@ -284,8 +284,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Compute threads (default: every core).
-    #[arg(long)]
-    pub threads: Option<u64>,
+    #[arg(long, value_parser = thread_count)]
+    pub threads: Option<usize>,
     /// Output folder (default: `runs/<model>`).
     #[arg(long)]
     pub out: Option<String>,
@@ -320,7 +320,7 @@ pub struct RunArgs {
     pub profile: Option<usize>,
     /// Peak dense TFLOP/s of one rank's device at the run's dtype, for model FLOPs
     /// utilisation (default: a known GPU's datasheet figure; on the CPU, measured).
-    #[arg(long, value_name = "TFLOPS")]
+    #[arg(long, value_name = "TFLOPS", value_parser = finite, allow_negative_numbers = true)]
     pub peak_tflops: Option<f64>,
     /// Print parameter counts and a memory estimate, then exit without training.
     #[arg(long)]
@@ -328,7 +328,8 @@ pub struct RunArgs {
     /// With --dry-run: measure the step's peak GPU memory (the GPU's ops, run on the CPU at
     /// 1-2 layers and extrapolated) and suggest the largest micro-batch that fits GIB
     /// gibibytes per GPU. On a GPU, --dry-run does this for the device's own memory.
-    #[arg(long, value_name = "GIB", requires = "dry_run")]
+    #[arg(long, value_name = "GIB", requires = "dry_run", value_parser = finite,
+          allow_negative_numbers = true)]
     pub gpu_memory: Option<f64>,
 }
 
@@ -393,4 +394,25 @@ impl RunArgs {
         }
         builder.build()
     }
+}
+
+/// A float flag's value: a finite number (the config is JSON, which has no NaN or
+/// infinity, so they would arrive as null).
+fn finite(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() => Ok(value),
+        Ok(_) => Err(format!("must be a finite number, got {text}")),
+        Err(e) => Err(format!("{e}: must be a finite number")),
+    }
+}
+
+/// A `--threads` value: at most [`MAX_THREADS`], which every machine can spawn.
+fn thread_count(text: &str) -> Result<usize, String> {
+    let threads: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if threads > MAX_THREADS {
+        return Err(format!(
+            "at most {MAX_THREADS} threads are allowed, got {threads}"
+        ));
+    }
+    Ok(threads)
 }

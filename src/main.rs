@@ -7,7 +7,7 @@ use bsfa_train::{bench, data, eval, export, interrupt, plot, sample, task, train
 use clap::Parser;
 use serde_json::json;
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -218,10 +218,16 @@ fn sample(s: &SampleArgs) -> Result<u8> {
         sample::Generator::open(Path::new(&s.checkpoint), s.tokenizer.as_deref(), &device)?;
     let prompt = generator.prompt(&s.prompt)?;
     let mut out = std::io::stdout().lock();
-    out.write_all(s.prompt.as_bytes())?;
+    // A terminal gets control characters escaped; a pipe or file gets the text as it is.
+    let terminal = out.is_terminal();
+    let shown = |text: &str| match terminal {
+        true => sample::printable(text),
+        false => text.to_string(),
+    };
+    out.write_all(shown(&s.prompt).as_bytes())?;
     out.flush()?;
     let report = generator.generate(&prompt, &s.options(), &mut |piece| {
-        out.write_all(piece.as_bytes())?;
+        out.write_all(shown(piece).as_bytes())?;
         Ok(out.flush()?)
     })?;
     writeln!(out)?;

@@ -447,6 +447,20 @@ impl TextStream {
     }
 }
 
+/// `text` for a terminal: control characters other than newline and tab written as
+/// `\u{..}` escapes, so that a sample cannot move the cursor, recolour or clear the screen.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Temperature of training's samples (nanoGPT's `sample.py` default).
 const TRAINING_TEMPERATURE: f64 = 0.8;
 /// Training's samples draw among this many most likely tokens (nanoGPT's default).

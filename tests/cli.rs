@@ -65,6 +65,30 @@ fn bad_config_input_is_a_clear_error() {
         (&["--set", "model.num_hidden_layers=0"], "positive integer"),
         (&["--set", "model.hidden_size=-8"], "non-negative integer"),
         (&["--steps", "-3"], "-3"),
+        // NaN and infinity used to reach the config as JSON null ("malformed value null").
+        (&["--lr", "NaN"], "'--lr <LR>': must be a finite number"),
+        (&["--lr", "inf"], "'--lr <LR>': must be a finite number"),
+        (
+            &["--grad-clip=-inf"],
+            "'--grad-clip <GRAD_CLIP>': must be a finite",
+        ),
+        (
+            &["--peak-tflops", "nan"],
+            "'--peak-tflops <TFLOPS>': must be a finite",
+        ),
+        (
+            &["--lr", "-1"],
+            "optimizer.lr must be a positive number, got -1",
+        ),
+        // Used to panic spawning the threads.
+        (
+            &["--threads", "100000"],
+            "'--threads <THREADS>': at most 4096",
+        ),
+        (
+            &["--set", "train.threads=100000"],
+            "train.threads is 100000; at most 4096",
+        ),
         (
             &["--batch-size", "0"],
             "train.batch_size must be a positive",

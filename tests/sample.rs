@@ -161,6 +161,35 @@ fn training_samples_are_what_sample_writes_from_the_checkpoint_of_the_step() {
 }
 
 #[test]
+fn training_samples_reach_the_terminal_with_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = ok(bsfa(&common::test_model(&[
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.sample_prompt=\u{1b}[2J\ralice\tbob",
+        "--set",
+        "train.sample_tokens=8",
+    ])));
+    let err = common::stderr(&o);
+    let line = err.lines().find(|l| l.contains("sample: ")).expect(&err);
+    assert!(
+        line.contains("sample: \\u{1b}[2J\\u{d}alice\tbob"),
+        "{line}"
+    );
+    assert!(!line.contains(['\u{1b}', '\r']), "{line:?}");
+    // metrics.jsonl keeps the text as it is (JSON escapes it).
+    let samples: Vec<Value> = records(&out)
+        .into_iter()
+        .filter(|v| v.get("sample").is_some())
+        .collect();
+    assert_eq!(samples[0]["sample_prompt"], "\u{1b}[2J\ralice\tbob");
+}
+
+#[test]
 fn exported_model_writes_what_transformers_generate_writes() {
     let Some(python) = tool("BSFA_PYTHON", &[]) else {
         return;

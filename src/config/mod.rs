@@ -12,7 +12,7 @@ mod builder;
 mod train;
 
 pub use builder::{ConfigBuilder, WITH_BSFA};
-pub use train::TrainConfig;
+pub use train::{TrainConfig, MAX_THREADS};
 
 use crate::data::images::augment_config::AugmentConfig;
 use crate::data::DataConfig;

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// overflow, and a week covers any wait (another rank preparing a corpus included).
 pub const MAX_DIST_TIMEOUT_S: u64 = 7 * 24 * 3600;
 
+/// The most compute threads a run may ask for (`--threads`): far above any machine's
+/// cores, and far below the count at which spawning them fails.
+pub const MAX_THREADS: usize = 4096;
+
 /// Loop lengths, batch shape and bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +169,9 @@ impl TrainConfig {
             if value == 0 {
                 bail!("train.{key} must be a positive integer, got 0");
             }
+        }
+        if let Some(threads) = self.threads.filter(|&t| t > MAX_THREADS) {
+            bail!("train.threads is {threads}; at most {MAX_THREADS} is allowed");
         }
         if self.dist_timeout_s > MAX_DIST_TIMEOUT_S {
             bail!(

@@ -11,7 +11,7 @@ use crate::interrupt;
 use crate::metrics::{MetricsLog, Progress};
 use crate::model::ParamCounts;
 use crate::optim::Optimizer;
-use crate::sample::Sample;
+use crate::sample::{printable, Sample};
 use crate::task::Evaluation;
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -346,7 +346,11 @@ impl Recorder {
                 "sample": sample.text,
             }))?;
         }
-        self.note(&format!("step {done}: sample: {prompt}{}", sample.text));
+        // The file keeps the text as it is (JSON escapes it); the terminal gets it escaped.
+        self.note(&printable(&format!(
+            "step {done}: sample: {prompt}{}",
+            sample.text
+        )));
         Ok(())
     }
 
