@@ -36,6 +36,7 @@ impl ConfigBuilder {
                 let layer = if layer.get("model").is_some() {
                     layer
                 } else {
+                    crate::model::llama::check_hf_supported(&layer, std::path::Path::new(model))?;
                     crate::model::llama::hf_model_layer(&layer)
                 };
                 let stem = std::path::Path::new(model)
@@ -258,6 +259,38 @@ mod tests {
         assert!(on_cpu.kernels.check(true, on_cpu.dtype).is_ok());
         assert!(Kernels::Fused.check(true, Precision::Bf16).is_err());
         assert!(Kernels::Fused.check(false, Precision::Bf16).is_ok());
+    }
+
+    /// A Hugging Face `config.json` of another architecture (or with settings our LLaMA
+    /// lacks) is refused by `--model`, naming the key, as `sample` refuses it.
+    #[test]
+    fn a_hugging_face_config_of_another_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (key, value) in [
+            ("model_type", "\"gpt2\""),
+            ("hidden_act", "\"gelu\""),
+            ("mlp_bias", "true"),
+            ("rope_scaling", "{\"type\": \"linear\", \"factor\": 2.0}"),
+        ] {
+            let path = dir.path().join(format!("{key}.json"));
+            let text =
+                format!("{{\"hidden_size\": 64, \"num_attention_heads\": 4, \"{key}\": {value}}}");
+            std::fs::write(&path, text).unwrap();
+            let err = ConfigBuilder::new(path.to_str().unwrap())
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(key)),
+                "{key}: {err:?}"
+            );
+        }
+        let plain = dir.path().join("llama.json");
+        std::fs::write(
+            &plain,
+            r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}"#,
+        )
+        .unwrap();
+        ConfigBuilder::new(plain.to_str().unwrap()).unwrap();
     }
 
     #[test]

@@ -466,22 +466,7 @@ impl ModelSpec for LlamaConfig {
 /// The LLaMA a Hugging Face `config.json` (`flat`, read from `path`) describes: its keys
 /// over our defaults. Settings our LLaMA does not implement are errors, not ignored.
 pub fn from_hf(flat: &Value, path: &std::path::Path) -> anyhow::Result<LlamaConfig> {
-    let unsupported = [
-        ("model_type", Value::from("llama")),
-        ("hidden_act", Value::from("silu")),
-        ("rope_scaling", Value::Null),
-        ("attention_bias", Value::Bool(false)),
-        ("mlp_bias", Value::Bool(false)),
-    ];
-    for (key, plain) in unsupported {
-        match flat.get(key) {
-            Some(v) if *v != plain => bail!(
-                "'{}' sets {key} = {v}; this LLaMA supports only {key} = {plain}",
-                path.display()
-            ),
-            _ => {}
-        }
-    }
+    check_hf_supported(flat, path)?;
     let layer = hf_model_layer(flat);
     let model: LlamaConfig = serde_json::from_value(layer["model"].clone())
         .with_context(|| format!("'{}' is not a LLaMA config", path.display()))?;
@@ -499,6 +484,29 @@ pub fn from_hf(flat: &Value, path: &std::path::Path) -> anyhow::Result<LlamaConf
         }
     }
     Ok(model)
+}
+
+/// Fails when a flat Hugging Face `config.json` (`flat`, read from `path`) sets what our
+/// LLaMA does not implement (another `model_type`, activation, RoPE scaling, biases), naming
+/// the key: such a model must not train or load as a plain LLaMA.
+pub fn check_hf_supported(flat: &Value, path: &std::path::Path) -> anyhow::Result<()> {
+    let unsupported = [
+        ("model_type", Value::from("llama")),
+        ("hidden_act", Value::from("silu")),
+        ("rope_scaling", Value::Null),
+        ("attention_bias", Value::Bool(false)),
+        ("mlp_bias", Value::Bool(false)),
+    ];
+    for (key, plain) in unsupported {
+        match flat.get(key) {
+            Some(v) if *v != plain => bail!(
+                "'{}' sets {key} = {v}; this LLaMA supports only {key} = {plain}",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Picks the LLaMA keys out of a flat Hugging Face `config.json` as a run-config layer
