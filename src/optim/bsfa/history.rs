@@ -90,11 +90,7 @@ impl History {
         match self {
             Self::Ring(None) => Ok(None),
             Self::Ring(Some(ring)) => Ok(Some(ring.matrix.narrow(0, 0, ring.len())?)),
-            Self::Rows(rows) if rows.is_empty() => Ok(None),
-            Self::Rows(rows) => {
-                let rows: Vec<&Stored> = rows.iter().collect();
-                Ok(Some(Stored::stack(&rows)?.matrix()?))
-            }
+            Self::Rows(_) => self.stacked_rows()?.map(|s| s.matrix()).transpose(),
         }
     }
 
@@ -106,7 +102,7 @@ impl History {
         let Some(ring) = ring else {
             return Ok(Some(Vec::new()));
         };
-        let (capacity, len) = (ring.capacity(), ring.len());
+        let (capacity, len) = (ring.capacity, ring.len());
         let oldest = if len == capacity { ring.next() } else { 0 };
         (0..len)
             .map(|i| Ok(ring.matrix.narrow(0, (oldest + i) % capacity, 1)?))
@@ -114,16 +110,14 @@ impl History {
             .map(Some)
     }
 
-    /// The products the Gram matrix of [`History::matrix`]'s rows needs computed now, where
-    /// the history lies (f64, flat): for a ring those of the groups written since their last
-    /// product, else the whole `H H^T`. [`History::gram`] takes their values.
-    pub(super) fn gram_parts(&self) -> Result<Vec<Tensor>> {
+    /// The products the Gram matrix of `matrix` (what [`History::matrix`] gave) needs
+    /// computed now, where the history lies (f64, flat): for a ring those of the groups
+    /// written since their last product, else the whole `H H^T` (from `matrix`, so 4-bit
+    /// rows are decoded once). [`History::gram`] takes their values.
+    pub(super) fn gram_parts(&self, matrix: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Ring(Some(ring)) => ring.stale_products(),
-            _ => match self.matrix()? {
-                Some(h) => Ok(vec![super::pca::gram_product(&h, &h)?]),
-                None => Ok(Vec::new()),
-            },
+            _ => Ok(vec![super::pca::gram_product(matrix, matrix)?]),
         }
     }
 
@@ -233,23 +227,19 @@ impl Ring {
         })
     }
 
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Rows holding updates.
     fn len(&self) -> usize {
-        self.count.min(self.capacity() as u64) as usize
+        self.count.min(self.capacity as u64) as usize
     }
 
     /// The row written next.
     fn next(&self) -> usize {
-        (self.count % self.capacity() as u64) as usize
+        (self.count % self.capacity as u64) as usize
     }
 
     /// The count after the latest update written to group `g` (0: none yet).
     fn version(&self, g: usize) -> u64 {
-        let capacity = self.capacity() as u64;
+        let capacity = self.capacity as u64;
         let start = (g * self.group) as u64;
         let end = (start + self.group as u64).min(capacity);
         (start..end)
@@ -280,7 +270,7 @@ impl Ring {
             .into_iter()
             .map(|g| {
                 let start = g * self.group;
-                let rows = self.group.min(self.capacity() - start);
+                let rows = self.group.min(self.capacity - start);
                 super::pca::gram_product(&self.matrix.narrow(0, start, rows)?, &self.matrix)
             })
             .collect()
@@ -302,7 +292,7 @@ impl Ring {
             let version = self.version(g);
             self.products[g] = Some(Product { version, values });
         }
-        let (len, capacity) = (self.len(), self.capacity());
+        let (len, capacity) = (self.len(), self.capacity);
         let versions: Vec<u64> = (0..self.products.len()).map(|g| self.version(g)).collect();
         let mut gram = vec![0.0; len * len];
         for i in 0..len {
@@ -340,7 +330,7 @@ mod tests {
     /// The Gram matrix of `history`, from its parts as a re-estimation takes them.
     fn gram_of(history: &mut History) -> Vec<f64> {
         let parts: Vec<Vec<f64>> = history
-            .gram_parts()
+            .gram_parts(&history.matrix().unwrap().unwrap())
             .unwrap()
             .iter()
             .map(|p| p.to_vec1().unwrap())
@@ -361,7 +351,10 @@ mod tests {
             let mut products = 0;
             for step in 0..23 {
                 if step > 0 && step % interval == 0 {
-                    products += history.gram_parts().unwrap().len();
+                    products += history
+                        .gram_parts(&history.matrix().unwrap().unwrap())
+                        .unwrap()
+                        .len();
                     let gram = gram_of(&mut history);
                     let h = history.matrix().unwrap().unwrap();
                     let direct: Vec<f64> = h

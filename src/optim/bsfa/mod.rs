@@ -252,7 +252,7 @@ fn re_estimate_all(
     // Every block's Gram products in one transfer, then the eigenproblems in parallel.
     let parts: Vec<Vec<Tensor>> = whole
         .iter()
-        .map(|(_, block, _)| block.gram_parts())
+        .map(|(_, block, history)| block.gram_parts(history))
         .collect::<Result<_>>()?;
     let flat: Vec<Tensor> = parts.iter().flatten().cloned().collect();
     let mut values = pca::read_back(&flat)?.into_iter();

@@ -278,9 +278,10 @@ impl BlockState {
         self.history.record(update, capacity, group)
     }
 
-    /// The products the history's Gram matrix needs computed now (see `history`).
-    pub(super) fn gram_parts(&self) -> Result<Vec<Tensor>> {
-        self.history.gram_parts()
+    /// The products the Gram matrix of `history` (what [`BlockState::history_matrix`] gave)
+    /// needs computed now (see `history`).
+    pub(super) fn gram_parts(&self, history: &Tensor) -> Result<Vec<Tensor>> {
+        self.history.gram_parts(history)
     }
 
     /// The Gram matrix of [`BlockState::history_matrix`]'s rows from the values of
