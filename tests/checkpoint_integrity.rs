@@ -173,25 +173,7 @@ fn flipped_bytes_are_refused_on_every_load() {
     let (a, ckpt) = finished_run(dir.path());
     let path = ckpt.to_str().unwrap();
     let hf = dir.path().join("hf");
-    let commands = [
-        vec!["eval", "--checkpoint", path, "--data", "builtin"],
-        vec![
-            "export",
-            "--checkpoint",
-            path,
-            "--out",
-            hf.to_str().unwrap(),
-        ],
-        vec![
-            "sample",
-            "--checkpoint",
-            path,
-            "--prompt",
-            "a",
-            "--max-new-tokens",
-            "2",
-        ],
-    ];
+    let commands = common::loading_commands(path, hf.to_str().unwrap());
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let file = ckpt.join(file);
         let pristine = std::fs::read(&file).unwrap();

@@ -212,25 +212,7 @@ fn a_checkpoint_config_that_does_not_validate_is_refused() {
     std::fs::write(&trainer, state.to_string()).unwrap();
     let path = ckpt.to_str().unwrap();
     let out = dir.path().join("hf");
-    for args in [
-        vec!["eval", "--checkpoint", path, "--data", "builtin"],
-        vec![
-            "export",
-            "--checkpoint",
-            path,
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        vec![
-            "sample",
-            "--checkpoint",
-            path,
-            "--prompt",
-            "a",
-            "--max-new-tokens",
-            "2",
-        ],
-    ] {
+    for args in common::loading_commands(path, out.to_str().unwrap()) {
         let o = run(&args);
         let err = stderr(&o);
         assert!(!o.status.success(), "{args:?}: {err}");

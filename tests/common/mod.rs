@@ -237,3 +237,21 @@ pub fn restamp(ckpt: &Path, file: &str) {
     state["checksums"][file] = sum.into();
     std::fs::write(&trainer, serde_json::to_string_pretty(&state).unwrap()).unwrap();
 }
+
+/// The three commands that load a checkpoint, for `checkpoint` (a folder): `eval` on the
+/// built-in corpus, `export` into `export_to`, and a two-token `sample`.
+pub fn loading_commands<'a>(checkpoint: &'a str, export_to: &'a str) -> [Vec<&'a str>; 3] {
+    [
+        vec!["eval", "--checkpoint", checkpoint, "--data", "builtin"],
+        vec!["export", "--checkpoint", checkpoint, "--out", export_to],
+        vec![
+            "sample",
+            "--checkpoint",
+            checkpoint,
+            "--prompt",
+            "a",
+            "--max-new-tokens",
+            "2",
+        ],
+    ]
+}
