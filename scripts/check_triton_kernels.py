@@ -18,12 +18,14 @@ Tolerances, as the worst absolute difference over the largest magnitude of the t
 The optimizer's kernels (adam.py: AdamW and Adam-mini updates, the gradient norm's sum of squares)
 run in f32 only, as every run keeps parameters and moments in f32. Tolerances: 1e-6 for each of
 the new parameter, first and second moments (f32 throughout; measured at most 1.7e-7), and 1e-12
-for the sum of squares (f64 sums of exact f64 squares; measured at most 1.8e-16).
+for the sum of squares (f64 sums of exact f64 squares; measured at most 1.8e-16). BSFA's
+per-step projection (bsfa.py) likewise: 1e-6 for each block's new parameter and update.
 
 --break KERNEL perturbs one kernel's result on purpose (attention: forward, dq, dkdv; the output
-head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, swiglu, swiglu_grad; the
-optimizer: adamw_theta, adamw_m, adamw_v, adam_mini_theta, adam_mini_m, adam_mini_v, sum_squares):
-the check must fail.
+head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, add_rms_norm_sum, add_rms_norm,
+rms_norm_dx_add, swiglu, swiglu_grad; the
+optimizer: adamw_theta, adamw_m, adamw_v, adam_mini_theta, adam_mini_m, adam_mini_v, sum_squares;
+BSFA's projection: bsfa_coordinates, bsfa_update, bsfa_apply): the check must fail.
 """
 
 import argparse
@@ -43,6 +45,7 @@ from triton.runtime import interpreter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src/model/ops/triton"))
 import adam  # noqa: E402
+import bsfa  # noqa: E402
 import causal_attention as ca  # noqa: E402
 import cross_entropy as ce  # noqa: E402
 import rms_norm as rn  # noqa: E402
@@ -86,6 +89,15 @@ OPTIMIZER_CASES = [
     (3700, 100),
     (3840, 768),
     (4200, 2100),
+]
+
+# BSFA's projection: each case one step's blocks as (numel, directions): a block without
+# directions, sizes under, at and past a program's CHUNK (4,096), k from 1 to the kernels' K (64),
+# the paper's 50; then llama134m's 768 x 768 attention block with 50.
+BSFA_CASES = [
+    [(1, 0), (5000, 3), (300, 2)],
+    [(4096, 64), (8193, 50), (77, 1), (10, 0)],
+    [(768 * 768, 50)],
 ]
 
 
@@ -228,16 +240,21 @@ def check_cross_entropy(case, dtype, broken):
     return result
 
 
-def row_kernels(x, w, dy, gu, dyg, eps, broken=None):
+def row_kernels(x, w, dy, gu, dyg, eps, residual, broken=None):
     """RMSNorm's forward, dx and dw (its per-program parts summed in order, as the launch code
-    does) and SwiGLU's forward and packed gradient, as the CUDA build launches them."""
+    does), the residual add fused in (forward: `x` as the stream, `dy` as the branch's output;
+    backward: `dx` plus `residual`), and SwiGLU's forward and packed gradient, as the CUDA build
+    launches them."""
     rows, n = x.shape
     inter = gu.shape[1] // 2
     y, dx = torch.empty_like(x), torch.empty_like(x)
+    s, y_sum, dx_add = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     parts = ca.cdiv(rows, rn.ROWS)
     dw_part = torch.empty(parts, n, dtype=torch.float32)
     rn.rms_norm_forward[(rows,)](x, w, y, n, eps, BLOCK=rn.BLOCK)
     rn.rms_norm_dx[(rows,)](x, w, dy, dx, n, eps, BLOCK=rn.BLOCK)
+    rn.add_rms_norm_forward[(rows,)](x, dy, w, s, y_sum, n, eps, BLOCK=rn.BLOCK)
+    rn.rms_norm_dx_add[(rows,)](x, w, dy, residual, dx_add, n, eps, BLOCK=rn.BLOCK)
     rn.rms_norm_dw[(parts, ca.cdiv(n, rn.BLOCK))](x, dy, dw_part, rows, n, eps,
                                                    BLOCK=rn.BLOCK, ROWS=rn.ROWS)
     dw = dw_part.sum(0)             # f32, the weight's type
@@ -246,7 +263,8 @@ def row_kernels(x, w, dy, gu, dyg, eps, broken=None):
     grid = (rows, ca.cdiv(inter, sg.BLOCK))
     sg.swiglu_forward[grid](gu, out, inter, BLOCK=sg.BLOCK)
     sg.swiglu_backward[grid](gu, dyg, d_gu, inter, BLOCK=sg.BLOCK)
-    results = dict(rms_norm=y, rms_norm_dx=dx, rms_norm_dw=dw, swiglu=out, swiglu_grad=d_gu)
+    results = dict(rms_norm=y, rms_norm_dx=dx, rms_norm_dw=dw, add_rms_norm_sum=s,
+                   add_rms_norm=y_sum, rms_norm_dx_add=dx_add, swiglu=out, swiglu_grad=d_gu)
     if broken in results:
         results[broken].view(-1)[-1] += 0.02 * results[broken].abs().max()
     return results
@@ -268,8 +286,16 @@ def check_rows(case, dtype, broken):
     g, u = gue.split(n, -1)
     oute = torch.nn.functional.silu(g) * u
     (d_gue,) = torch.autograd.grad(oute, gue, dyg.double())
-    exact = dict(rms_norm=ye, rms_norm_dx=dxe, rms_norm_dw=dwe, swiglu=oute, swiglu_grad=d_gue)
-    got = row_kernels(x, w, dy, gu, dyg, eps, broken)
+    residual = draw(rows, n)
+    # The fused add's sum, and the norm of that sum as the stream holds it (rounded to the
+    # rows' type, as the unfused add leaves it for the norm).
+    se = x.double() + dy.double()
+    sr = se.to(dtype).double()
+    y_sum = sr * (sr.pow(2).mean(-1, keepdim=True) + eps).rsqrt() * w.double()
+    exact = dict(rms_norm=ye, rms_norm_dx=dxe, rms_norm_dw=dwe, add_rms_norm_sum=se,
+                 add_rms_norm=y_sum, rms_norm_dx_add=dxe + residual.double(), swiglu=oute,
+                 swiglu_grad=d_gue)
+    got = row_kernels(x, w, dy, gu, dyg, eps, residual, broken)
     bound = 1e-5 if dtype == torch.float32 else 2.0 ** -8
     result = {"case": dict(rows=rows, width=n), "dtype": str(dtype).removeprefix("torch.")}
     result.update({f"{k}_error": error(got[k], exact[k].detach()) for k in exact})
@@ -342,6 +368,69 @@ def check_optimizer(case, dtype, broken):
     return result
 
 
+def bsfa_kernels(afters, befores, directions, alpha, gamma, broken=None):
+    """BSFA's projection of every block in three launches, as the CUDA build runs it: tables of
+    addresses and sizes, `afters` updated in place; returns the blocks' updates."""
+    count = len(afters)
+    numel = torch.tensor([a.numel() for a in afters], dtype=torch.int64)
+    rank = torch.tensor([0 if u is None else u.shape[0] for u in directions], dtype=torch.int32)
+    programs = [ca.cdiv(a.numel(), bsfa.CHUNK) for a in afters]
+    first = torch.tensor([0] + list(np.cumsum(programs)), dtype=torch.int32)
+    offset = torch.tensor([0] + list(np.cumsum(numel.tolist())[:-1]), dtype=torch.int64)
+    addresses = lambda ts: torch.tensor(  # noqa: E731
+        [0 if t is None else t.data_ptr() for t in ts], dtype=torch.int64)
+    total = int(first[-1])
+    update = torch.full((int(numel.sum()),), float("nan"))
+    parts = torch.full((total, bsfa.K), float("nan"))
+    coordinates = torch.full((count, bsfa.K), float("nan"))
+    tiles = dict(K=bsfa.K, CHUNK=bsfa.CHUNK, COLS=bsfa.COLS, SEARCH=bsfa.SEARCH)
+    a, u = addresses(afters), addresses(directions)
+    bsfa.bsfa_coordinates[(total,)](a, addresses(befores), u, numel, offset, rank, first,
+                                    update, parts, count, **tiles)
+    if broken == "bsfa_coordinates":
+        parts[-1, 0] += 0.1
+    bsfa.bsfa_coordinate_sum[(count,)](parts, first, coordinates, float(np.float32(alpha - gamma)),
+                                       K=bsfa.K)
+    bsfa.bsfa_apply[(total,)](a, u, numel, offset, rank, first, update, coordinates, count,
+                              float(np.float32(gamma - 1)), **tiles)
+    if broken == "bsfa_update":
+        update[-1] += 0.02 * update.abs().max()
+    if broken == "bsfa_apply":
+        afters[-1][-1] += 0.02 * afters[-1].abs().max()
+    return [update[o:o + n] for o, n in zip(offset.tolist(), numel.tolist())]
+
+
+def check_bsfa(case, dtype, broken):
+    """One step's projection of every block (alpha 0.2, gamma 2: both terms count) against the
+    math in float64 from the same f32 inputs, with orthonormal directions as re-estimation
+    gives. Bound 1e-6 for each block's parameter and update (f32 throughout)."""
+    torch.manual_seed(sum(n + k for n, k in case))
+    alpha, gamma = 0.2, 2.0
+    befores = [torch.randn(n, dtype=torch.float64).to(dtype) for n, _ in case]
+    afters = [(b.double() + 0.01 * torch.randn(b.numel(), dtype=torch.float64)).to(dtype)
+              for b in befores]
+    directions = [None if k == 0 else
+                  torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].T.contiguous()
+                  .to(dtype) for n, k in case]
+    exact_theta, exact_update = [], []
+    for a, b, u in zip(afters, befores, directions):
+        v = a.double() - b.double()
+        exact_update.append(v)
+        if u is None:
+            exact_theta.append(a.double())
+        else:
+            c = (alpha - gamma) * (u.double() @ v)
+            exact_theta.append(a.double() + (gamma - 1) * v + u.double().T @ c)
+    updates = bsfa_kernels(afters, befores, directions, alpha, gamma, broken)
+    result = {"case": [dict(numel=n, k=k) for n, k in case],
+              "dtype": str(dtype).removeprefix("torch."), "kernel": "bsfa_projection",
+              "theta_error": max(error(a, t) for a, t in zip(afters, exact_theta)),
+              "update_error": max(error(v, t) for v, t in zip(updates, exact_update)),
+              "bound": 1e-6}
+    result["ok"] = max(result["theta_error"], result["update_error"]) <= 1e-6
+    return result
+
+
 def error(got, truth):
     return ((got.double() - truth).abs().max() / truth.abs().max()).item()
 
@@ -381,11 +470,12 @@ BOTH = (torch.float32, torch.bfloat16)
 FAMILIES = [
     (check, CASES, ("forward", "dq", "dkdv"), BOTH),
     (check_cross_entropy, CROSS_ENTROPY_CASES, ("lse", "grad"), BOTH),
-    (check_rows, ROW_CASES, ("rms_norm", "rms_norm_dx", "rms_norm_dw", "swiglu", "swiglu_grad"),
-     BOTH),
+    (check_rows, ROW_CASES, ("rms_norm", "rms_norm_dx", "rms_norm_dw", "add_rms_norm_sum",
+                             "add_rms_norm", "rms_norm_dx_add", "swiglu", "swiglu_grad"), BOTH),
     (check_optimizer, OPTIMIZER_CASES, ("adamw_theta", "adamw_m", "adamw_v", "adam_mini_theta",
                                         "adam_mini_m", "adam_mini_v", "sum_squares"),
      (torch.float32,)),
+    (check_bsfa, BSFA_CASES, ("bsfa_coordinates", "bsfa_update", "bsfa_apply"), (torch.float32,)),
 ]
 
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 /// One op's comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelReport {
-    /// The op: attention, cross-entropy, rms-norm or swiglu.
+    /// The op: attention, cross-entropy, rms-norm, residual-rms-norm or swiglu.
     pub kernel: String,
     /// Its input shapes.
     pub shape: String,
@@ -86,6 +86,26 @@ pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<Kern
             ],
             Box::new(move |v| ops::rms_norm(&v[0], &v[1], eps)),
             Box::new(move |v| reference::rms_norm(&v[0], &v[1], eps)),
+        ),
+        (
+            // The residual stream in the compute type, the norm's weight f32, as the model has
+            // them; the sum and its norm both in the output.
+            "residual-rms-norm",
+            format!("x and delta {rows}x{hidden}, f32 weight"),
+            vec![
+                draw(&[rows, hidden])?,
+                draw(&[rows, hidden])?,
+                compare::random(&[hidden][..], DType::F32, device)?,
+            ],
+            Box::new(move |v| {
+                let (sum, normed) = ops::add_rms_norm(&v[0], &v[1], &v[2], eps)?;
+                sum + normed
+            }),
+            Box::new(move |v| {
+                let sum = (&v[0] + &v[1])?;
+                let wide = reference::rms_norm(&sum.to_dtype(DType::F32)?, &v[2], eps)?;
+                sum.clone() + wide.to_dtype(sum.dtype())?
+            }),
         ),
         (
             "swiglu",

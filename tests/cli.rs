@@ -507,7 +507,13 @@ fn bench_kernels_compares_each_fused_op_with_its_reference() {
         let o = ok(run(&args));
         serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap()
     };
-    let names = ["attention", "cross-entropy", "rms-norm", "swiglu"];
+    let names = [
+        "attention",
+        "cross-entropy",
+        "rms-norm",
+        "residual-rms-norm",
+        "swiglu",
+    ];
     let fused = report(&[]);
     let kernels = fused["kernels"].as_array().unwrap();
     assert_eq!(kernels.len(), names.len(), "{fused}");

@@ -34,6 +34,26 @@ fn rms_norm_backward_matches_finite_differences() {
     );
 }
 
+/// The residual add and the norm after it, the sum and the norm both in the loss: the norm's
+/// backward adds the sum's gradient into its own `dx` pass (`bwd_accumulating`).
+#[test]
+fn add_rms_norm_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = Var::from_tensor(&random(&[2, 3, 8], 2.0, &mut rng)).unwrap();
+    let delta = Var::from_tensor(&random(&[2, 3, 8], 1.0, &mut rng)).unwrap();
+    let w = Var::from_tensor(&random(&[8], 1.5, &mut rng)).unwrap();
+    let r = random(&[2, 3, 8], 1.0, &mut rng);
+    check_all_coordinates(
+        &[x.clone(), delta.clone(), w.clone()],
+        || {
+            let (sum, normed) =
+                ops::add_rms_norm(x.as_tensor(), delta.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            weighted_sum(&(sum + normed).unwrap(), &r)
+        },
+        "add_rms_norm",
+    );
+}
+
 #[test]
 fn reference_softmax_backward_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);

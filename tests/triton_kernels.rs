@@ -1,6 +1,7 @@
 //! The arithmetic of our Triton kernels (`src/model/ops/triton/`), checked on the CPU: the
 //! kernel source the CUDA build compiles to cubins, run by Triton's interpreter against the
-//! math in float64, forward and backward (the optimizer's: the update and the sum of squares),
+//! math in float64, forward and backward (the optimizer's: the update and the sum of squares;
+//! BSFA's: the projection of a step's blocks),
 //! at odd shapes (`scripts/check_triton_kernels.py`, which states the cases and tolerances).
 //! Needs `BSFA_PYTHON` with torch and triton (`scripts/install_test_tools.sh`); skips without
 //! it unless `BSFA_REQUIRE_TOOLS` is set.
@@ -49,6 +50,9 @@ fn a_broken_kernel_fails_the_check() {
         "rms_norm",
         "rms_norm_dx",
         "rms_norm_dw",
+        "add_rms_norm_sum",
+        "add_rms_norm",
+        "rms_norm_dx_add",
         "swiglu",
         "swiglu_grad",
         "adamw_theta",
@@ -58,6 +62,9 @@ fn a_broken_kernel_fails_the_check() {
         "adam_mini_m",
         "adam_mini_v",
         "sum_squares",
+        "bsfa_coordinates",
+        "bsfa_update",
+        "bsfa_apply",
     ];
     for kernel in kernels {
         if let Some((ok, output)) = check(Some(kernel)) {

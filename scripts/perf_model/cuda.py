@@ -8,14 +8,17 @@ them for the names in `kernels`; the reference ops run the rest.
 - "cross_entropy": the output head fused with the cross-entropy, chunked over rows, gradients
   made in the forward (Liger's scheme).
 - "rms_norm": RMSNorm's Triton kernels (rms_norm.py) on the bf16 rows with f32 weights.
+- "residual_rms_norm": the residual add fused into the RMSNorm after it (add_rms_norm_forward)
+  and the residual stream's gradient into the norm's dx pass (rms_norm_dx_add).
 - "swiglu": the gate and up projections as one linear layer, SwiGLU's Triton kernels
-  (swiglu.py) on its packed output."""
+  (swiglu.py) on its packed output.
+"""
 from .backward import Grad, temp_done
 from .hw import EFF_BW, HBM, HD, MIN_KERNEL, PEAK_BF16, prod
 from .sim import S, cat, custom, matmul, reshape, transpose
 
 # The kernels, in the names `forward`'s `kernels` takes.
-KERNELS = ("attention", "embedding", "cross_entropy", "rms_norm", "swiglu")
+KERNELS = ("attention", "embedding", "cross_entropy", "rms_norm", "residual_rms_norm", "swiglu")
 
 ATTENTION = "attention (scores, softmax, heads)"
 HEAD = "output head + cross-entropy"
@@ -189,6 +192,45 @@ def rms_norm(x, w):
     y = custom([x, w], x.shape, x.dtype, backward)
     S.k("rms-norm-forward", nbytes=3 * x.nbytes + w.nbytes)
     return y
+
+
+def add_rms_norm(x, delta, w):
+    """ops::add_rms_norm on CUDA: `add_rms_norm_forward` reads x and delta, writes the sum and
+    its norm (bf16; the sum read back from the cache); the add's backward passes its gradient
+    to both operands (moved in); the norm's backward as `rms_norm`'s, except that where the sum
+    already has a gradient (the residual stream's) `rms_norm_dx_add` reads it and writes the
+    sum, which the store keeps in place of its add."""
+    S.group = "RMSNorm"
+    rows, n = prod(x.shape[:-1]), x.shape[-1]
+    parts = -(-rows // 64) * n * 4
+
+    def add_backward(bw, node, grad):
+        bw.accumulate(x, grad)
+        bw.accumulate(delta, grad)
+
+    s = custom([x, delta], x.shape, x.dtype, add_backward)
+
+    def norm_backward(bw, node, grad):
+        existing = bw.store.get(s.id)
+        dx, dw = Grad(s.shape, s.dtype), Grad(w.shape, w.dtype)
+        residual = existing.nbytes if existing is not None else 0
+        S.k("rms-norm-dx", nbytes=2 * s.nbytes + 2 * grad.nbytes + dx.nbytes + w.nbytes
+            + residual)
+        S.alloc(parts)
+        S.k("rms-norm-dw", nbytes=2 * s.nbytes + grad.nbytes + parts)
+        S.k("reduce-sum", nbytes=parts + 4 * n)
+        S.free(parts)
+        if existing is not None:
+            bw.store[s.id] = Grad(s.shape, s.dtype)     # dx, moved in for the old one
+            S.free(existing.nbytes)
+        else:
+            bw.accumulate(s, dx)
+        bw.accumulate(w, dw)
+        temp_done(dx, dw)
+
+    y = custom([s, w], x.shape, x.dtype, norm_backward)
+    S.k("add-rms-norm-forward", nbytes=4 * x.nbytes + w.nbytes)
+    return s, y
 
 
 def swiglu(x, w_gate, w_up):

@@ -80,6 +80,15 @@ def attention(d, x, wq, wk, wv, wo, cos, sin):
     return linear(out, wo)
 
 
+def add_norm(x, delta, w, kernels):
+    """ops::add_rms_norm: the residual add and the norm after it (fused on CUDA)."""
+    if "residual_rms_norm" in kernels:
+        return cuda.add_rms_norm(x, delta, w)
+    S.group = "residual adds"
+    x = binary(x, delta, "add")
+    return x, norm(x, w, kernels)
+
+
 def forward(d, weights, kernels=frozenset()):
     """`Llama::loss` of one micro-batch of shape `d`, then train/step.rs's weighting: the root
     of the graph `Tensor::backward` walks. `kernels`: which of cuda.KERNELS run (none is
@@ -95,16 +104,16 @@ def forward(d, weights, kernels=frozenset()):
     S.group = "RoPE"
     cos = to_dtype(Tensor((d.T, d.HD), "f32"), "bf16")
     sin = to_dtype(Tensor((d.T, d.HD), "f32"), "bf16")
-    for layer in weights["layers"]:
+    layers = weights["layers"]
+    # each branch's output added to the stream with the norm after it (llama.rs: add_rms_norm)
+    h = norm(x, layers[0]["norm1"], kernels) if layers else norm(x, weights["norm"], kernels)
+    for i, layer in enumerate(layers):
         c = {n: cast_weight(w) for n, w in layer.items() if not n.startswith("norm")}
-        h = norm(x, layer["norm1"], kernels)
         if "attention" in kernels:
             a = linear(cuda.attention(d, h, c["q"], c["k"], c["v"]), c["o"])
         else:
             a = attention(d, h, c["q"], c["k"], c["v"], c["o"], cos, sin)
-        S.group = "residual adds"
-        x = binary(x, a, "add")
-        h = norm(x, layer["norm2"], kernels)
+        x, h = add_norm(x, a, layer["norm2"], kernels)
         if "swiglu" in kernels:
             m = linear(cuda.swiglu(h, c["gate"], c["up"]), c["down"])
         else:
@@ -113,9 +122,8 @@ def forward(d, weights, kernels=frozenset()):
             u = linear(h, c["up"])
             S.group = "SwiGLU (silu, product)"
             m = linear(binary(unary(g, "silu"), u, "mul"), c["down"])
-        S.group = "residual adds"
-        x = binary(x, m, "add")
-    h = norm(x, weights["norm"], kernels)
+        following = layers[i + 1]["norm1"] if i + 1 < len(layers) else weights["norm"]
+        x, h = add_norm(x, m, following, kernels)
     S.group = "output head + cross-entropy"
     hidden = reshape(h, (d.N, d.C))
     if "cross_entropy" in kernels:

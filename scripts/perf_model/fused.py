@@ -60,11 +60,6 @@ def fused_items(micro):
     nc, ni = 2 * N * C, 2 * N * I                  # one bf16 activation of width C / I
     mat = 4 * sum(prod(sh) for _, sh, grp, _ in param_shapes() if grp in ("attn", "mlp"))
     return [
-        # fwd: read x and the branch output, write x and y (bf16), the row rstd; bwd: read x, dy,
-        # the residual gradient, write dx; weight gradient from per-block partial sums
-        Item("fused residual-add + RMSNorm fwd+bwd", ["RMSNorm", "residual adds"],
-             (2 * L + 1) * (t_bw(2 * N * C * 2 * 4 + 8 * N) + 4e-6), (2 * L + 1) * 4,
-             (2 * L + 1) * nc, 2 * L + 1),
         # five linear layers per block (q, k, v packed in one): the GEMMs and the weight casts
         # stay, inside the op; the input and f32 weight gradients still pass through candle
         Item("linear as one op (cuBLAS fwd/bwd in a CustomOp, f32 weight, dW in f32)",

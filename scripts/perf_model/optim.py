@@ -87,11 +87,13 @@ def quantize4(rows, n):
     S.k("quantize4", nbytes=110 * rows * n, calls=70)
 
 
-def bsfa(bits):
+def bsfa(bits, batched=False):
     """Bsfa::step on device tensors, per covered block (norms, attention, MLP), per step; the
     re-estimation every T steps batched over the blocks (pca::estimate_all): their Gram
     matrices read back in one sync, the eigenproblems solved on HOST_THREADS cores, the
-    overlaps read back in one more sync."""
+    overlaps read back in one more sync. `batched`: the projection of every block in the
+    three Triton launches of bsfa.py (the CUDA path), else per block in tensor ops (the
+    reference path)."""
     S.phase, S.group = "opt", "BSFA projection"
     covered = [(nm, prod(sh)) for nm, sh, grp, _ in param_shapes() if grp in BSFA_GROUPS]
     k, m = BSFA_K, BSFA_L
@@ -99,17 +101,30 @@ def bsfa(bits):
     for _, n in covered:
         S.k("copy", nbytes=8 * n)                           # Before::of: flatten + copy
     # (the base step runs here)
-    for _, n in covered:
-        S.k("sub", nbytes=12 * n)                           # update = after - before
+    if batched:
+        total = sum(n for _, n in covered)
         if bits == 4:
-            dequantize4(k, n)                               # Stored::matrix() of U
-        S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U v
-        S.k("affine", nbytes=8 * k)                         # (alpha - gamma) U v
-        S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U^T (..)
-        S.k("affine", nbytes=8 * n)                         # (gamma - 1) v
-        S.k("add", nbytes=12 * n)
-        S.k("add", nbytes=12 * n)                           # after + correction
-        S.k("copy", nbytes=8 * n)                           # Var::set
+            for _, n in covered:
+                dequantize4(k, n)                           # Stored::matrix() of U
+        for _ in range(2):                                  # the tables, two copies
+            S.k("h2d-data", gpu=MIN_KERNEL)
+        # bsfa_coordinates: after, before and U read, v written; bsfa_coordinate_sum: the
+        # parts (K floats per CHUNK values); bsfa_apply: U, v and theta read, theta written
+        S.k("bsfa-coordinates", nbytes=(12 + 4 * k) * total)
+        S.k("bsfa-sum", nbytes=4 * 64 * total / 4096)
+        S.k("bsfa-apply", nbytes=(12 + 4 * k) * total)
+    for _, n in covered:
+        if not batched:
+            S.k("sub", nbytes=12 * n)                       # update = after - before
+            if bits == 4:
+                dequantize4(k, n)                           # Stored::matrix() of U
+            S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)   # U v
+            S.k("affine", nbytes=8 * k)                     # (alpha - gamma) U v
+            S.k("gemm", flops=2.0 * k * n, nbytes=4 * k * n + 8 * n, peak=PEAK_FP32)  # U^T ..
+            S.k("affine", nbytes=8 * n)                     # (gamma - 1) v
+            S.k("add", nbytes=12 * n)
+            S.k("add", nbytes=12 * n)                       # after + correction
+            S.k("copy", nbytes=8 * n)                       # Var::set
         if bits == 4:
             quantize4(1, n)                                 # History::record, 4-bit row
         else:

@@ -115,7 +115,7 @@ def optimizer_times(r):
 
 def optimizer_times_now(r):
     """`optimizer_times` with the fused update and gradient norm the code has on CUDA
-    (`fused.code_optimizer`); BSFA's projection still takes its tensor ops."""
+    (`fused.code_optimizer`); `r`'s BSFA is the CUDA path's (its projection batched)."""
     from .fused import code_optimizer
     mini = code_optimizer(True)
     return {"AdamW": code_optimizer(False),

@@ -50,8 +50,9 @@ class Run:
         self.adamw_k, _ = collect(adam, lambda name, shape, mini: 1)
         self.mini_k, _ = collect(adam,
                                  lambda name, shape, mini: prod(shape) if name == "norm" else mini)
-        self.b32, (h32, self.re32) = collect(bsfa, 32)
-        self.b4, (h4, self.re4) = collect(bsfa, 4)
+        # BSFA's projection batched where the micro-batch runs our kernels (the CUDA path)
+        self.b32, (h32, self.re32) = collect(bsfa, 32, bool(self.kernels))
+        self.b4, (h4, self.re4) = collect(bsfa, 4, bool(self.kernels))
 
         b32, b4, re32, re4 = self.b32, self.b4, self.re32, self.re4
         self.t_clip, self.t_accum = phase_time(self.clipk), phase_time(self.accum)

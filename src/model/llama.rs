@@ -3,7 +3,7 @@
 //! Parameter names match Hugging Face `LlamaForCausalLM`, so weights map 1:1.
 
 use super::ops::{
-    attention, embedding, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu,
+    add_rms_norm, attention, embedding, linear, linear_cross_entropy, rms_norm, rope_tables, swiglu,
 };
 use super::partition::adam_mini_block;
 use super::spec::{Architecture, ModelSpec};
@@ -338,13 +338,24 @@ impl Llama {
             .to_dtype(self.compute)?;
         let cos = self.cos.narrow(0, 0, seq)?.to_dtype(self.compute)?;
         let sin = self.sin.narrow(0, 0, seq)?.to_dtype(self.compute)?;
-        for block in &self.layers {
-            let normed = self.norm(&x, &block.input_layernorm)?;
-            x = (x + self.attention(&block.self_attn, &normed, &cos, &sin)?)?;
-            let normed = self.norm(&x, &block.post_attention_layernorm)?;
-            x = (x + self.mlp(&block.mlp, &normed)?)?;
+        // Each branch's output is added to the residual stream `x` together with the next
+        // norm (the next block's, or the final one): `add_rms_norm`, one kernel on a GPU.
+        let eps = self.config.rms_norm_eps;
+        let mut normed = match self.layers.first() {
+            Some(block) => self.norm(&x, &block.input_layernorm)?,
+            None => return self.norm(&x, &self.norm),
+        };
+        for (i, block) in self.layers.iter().enumerate() {
+            let attended = self.attention(&block.self_attn, &normed, &cos, &sin)?;
+            (x, normed) = add_rms_norm(&x, &attended, &block.post_attention_layernorm, eps)?;
+            let next = match self.layers.get(i + 1) {
+                Some(next) => &next.input_layernorm,
+                None => &self.norm,
+            };
+            let mlp = self.mlp(&block.mlp, &normed)?;
+            (x, normed) = add_rms_norm(&x, &mlp, next, eps)?;
         }
-        self.norm(&x, &self.norm)
+        Ok(normed)
     }
 
     fn attention(

@@ -125,6 +125,24 @@ pub fn op_cases(z: Sizes, rng: &mut ChaCha8Rng) -> Vec<OpCase> {
         }
     }));
 
+    // The residual add with the norm after it, both outputs in the loss: the sum's gradient
+    // reaches x before the norm's backward, which adds it in its own pass.
+    let delta = var(&[b, s, h], 1.0, dtype, rng);
+    cases.push(OpCase::new("add_rms_norm", &[&x, &delta, &norm], &r, {
+        let (x, delta, norm) = (x.clone(), delta.clone(), norm.clone());
+        move |side| {
+            let (sum, normed) = match side {
+                Side::Op => ops::add_rms_norm(&x, &delta, &norm, 1e-5)?,
+                Side::Reference => {
+                    let sum = (x.as_tensor() + delta.as_tensor())?;
+                    let normed = ops::reference::rms_norm(&sum, &norm, 1e-5)?;
+                    (sum, normed)
+                }
+            };
+            sum + normed
+        }
+    }));
+
     let shift = var(&[h], 1.0, dtype, rng);
     cases.push(OpCase::new("layer_norm", &[&x, &norm, &shift], &r, {
         let (x, norm, shift) = (x.clone(), norm.clone(), shift.clone());

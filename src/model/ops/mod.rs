@@ -11,7 +11,7 @@
 //! - [`embedding`](embedding()): the token embedding (its own backward off the fused path;
 //!   a CUDA kernel on the GPU).
 //! - [`linear`](linear()): `x @ w^T`, without bias.
-//! - [`rms_norm`](rms_norm()): RMSNorm.
+//! - [`rms_norm`](rms_norm()): RMSNorm; [`add_rms_norm`] the residual add before it.
 //! - [`rope_tables`] and `reference::rope`: rotary embeddings (fused inside attention).
 //! - [`attention`](attention()): causal self-attention with RoPE and grouped-query heads.
 //! - [`swiglu`](swiglu()): the SwiGLU hidden layer.
@@ -55,7 +55,7 @@ pub use causal_attention::{attention, causal_mask};
 pub use cross_entropy::linear_cross_entropy;
 pub use embedding::embedding;
 pub use linear::linear;
-pub use rms_norm::rms_norm;
+pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope_tables;
 pub use swiglu::swiglu;
 

@@ -1,9 +1,11 @@
-//! RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
+//! RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`, and the residual add
+//! before it (`add_rms_norm`).
 //!
 //! Layouts: `x` is `... x n` (rows of `n`), `w` is `n`; the result is shaped as `x`. The
-//! backward returns `dx` shaped as `x` and `dw` as `w`.
+//! backward returns `dx` shaped as `x` and `dw` as `w`; where `x` has a gradient already
+//! (the residual stream's), `dx` is added to it in the same pass (`bwd_accumulating`).
 
-use super::kernel::{check_row, sum_over_chunks};
+use super::kernel::{check_row, sum_over_chunks, with_cpu_slice};
 use crate::cpu_kernels::{float_dispatch, fusable, last_dim, owned, slice, Elem};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,6 +28,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         reference::rms_norm(&wide, weight, eps)?
     };
     y.to_dtype(x.dtype())
+}
+
+/// The residual stream's next value `x + delta` and its RMSNorm (`sum`, `normed`): what a
+/// LLaMA block does after each branch. On a GPU with our kernels one kernel writes both, and
+/// the backward adds the stream's gradient into the norm's `dx` pass; elsewhere the add and
+/// [`rms_norm`], the same arithmetic.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if cuda::add_applies(x, delta, weight, eps) {
+        return cuda::add_rms_norm(x, delta, weight, eps);
+    }
+    let sum = (x + delta)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
 }
 
 /// Whether `x` is on a GPU whose Triton RMSNorm kernels serve it with `weight` (`cuda` module).
@@ -103,16 +124,46 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGradInput { eps: self.eps })?;
-        let dw = x.apply_op2_no_bwd(&dy, &RmsNormGradWeight { eps: self.eps })?;
-        Ok((Some(dx), Some(dw)))
+        Ok(grads(x, w, dy, self.eps, None)?)
+    }
+
+    /// Where `x` feeds the residual stream too, its gradient from there (`existing`) is added
+    /// in the `dx` pass: `existing + dx` as the store would add them, one pass fewer.
+    fn bwd_accumulating(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+        existing: &Tensor,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        if existing.dtype() != x.dtype() || existing.shape() != x.shape() {
+            return Ok(None);
+        }
+        let (dx, dw) = grads(x, w, dy, self.eps, Some(existing.contiguous()?))?;
+        Ok(dx.map(|dx| (dx, dw)))
     }
 }
 
-/// `dx = r * (w*dy) - x * r^3 * sum(w*dy*x) / n` per row, with `r = 1/rms(x)`.
+/// RMSNorm's `dx` (plus `residual`, when given) and `dw` for the output gradient `dy`.
+fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    residual: Option<Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGradInput { eps, residual })?;
+    let dw = x.apply_op2_no_bwd(&dy, &RmsNormGradWeight { eps })?;
+    Ok((Some(dx), Some(dw)))
+}
+
+/// `dx = r * (w*dy) - x * r^3 * sum(w*dy*x) / n` per row, with `r = 1/rms(x)`; with a
+/// `residual` (shaped as `x`), `residual + dx`.
 struct RmsNormGradInput {
     eps: f64,
+    residual: Option<Tensor>,
 }
 
 impl CustomOp3 for RmsNormGradInput {
@@ -129,10 +180,11 @@ impl CustomOp3 for RmsNormGradInput {
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+        fn run<T: Elem>(x: &[T], w: &[T], dy: &[T], residual: Option<&[T]>, eps: f64) -> Vec<T> {
             let n = w.len();
             let nt = T::from(n).expect("row length fits the float type");
-            let mut dx = vec![T::zero(); x.len()];
+            let mut dx = residual.map_or_else(|| vec![T::zero(); x.len()], <[T]>::to_vec);
+            let add = residual.is_some();
             dx.par_chunks_mut(n)
                 .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
                 .for_each(|(dx, (x, dy))| {
@@ -144,15 +196,23 @@ impl CustomOp3 for RmsNormGradInput {
                         .fold(T::zero(), |a, ((&x, &d), &w)| a + w * d * x);
                     let c = r * r * r * dot / nt;
                     for (((dx, &x), &d), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                        *dx = r * w * d - x * c;
+                        // The stored gradient first, as the store's add takes it.
+                        let grad = r * w * d - x * c;
+                        *dx = if add { *dx + grad } else { grad };
                     }
                 });
             dx
         }
-        float_dispatch!(xs, self.name(), |T| Ok(owned(
-            run::<T>(slice(xs, xl)?, slice(ws, wl)?, slice(dys, dyl)?, self.eps),
-            xl.shape()
-        )))
+        float_dispatch!(xs, self.name(), |T| {
+            let (x, w, dy) = (slice(xs, xl)?, slice(ws, wl)?, slice(dys, dyl)?);
+            let dx = match &self.residual {
+                Some(residual) => with_cpu_slice::<T, _>(residual, |res| {
+                    Ok(run::<T>(x, w, dy, Some(res), self.eps))
+                })?,
+                None => run::<T>(x, w, dy, None, self.eps),
+            };
+            Ok(owned(dx, xl.shape()))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -165,7 +225,13 @@ impl CustomOp3 for RmsNormGradInput {
         dys: &candle_core::CudaStorage,
         dyl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::grad_input((xs, xl), (ws, wl), (dys, dyl), self.eps)
+        cuda::grad_input(
+            (xs, xl),
+            (ws, wl),
+            (dys, dyl),
+            self.residual.as_ref(),
+            self.eps,
+        )
     }
 }
 

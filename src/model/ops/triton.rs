@@ -6,7 +6,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Layout};
@@ -175,29 +175,22 @@ pub fn blocks(n: usize, tile: u32) -> candle_core::Result<u32> {
     u32::try_from(n.div_ceil(tile as usize)).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
-/// The device addresses of `tensors` (each contiguous, of type `T`, on `device`'s GPU), as a
-/// `u64` array on that GPU: the table a multi-tensor kernel reads to walk many tensors in one
-/// launch (the optimizer's update over every parameter, BSFA's projection over every block).
-/// The kernel may write through the addresses: every tensor's storage outlives the launch
-/// (the caller holds the tensors), and launches on the device's one stream are ordered, so
-/// no other op reads or writes them meanwhile.
-pub fn pointer_table<T: CudaDType>(
-    device: &CudaDevice,
-    tensors: &[&candle_core::Tensor],
-) -> candle_core::Result<CudaSlice<u64>> {
+/// The device address of `t`'s first element (`t` contiguous, of type `T`, on a GPU): an entry
+/// of the address table a multi-tensor kernel reads to walk many tensors in one launch (the
+/// optimizer's update over every parameter, BSFA's projection over every block). Such a
+/// kernel may write through the address: the caller holds `t` until the launch is queued,
+/// candle frees memory only in stream order, and launches on the device's one stream are
+/// ordered, so no other op reads or writes it meanwhile.
+pub fn address<T: CudaDType>(t: &candle_core::Tensor) -> candle_core::Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr as _;
-    let stream = device.cuda_stream();
-    let mut addresses = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let (storage, layout) = t.storage_and_layout();
-        let candle_core::Storage::Cuda(s) = &*storage else {
-            candle_core::bail!("a multi-tensor kernel's operand is not on the GPU");
-        };
-        let (start, _) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("a GPU kernel's input is strided".into()))?;
-        let (base, _) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
-        addresses.push(base + (start * std::mem::size_of::<T>()) as u64);
-    }
-    device.clone_htod(&addresses)
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("a multi-tensor kernel's operand is not on the GPU");
+    };
+    let (start, _) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("a GPU kernel's input is strided".into()))?;
+    let slice = s.as_cuda_slice::<T>()?;
+    let (base, _) = slice.device_ptr(&s.device().cuda_stream());
+    Ok(base + (start * std::mem::size_of::<T>()) as u64)
 }

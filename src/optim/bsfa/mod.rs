@@ -170,6 +170,21 @@ impl Bsfa {
                 &mut found,
             )?;
         }
+        // The blocks the GPU's batched kernels take, all at once; the others one by one.
+        let mut before = before;
+        let batched = projection::project_batched(
+            params,
+            &self.blocks,
+            &self.chunks,
+            &mut before,
+            alpha,
+            gamma,
+        )?;
+        for (i, update) in batched {
+            if let Some(block) = &mut self.blocks[i] {
+                block.record(&update, self.config.history, self.config.interval)?;
+            }
+        }
         for ((param, block), (before, &chunk)) in params
             .iter()
             .zip(&mut self.blocks)

@@ -10,11 +10,16 @@
 
 use super::cpu::{with_cpu_f32, CHUNK};
 use super::quant::Quant4;
-use super::state::Stored;
+use super::state::{BlockState, Stored};
 use crate::cpu_kernels::fusable;
+use crate::model::Param;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+#[path = "projection_cuda.rs"]
+mod cuda;
 
 /// `gamma * v + (alpha - gamma) * U^T (U v)` for a flat update `v` and orthonormal rows `U`.
 pub fn project(v: &Tensor, directions: &Tensor, alpha: f64, gamma: f64) -> Result<Tensor> {
@@ -48,6 +53,69 @@ impl Before {
             None => Ok(Self::Tensor(param.flatten_all()?.copy()?)),
         }
     }
+}
+
+/// Projects at once, on their GPU, every block the batched kernels take (`projection_cuda.rs`:
+/// a whole f32 tensor whose `before` is a tensor copy, with at most `BSFA_K` f32 directions,
+/// once their self-check passed there), as [`project_update`] would one by one. Takes those
+/// blocks' `before` and returns their indices with their updates (flat); the other blocks are
+/// left for [`project_update`] and [`project_update_chunked`]. Takes none on a CPU-only build.
+#[cfg(feature = "cuda")]
+pub(super) fn project_batched(
+    params: &[Param],
+    blocks: &[Option<BlockState>],
+    chunks: &[usize],
+    before: &mut [Option<Before>],
+    alpha: f64,
+    gamma: f64,
+) -> Result<Vec<(usize, Tensor)>> {
+    let mut chosen = Vec::new();
+    for (i, ((param, block), &chunk)) in params.iter().zip(blocks).zip(chunks).enumerate() {
+        let (Some(block), Some(Before::Tensor(_))) = (block, &before[i]) else {
+            continue;
+        };
+        let after = param.var.as_tensor();
+        if chunk != after.elem_count() || !after.is_contiguous() {
+            continue;
+        }
+        let directions = match &block.directions {
+            Some(stored) => Some(stored.matrix()?.contiguous()?),
+            None => None,
+        };
+        if cuda::applies(after, directions.as_ref()) {
+            chosen.push((i, directions));
+        }
+    }
+    let mut copies = Vec::with_capacity(chosen.len());
+    for (i, _) in &chosen {
+        if let Some(Before::Tensor(t)) = before[*i].take() {
+            copies.push(t);
+        }
+    }
+    let batch: Vec<cuda::Block> = chosen
+        .iter()
+        .zip(&copies)
+        .map(|((i, directions), before)| cuda::Block {
+            after: params[*i].var.as_tensor(),
+            before,
+            directions: directions.clone(),
+        })
+        .collect();
+    let updates = cuda::project_all(&batch, alpha, gamma)?;
+    Ok(chosen.into_iter().map(|(i, _)| i).zip(updates).collect())
+}
+
+/// [`project_batched`] on a CPU-only build: no block is taken.
+#[cfg(not(feature = "cuda"))]
+pub(super) fn project_batched(
+    _: &[Param],
+    _: &[Option<BlockState>],
+    _: &[usize],
+    _: &mut [Option<Before>],
+    _: f64,
+    _: f64,
+) -> Result<Vec<(usize, Tensor)>> {
+    Ok(Vec::new())
 }
 
 /// Takes the update of `param` since `before` (the base step) and, given directions, projects

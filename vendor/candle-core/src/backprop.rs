@@ -612,6 +612,25 @@ impl Tensor {
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
+                        // bsfa-train patch: an op may add its first operand's gradient to
+                        // the stored one itself (`CustomOp2::bwd_accumulating`).
+                        let existing = arg1
+                            .track_op()
+                            .then(|| grads.get(arg1).cloned())
+                            .flatten();
+                        let fused = match &existing {
+                            Some(existing) => {
+                                c.bwd_accumulating(arg1, arg2, node, &grad, existing)?
+                            }
+                            None => None,
+                        };
+                        if let Some((sum1, arg_grad2)) = fused {
+                            grads.insert(arg1, sum1);
+                            if let Some(arg_grad2) = arg_grad2 {
+                                grads.accumulate(arg2, &arg_grad2)?
+                            }
+                            continue;
+                        }
                         let (arg_grad1, arg_grad2) = c.bwd(arg1, arg2, node, &grad)?;
                         if let Some(arg_grad1) = arg_grad1 {
                             grads.accumulate(arg1, &arg_grad1)?

@@ -91,6 +91,23 @@ pub trait CustomOp2 {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// bsfa-train patch: a backward that adds `arg1`'s gradient to the one already stored for
+    /// it (`existing`) itself, in the same pass that computes it, instead of leaving the add
+    /// to the gradient store. Returns `Some((existing + d arg1, d arg2))`, whose first part
+    /// the store keeps in place of `existing` (the second it adds as usual), or `None` (the
+    /// default) for [`Self::bwd`] and the store's add. Called only when `arg1` already has a
+    /// gradient.
+    fn bwd_accumulating(
+        &self,
+        _arg1: &Tensor,
+        _arg2: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+        _existing: &Tensor,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        Ok(None)
+    }
 }
 
 pub trait CustomOp3 {

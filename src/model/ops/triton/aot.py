@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def kernels():
     """(kernel, variant, signature, constexprs, options) for every cubin, any architecture."""
     import adam
+    import bsfa
     import causal_attention as ca
     import cross_entropy as ce
     import rms_norm as rn
@@ -74,6 +75,10 @@ def kernels():
                                                      eps="fp32"), rows, options))
         out.append((rn.rms_norm_dx, dtype, dict(x=ptr, w="*fp32", dy=ptr, dx=ptr, n="i32",
                                                 eps="fp32"), rows, options))
+        out.append((rn.add_rms_norm_forward, dtype, dict(
+            x=ptr, delta=ptr, w="*fp32", s=ptr, y=ptr, n="i32", eps="fp32"), rows, options))
+        out.append((rn.rms_norm_dx_add, dtype, dict(
+            x=ptr, w="*fp32", dy=ptr, residual=ptr, dx=ptr, n="i32", eps="fp32"), rows, options))
         out.append((rn.rms_norm_dw, dtype, dict(
             x=ptr, dy=ptr, dw_part="*fp32", rows="i32", n="i32", eps="fp32"),
             dict(BLOCK=rn.BLOCK, ROWS=rn.ROWS), options))
@@ -95,6 +100,18 @@ def kernels():
                 dict(BLOCK=adam.BLOCK), options))
     out.append((adam.sum_squares_part, "fp32", dict(x=ptr, part="*fp64", n="i32"),
                 dict(BLOCK=adam.BLOCK, STEPS=adam.STEPS), dict(num_warps=4)))
+    # BSFA's projection over every block: f32, tables of device addresses as int64.
+    tiles = dict(K=bsfa.K, CHUNK=bsfa.CHUNK, COLS=bsfa.COLS, SEARCH=bsfa.SEARCH)
+    tables = dict(numel="*i64", offset="*i64", rank="*i32", first="*i32")
+    options = dict(num_warps=4)
+    out.append((bsfa.bsfa_coordinates, "fp32", dict(
+        after="*i64", before="*i64", directions="*i64", **tables, update=ptr, parts=ptr,
+        blocks="i32"), tiles, options))
+    out.append((bsfa.bsfa_coordinate_sum, "fp32", dict(
+        parts=ptr, first="*i32", coordinates=ptr, scale="fp32"), dict(K=bsfa.K), options))
+    out.append((bsfa.bsfa_apply, "fp32", dict(
+        after="*i64", directions="*i64", **tables, update=ptr, coordinates=ptr, blocks="i32",
+        gamma_minus_one="fp32"), tiles, options))
     return out
 
 
@@ -148,6 +165,7 @@ def rust(entries, out_dir):
     """The table as Rust: per kernel its parameter names (the same in every variant), the tile
     sizes, and every cubin."""
     import adam
+    import bsfa
     import causal_attention as ca
     import rms_norm as rn
     import swiglu as sg
@@ -166,7 +184,11 @@ def rust(entries, out_dir):
              "/// Elements per program of `adamw_update`, and per chunk of `adam_mini_update`.",
              f"pub const ADAM_BLOCK: u32 = {adam.BLOCK};",
              "/// Elements per program (one f64 part) of `sum_squares_part` (`BLOCK * STEPS`).",
-             f"pub const SUM_SQUARES_PER_PROGRAM: u32 = {adam.BLOCK * adam.STEPS};"]
+             f"pub const SUM_SQUARES_PER_PROGRAM: u32 = {adam.BLOCK * adam.STEPS};",
+             "/// Directions per block the BSFA projection kernels take at most (`K`).",
+             f"pub const BSFA_K: usize = {bsfa.K};",
+             "/// Values per program of the BSFA projection kernels (`CHUNK`).",
+             f"pub const BSFA_CHUNK: u32 = {bsfa.CHUNK};"]
     params = {}
     for e in entries:
         names = [p["name"] for p in e["params"]]

@@ -1,8 +1,14 @@
 """RMSNorm on the GPU as Triton kernels: the same op as the fused CPU kernel of `rms_norm.rs`,
 `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
 
+Also the residual stream's add fused in, forward (`add_rms_norm_forward`: `s = x + delta`, then `y`
+from `s`) and backward (`rms_norm_dx_add`: `dx` plus the gradient already stored for `x`, the
+residual's).
+
 Layouts (contiguous, row-major; element strides):
   x, y, dy, dx   rows x n, bf16 or f32
+  delta, s       rows x n, as x: the residual branch's output and the new residual stream
+  residual       rows x n, as x: the gradient of x from the residual stream
   w              n, f32 (the model's norm weights stay f32 under bf16 compute)
   dw_part        cdiv(rows, ROWS) x n, f32: each program's sum over its rows of dy * x * r (the
                  launch code sums them in a fixed order: no atomics, deterministic)
@@ -10,7 +16,7 @@ Layouts (contiguous, row-major; element strides):
 Precision: bf16 or f32 rows, f32 weights, f32 arithmetic and sums, each row result rounded once
 to the rows' type (dw_part stays f32, the weight's type).
 
-Grids: forward and rms_norm_dx (rows,), one program per row, looping over the row in blocks of
+Grids: the forwards and the dx kernels (rows,), one program per row, looping over the row in blocks of
 BLOCK columns (any n); rms_norm_dw (cdiv(rows, ROWS), cdiv(n, BLOCK)), one program per ROWS rows
 and BLOCK columns. Block:
 32 x num_warps threads (see `aot.py`).
@@ -49,8 +55,35 @@ def rms_norm_forward(x, w, y, n, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_dx(x, w, dy, dx, n, eps, BLOCK: tl.constexpr):
-    """dx = r * w * dy - x * r^3 * sum(w * dy * x) / n for one row."""
+def add_rms_norm_forward(x, delta, w, s, y, n, eps, BLOCK: tl.constexpr):
+    """s = x + delta (the residual stream, rounded to the rows' type) and y = s * r * w, r from
+    the rounded s, for one row: the unfused add and norm's results, in one pass over x and
+    delta (s read back from the cache)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    total = 0.0
+    for start in range(0, n, BLOCK):
+        at = row * n + start + cols
+        mask = start + cols < n
+        v = (tl.load(x + at, mask=mask, other=0.0).to(tl.float32)
+             + tl.load(delta + at, mask=mask, other=0.0).to(tl.float32)).to(s.dtype.element_ty)
+        tl.store(s + at, v, mask=mask)
+        wide = v.to(tl.float32)
+        total += tl.sum(wide * wide, 0)
+    r = 1.0 / tl.sqrt(total / n + eps)
+    for start in range(0, n, BLOCK):
+        at = start + cols
+        mask = at < n
+        v = tl.load(s + row * n + at, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y + row * n + at, (v * r * g).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dx_row(x, w, dy, residual, dx, n, eps, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """dx = r * w * dy - x * r^3 * sum(w * dy * x) / n for this program's row, plus the row of
+    `residual` when RESIDUAL (the gradient already stored for x, added before the one rounding
+    to the rows' type)."""
     row = tl.program_id(0).to(tl.int64)
     r = _inv_rms(x + row * n, n, eps, BLOCK)
     cols = tl.arange(0, BLOCK)
@@ -69,7 +102,23 @@ def rms_norm_dx(x, w, dy, dx, n, eps, BLOCK: tl.constexpr):
         v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(dy + row * n + at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx + row * n + at, (r * g * d - v * c).to(dx.dtype.element_ty), mask=mask)
+        out = r * g * d - v * c
+        if RESIDUAL:
+            out = tl.load(residual + row * n + at, mask=mask, other=0.0).to(tl.float32) + out
+        tl.store(dx + row * n + at, out.to(dx.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_dx(x, w, dy, dx, n, eps, BLOCK: tl.constexpr):
+    """dx = r * w * dy - x * r^3 * sum(w * dy * x) / n for one row."""
+    _dx_row(x, w, dy, dx, dx, n, eps, BLOCK, False)
+
+
+@triton.jit
+def rms_norm_dx_add(x, w, dy, residual, dx, n, eps, BLOCK: tl.constexpr):
+    """residual + rms_norm_dx's row: x's whole gradient where x also feeds the residual stream,
+    without a separate add."""
+    _dx_row(x, w, dy, residual, dx, n, eps, BLOCK, True)
 
 
 @triton.jit
