@@ -306,7 +306,7 @@ class Check:
     def resume(self):
         cuda, extra = ["--device", "cuda"], ["--checkpoint-every", "10"]
         straight = self.losses(self.train("straight", cuda, 30, extra))
-        crash = {"BSFA_TRAIN_FAILPOINT": "rank-abort:0:25"}
+        crash = {"BSFA_TRAIN_FAILPOINT": "rank-abort:0:25", "BSFA_TRAIN_TEST_HOOKS": "1"}
         try:
             self.train("resumed", cuda, 30, extra, env=crash)
             raise RuntimeError("the failpoint did not stop the run")

@@ -5,6 +5,7 @@
 
 use crate::config::RunConfig;
 use crate::dist::{Job, SingleRank};
+use crate::memory_check::{self, Workload};
 use crate::model::ParamCounts;
 use crate::task;
 use crate::train::Trainer;
@@ -97,6 +98,8 @@ pub fn run(job: &Job, config: &RunConfig, options: &BenchOptions) -> Result<Benc
     let config = &config.on_device(device);
     config.train.set_compute(device)?;
     let comm = job.comm.as_ref();
+    let world = comm.world();
+    memory_check::check(config, device, Workload::Training { world })?;
     let train = &config.train;
     let (task, params) = task::open_for_bench(config, device, comm)?;
     let mut trainer = Trainer::new(config, task, params, &job.comm)?;

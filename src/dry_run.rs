@@ -7,7 +7,7 @@ use crate::memory::{Heap, StepPeak, CUDA_RUNTIME_BYTES};
 use crate::model::{Param, ParamCounts};
 use crate::optim::{self, BsfaConfig, Optimizer, OptimizerName};
 use crate::task;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::json;
 use std::sync::Arc;
@@ -34,10 +34,10 @@ pub fn report(config: &RunConfig, heap: &dyn Heap, gpu_memory_gib: Option<f64>) 
     // Gradients, plus an accumulation buffer when the batch is split into micro-batches.
     let accumulating = config.train.micro_batch() < config.train.batch_size;
     let grads = counts.total * elem * if accumulating { 2 } else { 1 };
-    let activations =
-        config
-            .spec()
-            .activation_bytes(config.train.micro_batch(), config.train.seq_len, elem);
+    let activations = config
+        .spec()
+        .activation_bytes(config.train.micro_batch(), config.train.seq_len, elem)
+        .context("the activations' size overflows 64-bit arithmetic")?;
     let total = weights + grads + state.run + activations;
     print_counts(&counts);
     eprintln!(

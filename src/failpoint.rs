@@ -1,5 +1,6 @@
 //! Test hooks that make a process fail at a chosen point, as a crash, a bug or a hung peer
-//! would there. Set `BSFA_TRAIN_FAILPOINT` to `<kind>[:<rank>]:<step>`:
+//! would there. Set `BSFA_TRAIN_FAILPOINT` to `<kind>[:<rank>]:<step>`, together with
+//! `BSFA_TRAIN_TEST_HOOKS=1`:
 //!
 //! | kind | where | what happens |
 //! |---|---|---|
@@ -13,8 +14,19 @@
 //!
 //! A failpoint fires in a launcher's first attempt only: the ranks torchrun restarts
 //! (`TORCHELASTIC_RESTART_COUNT` above 0) run on, as after a transient crash.
+//!
+//! The hook ships in every build, so it is armed by two variables: `BSFA_TRAIN_FAILPOINT` alone
+//! (left in a shell, copied from a test) is ignored with one warning, since a failpoint aborts
+//! a run on purpose and a production job must never crash because of a stray variable. The
+//! tests and `scripts/gpu_check.py` set both.
 
 use anyhow::{bail, Context, Result};
+use std::sync::Once;
+
+/// The failpoint's variable.
+const FAILPOINT_VAR: &str = "BSFA_TRAIN_FAILPOINT";
+/// The switch that arms it: `1` lets [`FAILPOINT_VAR`] fire.
+const TEST_HOOKS_VAR: &str = "BSFA_TRAIN_TEST_HOOKS";
 
 /// The points a failpoint can stop at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,10 +41,10 @@ pub enum Point {
     PrepareShard,
 }
 
-/// Fails as `BSFA_TRAIN_FAILPOINT` asks if it names `point` at `step` on `rank`; otherwise
-/// (and when unset) returns `Ok`.
+/// Fails as `BSFA_TRAIN_FAILPOINT` asks if it names `point` at `step` on `rank` and
+/// `BSFA_TRAIN_TEST_HOOKS=1` arms it; otherwise (and when unset) returns `Ok`.
 pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
-    let Ok(spec) = std::env::var("BSFA_TRAIN_FAILPOINT") else {
+    let Some(spec) = armed() else {
         return Ok(());
     };
     if std::env::var("TORCHELASTIC_RESTART_COUNT").is_ok_and(|c| c.trim() != "0") {
@@ -64,4 +76,22 @@ pub fn hit(point: Point, rank: usize, step: usize) -> Result<()> {
         },
         _ => Ok(()),
     }
+}
+
+/// The failpoint's spec when it is set and armed. Set but not armed, it is ignored with one
+/// warning per process (the hook is called at every step).
+fn armed() -> Option<String> {
+    let spec = std::env::var(FAILPOINT_VAR).ok()?;
+    if std::env::var(TEST_HOOKS_VAR).is_ok_and(|v| v.trim() == "1") {
+        return Some(spec);
+    }
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "warning: {FAILPOINT_VAR}={spec} is ignored: failpoints crash a process on purpose \
+             and fire only in tests, with {TEST_HOOKS_VAR}=1 also set; unset {FAILPOINT_VAR} \
+             (or set {TEST_HOOKS_VAR}=1 to test a crash)"
+        );
+    });
+    None
 }

@@ -11,8 +11,9 @@
 //! `config` composes their sections into a run's config, starting from `presets`; `task`
 //! pairs a model with its data; `train` is the loop, stopped cleanly by `interrupt`
 //! (SIGINT/SIGTERM/SIGHUP). The subcommands: `bench`, `eval`, `export`, `plot`, `sample`, and
-//! `dry_run` (`--dry-run`, with `memory`'s measured GPU peak); `cli` maps flags to config
-//! keys. Small helpers: `check` (config range checks), `cpu_kernels` (what the fused CPU
+//! `dry_run` (`--dry-run`, with `memory`'s measured GPU peak); `memory_check` refuses a
+//! config whose estimated memory exceeds the device's before anything is allocated; `cli`
+//! maps flags to config keys. Small helpers: `check` (config range checks), `cpu_kernels` (what the fused CPU
 //! kernels share, and the switch that turns them off), `durable` (files replaced atomically),
 //! `failpoint` (test hooks that crash a process at a chosen point), `lock` (exclusive file
 //! locks: a run's out folder, data being prepared), `profile` (`--profile`: a Chrome trace
@@ -39,6 +40,7 @@ pub mod failpoint;
 pub mod interrupt;
 pub mod lock;
 pub mod memory;
+pub mod memory_check;
 pub mod metrics;
 pub mod mfu;
 pub mod model;

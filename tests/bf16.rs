@@ -78,7 +78,10 @@ fn bf16_run_learns_checkpoints_resumes_bit_exactly_and_evaluates() {
     let stopped = dir.path().join("stopped");
     let o = run_with(
         &args(&stopped),
-        &[("BSFA_TRAIN_FAILPOINT", "rank-error:11")],
+        &[
+            ("BSFA_TRAIN_FAILPOINT", "rank-error:11"),
+            ("BSFA_TRAIN_TEST_HOOKS", "1"),
+        ],
     );
     assert!(!o.status.success(), "the failpoint did not stop the run");
     let steps_logged = losses(&records(&stopped)).len();

@@ -184,6 +184,7 @@ fn crash_inside_a_checkpoint_write_keeps_the_previous_one() {
     let crashed = command()
         .args(args(&out, STEPS, optimizer))
         .env("BSFA_TRAIN_FAILPOINT", "checkpoint-write:12")
+        .env("BSFA_TRAIN_TEST_HOOKS", "1")
         .output()
         .unwrap();
     assert!(!crashed.status.success());

@@ -158,6 +158,7 @@ fn a_kill_while_replacing_a_checkpoint_of_the_same_step_leaves_it_to_resume() {
         .args([name, "--exact", "--test-threads", "1", "--nocapture"])
         .env(OWN_PROCESS, &root)
         .env("BSFA_TRAIN_FAILPOINT", "checkpoint-replace:10")
+        .env("BSFA_TRAIN_TEST_HOOKS", "1")
         .output()
         .unwrap();
     let err = stderr(&killed);

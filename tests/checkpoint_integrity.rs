@@ -243,7 +243,10 @@ fn a_full_disk_while_saving_is_one_clear_error() {
     let out = dir.path().join("run");
     let o = run_with(
         &args(&out, 8, &[]),
-        &[("BSFA_TRAIN_FAILPOINT", "checkpoint-disk-full:8")],
+        &[
+            ("BSFA_TRAIN_FAILPOINT", "checkpoint-disk-full:8"),
+            ("BSFA_TRAIN_TEST_HOOKS", "1"),
+        ],
     );
     let err = fails(
         o,
@@ -265,6 +268,23 @@ fn a_full_disk_while_saving_is_one_clear_error() {
         .map(|c| c.0)
         .collect();
     assert_eq!(complete, vec![4]);
+}
+
+/// The failpoint hook ships in release builds, so `BSFA_TRAIN_FAILPOINT` alone (a variable
+/// left in a shell) never fires: the run trains to the end, warning once that it is ignored.
+#[test]
+fn a_failpoint_without_the_test_hooks_switch_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = run_with(
+        &args(&out, 8, &[]),
+        &[("BSFA_TRAIN_FAILPOINT", "checkpoint-disk-full:8")],
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "the failpoint fired: {err}");
+    let warning = "BSFA_TRAIN_FAILPOINT=checkpoint-disk-full:8 is ignored";
+    assert_eq!(err.matches(warning).count(), 1, "{err}");
+    assert!(err.contains("BSFA_TRAIN_TEST_HOOKS=1"), "{err}");
 }
 
 /// The cost of checksums on a checkpoint file of `BSFA_CHECKSUM_BENCH_MB` MB (default 500) of

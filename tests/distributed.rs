@@ -101,7 +101,10 @@ fn a_rank_that_dies_or_errors_stops_the_whole_job() {
         let out = dir.path().join(kind);
         let child = spawn(
             &small_bsfa_run(&out, 200, &["--nproc-per-node", "2"]),
-            &[("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3"))],
+            &[
+                ("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3")),
+                ("BSFA_TRAIN_TEST_HOOKS", "1".into()),
+            ],
         );
         let (output, took) = wait_bounded(child, Duration::from_secs(120));
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -140,6 +143,7 @@ fn ranks_started_by_an_outside_launcher_detect_dead_and_silent_peers() {
                         ("MASTER_ADDR", "127.0.0.1".into()),
                         ("MASTER_PORT", port.to_string()),
                         ("BSFA_TRAIN_FAILPOINT", format!("{kind}:1:3")),
+                        ("BSFA_TRAIN_TEST_HOOKS", "1".into()),
                     ],
                 )
             })

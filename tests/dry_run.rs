@@ -1,6 +1,7 @@
 //! `--dry-run` as a user meets it: the presets' parameter groups, the config the paper's
 //! presets resolve to (with and without BSFA, and under what the user sets), the config a
-//! run writes, and the micro-batch that fits a GPU; an unprepared paper dataset offline.
+//! run writes, and the micro-batch that fits a GPU; an unprepared paper dataset offline; and
+//! sizes no machine holds, refused before anything is allocated.
 
 mod common;
 
@@ -200,4 +201,73 @@ fn dry_run_suggests_a_micro_batch_that_fits_the_gpu() {
         &["--dry-run", "--gpu-memory", "0"],
         "--gpu-memory must be a positive",
     );
+}
+
+/// Huge sizes from the command line are refused before anything is allocated, stating the
+/// memory needed and the memory there is (or that the sizes overflow 64-bit arithmetic),
+/// not aborted by the allocator.
+#[test]
+fn sizes_beyond_the_machine_are_refused_with_the_memory_they_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    for (set, needles) in [
+        (
+            "model.vocab_size=100000000000",
+            &[
+                "training this model needs at least",
+                "TiB",
+                "gradients",
+                "MemTotal",
+            ][..],
+        ),
+        (
+            "model.hidden_size=4000000000",
+            &["overflows 64-bit arithmetic"][..],
+        ),
+        (
+            "train.batch_size=1000000000000",
+            &["needs at least", "activations of one micro-batch", "PiB"][..],
+        ),
+    ] {
+        let args = test_model(&["--steps", "1", "--set", set, "--out", out]);
+        let o = run(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{set}: {err}");
+        assert!(!err.contains("memory allocation"), "{set}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{set}: {err}");
+        }
+    }
+}
+
+/// The parameter count the memory check uses, from the shape alone, is the built model's.
+#[test]
+fn parameter_counts_from_the_shape_match_the_built_models() {
+    use bsfa_train::config::ConfigBuilder;
+    use bsfa_train::model::ParamCounts;
+    for (preset, sets) in [
+        ("test", &[][..]),
+        (
+            "test",
+            &[
+                "model.tie_word_embeddings=true",
+                "model.num_key_value_heads=2",
+            ][..],
+        ),
+        ("vit-tiny", &[][..]),
+    ] {
+        let mut builder = ConfigBuilder::new(preset).unwrap();
+        for set in sets {
+            builder.apply_set(set).unwrap();
+        }
+        let config = builder.build().unwrap();
+        let params = bsfa_train::task::params(&config, &candle_core::Device::Cpu).unwrap();
+        let built = ParamCounts::of(&params).total;
+        assert_eq!(
+            config.spec().parameter_count(),
+            Some(built),
+            "{preset} {sets:?}"
+        );
+    }
 }

@@ -221,3 +221,40 @@ fn a_checkpoint_config_that_does_not_validate_is_refused() {
         assert!(err.contains("num_attention_heads"), "{args:?}: {err}");
     }
 }
+
+/// Valid but huge sizes in a checkpoint's config are refused before anything is allocated,
+/// with the memory needed and the memory there is (item 9): not an allocator abort.
+#[test]
+fn a_checkpoint_config_too_big_for_the_machine_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = trained(dir.path());
+    let trainer = ckpt.join("trainer.json");
+    let pristine = read_json(&trainer);
+    let path = ckpt.to_str().unwrap();
+    let out = dir.path().join("hf");
+    for (key, value, needles) in [
+        (
+            "vocab_size",
+            100_000_000_000u64,
+            &["loading this model needs at least", "TiB", "MemTotal"][..],
+        ),
+        (
+            "hidden_size",
+            4_000_000_000,
+            &["overflows 64-bit arithmetic"][..],
+        ),
+    ] {
+        let mut state = pristine.clone();
+        state["config"]["model"][key] = value.into();
+        std::fs::write(&trainer, state.to_string()).unwrap();
+        for args in common::loading_commands(path, out.to_str().unwrap()) {
+            let o = run(&args);
+            let err = stderr(&o);
+            assert!(!o.status.success(), "{args:?}: {err}");
+            assert!(!err.contains("memory allocation"), "{args:?}: {err}");
+            for needle in [&["trainer.json"][..], needles].concat() {
+                assert!(err.contains(needle), "{args:?} with {key}: {err}");
+            }
+        }
+    }
+}

@@ -164,7 +164,10 @@ fn resumed_under_reference_continues_exactly(extra: &[&str]) {
     // Dies after step 13, as kill -9 would; the checkpoint of step 10 remains.
     let crashed = spawn(
         &bsfa_run(&out, 20, &flags),
-        &[("BSFA_TRAIN_FAILPOINT", "rank-abort:13".into())],
+        &[
+            ("BSFA_TRAIN_FAILPOINT", "rank-abort:13".into()),
+            ("BSFA_TRAIN_TEST_HOOKS", "1".into()),
+        ],
     )
     .wait_with_output()
     .unwrap();

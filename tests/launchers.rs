@@ -227,6 +227,7 @@ fn torchrun_restarts_a_crashed_job_from_its_checkpoint() {
     );
     // Rank 1 dies after step 11 of the first attempt; the restart resumes from step 10.
     command.env("BSFA_TRAIN_FAILPOINT", "rank-abort:1:11");
+    command.env("BSFA_TRAIN_TEST_HOOKS", "1");
     let (outputs, _) = finish(start(vec![command]));
     all_succeeded(&outputs, "--max-restarts 1");
     let stderr = String::from_utf8_lossy(&outputs[0].stderr);

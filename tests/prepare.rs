@@ -239,3 +239,129 @@ fn bad_sources_are_clear_errors() {
         &["no '*_train_*.bin' shards"],
     );
 }
+
+/// `prepare` replaces only a `meta.json` it wrote: anyone else's stops it before it reads its
+/// input, named, and stays as it was.
+#[test]
+fn a_meta_json_prepare_did_not_write_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("a.txt");
+    std::fs::write(&text, "some text to prepare. ".repeat(200)).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let foreign = r#"{"experiment": "mine", "notes": "not a prepare summary"}"#;
+    std::fs::write(out.join("meta.json"), foreign).unwrap();
+    let spec = format!("text:{}", text.display());
+    let prepare = || {
+        let args = ["prepare", "--data", &spec, "--tokenizer", "bytes", "--out"];
+        run_hub_free(&[&args[..], &[out.to_str().unwrap()]].concat(), &[])
+    };
+    fails(
+        prepare(),
+        &[
+            "meta.json",
+            "not written by `prepare`",
+            "move that file away",
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("meta.json")).unwrap(),
+        foreign
+    );
+    // Its own summary, of another request, it replaces.
+    std::fs::remove_file(out.join("meta.json")).unwrap();
+    ok_summary(prepare());
+    let other = format!("text:{}", dir.path().display());
+    let args = ["prepare", "--data", &other, "--tokenizer", "bytes", "--out"];
+    ok_summary(run_hub_free(
+        &[&args[..], &[out.to_str().unwrap()]].concat(),
+        &[],
+    ));
+}
+
+/// An empty text is an error naming it, for `prepare` and `tokenizer` alike; so is a
+/// vocabulary the BPE trainer cannot reserve.
+#[test]
+fn empty_texts_and_huge_vocabularies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let spec = format!("text:{}", empty.display());
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let needles = ["empty.txt' is empty", "no text to read"];
+    let prepare = [
+        "prepare",
+        "--data",
+        &spec,
+        "--tokenizer",
+        "bytes",
+        "--out",
+        out,
+    ];
+    fails(run_hub_free(&prepare, &[]), &needles);
+    let tok = dir.path().join("tokenizer.json");
+    let tok = tok.to_str().unwrap();
+    let tokenizer = [
+        "tokenizer",
+        "--data",
+        &spec,
+        "--vocab-size",
+        "300",
+        "--out",
+        tok,
+    ];
+    fails(run_hub_free(&tokenizer, &[]), &needles);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "a few words of text. ".repeat(50)).unwrap();
+    let spec = format!("text:{}", text.display());
+    let huge = ["tokenizer", "--data", &spec, "--vocab-size", "100000000000"];
+    fails(
+        run_hub_free(&[&huge[..], &["--out", tok]].concat(), &[]),
+        &[
+            "--vocab-size 100000000000",
+            "limit of 4194304",
+            "smaller --vocab-size",
+        ],
+    );
+}
+
+/// One shard file has no validation shards beside it: training on it alone is an error
+/// naming the fix, not a validation loss measured on the training tokens.
+#[test]
+fn one_shard_file_needs_its_validation_data_named() {
+    use bsfa_train::data::shards;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = bsfa_train::data::builtin::corpus()
+        .bytes()
+        .take(30_000)
+        .map(u32::from)
+        .collect();
+    let (train, val) = (dir.path().join("t.bin"), dir.path().join("v.bin"));
+    shards::write(&train, &ids[..25_000], 256).unwrap();
+    shards::write(&val, &ids[25_000..], 256).unwrap();
+    let out = dir.path().join("run");
+    let data = format!("shards:{}", train.display());
+    let args = [
+        "--model",
+        "test",
+        "--steps",
+        "2",
+        "--data",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(
+        run_hub_free(&args, &[]),
+        &["t.bin is one shard file", "--val-data shards:FILE"],
+    );
+    let val = format!("shards:{}", val.display());
+    let o = run_hub_free(&[&args[..], &["--val-data", &val]].concat(), &[]);
+    assert!(
+        stderr(&o).contains("25000 train / 5000 val tokens"),
+        "{}",
+        stderr(&o)
+    );
+    ok_summary(o);
+}

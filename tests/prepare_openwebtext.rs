@@ -340,6 +340,7 @@ fn a_killed_prepare_resumes_to_the_same_bytes_without_downloading_again() {
             ("HF_ENDPOINT", hub.url.as_str()),
             ("HF_HOME", home.to_str().unwrap()),
             ("BSFA_TRAIN_FAILPOINT", "prepare-shard:1"),
+            ("BSFA_TRAIN_TEST_HOOKS", "1"),
         ],
     );
     assert!(

@@ -170,7 +170,15 @@ fn every_metric_is_an_event_once_also_after_a_crash_and_resume() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     // Aborts after step 13: steps 11-13 were logged after the checkpoint of step 10.
-    let crashed = train(&out, 20, &[], &[("BSFA_TRAIN_FAILPOINT", "rank-abort:13")]);
+    let crashed = train(
+        &out,
+        20,
+        &[],
+        &[
+            ("BSFA_TRAIN_FAILPOINT", "rank-abort:13"),
+            ("BSFA_TRAIN_TEST_HOOKS", "1"),
+        ],
+    );
     assert!(!crashed.status.success());
     ok(train(&out, 20, &["--resume", "auto"], &[]));
     let expected = from_metrics(&out);

@@ -41,10 +41,11 @@ use crate::config::RunConfig;
 use crate::data::TokenPosition;
 use crate::dist::Communicator;
 use crate::durable::{sync_dir, write_synced};
+use crate::memory_check::{self, Workload};
 use crate::model::Param;
 use crate::optim::{OptimizerState, StateTensor};
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -298,6 +299,15 @@ impl Checkpoint {
         state.config.validate().with_context(|| {
             format!(
                 "'{}' holds a config that does not validate (edited or corrupted?)",
+                trainer.display()
+            )
+        })?;
+        // Valid but huge sizes would make the allocator abort the process: refused here,
+        // before the tensors are read (on the host) or a model is built.
+        memory_check::check(&state.config, &Device::Cpu, Workload::Loading).with_context(|| {
+            format!(
+                "'{}' holds a config whose model does not fit this machine (edited or \
+                 corrupted?)",
                 trainer.display()
             )
         })?;

@@ -16,6 +16,11 @@ use tokenizers::{AddedToken, TokenizerBuilder};
 /// The end-of-text token, spelled as GPT-2 spells it.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// The largest vocabulary `tokenizer` trains (2^22, about 4.2 million): the BPE trainer
+/// reserves its tables for the whole vocabulary before it reads a byte (so 10^11 aborts
+/// the process for want of memory), and the largest vocabularies in use hold about 256k.
+pub const MAX_VOCAB_SIZE: usize = 1 << 22;
+
 /// What `bsfa-train tokenizer` trains.
 pub struct BpeOptions {
     /// The training text (`text:PATH`).
@@ -52,6 +57,15 @@ pub fn train(options: &BpeOptions) -> Result<BpeReport> {
     if options.vocab_size <= 257 {
         bail!(
             "--vocab-size must exceed 257 (the 256 bytes and {END_OF_TEXT}), got {}",
+            options.vocab_size
+        );
+    }
+    if options.vocab_size > MAX_VOCAB_SIZE {
+        bail!(
+            "--vocab-size {} is above the limit of {MAX_VOCAB_SIZE} (2^22): the BPE trainer \
+             reserves memory for every entry up front, and no text needs that many merges \
+             (the largest vocabularies in use hold about 256k); pass a smaller --vocab-size, \
+             such as 50257 (GPT-2's)",
             options.vocab_size
         );
     }

@@ -31,8 +31,9 @@ pub struct TokenData {
 
 /// Opens the train and validation sources. Shards (`shards:DIR`, or a dataset name such as
 /// `wikitext103`, whose prepared shards are found in the cache or prepared there) validate
-/// against the `_val_` shards of the same folder unless `data.val` names others; text sources
-/// without a validation source hold out their last `val_fraction` of tokens.
+/// against the `_val_` shards of the same folder unless `data.val` names others (one shard
+/// file needs `data.val`); text sources without a validation source hold out their last
+/// `val_fraction` of tokens.
 pub fn load(
     data: &DataConfig,
     tokenizer: &Tokenizer,
@@ -54,7 +55,7 @@ pub fn load(
         // Text: the last `val_fraction` of it; shards: the folder's `_val_` shards.
         None => match train.hold_out(val_fraction) {
             Some(held_out) => held_out,
-            None => open(train_spec, "val")?,
+            None => open(no_single_shard_file(train_spec)?, "val")?,
         },
     };
     for (what, tokens, spec) in [
@@ -71,6 +72,19 @@ pub fn load(
         }
     }
     Ok(TokenData { train, val })
+}
+
+/// `spec`, to find validation shards beside: a folder. One shard file has none beside it,
+/// and validating on the training file itself would report training loss as validation loss.
+fn no_single_shard_file(spec: &DataSpec) -> Result<&DataSpec> {
+    match spec {
+        DataSpec::Shards(path) if path.is_file() => bail!(
+            "--data {spec} is one shard file, so there are no validation shards beside it (a \
+             folder's are its *_val_*.bin files); pass the validation data with --val-data \
+             shards:FILE (data.val), or --data shards:DIR with a folder holding both splits"
+        ),
+        _ => Ok(spec),
+    }
 }
 
 /// `wikitext103` / `openwebtext` become `shards:DIR` of their prepared shards (prepared now

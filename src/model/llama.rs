@@ -8,7 +8,7 @@ use super::ops::{
 use super::partition::adam_mini_block;
 use super::spec::{Architecture, ModelSpec};
 use super::{Model, Param, ParamGroup, ParamInit};
-use crate::check::positive;
+use crate::check::{positive, sum_of_products};
 use crate::data::Position;
 use crate::device::Precision;
 use anyhow::{bail, Context};
@@ -75,6 +75,21 @@ impl LlamaConfig {
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Trainable parameters, from the architecture alone (what [`Llama::new`] creates), or
+    /// `None` when the count overflows `usize`.
+    pub fn num_parameters(&self) -> Option<usize> {
+        let (h, inter, vocab) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = sum_of_products(&[&[self.kv_heads(), self.head_dim()]])?;
+        // q and o (h x h), k and v (kv x h), the MLP's three (inter x h), two norms.
+        let layer = sum_of_products(&[&[2, h, h], &[2, kv, h], &[3, inter, h], &[2, h]])?;
+        let embeddings = if self.tie_word_embeddings { 1 } else { 2 };
+        sum_of_products(&[
+            &[self.num_hidden_layers, layer],
+            &[embeddings, vocab, h],
+            &[h],
+        ])
     }
 
     /// Checks the architecture is buildable; every message names the key to fix.
@@ -439,8 +454,17 @@ impl ModelSpec for LlamaConfig {
             + 12.0 * (self.num_hidden_layers * self.hidden_size * seq_len) as f64
     }
 
-    fn activation_bytes(&self, micro_batch: usize, seq_len: usize, elem_bytes: usize) -> usize {
+    fn activation_bytes(
+        &self,
+        micro_batch: usize,
+        seq_len: usize,
+        elem_bytes: usize,
+    ) -> Option<usize> {
         activation_bytes(self, micro_batch, seq_len, elem_bytes)
+    }
+
+    fn parameter_count(&self) -> Option<usize> {
+        self.num_parameters()
     }
 
     fn layers(&self) -> usize {
@@ -540,15 +564,16 @@ pub fn hf_model_layer(flat: &Value) -> Value {
 /// packed q|k|v, attention output, projections) and 3 intermediate-sized ones (packed
 /// gate|up, SwiGLU output); attention probabilities are recomputed, not kept; plus two
 /// vocab-sized rows per token (softmax probabilities of the output head and their gradient).
-/// An estimate, not a measurement: `bench` reports the measured peak.
+/// An estimate, not a measurement: `bench` reports the measured peak. `None` when it
+/// overflows `usize`.
 pub fn activation_bytes(
     config: &LlamaConfig,
     micro_batch: usize,
     seq: usize,
     elem_bytes: usize,
-) -> usize {
-    let tokens = micro_batch * seq;
-    let per_layer = 12 * config.hidden_size + 3 * config.intermediate_size;
-    let floats = tokens * (per_layer * config.num_hidden_layers + 2 * config.vocab_size);
-    floats * elem_bytes
+) -> Option<usize> {
+    let per_layer = sum_of_products(&[&[12, config.hidden_size], &[3, config.intermediate_size]])?;
+    let (layers, vocab) = (config.num_hidden_layers, config.vocab_size);
+    let per_token = sum_of_products(&[&[per_layer, layers], &[2, vocab]])?;
+    sum_of_products(&[&[micro_batch, seq, per_token, elem_bytes]])
 }

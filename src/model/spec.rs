@@ -72,8 +72,18 @@ pub trait ModelSpec: Sync {
     /// embedding (`non_embedding`).
     fn flops_per_unit(&self, non_embedding: usize, seq_len: usize) -> f64;
 
-    /// Estimated bytes of activations kept for the backward pass of `micro_batch` examples.
-    fn activation_bytes(&self, micro_batch: usize, seq_len: usize, elem_bytes: usize) -> usize;
+    /// Estimated bytes of activations kept for the backward pass of `micro_batch` examples;
+    /// `None` when the count overflows `usize` (a config's sizes can be any integer).
+    fn activation_bytes(
+        &self,
+        micro_batch: usize,
+        seq_len: usize,
+        elem_bytes: usize,
+    ) -> Option<usize>;
+
+    /// Trainable parameters, from the shape alone (nothing is built); `None` when the count
+    /// overflows `usize`.
+    fn parameter_count(&self) -> Option<usize>;
 
     /// Transformer blocks.
     fn layers(&self) -> usize;

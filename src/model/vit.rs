@@ -15,6 +15,7 @@ use super::ops::vit::{gelu, layer_norm, linear, self_attention, soft_cross_entro
 use super::partition::adam_mini_vit_block;
 use super::spec::ModelSpec;
 use super::{LlamaConfig, Model, Param, ParamGroup, ParamInit};
+use crate::check::sum_of_products;
 use crate::data::Position;
 use crate::device::Precision;
 use anyhow::{bail, Context};
@@ -100,16 +101,28 @@ impl VitConfig {
     }
 
     /// Trainable parameters, from the architecture alone (what [`Vit::new`] creates).
-    pub fn num_parameters(&self) -> usize {
-        let (h, inter) = (self.hidden_size, self.intermediate_size);
-        let patch = self.num_channels * self.patch_size * self.patch_size;
-        let embeddings = h * patch + h + h + self.seq_len() * h;
-        let per_layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 4 * h;
-        embeddings
-            + self.num_hidden_layers * per_layer
-            + 2 * h
-            + self.num_classes * h
-            + self.num_classes
+    pub fn num_parameters(&self) -> Option<usize> {
+        let (h, inter, classes) = (self.hidden_size, self.intermediate_size, self.num_classes);
+        let (channels, patch) = (self.num_channels, self.patch_size);
+        let seq = self.checked_seq_len()?;
+        // Patch projection and bias, class token, position embeddings.
+        let embeddings = sum_of_products(&[&[h, channels, patch, patch], &[2, h], &[seq, h]])?;
+        // q, k, v, o with biases; the MLP's two with biases; two LayerNorms.
+        let layer = sum_of_products(&[&[4, h, h], &[4, h], &[2, h, inter], &[inter], &[5, h]])?;
+        sum_of_products(&[
+            &[embeddings],
+            &[self.num_hidden_layers, layer],
+            &[2, h],
+            &[classes, h],
+            &[classes],
+        ])
+    }
+
+    /// [`VitConfig::seq_len`], or `None` when it overflows `usize`.
+    fn checked_seq_len(&self) -> Option<usize> {
+        (self.image_size / self.patch_size)
+            .checked_pow(2)?
+            .checked_add(1)
     }
 
     /// Checks the architecture is buildable; every message names the key to fix.
@@ -456,8 +469,17 @@ impl ModelSpec for VitConfig {
             + 12.0 * (self.num_hidden_layers * self.hidden_size) as f64 * seq)
     }
 
-    fn activation_bytes(&self, micro_batch: usize, _seq_len: usize, elem_bytes: usize) -> usize {
+    fn activation_bytes(
+        &self,
+        micro_batch: usize,
+        _seq_len: usize,
+        elem_bytes: usize,
+    ) -> Option<usize> {
         activation_bytes(self, micro_batch, elem_bytes)
+    }
+
+    fn parameter_count(&self) -> Option<usize> {
+        self.num_parameters()
     }
 
     fn layers(&self) -> usize {
@@ -499,10 +521,19 @@ impl ModelSpec for VitConfig {
 
 /// Rough bytes of activations a ViT keeps for the backward pass of one micro-batch: per layer
 /// and token about 12 hidden-sized tensors and 2 MLP-sized ones, plus each head's attention
-/// probabilities (`seq x seq`). An estimate, like LLaMA's.
-pub fn activation_bytes(vit: &VitConfig, micro_batch: usize, elem_bytes: usize) -> usize {
-    let seq = vit.seq_len();
-    let per_token =
-        12 * vit.hidden_size + 2 * vit.intermediate_size + vit.num_attention_heads * seq;
-    micro_batch * seq * per_token * vit.num_hidden_layers * elem_bytes
+/// probabilities (`seq x seq`). An estimate, like LLaMA's; `None` when it overflows `usize`.
+pub fn activation_bytes(vit: &VitConfig, micro_batch: usize, elem_bytes: usize) -> Option<usize> {
+    let seq = vit.checked_seq_len()?;
+    let per_token = sum_of_products(&[
+        &[12, vit.hidden_size],
+        &[2, vit.intermediate_size],
+        &[vit.num_attention_heads, seq],
+    ])?;
+    sum_of_products(&[&[
+        micro_batch,
+        seq,
+        per_token,
+        vit.num_hidden_layers,
+        elem_bytes,
+    ]])
 }

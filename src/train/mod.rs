@@ -15,6 +15,7 @@ use crate::dist::{self, Job};
 use crate::failpoint::{self, Point};
 use crate::interrupt;
 use crate::lock;
+use crate::memory_check::{self, Workload};
 use crate::optim::schedule::lr_at;
 use crate::profile::Profiler;
 use crate::sample::TrainingSampler;
@@ -53,6 +54,10 @@ fn train(config: &RunConfig, resume: Option<&str>, job: &Job) -> Result<Summary>
         false => None,
     };
     config.train.set_compute(&job.device)?;
+    let workload = Workload::Training {
+        world: job.comm.world(),
+    };
+    memory_check::check(config, &job.device, workload)?;
     let (mut trainer, mut recorder, start) = setup(config, resume, job, wall)?;
     let (steps, opt) = (config.train.steps, &config.optimizer);
     let out = std::path::Path::new(&config.train.out);

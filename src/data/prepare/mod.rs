@@ -122,6 +122,7 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
         );
         return Ok(meta);
     }
+    refuse_foreign_meta(&meta_path)?;
     let tokenizer = Tokenizer::load(&options.tokenizer)?;
     let plan = plan(options)?;
     std::fs::create_dir_all(&options.out)
@@ -168,6 +169,26 @@ pub fn run(options: &PrepareOptions) -> Result<Meta> {
     crate::durable::replace(&meta_path, serde_json::to_string_pretty(&meta)?.as_bytes())?;
     let _ = std::fs::remove_file(options.out.join(journal::JOURNAL_FILE));
     Ok(meta)
+}
+
+/// Fails when `path` (the out folder's `meta.json`) exists but is not a summary a prepare
+/// wrote: the prepare would replace it, and we never delete what we did not create. An
+/// earlier prepare's summary, for another request, is ours to replace.
+fn refuse_foreign_meta(path: &Path) -> Result<()> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read '{}'", path.display())),
+    };
+    if serde_json::from_slice::<Meta>(&text).is_err() {
+        bail!(
+            "'{}' exists and was not written by `prepare` (it is not a prepare summary), and \
+             prepare writes its own {META_FILE} there; move that file away or choose another \
+             --out",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// The journal to continue from: the folder's own when it belongs to this very request and

@@ -7,8 +7,32 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The files of a `text:PATH` source: PATH itself, or the `.txt` files of the folder PATH
-/// in name order.
+/// in name order. An empty source (an empty file, or a folder of empty files) is an error:
+/// `prepare` and `tokenizer` would otherwise succeed with nothing in their output.
 pub fn text_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let files = listed_text_files(path)?;
+    let mut bytes = 0;
+    for file in &files {
+        bytes += std::fs::metadata(file)
+            .with_context(|| format!("cannot read '{}'", file.display()))?
+            .len();
+    }
+    if bytes == 0 {
+        let what = match path.is_dir() {
+            true => "holds only empty .txt files",
+            false => "is empty",
+        };
+        bail!(
+            "text source '{}' {what}: there is no text to read; pass a file (or a folder of \
+             .txt files) that holds text",
+            path.display()
+        );
+    }
+    Ok(files)
+}
+
+/// PATH itself, or the `.txt` files of the folder PATH in name order.
+fn listed_text_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("cannot list '{}'", path.display()))?

@@ -21,6 +21,11 @@ use anyhow::{bail, Context, Result};
 mod secret;
 pub use secret::{generate as generate_secret, hex, random_bytes, JobSecret, SECRET_VAR};
 
+/// The most ranks a job may have (2^20): rank 0's rendezvous holds one TCP connection, one
+/// file descriptor, per rank, and Linux caps a process's descriptors at 2^20 (`fs.nr_open`'s
+/// default). A larger world size is a launcher's mistake, not a job to try.
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
+
 /// Port rank 0 listens on when `MASTER_PORT` is unset (torchrun's default).
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
@@ -147,6 +152,16 @@ pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Placement> {
     let Some(ranks) = ranks(&vars)? else {
         return Ok(Placement::Alone);
     };
+    if ranks.world > MAX_WORLD_SIZE {
+        bail!(
+            "the {} variables give a world size of {} ranks, above the limit of \
+             {MAX_WORLD_SIZE} (2^20: rank 0 holds one connection per rank, and a process may \
+             open at most 2^20 files); check the launcher's variables (WORLD_SIZE or its \
+             equivalent)",
+            ranks.launcher.name(),
+            ranks.world
+        );
+    }
     if let Some(node) = kubeflow_node(&vars, &ranks)? {
         return Ok(Placement::Node(node));
     }

@@ -276,3 +276,15 @@ fn ranks_of_one_job_share_a_secret_and_other_jobs_do_not() -> Result<()> {
     assert!(format!("{err:#}").contains("at least 16"), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn a_world_size_beyond_the_limit_is_refused() {
+    let err = layout(&[("RANK", "0"), ("WORLD_SIZE", "100000000000")])
+        .unwrap_err()
+        .to_string();
+    for needle in ["100000000000 ranks", "limit of 1048576", "WORLD_SIZE"] {
+        assert!(err.contains(needle), "{err}");
+    }
+    let at_limit = format!("{:?}", layout(&[("RANK", "0"), ("WORLD_SIZE", "1048576")]));
+    assert!(!at_limit.contains("limit of"), "{at_limit}");
+}
