@@ -15,11 +15,13 @@ Tolerances, as the worst absolute difference over the largest magnitude of the t
   math is measured on the same inputs: the kernel must be no less exact than what it replaces.
   (Measured: 0.4-0.7 of the reference's error forward, 0.6-0.9 backward.)
 
-The optimizer's kernels (adam.py: AdamW and Adam-mini updates, the gradient norm's sum of squares)
-run in f32 only, as every run keeps parameters and moments in f32. Tolerances: 1e-6 for each of
-the new parameter, first and second moments (f32 throughout; measured at most 1.7e-7), and 1e-12
-for the sum of squares (f64 sums of exact f64 squares; measured at most 1.8e-16). BSFA's
-per-step projection (bsfa.py) likewise: 1e-6 for each block's new parameter and update.
+The optimizer's kernels (adam.py: AdamW's and Adam-mini's updates of several tensors in one launch,
+in place, and the gradient norm's sum of squares over several tensors in one launch) run in f32
+only, as every run keeps parameters and moments in f32. Tolerances: 1e-6 for each of the new
+parameter, first and second moments, the worst tensor's (f32 throughout; measured at most
+2.3e-7), and 1e-12 for the sum of squares (f64 sums of exact f64 squares; measured at most
+1.6e-16). BSFA's per-step projection (bsfa.py) likewise: 1e-6 for each block's new parameter and
+update.
 
 --break KERNEL perturbs one kernel's result on purpose (attention: forward, dq, dkdv; the output
 head's cross-entropy: lse, grad; rms_norm, rms_norm_dx, rms_norm_dw, add_rms_norm_sum, add_rms_norm,
@@ -80,15 +82,15 @@ ROW_CASES = [
     (67, 2100),
 ]
 
-# (n, block) of the optimizer's kernels: AdamW (block 1) over 40,000 elements (40 programs, the
-# last partial; three sum-of-squares parts, the last partial), then Adam-mini with blocks of 100
-# (odd, under one chunk), 768 (llama134m's rows) and 2,100 (three chunks, the last partial); n
-# never a multiple of BLOCK.
+# The optimizer's multi-tensor kernels, one launch over every tensor of a case: (n, block,
+# decays) per tensor. AdamW (block 1): one element, one short of BLOCK and one past it, three
+# blocks and a partial one, and 40,000 elements (three sum-of-squares parts, the last partial),
+# weight decay on some only; Adam-mini: blocks of 100 (odd, under one chunk), 768 (llama134m's
+# rows), 2,100 (three chunks, the last partial) and 5 (a norm weight, one block), decay on some
+# only; n never a multiple of BLOCK except by chance of the block.
 OPTIMIZER_CASES = [
-    (40000, 1),
-    (3700, 100),
-    (3840, 768),
-    (4200, 2100),
+    [(1, 1, False), (1023, 1, True), (1025, 1, True), (3001, 1, False), (40000, 1, True)],
+    [(3700, 100, True), (5, 5, False), (3840, 768, True), (768, 768, False), (4200, 2100, True)],
 ]
 
 # BSFA's projection: each case one step's blocks as (numel, directions): a block without
@@ -304,64 +306,99 @@ def check_rows(case, dtype, broken):
     return result
 
 
-def optimizer_kernels(theta, grad, moments, block, h, broken=None):
-    """The update (AdamW or Adam-mini by the block) and the sum of squares, as the CUDA build
-    launches them: the hyper-parameters rounded once to f32 from the same f64 values as the CPU
-    op's, the parts of the sum added in order."""
-    n = theta.numel()
-    out = torch.full((2 * n + n // block,), float("nan"), dtype=torch.float32)
+def pointer_table(*groups):
+    """The device addresses of the tensors of `groups`, in order, as the launch code's
+    `triton::pointer_table` uploads them (here the CPU addresses the interpreter follows)."""
+    return torch.tensor([t.data_ptr() for group in groups for t in group], dtype=torch.int64)
+
+
+def program_tables(programs):
+    """`first` and `owner` (layouts: adam.py) for tensors of `programs[t]` programs each."""
+    first = torch.tensor([0] + list(np.cumsum(programs))[:-1], dtype=torch.int32)
+    owner = torch.cat([torch.full((p,), t, dtype=torch.int32) for t, p in enumerate(programs)])
+    return first, owner
+
+
+def optimizer_kernels(thetas, grads, moments, tensors, h, broken=None):
+    """The update of every tensor in one launch (AdamW or Adam-mini by the blocks, in place on
+    copies of `thetas` and `moments`) and the sum of squares of every gradient in one, as the CUDA
+    build launches them: the hyper-parameters rounded once to f32 from the same f64 values as the
+    CPU op's, the parts of the sum added in order."""
+    thetas, moments = [t.clone() for t in thetas], [m.clone() for m in moments]
+    sizes = torch.tensor([n for n, _, _ in tensors], dtype=torch.int64)
+    blocks = [block for _, block, _ in tensors]
+    decays = torch.tensor([int(d) for _, _, d in tensors], dtype=torch.int32)
     # f32 values as Python floats: the interpreter computes with a float argument unrounded (an
     # f32 kernel parameter on the GPU).
     f32 = lambda x: float(np.float32(x))  # noqa: E731
     scalars = dict(beta1=f32(h["beta1"]), beta2=f32(h["beta2"]), eps=f32(h["eps"]),
                    keep=f32(1.0 - h["decay"]), step=f32(h["lr"] / h["bias1"]),
                    inv_bias2=f32(1.0 / h["bias2_sqrt"]), grad_scale=f32(h["grad_scale"]))
-    kind = "adamw" if block == 1 else "adam_mini"
-    if block == 1:
-        adam.adamw_update[(ca.cdiv(n, adam.BLOCK),)](
-            theta, grad, moments, out, n, **scalars, BLOCK=adam.BLOCK)
+    kind = "adamw" if set(blocks) == {1} else "adam_mini"
+    pointers = pointer_table(thetas, grads, moments)
+    count = len(tensors)
+    if kind == "adamw":
+        first, owner = program_tables([ca.cdiv(n, adam.BLOCK) for n, _, _ in tensors])
+        adam.adamw_multi[(owner.numel(),)](pointers, count, owner, first, sizes, decays,
+                                           **scalars, BLOCK=adam.BLOCK)
     else:
-        adam.adam_mini_update[(n // block,)](
-            theta, grad, moments, out, n, block, **scalars, inv_block=f32(1.0 / block),
-            BLOCK=adam.BLOCK)
-    results = {"theta": out[:n], "m": out[n:2 * n], "v": out[2 * n:]}
-    part = torch.full((max(ca.cdiv(n, adam.BLOCK * adam.STEPS), 1),), float("nan"),
-                      dtype=torch.float64)
-    adam.sum_squares_part[(part.numel(),)](grad, part, n, BLOCK=adam.BLOCK, STEPS=adam.STEPS)
+        first, owner = program_tables([n // block for n, block, _ in tensors])
+        inv_blocks = torch.tensor([f32(1.0 / b) for b in blocks], dtype=torch.float32)
+        adam.adam_mini_multi[(owner.numel(),)](
+            pointers, count, owner, first, sizes, torch.tensor(blocks, dtype=torch.int32),
+            inv_blocks, decays, **scalars, BLOCK=adam.BLOCK)
+    results = {"theta": thetas, "m": [m[:n] for m, (n, _, _) in zip(moments, tensors)],
+               "v": [m[n:] for m, (n, _, _) in zip(moments, tensors)]}
+    first, owner = program_tables([ca.cdiv(n, adam.BLOCK * adam.STEPS) for n, _, _ in tensors])
+    part = torch.full((owner.numel(),), float("nan"), dtype=torch.float64)
+    adam.sum_squares_multi[(part.numel(),)](pointer_table(grads), owner, first, sizes, part,
+                                            BLOCK=adam.BLOCK, STEPS=adam.STEPS)
     total = torch.zeros((), dtype=torch.float64)
     for p in part:
         total += p
-    results["sum_squares"] = total.reshape(1)
+    results["sum_squares"] = [total.reshape(1)]
     for name, result in results.items():
         if broken in (f"{kind}_{name}", name):
-            result[-1] += 0.02 * result.abs().max()
+            # The second tensor's (the only one for the sum): a wrong offset or a wrong tensor
+            # shows in one tensor, not all.
+            one = result[min(1, len(result) - 1)]
+            one.view(-1)[-1] += 0.02 * one.abs().max()
     return results
 
 
 def check_optimizer(case, dtype, broken):
-    """One Adam update (AdamW, or Adam-mini per block) and the gradient's sum of squares against
-    the math in float64 from the same f32 inputs and the unrounded hyper-parameters: step 3, a
-    learning rate (0.1) that makes the update as large as the parameters, weight decay, a clip
-    scale. Bounds: 1e-6 for each result (f32 throughout), 1e-12 for the sum (f64)."""
-    n, block = case
-    torch.manual_seed(n + block)
+    """One Adam update of every tensor of `case` (AdamW, or Adam-mini per block) and the sum of
+    squares of all their gradients against the math in float64 from the same f32 inputs and the
+    unrounded hyper-parameters: step 3, a learning rate (0.1) that makes the update as large as
+    the parameters, weight decay on some tensors, a clip scale. Errors: the worst over the
+    tensors, each relative to its own largest magnitude. Bounds: 1e-6 for each result (f32
+    throughout), 1e-12 for the sum (f64)."""
+    torch.manual_seed(sum(n + block for n, block, _ in case))
     lr, beta1, beta2, t = 0.1, 0.9, 0.95, 3
     h = dict(lr=lr, beta1=beta1, beta2=beta2, eps=1e-8, decay=lr * 0.1, grad_scale=0.7,
              bias1=1.0 - beta1 ** t, bias2_sqrt=math.sqrt(1.0 - beta2 ** t))
     draw = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
-    theta, grad = draw(n).to(dtype), draw(n).to(dtype)
-    moments = torch.cat([0.1 * draw(n), 0.05 * draw(n // block) ** 2]).to(dtype)
-    g = grad.double() * h["grad_scale"]
-    m = beta1 * moments[:n].double() + (1 - beta1) * g
-    v = beta2 * moments[n:].double() + (1 - beta2) * (g * g).reshape(-1, block).mean(1)
-    denominator = v.sqrt() / h["bias2_sqrt"] + h["eps"]
-    update = (m.reshape(-1, block) / denominator[:, None]).reshape(-1) * (lr / h["bias1"])
-    exact = dict(theta=theta.double() * (1 - h["decay"]) - update, m=m, v=v,
-                 sum_squares=(grad.double() ** 2).sum().reshape(1))
-    got = optimizer_kernels(theta, grad, moments, block, h, broken)
-    result = {"case": dict(n=n, block=block), "dtype": str(dtype).removeprefix("torch."),
-              "kernel": "adamw" if block == 1 else "adam_mini"}
-    result.update({f"{k}_error": error(got[k], exact[k]) for k in exact})
+    thetas = [draw(n).to(dtype) for n, _, _ in case]
+    grads = [draw(n).to(dtype) for n, _, _ in case]
+    moments = [torch.cat([0.1 * draw(n), 0.05 * draw(n // block) ** 2]).to(dtype)
+               for n, block, _ in case]
+    exact = {"theta": [], "m": [], "v": []}
+    for theta, grad, moment, (n, block, decays) in zip(thetas, grads, moments, case):
+        g = grad.double() * h["grad_scale"]
+        m = beta1 * moment[:n].double() + (1 - beta1) * g
+        v = beta2 * moment[n:].double() + (1 - beta2) * (g * g).reshape(-1, block).mean(1)
+        denominator = v.sqrt() / h["bias2_sqrt"] + h["eps"]
+        update = (m.reshape(-1, block) / denominator[:, None]).reshape(-1) * (lr / h["bias1"])
+        keep = 1 - h["decay"] if decays else 1.0
+        for name, value in (("theta", theta.double() * keep - update), ("m", m), ("v", v)):
+            exact[name].append(value)
+    exact["sum_squares"] = [sum((g.double() ** 2).sum() for g in grads).reshape(1)]
+    got = optimizer_kernels(thetas, grads, moments, case, h, broken)
+    result = {"case": [dict(n=n, block=block, decays=d) for n, block, d in case],
+              "dtype": str(dtype).removeprefix("torch."),
+              "kernel": "adamw_multi" if case[0][1] == 1 else "adam_mini_multi"}
+    result.update({f"{k}_error": max(error(a, b) for a, b in zip(got[k], exact[k]))
+                   for k in exact})
     bounds = dict(theta=1e-6, m=1e-6, v=1e-6, sum_squares=1e-12)
     result["bounds"] = bounds
     result["ok"] = all(result[f"{k}_error"] <= bounds[k] for k in exact)

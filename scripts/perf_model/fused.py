@@ -68,25 +68,17 @@ def fused_items(micro):
     ]
 
 
-def fused_optimizer(block_mini):
-    n = sum(prod(sh) for _, sh, _, _ in param_shapes())
-    # AdamW: read p, g, m, v, write p, m, v (28 B); Adam-mini: v per block, g read twice (24 B);
-    # one multi-tensor norm pass over the gradients and one sync
-    per = 24 if block_mini else 28
-    return t_bw(per * n) + t_bw(4 * n) + 6 * MIN_KERNEL + SYNC
-
-
 def code_optimizer(block_mini):
-    """The fused update as the code has it (src/optim/fused_cuda.rs): per parameter one Triton
-    update kernel (AdamW 28 B per value, Adam-mini 24 B) whose packed output's new values
-    `Var::set` copies into the parameter (8 B), and the gradient norm's sum-of-squares kernel
-    (4 B) with candle's reduction of its parts; then one stack, sum and host read for the clip
-    scale. GPU time against the host's launches, whichever binds."""
-    shapes = param_shapes()
-    n = sum(prod(sh) for _, sh, _, _ in shapes)
+    """The fused update as the code has it (src/optim/fused_cuda.rs): one multi-tensor Triton
+    launch updates every parameter and its moments in place (AdamW 28 B per value, Adam-mini 24
+    B: v per block, g read twice), after one upload of the tensors' addresses; the gradient
+    norm is one multi-tensor sum-of-squares launch (4 B) after its own upload, candle's
+    reduction of its parts and one host read for the clip scale. GPU time against the host's
+    five launches, whichever binds."""
+    n = sum(prod(sh) for _, sh, _, _ in param_shapes())
     per = 24 if block_mini else 28
-    gpu = t_bw((per + 8) * n) + t_bw(4 * n) + 4 * len(shapes) * MIN_KERNEL
-    launches = 4 * len(shapes) + 3
+    gpu = t_bw(per * n) + t_bw(4 * n) + 3 * MIN_KERNEL
+    launches = 5
     return max(gpu, launches * LAUNCH) + SYNC
 
 

@@ -3,7 +3,7 @@ code has (simulated kernel by kernel, cuda.py), which together make the CUDA pat
 then those still to write (costed in fused.py) on top of it. The bench and preset step times
 after each, and the predictions `--json` prints."""
 from .cuda import KERNELS
-from .fused import code_optimizer, fmt_ms, fused_bsfa, fused_items, fused_optimizer, t_bw
+from .fused import code_optimizer, fmt_ms, fused_bsfa, fused_items, t_bw
 from .hw import BSFA_T, GIB, HBM, LAUNCH, MICRO_PER_STEP, N, PEAK_BF16, SYNC, T, B
 from .report import USABLE, DEVICE_BYTES, fixed_bytes, mfu, planned_activations, steps
 from .simulate import Run
@@ -27,11 +27,11 @@ IMPLEMENTED = {
                          "(`rms_norm.py`)",
 }
 # Fusions outside the micro-batch's op groups, or of candle itself.
-CODE_OPTIMIZER = ("fused AdamW / Adam-mini update and gradient norm (Triton, one launch each per "
-                  "parameter); **implemented** (`adam.py`)")
+CODE_OPTIMIZER = ("fused AdamW / Adam-mini update and gradient norm as multi-tensor launches "
+                  "(Triton: one in-place update launch over all parameters, one sum-of-squares "
+                  "launch, one host read); **implemented** (`adam.py`)")
 CODE_BSFA = ("BSFA's per-step projection over all blocks in three launches (Triton: update and "
              "`U v`, coordinates, `theta` in place; U read twice); **implemented** (`bsfa.py`)")
-OPTIMIZER = "the optimizer as one multi-tensor launch (all parameters at once)"
 BSFA = ("BSFA: the update written to the history row by the projection kernel and no copy "
         "before the base step (16 B per value besides U), and its re-estimation's products "
         "fused")
@@ -83,8 +83,6 @@ class Plan:
         """Per bench step, of applying `name` (`it`: its fused item, None for the others)."""
         if it is not None:
             return cur - self.micro_time(self.with_item(it))[0]
-        if name == OPTIMIZER:
-            return self.opt_now["AdamW"] - fused_optimizer(False)
         if name == BSFA:
             return self.bsfa_now[32] - (self.fb[32][0] + self.fb[32][1] / BSFA_T)
         st2 = dict(self.state)
@@ -100,11 +98,6 @@ class Plan:
         if it is not None:
             self.state = self.with_item(it)
             return f"{fmt_ms(save)} ms"
-        if name == OPTIMIZER:
-            self.opt_now["AdamW"] = fused_optimizer(False)
-            self.base_mini = fused_optimizer(True)
-            self.set_mini()
-            return f"{fmt_ms(save)} ms (AdamW)"
         if name == BSFA:
             self.bsfa_now = {bits: s + re / BSFA_T for bits, (s, re) in self.fb.items()}
             self.set_mini()
@@ -133,7 +126,7 @@ class Plan:
                          times[best])
             cur = times[best]
         assert abs(cur - self.r.micro_time()) < 1e-12, "the last row is the CUDA path now"
-        # the fused optimizer the code has: per parameter, not yet one multi-tensor launch
+        # the fused optimizer the code has: multi-tensor launches over all parameters
         save = self.opt_now["AdamW"] - code_optimizer(False)
         self.opt_now["AdamW"] = code_optimizer(False)
         self.base_mini = code_optimizer(True)
@@ -149,7 +142,7 @@ class Plan:
         self.add_row("+ " + CODE_BSFA, f"{fmt_ms(save)} ms (BSFA)", cur)
         self.rows.append(None)          # the CUDA path as it is now ends here
         pending = {it.name: it for it in self.items}
-        pending.update({e: None for e in (OPTIMIZER, BSFA)})
+        pending[BSFA] = None
         while pending:
             cur = self.micro_time(self.state)[0]
             best, best_save = None, -1.0

@@ -7,7 +7,7 @@
 //! Weight decay, as in both references, skips norm weights (Adam-mini: names containing
 //! `norm`, `ln` or `bias`; here: tensors of rank 1, the same set for LLaMA).
 
-use super::fused::{gpu_update_applies, AdamUpdate};
+use super::fused::AdamUpdate;
 use super::OptimizerConfig;
 use super::{fusable, Optimizer, OptimizerState};
 use crate::model::Param;
@@ -117,13 +117,38 @@ impl Adam {
         };
         [self.shapes[i].clone(), v_shape]
     }
+
+    /// Every parameter's update with `shared` (the decaying parameters' hyper-parameters) on
+    /// their GPU in a few multi-tensor launches, parameters and moments in place, when the
+    /// kernels serve them (`fused::gpu_update_all`): whether it ran.
+    #[cfg(feature = "cuda")]
+    fn gpu_step(&self, params: &[Param], grads: &[Tensor], shared: &AdamUpdate) -> Result<bool> {
+        let group = super::fused::Group {
+            thetas: params.iter().map(|p| p.var.as_tensor()).collect(),
+            grads,
+            moments: &self.moments,
+            decays: params.iter().map(Param::decays).collect(),
+            blocks: &self.blocks,
+        };
+        let reference = |t: &Tensor, g: &Tensor, m: &Tensor, h: &AdamUpdate| {
+            self.update_with_tensor_ops(t, g, m, h)
+        };
+        Ok(super::fused::gpu_update_all(&group, shared, &reference)?)
+    }
+
+    /// Without CUDA there are no multi-tensor kernels: never runs.
+    #[cfg(not(feature = "cuda"))]
+    fn gpu_step(&self, _: &[Param], _: &[Tensor], _: &AdamUpdate) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 impl Optimizer for Adam {
     /// PyTorch's AdamW: `p *= 1 - lr*wd`; `m = b1 m + (1-b1) g`; `v = b2 v + (1-b2) g^2`
     /// (Adam-mini: the mean of `g^2` over the block); `p -= lr/(1-b1^t) * m /
-    /// (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per parameter on the CPU, and on a
-    /// GPU (f32) once its Triton kernel passed its self-check there for the block size.
+    /// (sqrt(v)/sqrt(1-b2^t) + eps)`. Fused into one pass per parameter on the CPU; on a GPU
+    /// (f32) every parameter in a few multi-tensor launches, in place, once their Triton
+    /// kernels passed their self-check there; the tensor ops elsewhere.
     fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if params.len() != self.moments.len() || grads.len() != params.len() {
             bail!(
@@ -135,29 +160,30 @@ impl Optimizer for Adam {
         }
         self.step += 1;
         let t = self.step as i32;
+        // The decaying parameters' hyper-parameters; the block is each parameter's.
+        let shared = AdamUpdate {
+            lr,
+            grad_scale,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            decay: lr * self.weight_decay,
+            bias1: 1.0 - self.beta1.powi(t),
+            bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt(),
+            block: 1,
+        };
+        if self.gpu_step(params, grads, &shared)? {
+            return Ok(());
+        }
         for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
             let h = AdamUpdate {
-                lr,
-                grad_scale,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                decay: if param.decays() {
-                    lr * self.weight_decay
-                } else {
-                    0.0
-                },
-                bias1: 1.0 - self.beta1.powi(t),
-                bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt(),
+                decay: if param.decays() { shared.decay } else { 0.0 },
                 block: self.blocks[i],
+                ..shared
             };
             let theta = param.var.as_tensor();
             let n = theta.elem_count();
-            let fused = fusable(theta)
-                || gpu_update_applies(theta, &h, &|t, g, m, h| {
-                    self.update_with_tensor_ops(t, g, m, h)
-                });
-            let (new_theta, moments) = if fused {
+            let (new_theta, moments) = if fusable(theta) {
                 let packed = theta.contiguous()?.apply_op3_no_bwd(
                     &grad.contiguous()?,
                     &self.moments[i],

@@ -1,49 +1,28 @@
-//! Fused CPU kernels of the optimizers, and on CUDA the same ops as Triton kernels
-//! (`fused_cuda.rs`, f32).
+//! Fused CPU kernels of the optimizers (one parameter per op), and on CUDA the same update and
+//! sum of squares as multi-tensor Triton kernels over every parameter at once (`fused_cuda.rs`,
+//! f32).
 
 use crate::cpu_kernels::{float_dispatch, owned, slice, Elem};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 #[path = "fused_cuda.rs"]
 mod cuda;
 
-/// The reference an [`AdamUpdate`] on a GPU is checked against: the update with tensor ops,
+/// The reference the multi-tensor update on a GPU is checked against: the update with tensor ops,
 /// returning the new parameter (flat) and moments.
+#[cfg(feature = "cuda")]
 pub(super) type UpdateReference<'a> =
-    &'a dyn Fn(&Tensor, &Tensor, &Tensor, &AdamUpdate) -> anyhow::Result<(Tensor, Tensor)>;
+    &'a dyn Fn(
+        &candle_core::Tensor,
+        &candle_core::Tensor,
+        &candle_core::Tensor,
+        &AdamUpdate,
+    ) -> anyhow::Result<(candle_core::Tensor, candle_core::Tensor)>;
 
-/// Whether [`AdamUpdate`] with `h`'s betas, eps and block runs on `theta`'s GPU (f32, its
-/// Triton kernel's self-check against `reference` passed there for that block size).
 #[cfg(feature = "cuda")]
-pub(super) fn gpu_update_applies(
-    theta: &Tensor,
-    h: &AdamUpdate,
-    reference: UpdateReference,
-) -> bool {
-    cuda::update_applies(theta, h, reference)
-}
-
-#[cfg(not(feature = "cuda"))]
-pub(super) fn gpu_update_applies(_: &Tensor, _: &AdamUpdate, _: UpdateReference) -> bool {
-    false
-}
-
-/// Whether [`SumSquares`] runs on `g`'s GPU (f32, its Triton kernel's self-check against
-/// `reference` passed there).
-#[cfg(feature = "cuda")]
-pub(super) fn gpu_sum_applies(
-    g: &Tensor,
-    reference: fn(&Tensor) -> anyhow::Result<Tensor>,
-) -> bool {
-    cuda::sum_applies(g, reference)
-}
-
-#[cfg(not(feature = "cuda"))]
-pub(super) fn gpu_sum_applies(_: &Tensor, _: fn(&Tensor) -> anyhow::Result<Tensor>) -> bool {
-    false
-}
+pub(super) use cuda::{gpu_sum_of_squares, gpu_update_all, Group};
 
 /// Sum of squares of all elements, accumulated in f64 (a `()`-shaped f64 tensor).
 pub struct SumSquares;
@@ -70,15 +49,6 @@ impl CustomOp1 for SumSquares {
             CpuStorage::F64(vec![run::<T>(slice(s, l)?)]),
             Shape::from(())
         )))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::sum_squares(s, l)
     }
 }
 
@@ -218,18 +188,5 @@ impl CustomOp3 for AdamUpdate {
             run::<T>(slice(ps, pl)?, slice(gs, gl)?, slice(ms, ml)?, self),
             &Shape::from(2 * n + n / block)
         )))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        ps: &candle_core::CudaStorage,
-        pl: &Layout,
-        gs: &candle_core::CudaStorage,
-        gl: &Layout,
-        ms: &candle_core::CudaStorage,
-        ml: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::update(self, (ps, pl), (gs, gl), (ms, ml))
     }
 }

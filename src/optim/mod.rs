@@ -157,12 +157,18 @@ pub fn build(
 
 /// The global L2 norm of all gradients, as `torch.nn.utils.clip_grad_norm_` computes it.
 ///
-/// One host read per step: each gradient's sum of squares stays a (0-dim, f64) tensor on
-/// the gradients' device, the sums are added there in parameter order, and only the total
-/// is read back (on a GPU a read is a sync, which per parameter would stall the stream
-/// once per tensor). On the CPU the fused kernel gives each sum, and adding them in order
-/// from zero is what candle's f64 sum does, so the norm is the one a running host sum gives.
+/// One host read per step: the sum of squares stays a (0-dim, f64) tensor on the gradients'
+/// device and only the total is read back (on a GPU a read is a sync, which per parameter
+/// would stall the stream once per tensor). On a GPU (f32, once the kernel passed its
+/// self-check) one multi-tensor launch sums every gradient's squares; elsewhere each
+/// gradient's sum is added there in parameter order. On the CPU the fused kernel gives each
+/// sum, and adding them in order from zero is what candle's f64 sum does, so the norm is the
+/// one a running host sum gives.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(total) = fused::gpu_sum_of_squares(grads, tensor_sum_of_squares)? {
+        return Ok(total.to_scalar::<f64>()?.sqrt());
+    }
     norm_with(grads, sum_of_squares)
 }
 
@@ -178,10 +184,10 @@ fn norm_with(grads: &[Tensor], squares: fn(&Tensor) -> Result<Tensor>) -> Result
 }
 
 /// The sum of squares of `g` as a 0-dim f64 tensor on `g`'s device, without a host read:
-/// the fused kernel on the CPU and (f32, once its self-check passed) on a GPU, candle ops
-/// elsewhere.
+/// the fused kernel on the CPU, candle ops elsewhere (a GPU's gradients where the
+/// multi-tensor kernel does not serve them).
 fn sum_of_squares(g: &Tensor) -> Result<Tensor> {
-    if fusable(g) || fused::gpu_sum_applies(g, tensor_sum_of_squares) {
+    if fusable(g) {
         Ok(g.contiguous()?.apply_op1_no_bwd(&fused::SumSquares)?)
     } else {
         tensor_sum_of_squares(g)

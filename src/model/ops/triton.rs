@@ -6,7 +6,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Layout};
@@ -193,4 +193,16 @@ pub fn address<T: CudaDType>(t: &candle_core::Tensor) -> candle_core::Result<u64
     let slice = s.as_cuda_slice::<T>()?;
     let (base, _) = slice.device_ptr(&s.device().cuda_stream());
     Ok(base + (start * std::mem::size_of::<T>()) as u64)
+}
+
+/// The [`address`]es of `tensors` as a `u64` array on `device`'s GPU.
+pub fn pointer_table<T: CudaDType>(
+    device: &CudaDevice,
+    tensors: &[&candle_core::Tensor],
+) -> candle_core::Result<CudaSlice<u64>> {
+    let addresses = tensors
+        .iter()
+        .map(|t| address::<T>(t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    device.clone_htod(&addresses)
 }

@@ -86,19 +86,21 @@ def kernels():
         out.append((sg.swiglu_forward, dtype, dict(gu=ptr, y=ptr, inter="i32"), block, options))
         out.append((sg.swiglu_backward, dtype, dict(gu=ptr, dy=ptr, d_gu=ptr, inter="i32"),
                     block, options))
-    # The optimizer: f32 only (parameters and moments are f32 in every run); no fused
-    # multiply-adds, so that AdamW's update is the CPU op's arithmetic operation for operation.
-    ptr = "*fp32"
+    # The optimizer, multi-tensor: f32 only (parameters and moments are f32 in every run); no
+    # fused multiply-adds, so that AdamW's update is the CPU op's arithmetic operation for
+    # operation. The tensors are reached through the int64 addresses of `pointers`.
     hyper = dict(beta1="fp32", beta2="fp32", eps="fp32", keep="fp32", step="fp32",
                  inv_bias2="fp32", grad_scale="fp32")
     options = dict(num_warps=4, enable_fp_fusion=False)
-    tensors = dict(theta=ptr, grad=ptr, moments=ptr, out=ptr, n="i32")
-    out.append((adam.adamw_update, "fp32", dict(**tensors, **hyper), dict(BLOCK=adam.BLOCK),
-                options))
-    out.append((adam.adam_mini_update, "fp32", dict(**tensors, block="i32", **hyper,
-                                                     inv_block="fp32"),
+    tables = dict(pointers="*i64", tensors="i32", owner="*i32", first="*i32", sizes="*i64")
+    out.append((adam.adamw_multi, "fp32", dict(**tables, decays="*i32", **hyper),
                 dict(BLOCK=adam.BLOCK), options))
-    out.append((adam.sum_squares_part, "fp32", dict(x=ptr, part="*fp64", n="i32"),
+    out.append((adam.adam_mini_multi, "fp32", dict(**tables, blocks="*i32", inv_blocks="*fp32",
+                                                    decays="*i32", **hyper),
+                dict(BLOCK=adam.BLOCK), options))
+    out.append((adam.sum_squares_multi, "fp32", dict(pointers="*i64", owner="*i32",
+                                                      first="*i32", sizes="*i64",
+                                                      part="*fp64"),
                 dict(BLOCK=adam.BLOCK, STEPS=adam.STEPS), dict(num_warps=4)))
     # BSFA's projection over every block: f32, tables of device addresses as int64.
     tiles = dict(K=bsfa.K, CHUNK=bsfa.CHUNK, COLS=bsfa.COLS, SEARCH=bsfa.SEARCH)
@@ -181,9 +183,9 @@ def rust(entries, out_dir):
              f"pub const RMS_NORM_ROWS: u32 = {rn.ROWS};",
              "/// Columns per program of the SwiGLU kernels (`BLOCK`).",
              f"pub const SWIGLU_BLOCK: u32 = {sg.BLOCK};",
-             "/// Elements per program of `adamw_update`, and per chunk of `adam_mini_update`.",
+             "/// Elements per program of `adamw_multi`, and per chunk of `adam_mini_multi`.",
              f"pub const ADAM_BLOCK: u32 = {adam.BLOCK};",
-             "/// Elements per program (one f64 part) of `sum_squares_part` (`BLOCK * STEPS`).",
+             "/// Elements per program (one f64 part) of `sum_squares_multi` (`BLOCK * STEPS`).",
              f"pub const SUM_SQUARES_PER_PROGRAM: u32 = {adam.BLOCK * adam.STEPS};",
              "/// Directions per block the BSFA projection kernels take at most (`K`).",
              f"pub const BSFA_K: usize = {bsfa.K};",

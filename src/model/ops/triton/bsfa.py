@@ -10,7 +10,7 @@ rows, k_b <= K):
 
 A block with no directions yet (k_b = 0) gets its update and is left as the base step made it.
 
-Tables (one entry per block; `pointer_table` in `src/model/ops/triton.rs` gives the addresses):
+Tables (one entry per block; `address` in `src/model/ops/triton.rs` gives the addresses):
   after, before, directions   int64 device addresses of f32 data: n_b, n_b, k_b x n_b (row-major;
                               unread when k_b = 0)
   numel, offset               int64: n_b, and where block b's update starts in `update`
