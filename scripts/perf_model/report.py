@@ -29,8 +29,10 @@ RUNS_REFERENCE = {
 RUNS_NOW = dict(RUNS_REFERENCE, **{
     "embedding": "f32 `index_select`, cast to bf16; backward: `embedding.cu`, one block per "
                  "vocabulary row",
-    "RMSNorm": "Triton kernel on the bf16 rows, f32 weight; backward: dx kernel, dw parts "
-               "kernel, sum of the parts",
+    "RMSNorm": "Triton kernels on the bf16 rows, f32 weight, the residual add fused in (the "
+               "stream and its norm in one kernel); backward: dx kernel adding the stream's "
+               "gradient, dw parts kernel, sum of the parts",
+    "residual adds": "fused into RMSNorm",
     "linear GEMMs": "as the reference; q, k, v as one GEMM, gate and up as another, each over "
                     "the weights concatenated (a copy of them per micro-batch)",
     "SwiGLU (silu, product)": "Triton kernel on the packed gate/up output; backward: one kernel",
