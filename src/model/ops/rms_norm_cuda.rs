@@ -272,7 +272,7 @@ impl candle_core::CustomOp2 for ResidualAdd {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("the fused residual add runs on a GPU only")
+        gpu_only()
     }
 
     fn cuda_fwd(
@@ -346,7 +346,7 @@ impl candle_core::CustomOp2 for NormOfSum {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
-        bail!("the fused residual add runs on a GPU only")
+        gpu_only()
     }
 
     fn cuda_fwd(
@@ -385,6 +385,12 @@ impl candle_core::CustomOp2 for NormOfSum {
     }
 }
 
+/// The CPU side of the fused add's ops: `add_rms_norm` takes them on a GPU only.
+fn gpu_only() -> Result<(candle_core::CpuStorage, Shape)> {
+    bail!("the fused residual add runs on a GPU only")
+}
+
+/// The hand-off's lock was poisoned: a thread panicked holding it.
 fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("a thread panicked in the fused residual add".into())
 }

@@ -41,10 +41,8 @@ def _inv_rms(base, n, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_forward(x, w, y, n, eps, BLOCK: tl.constexpr):
-    """y = x * r * w for one row."""
-    row = tl.program_id(0).to(tl.int64)
-    r = _inv_rms(x + row * n, n, eps, BLOCK)
+def _scaled_row(x, w, y, row, n, r, BLOCK: tl.constexpr):
+    """y = x * r * w for the row `row`."""
     cols = tl.arange(0, BLOCK)
     for start in range(0, n, BLOCK):
         at = start + cols
@@ -52,6 +50,14 @@ def rms_norm_forward(x, w, y, n, eps, BLOCK: tl.constexpr):
         v = tl.load(x + row * n + at, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(y + row * n + at, (v * r * g).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_forward(x, w, y, n, eps, BLOCK: tl.constexpr):
+    """y = x * r * w for one row."""
+    row = tl.program_id(0).to(tl.int64)
+    r = _inv_rms(x + row * n, n, eps, BLOCK)
+    _scaled_row(x, w, y, row, n, r, BLOCK)
 
 
 @triton.jit
@@ -71,12 +77,7 @@ def add_rms_norm_forward(x, delta, w, s, y, n, eps, BLOCK: tl.constexpr):
         wide = v.to(tl.float32)
         total += tl.sum(wide * wide, 0)
     r = 1.0 / tl.sqrt(total / n + eps)
-    for start in range(0, n, BLOCK):
-        at = start + cols
-        mask = at < n
-        v = tl.load(s + row * n + at, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(w + at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y + row * n + at, (v * r * g).to(y.dtype.element_ty), mask=mask)
+    _scaled_row(s, w, y, row, n, r, BLOCK)
 
 
 @triton.jit
