@@ -11,7 +11,6 @@ use super::{reference, RmsNorm};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::CustomOp2 as _;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
