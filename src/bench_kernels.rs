@@ -1,21 +1,26 @@
 //! `bench --kernels`: each fused LLaMA op against its reference composition at the run's
 //! shapes (one micro-batch of `train.micro_batch_size x train.seq_len` tokens, the model's
 //! widths, the run's device and compute type): the worst relative difference of the output
-//! and the input gradients, and the median time of a forward and backward of each. On a GPU
+//! and the input gradients, and the median time of a forward and backward of each; and the
+//! optimizer's update and BSFA's projection over the model's parameters, each step against
+//! its tensor ops. On a GPU
 //! the fused path is our Triton kernels (after their self-check), on the CPU the fused CPU
 //! kernels (f32); where neither applies both sides are the reference and the report says so.
 
 use crate::config::RunConfig;
 use crate::model::ops::{self, compare, reference};
+use crate::model::Param;
+use crate::optim::{Adam, Optimizer, OptimizerName};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use std::time::Instant;
 
 /// One op's comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelReport {
-    /// The op: attention, cross-entropy, rms-norm, residual-rms-norm or swiglu.
+    /// The op: adam-update, bsfa-projection, attention, cross-entropy, rms-norm,
+    /// residual-rms-norm or swiglu.
     pub kernel: String,
     /// Its input shapes.
     pub shape: String,
@@ -119,7 +124,7 @@ pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<Kern
             Box::new(|v| reference::swiglu(&v[0], &v[1], &v[2])),
         ),
     ];
-    let mut reports = Vec::new();
+    let mut reports = optimizer_reports(&config, device, iters)?;
     for (kernel, shape, inputs, fused, reference) in cases {
         let worst_difference = compare::worst_difference(&inputs, &fused, &reference)?;
         let fused_ms = median_ms(&inputs, &fused, device, iters)?;
@@ -134,6 +139,167 @@ pub fn run(config: &RunConfig, device: &Device, iters: usize) -> Result<Vec<Kern
         });
     }
     Ok(reports)
+}
+
+/// The run's optimizer update (`adam-update`) and BSFA's per-step projection
+/// (`bsfa-projection`) over the model's parameters, each through the run's dispatch against
+/// its tensor ops (`train.kernels = reference` for the comparison): the worst relative
+/// difference of the parameters after the untimed and `iters` timed steps, and the median ms
+/// of one step.
+fn optimizer_reports(
+    config: &RunConfig,
+    device: &Device,
+    iters: usize,
+) -> Result<Vec<KernelReport>> {
+    let spec = config.spec();
+    let (_, params) = spec.build(config.train.seed, config.train.dtype, device)?;
+    let blocks = params
+        .iter()
+        .map(|p| spec.adam_mini_block(&p.name, p.var.dims()))
+        .collect::<Result<Vec<_>>>()?;
+    let grads = params
+        .iter()
+        .map(|p| compare::random(p.var.shape(), DType::F32, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let count: usize = params.iter().map(|p| p.var.elem_count()).sum();
+    let (optimizer, grads) = (&config.optimizer, &grads);
+    let update = compared("adam-update", device, iters, &params, |copies| {
+        let mut adam = match optimizer.name {
+            OptimizerName::AdamW => Adam::adamw(optimizer, copies)?,
+            OptimizerName::AdamMini => Adam::adam_mini(optimizer, copies, &blocks)?,
+        };
+        Ok(Box::new(move |p: &[Param]| {
+            adam.step(p, grads, optimizer.lr, 0.7)
+        }))
+    })?;
+    // One of BSFA's blocks of each shape (the kernels take any number; all of llama134m's
+    // would need 11 GiB of directions, too much for the CPU rehearsal), each a whole tensor,
+    // on `bsfa.rank` random rows of norm about 1 (as its directions: the products do not
+    // need them orthogonal), after a step of 1e-3.
+    let groups = config.bsfa.groups();
+    let mut shapes: Vec<Vec<usize>> = Vec::new();
+    let covered: Vec<Param> = params
+        .into_iter()
+        .filter(|p| groups.contains(&p.group))
+        .filter(|p| {
+            let fresh = !shapes.iter().any(|s| s == p.var.dims());
+            if fresh {
+                shapes.push(p.var.dims().to_vec());
+            }
+            fresh
+        })
+        .collect();
+    let rank = config.bsfa.rank;
+    let directions = covered
+        .iter()
+        .map(|p| {
+            let n = p.var.elem_count();
+            compare::random((rank.min(n), n), DType::F32, device)? / (n as f64).sqrt()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (alpha, gamma) = (config.bsfa.alpha, config.bsfa.gamma);
+    let projection = compared("bsfa-projection", device, iters, &covered, |_| {
+        Ok(Box::new(|p: &[Param]| {
+            let before = p
+                .iter()
+                .map(|p| p.var.as_tensor().flatten_all()?.copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            for (p, b) in p.iter().zip(&before) {
+                p.var.set(&(b + 1e-3)?.reshape(p.var.shape())?)?;
+            }
+            crate::optim::bsfa::project_blocks(p, &before, &directions, alpha, gamma)?;
+            Ok(())
+        }))
+    })?;
+    let shape = |what: &str, params: usize| format!("{what}, {params} parameters");
+    Ok(vec![
+        KernelReport {
+            shape: shape(&format!("{:?} over the model", optimizer.name), count),
+            ..update
+        },
+        KernelReport {
+            shape: shape(
+                &format!(
+                    "{} blocks, one of each shape, {rank} directions each",
+                    covered.len()
+                ),
+                projection_count(&covered),
+            ),
+            ..projection
+        },
+    ])
+}
+
+/// The values in `params`.
+fn projection_count(params: &[Param]) -> usize {
+    params.iter().map(|p| p.var.elem_count()).sum()
+}
+
+/// A step over parameters, as `make` builds it for a set of them.
+type Step<'a> = Box<dyn FnMut(&[Param]) -> Result<()> + 'a>;
+
+/// `kernel`'s step as `make` builds it, run on copies of `params` through the run's dispatch
+/// and through the tensor ops: the worst relative difference of the parameters after one
+/// untimed and `iters` timed steps, and each side's median ms per step.
+fn compared<'a>(
+    kernel: &str,
+    device: &Device,
+    iters: usize,
+    params: &[Param],
+    make: impl Fn(&[Param]) -> Result<Step<'a>>,
+) -> Result<KernelReport> {
+    // The run's dispatch as `train.kernels` set it, then the tensor ops; the setting restored.
+    let run_setting = crate::cpu_kernels::reference_only();
+    let mut sides = Vec::new();
+    for reference in [run_setting, true] {
+        crate::cpu_kernels::set_reference_only(reference);
+        let side = (|| -> Result<(Vec<Param>, f64)> {
+            let copies = params
+                .iter()
+                .map(|p| {
+                    Ok(Param {
+                        name: p.name.clone(),
+                        group: p.group,
+                        var: Var::from_tensor(&p.var.as_tensor().copy()?)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut step = make(&copies)?;
+            let mut times = Vec::with_capacity(iters);
+            for i in 0..=iters {
+                device.synchronize()?;
+                let started = Instant::now();
+                step(&copies)?;
+                device.synchronize()?;
+                if i > 0 {
+                    times.push(started.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok((copies, crate::metrics::median(&times)))
+        })();
+        crate::cpu_kernels::set_reference_only(run_setting);
+        sides.push(side?);
+    }
+    let path = match params.first() {
+        Some(p) => path(kernel, p.var.as_tensor())?,
+        None => "reference".to_string(),
+    };
+    let (fused, reference) = (&sides[0], &sides[1]);
+    let worst = fused
+        .0
+        .iter()
+        .zip(&reference.0)
+        .try_fold(0f64, |worst, (a, b)| {
+            compare::relative(a.var.as_tensor(), b.var.as_tensor()).map(|d| worst.max(d))
+        })?;
+    Ok(KernelReport {
+        kernel: kernel.to_string(),
+        shape: String::new(),
+        path,
+        worst_difference: worst,
+        fused_ms: fused.1,
+        reference_ms: reference.1,
+    })
 }
 
 /// The implementation the dispatch took for `kernel` on an input like `x`.

@@ -42,7 +42,7 @@ mod state;
 pub use config::{BsfaConfig, BsfaGroup, BsfaGroups, BsfaPartition, FirstProjection};
 pub use diagnostics::GroupDiagnostics;
 pub use pca::{estimate, estimate_all, top_directions, Estimate};
-pub use projection::project;
+pub use projection::{project, project_blocks};
 pub use shard::owners;
 pub use state::{steady_state_bytes, steady_state_bytes_per_rank};
 
@@ -172,9 +172,14 @@ impl Bsfa {
         }
         // The blocks the GPU's batched kernels take, all at once; the others one by one.
         let mut before = before;
+        let directions: Vec<Option<&state::Stored>> = self
+            .blocks
+            .iter()
+            .map(|b| b.as_ref().and_then(|b| b.directions.as_ref()))
+            .collect();
         let batched = projection::project_batched(
             params,
-            &self.blocks,
+            &directions,
             &self.chunks,
             &mut before,
             alpha,

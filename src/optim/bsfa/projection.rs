@@ -10,7 +10,7 @@
 
 use super::cpu::{with_cpu_f32, CHUNK};
 use super::quant::Quant4;
-use super::state::{BlockState, Stored};
+use super::state::Stored;
 use crate::cpu_kernels::fusable;
 use crate::model::Param;
 use anyhow::{Context, Result};
@@ -63,22 +63,22 @@ impl Before {
 #[cfg(feature = "cuda")]
 pub(super) fn project_batched(
     params: &[Param],
-    blocks: &[Option<BlockState>],
+    directions: &[Option<&Stored>],
     chunks: &[usize],
     before: &mut [Option<Before>],
     alpha: f64,
     gamma: f64,
 ) -> Result<Vec<(usize, Tensor)>> {
     let mut chosen = Vec::new();
-    for (i, ((param, block), &chunk)) in params.iter().zip(blocks).zip(chunks).enumerate() {
-        let (Some(block), Some(Before::Tensor(_))) = (block, &before[i]) else {
+    for (i, ((param, stored), &chunk)) in params.iter().zip(directions).zip(chunks).enumerate() {
+        let Some(Before::Tensor(_)) = &before[i] else {
             continue;
         };
         let after = param.var.as_tensor();
         if chunk != after.elem_count() || !after.is_contiguous() {
             continue;
         }
-        let directions = match &block.directions {
+        let directions = match stored {
             Some(stored) => Some(stored.matrix()?.contiguous()?),
             None => None,
         };
@@ -109,13 +109,46 @@ pub(super) fn project_batched(
 #[cfg(not(feature = "cuda"))]
 pub(super) fn project_batched(
     _: &[Param],
-    _: &[Option<BlockState>],
+    _: &[Option<&Stored>],
     _: &[usize],
     _: &mut [Option<Before>],
     _: f64,
     _: f64,
 ) -> Result<Vec<(usize, Tensor)>> {
     Ok(Vec::new())
+}
+
+/// One step's projection of whole-tensor blocks as a run takes it (the GPU's batched kernels,
+/// the CPU's fused kernel, or the tensor ops, as the device and `train.kernels` decide): each
+/// of `params` moved from `before` by the base step is projected in place on its
+/// `directions` (`k x numel`, orthonormal rows). Returns the updates. For `bench --kernels`.
+pub fn project_blocks(
+    params: &[Param],
+    before: &[Tensor],
+    directions: &[Tensor],
+    alpha: f64,
+    gamma: f64,
+) -> Result<Vec<Tensor>> {
+    let stored: Vec<Stored> = directions.iter().cloned().map(Stored::Full).collect();
+    let stored: Vec<Option<&Stored>> = stored.iter().map(Some).collect();
+    let chunks: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+    let mut before = before
+        .iter()
+        .map(|b| Before::of(b).map(Some))
+        .collect::<Result<Vec<_>>>()?;
+    let mut updates: Vec<Option<Tensor>> = vec![None; params.len()];
+    for (i, update) in project_batched(params, &stored, &chunks, &mut before, alpha, gamma)? {
+        updates[i] = Some(update);
+    }
+    for (i, (param, before)) in params.iter().zip(before).enumerate() {
+        if let Some(before) = before {
+            updates[i] = Some(project_update(&param.var, before, stored[i], alpha, gamma)?);
+        }
+    }
+    updates
+        .into_iter()
+        .map(|u| u.context("bsfa: a block was not projected"))
+        .collect()
 }
 
 /// Takes the update of `param` since `before` (the base step) and, given directions, projects
