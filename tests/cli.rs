@@ -523,14 +523,7 @@ fn bench_kernels_compares_each_fused_op_with_its_reference() {
         assert_eq!(k["kernel"], name);
         assert_eq!(k["path"], "cpu-fused", "{k}");
         let worst = k["worst_difference"].as_f64().unwrap();
-        // The fused ops round differently from their compositions; the optimizer's and the
-        // projection's fused steps may equal the tensor ops' to the bit.
-        let least = if name.starts_with("adam") || name.starts_with("bsfa") {
-            0.0
-        } else {
-            f64::MIN_POSITIVE
-        };
-        assert!(worst >= least && worst < 1e-5, "{k}");
+        assert!(worst > 0.0 && worst < 1e-5, "{k}");
         assert!(k["fused_ms"].as_f64().unwrap() > 0.0, "{k}");
     }
     let reference = report(&["--set", "train.kernels=reference"]);
