@@ -161,9 +161,9 @@ fn optimizer_reports(
         .iter()
         .map(|p| compare::random(p.var.shape(), DType::F32, device))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let count: usize = params.iter().map(|p| p.var.elem_count()).sum();
     let (optimizer, grads) = (&config.optimizer, &grads);
-    let update = compared("adam-update", device, iters, &params, |copies| {
+    let what = format!("{:?} over the model", optimizer.name);
+    let update = compared(("adam-update", &what), device, iters, &params, |copies| {
         let mut adam = match optimizer.name {
             OptimizerName::AdamW => Adam::adamw(optimizer, copies)?,
             OptimizerName::AdamMini => Adam::adam_mini(optimizer, copies, &blocks)?,
@@ -198,7 +198,11 @@ fn optimizer_reports(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let (alpha, gamma) = (config.bsfa.alpha, config.bsfa.gamma);
-    let projection = compared("bsfa-projection", device, iters, &covered, |_| {
+    let what = format!(
+        "{} blocks, one of each shape, {rank} directions each",
+        covered.len()
+    );
+    let projection = compared(("bsfa-projection", &what), device, iters, &covered, |_| {
         Ok(Box::new(|p: &[Param]| {
             let before = p
                 .iter()
@@ -211,27 +215,11 @@ fn optimizer_reports(
             Ok(())
         }))
     })?;
-    let shape = |what: &str, params: usize| format!("{what}, {params} parameters");
-    Ok(vec![
-        KernelReport {
-            shape: shape(&format!("{:?} over the model", optimizer.name), count),
-            ..update
-        },
-        KernelReport {
-            shape: shape(
-                &format!(
-                    "{} blocks, one of each shape, {rank} directions each",
-                    covered.len()
-                ),
-                projection_count(&covered),
-            ),
-            ..projection
-        },
-    ])
+    Ok(vec![update, projection])
 }
 
 /// The values in `params`.
-fn projection_count(params: &[Param]) -> usize {
+fn values(params: &[Param]) -> usize {
     params.iter().map(|p| p.var.elem_count()).sum()
 }
 
@@ -240,9 +228,10 @@ type Step<'a> = Box<dyn FnMut(&[Param]) -> Result<()> + 'a>;
 
 /// `kernel`'s step as `make` builds it, run on copies of `params` through the run's dispatch
 /// and through the tensor ops: the worst relative difference of the parameters after one
-/// untimed and `iters` timed steps, and each side's median ms per step.
+/// untimed and `iters` timed steps, and each side's median ms per step; `what` describes the
+/// step's shape.
 fn compared<'a>(
-    kernel: &str,
+    (kernel, what): (&str, &str),
     device: &Device,
     iters: usize,
     params: &[Param],
@@ -260,7 +249,8 @@ fn compared<'a>(
                     Ok(Param {
                         name: p.name.clone(),
                         group: p.group,
-                        var: Var::from_tensor(&p.var.as_tensor().copy()?)?,
+                        // A detached view: `from_tensor` copies it once into a new variable.
+                        var: Var::from_tensor(&p.var.as_tensor().detach())?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -294,7 +284,7 @@ fn compared<'a>(
         })?;
     Ok(KernelReport {
         kernel: kernel.to_string(),
-        shape: String::new(),
+        shape: format!("{what}, {} parameters", values(params)),
         path,
         worst_difference: worst,
         fused_ms: fused.1,

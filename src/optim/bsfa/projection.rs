@@ -69,40 +69,37 @@ pub(super) fn project_batched(
     alpha: f64,
     gamma: f64,
 ) -> Result<Vec<(usize, Tensor)>> {
+    // (index, the copy before the step, the directions) of every block the kernels take.
     let mut chosen = Vec::new();
     for (i, ((param, stored), &chunk)) in params.iter().zip(directions).zip(chunks).enumerate() {
-        let Some(Before::Tensor(_)) = &before[i] else {
-            continue;
-        };
         let after = param.var.as_tensor();
-        if chunk != after.elem_count() || !after.is_contiguous() {
+        let whole = chunk == after.elem_count() && after.is_contiguous();
+        // The parameter is asked first: 4-bit directions are decoded only for a block the
+        // kernels may take (under `train.kernels = reference` none).
+        if !matches!(before[i], Some(Before::Tensor(_))) || !whole || !cuda::applies(after) {
             continue;
         }
         let directions = match stored {
             Some(stored) => Some(stored.matrix()?.contiguous()?),
             None => None,
         };
-        if cuda::applies(after, directions.as_ref()) {
-            chosen.push((i, directions));
+        if !directions.as_ref().is_none_or(cuda::fits) {
+            continue;
         }
-    }
-    let mut copies = Vec::with_capacity(chosen.len());
-    for (i, _) in &chosen {
-        if let Some(Before::Tensor(t)) = before[*i].take() {
-            copies.push(t);
+        if let Some(Before::Tensor(copy)) = before[i].take() {
+            chosen.push((i, copy, directions));
         }
     }
     let batch: Vec<cuda::Block> = chosen
         .iter()
-        .zip(&copies)
-        .map(|((i, directions), before)| cuda::Block {
+        .map(|(i, before, directions)| cuda::Block {
             after: params[*i].var.as_tensor(),
             before,
             directions: directions.clone(),
         })
         .collect();
     let updates = cuda::project_all(&batch, alpha, gamma)?;
-    Ok(chosen.into_iter().map(|(i, _)| i).zip(updates).collect())
+    Ok(chosen.into_iter().map(|(i, ..)| i).zip(updates).collect())
 }
 
 /// [`project_batched`] on a CPU-only build: no block is taken.

@@ -22,16 +22,18 @@ pub(super) struct Block<'a> {
     pub directions: Option<Tensor>,
 }
 
-/// Whether the batched kernels take a block of `after` with `directions` (`k x numel`): f32 on
-/// a GPU, at most `BSFA_K` directions, and their self-check passed there.
-pub(super) fn applies(after: &Tensor, directions: Option<&Tensor>) -> bool {
-    let fits = |d: &Tensor| d.dtype() == DType::F32 && d.dims()[0] <= triton::BSFA_K;
-    if after.dtype() != DType::F32 || !directions.is_none_or(fits) {
-        return false;
-    }
-    self_check::applies(after, "bsfa-projection", "any block".into(), || {
-        check(after.device())
-    })
+/// Whether the batched kernels take a block of the parameter `after`: f32 on a GPU, and their
+/// self-check passed there ([`fits`] asks the same of its directions).
+pub(super) fn applies(after: &Tensor) -> bool {
+    after.dtype() == DType::F32
+        && self_check::applies(after, "bsfa-projection", "any block".into(), || {
+            check(after.device())
+        })
+}
+
+/// Whether the batched kernels take `directions` (`k x numel`): f32, at most `BSFA_K` rows.
+pub(super) fn fits(directions: &Tensor) -> bool {
+    directions.dtype() == DType::F32 && directions.dims()[0] <= triton::BSFA_K
 }
 
 /// The self-check: three blocks (one value without directions; 5,000 values, not a multiple
